@@ -1,0 +1,183 @@
+"""Plain frozen values shared by the pure core, the adapters and the services.
+
+Nothing here performs I/O. An :class:`Event` is one replicated change as it
+travels outbox -> Kafka -> inbox; a :class:`RowState` is what one region holds for
+one key of a replicated table (visible values plus the metadata conflict policies
+need: the winning stamp, tombstones, per-field stamps); an :class:`Outcome` is what
+a policy decides when an event meets a row.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hlc import Timestamp
+
+JsonDict = Mapping[str, Any]
+
+
+class Operation(str, enum.Enum):
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    #: an operator's decision on a parked conflict, replicated like any write
+    RESOLVE = "resolve"
+
+
+class ConflictKind(str, enum.Enum):
+    """Named as PostgreSQL multi-master systems name them."""
+
+    INSERT_INSERT = "insert_insert"
+    UPDATE_UPDATE = "update_update"
+    UPDATE_DELETE = "update_delete"  # an update arrives for a row deleted concurrently
+    DELETE_UPDATE = "delete_update"  # a delete arrives for a row updated concurrently
+    UPDATE_MISSING = "update_missing"  # an update arrives for a row never seen
+
+
+class Outcome(str, enum.Enum):
+    APPLIED = "applied"  # the incoming version won
+    DISCARDED = "discarded"  # the current version won; the event changed nothing
+    MERGED = "merged"  # field rules combined both versions
+    PARKED = "parked"  # manual policy: kept current, queued for an operator
+    RESOLVED = "resolved"  # an operator's decision was applied
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One replicated change.
+
+    ``payload`` is the outbox payload, a JSON object with these members (all optional
+    except ``key``):
+
+    - ``key``: {key column: value} identifying the row;
+    - ``values``: {column: new value} for plain (last-writer-wins) columns;
+    - ``deltas``: {counter column: signed increment};
+    - ``set_add`` / ``set_remove``: {set column: [elements]};
+    - for ``RESOLVE``: ``conflict_id``, ``values`` (the chosen row, or null for a
+      deleted row), ``by``, ``reason``.
+
+    ``prior`` is the stamp of the row version the writer saw when it wrote (``None``
+    when it saw no row): it is what tells a causally later write from a concurrent one.
+    ``sequence`` is the dense per-origin number the relay assigns in commit order;
+    ``None`` until relayed.
+    """
+
+    origin: str
+    event_id: str
+    table: str
+    key: str
+    operation: Operation
+    hlc: Timestamp
+    payload: JsonDict
+    prior: Timestamp | None = None
+    sequence: int | None = None
+    event_type: str = ""
+
+    @property
+    def key_values(self) -> JsonDict:
+        key = self.payload.get("key")
+        return key if isinstance(key, Mapping) else {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON document published to Kafka."""
+        return {
+            "v": 1,
+            "origin": self.origin,
+            "sequence": self.sequence,
+            "id": self.event_id,
+            "aggregatetype": self.table,
+            "aggregateid": self.key,
+            "type": self.event_type,
+            "op": self.operation.value,
+            "hlc": self.hlc.pack(),
+            "prior": self.prior.pack() if self.prior is not None else None,
+            "payload": dict(self.payload),
+        }
+
+
+def encode_key(key_values: Mapping[str, Any], key_columns: tuple[str, ...]) -> str:
+    """Canonical text of a row key (the outbox ``aggregateid``).
+
+    One column: its value as text (what Debezium users expect); several: a JSON array.
+    """
+    if len(key_columns) == 1:
+        return str(key_values[key_columns[0]])
+    return json.dumps([key_values[c] for c in key_columns], separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """What one region holds for one key.
+
+    ``values`` are the visible columns (empty when ``deleted``). ``hlc``/``origin``
+    stamp the version that currently wins at row level; a deleted row keeps them as
+    its tombstone so an older update cannot bring it back. ``meta`` holds what a
+    policy needs beyond that (per-field stamps, set element stamps); it is stored as
+    JSON and must contain only JSON values.
+    """
+
+    values: JsonDict
+    hlc: Timestamp
+    origin: str
+    deleted: bool = False
+    meta: JsonDict = field(default_factory=dict)
+
+    def wins_over(self, hlc: Timestamp, origin: str) -> bool:
+        """Row-level last-writer-wins order: higher HLC, then higher region id."""
+        return (self.hlc, self.origin) > (hlc, origin)
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One side of a conflict as shown to operators."""
+
+    values: JsonDict | None
+    hlc: Timestamp
+    origin: str
+    deleted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "values": dict(self.values) if self.values is not None else None,
+            "hlc": str(self.hlc),
+            "origin": self.origin,
+            "deleted": self.deleted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRecord:
+    """A detected conflict, kept whatever the outcome (audit trail)."""
+
+    conflict_id: str
+    table: str
+    key: str
+    kind: ConflictKind
+    policy: str
+    outcome: Outcome
+    local: Version
+    remote: Version
+    event_id: str
+
+
+def conflict_id(table: str, key: str, event_ids: tuple[str, ...]) -> str:
+    """Deterministic id, so every region names the same conflict the same way."""
+    digest = hashlib.sha256()
+    for part in (table, key, *sorted(event_ids)):
+        digest.update(part.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A policy's decision: the row's new state (None: leave the row untouched) and
+    the conflict it saw, if any."""
+
+    state: RowState | None
+    conflict: ConflictRecord | None = None
