@@ -1,0 +1,299 @@
+"""Configuration: YAML parsed once, at the edge, into frozen validated objects.
+
+Every error names the offending key (as a dotted path) and the file, so that a
+typo at 3 am is found from the message alone. Secrets are never stored in these
+objects in clear text beyond what the DSN already contains: a DSN or librdkafka
+property may reference ``${ENV_VAR}`` or ``file:/path`` and is resolved here, and
+``RegionConfig.redacted_dsn`` is what logs and metrics may show.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+POLICIES = ("lww", "merge", "manual")
+FIELD_RULES = ("lww", "counter", "set", "max", "min")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SECRET_KAFKA_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    name: str
+    key: tuple[str, ...]
+    policy: str
+    fields: Mapping[str, str] = field(default_factory=dict)
+    schema: str = "public"
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    name: str
+    dsn: str
+    metrics_address: str = "127.0.0.1:9400"
+    kafka: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def redacted_dsn(self) -> str:
+        return redact_dsn(self.dsn)
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    max_lag_events: int = 0
+    max_lag_seconds: float = 5.0
+    #: a sidecar that was stopped longer than this re-enters CATCHING_UP when it starts
+    absence_threshold_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval_seconds: float = 1.0
+    suspect_after_seconds: float = 5.0
+    failed_after_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    regions: Mapping[str, RegionConfig]
+    tables: Mapping[str, TableConfig]
+    kafka: Mapping[str, str]
+    topic_prefix: str = "reconciler"
+    topic_partitions: int = 1
+    hlc_max_offset_ms: int = 1000
+    relay_batch_size: int = 1000
+    apply_batch_size: int = 1000
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+
+    def region(self, name: str) -> RegionConfig:
+        try:
+            return self.regions[name]
+        except KeyError:
+            known = ", ".join(self.regions)
+            raise ConfigError(f"unknown region {name!r}; known regions: {known}", file=self.path) from None
+
+    def table(self, name: str) -> TableConfig:
+        try:
+            return self.tables[name]
+        except KeyError:
+            known = ", ".join(self.tables)
+            raise ConfigError(f"unknown table {name!r}; replicated tables: {known}", file=self.path) from None
+
+    def events_topic(self, origin: str) -> str:
+        return f"{self.topic_prefix}.events.{origin}"
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self.topic_prefix}.control"
+
+    def kafka_settings(self, region: str) -> dict[str, str]:
+        """librdkafka properties for one region: shared ones overlaid by the region's own."""
+        merged = dict(self.kafka)
+        merged.update(self.region(region).kafka)
+        return merged
+
+    def peers(self, region: str) -> list[str]:
+        return [r for r in self.regions if r != region]
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, safe for logs and metrics."""
+    redacted = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", redacted, flags=re.IGNORECASE)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file. ``environ`` resolves ``${VAR}`` references."""
+    config_path = Path(path)
+    env = os.environ if environ is None else environ
+    try:
+        text = config_path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", file=config_path) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file is not valid YAML: {exc}", file=config_path) from exc
+    return _Parser(config_path, env).parse(raw)
+
+
+class _Parser:
+    def __init__(self, path: Path, env: Mapping[str, str]) -> None:
+        self.path = path
+        self.env = env
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{key}: {problem}", key=key, file=self.path)
+
+    def mapping(self, value: Any, key: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def only_keys(self, value: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+        for k in value:
+            if k not in allowed:
+                prefix = f"{key}." if key else ""
+                raise self.fail(f"{prefix}{k}", f"unknown key; expected one of {', '.join(allowed)}")
+
+    def positive_number(self, value: Any, key: str, integer: bool = False) -> Any:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+            kind = "integer" if integer else "number"
+            raise self.fail(key, f"expected a non-negative {kind}, got {value!r}")
+        return value
+
+    def identifier(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not _IDENTIFIER.match(value):
+            raise self.fail(key, f"{value!r} is not a plain SQL identifier (letters, digits, underscore)")
+        return value
+
+    def secret_text(self, value: Any, key: str) -> str:
+        """Resolve ``${VAR}`` and ``file:/path`` references, so secrets need not sit in the file."""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise self.fail(key, f"expected a string, got {type(value).__name__}")
+        text = str(value)
+        if text.startswith("file:"):
+            secret_path = Path(text[5:])
+            try:
+                return secret_path.read_text().strip()
+            except OSError as exc:
+                raise self.fail(key, f"cannot read secret file {secret_path}: {exc.strerror}") from exc
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.env:
+                raise self.fail(key, f"environment variable {name} is not set")
+            return self.env[name]
+
+        return _ENV_REF.sub(substitute, text)
+
+    def kafka_properties(self, value: Any, key: str) -> dict[str, str]:
+        props = self.mapping(value, key)
+        return {str(k): self.secret_text(v, f"{key}.{k}") for k, v in props.items()}
+
+    def parse(self, raw: Any) -> Config:
+        top = self.mapping(raw, "(top level)")
+        self.only_keys(
+            top,
+            "",
+            ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
+             "heartbeat"),
+        )
+        regions_raw = self.mapping(top.get("regions"), "regions")
+        if len(regions_raw) < 2:
+            raise self.fail("regions", "at least two regions are required")
+        regions = {name: self.region(name, spec) for name, spec in regions_raw.items()}
+        tables_raw = self.mapping(top.get("tables"), "tables")
+        tables = {name: self.table(name, spec) for name, spec in tables_raw.items()}
+        hlc = self.mapping(top.get("hlc"), "hlc")
+        self.only_keys(hlc, "hlc", ("max_offset_ms",))
+        batch = self.mapping(top.get("batch"), "batch")
+        self.only_keys(batch, "batch", ("relay", "apply"))
+        prefix = top.get("topic_prefix", "reconciler")
+        if not isinstance(prefix, str) or not re.match(r"^[A-Za-z0-9._-]{1,100}$", prefix):
+            raise self.fail("topic_prefix", f"{prefix!r} is not a valid Kafka topic prefix")
+        kafka = self.kafka_properties(top.get("kafka"), "kafka")
+        if not kafka.get("bootstrap.servers") and not all(r.kafka.get("bootstrap.servers") for r in regions.values()):
+            raise self.fail("kafka.bootstrap.servers", "is required (globally or for every region)")
+        return Config(
+            path=self.path,
+            regions=regions,
+            tables=tables,
+            kafka=kafka,
+            topic_prefix=prefix,
+            topic_partitions=self.positive_number(top.get("topic_partitions", 1), "topic_partitions", True) or 1,
+            hlc_max_offset_ms=self.positive_number(hlc.get("max_offset_ms", 1000), "hlc.max_offset_ms", True),
+            relay_batch_size=self.positive_number(batch.get("relay", 1000), "batch.relay", True) or 1,
+            apply_batch_size=self.positive_number(batch.get("apply", 1000), "batch.apply", True) or 1,
+            lifecycle=self.lifecycle(top.get("lifecycle")),
+            heartbeat=self.heartbeat(top.get("heartbeat")),
+        )
+
+    def region(self, name: Any, spec: Any) -> RegionConfig:
+        key = f"regions.{name}"
+        if not isinstance(name, str) or not _REGION_ID.match(name):
+            raise self.fail(key, "region ids are lower-case letters, digits and dashes")
+        body = self.mapping(spec, key)
+        self.only_keys(body, key, ("dsn", "metrics_address", "kafka"))
+        if "dsn" not in body:
+            raise self.fail(f"{key}.dsn", "is required")
+        address = body.get("metrics_address", "127.0.0.1:9400")
+        if not isinstance(address, str) or ":" not in address:
+            raise self.fail(f"{key}.metrics_address", f"expected HOST:PORT, got {address!r}")
+        return RegionConfig(
+            name=name,
+            dsn=self.secret_text(body["dsn"], f"{key}.dsn"),
+            metrics_address=address,
+            kafka=self.kafka_properties(body.get("kafka"), f"{key}.kafka"),
+        )
+
+    def table(self, name: Any, spec: Any) -> TableConfig:
+        key = f"tables.{name}"
+        self.identifier(name, key)
+        body = self.mapping(spec, key)
+        self.only_keys(body, key, ("key", "policy", "fields", "schema"))
+        key_cols = body.get("key")
+        if isinstance(key_cols, str):
+            key_cols = [key_cols]
+        if not isinstance(key_cols, list) or not key_cols:
+            raise self.fail(f"{key}.key", "expected a column name or a non-empty list of column names")
+        columns = tuple(self.identifier(c, f"{key}.key") for c in key_cols)
+        policy = body.get("policy", "lww")
+        if policy not in POLICIES:
+            raise self.fail(f"{key}.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+        fields_raw = self.mapping(body.get("fields"), f"{key}.fields")
+        if fields_raw and policy != "merge":
+            raise self.fail(f"{key}.fields", "per-field rules apply only to policy 'merge'")
+        rules: dict[str, str] = {}
+        for column, rule in fields_raw.items():
+            self.identifier(column, f"{key}.fields")
+            if rule not in FIELD_RULES:
+                raise self.fail(f"{key}.fields.{column}", f"{rule!r} is not one of {', '.join(FIELD_RULES)}")
+            if column in columns:
+                raise self.fail(f"{key}.fields.{column}", "a key column cannot have a merge rule")
+            rules[column] = rule
+        schema = self.identifier(body.get("schema", "public"), f"{key}.schema")
+        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema)
+
+    def lifecycle(self, raw: Any) -> LifecycleConfig:
+        body = self.mapping(raw, "lifecycle")
+        self.only_keys(body, "lifecycle", ("max_lag_events", "max_lag_seconds", "absence_threshold_seconds"))
+        defaults = LifecycleConfig()
+        return LifecycleConfig(
+            max_lag_events=self.positive_number(
+                body.get("max_lag_events", defaults.max_lag_events), "lifecycle.max_lag_events", True),
+            max_lag_seconds=float(self.positive_number(
+                body.get("max_lag_seconds", defaults.max_lag_seconds), "lifecycle.max_lag_seconds")),
+            absence_threshold_seconds=float(self.positive_number(
+                body.get("absence_threshold_seconds", defaults.absence_threshold_seconds),
+                "lifecycle.absence_threshold_seconds")),
+        )
+
+    def heartbeat(self, raw: Any) -> HeartbeatConfig:
+        body = self.mapping(raw, "heartbeat")
+        allowed = ("interval_seconds", "suspect_after_seconds", "failed_after_seconds")
+        self.only_keys(body, "heartbeat", allowed)
+        defaults = HeartbeatConfig()
+        values = {
+            name: float(self.positive_number(body.get(name, getattr(defaults, name)), f"heartbeat.{name}"))
+            for name in allowed
+        }
+        if not values["interval_seconds"] < values["suspect_after_seconds"] < values["failed_after_seconds"]:
+            raise self.fail("heartbeat", "expected interval_seconds < suspect_after_seconds < failed_after_seconds")
+        return HeartbeatConfig(**values)

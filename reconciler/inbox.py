@@ -1,0 +1,118 @@
+"""The inbox consumer: peers' Kafka topics -> this region's rows, exactly once.
+
+Offsets are committed to Kafka only after the database transaction that applied
+the batch has committed. A crash in between redelivers the batch and the inbox
+table's (origin, sequence) key drops what was already applied. A message that
+cannot be decoded or applied is quarantined with its reason and the consumer
+goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from confluent_kafka import KafkaError, TopicPartition
+
+from . import wire
+from .apply import Applier, ApplyReport, Rejected
+from .config import Config
+from .errors import EventError, ReconcilerError
+from .logs import component_logger
+from .store import postgres as pg
+from .transport import kafka
+
+
+class InboxConsumer:
+    def __init__(self, config: Config, region: str, *, metrics: Any = None, origins: list[str] | None = None):
+        self.config = config
+        self.region = region
+        self.origins = origins or config.peers(region)
+        self.topics = [config.events_topic(o) for o in self.origins]
+        self.metrics = metrics
+        self.log = component_logger("inbox", region)
+        self._conn: pg.Connection | None = None
+        self._consumer: Any = None
+        self._applier: Applier | None = None
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.config.topic_prefix}.inbox.{self.region}"
+
+    def start(self) -> None:
+        settings = self.config.kafka_settings(self.region)
+        kafka.ensure_topics(settings, self.topics, self.config.topic_partitions)
+        self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region)
+        self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
+        self._consumer = kafka.consumer(settings, self.group_id)
+        self._consumer.subscribe(self.topics)
+        self.log.info("inbox started", extra={"fields": {"topics": self.topics}})
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except Exception:  # noqa: BLE001 - a broken consumer must not mask the real error
+                pass
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._consumer = self._conn = self._applier = None
+
+    def step(self, timeout: float = 0.5) -> ApplyReport:
+        """Consume, apply and commit one batch."""
+        assert self._consumer is not None and self._applier is not None, "start() first"
+        messages = self._consumer.consume(num_messages=self.config.apply_batch_size, timeout=timeout)
+        events = []
+        rejected = []
+        positions: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise kafka.translate(err, region=self.region, step="consume")
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
+            try:
+                events.append(wire.decode(msg.value(), topic=topic, offset=offset))
+            except EventError as exc:
+                rejected.append(Rejected(reason="malformed", detail=str(exc), topic=topic, partition=partition,
+                                         offset=offset, raw=msg.value()))
+        if not positions:
+            return ApplyReport()
+        report = self._applier.apply_remote(events, rejected)
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=False
+        )
+        if self.metrics is not None:
+            self.metrics.batch_applied(report)
+        if report.quarantined:
+            self.log.warning("events quarantined", extra={"fields": {
+                "count": len(report.quarantined),
+                "reasons": sorted({q["reason"] for q in report.quarantined}),
+            }})
+        return report
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; a retryable failure rebuilds the consumer,
+        which resumes from the last committed offsets (so nothing is skipped)."""
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                if self._consumer is None:
+                    self.start()
+                self.step()
+                backoff = 0.2
+            except ReconcilerError as exc:
+                if not exc.retryable:
+                    self.log.error("inbox stopped", extra={"fields": exc.to_dict()})
+                    self.close()
+                    raise
+                self.log.warning("inbox retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                self.close()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.close()

@@ -1,0 +1,66 @@
+"""Structured logs: one JSON object per line, carrying region, epoch and component.
+
+Context is bound once per component (:func:`component_logger`) and each call adds
+its own fields (``log.info("relayed", extra={"fields": {...}})``). Values that look
+like DSNs are redacted on the way out, as a last line of defence: secrets should
+never be handed to a logger in the first place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from .config import redact_dsn
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        context = getattr(record, "context", None)
+        if isinstance(context, Mapping):
+            doc.update(context)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            doc.update(fields)
+        if record.exc_info and record.exc_info[1] is not None:
+            doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return redact_dsn(json.dumps(doc, default=str, separators=(",", ":")))
+
+
+class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
+    """Adds the bound context (region, component, epoch) to every record."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(kwargs.get("extra") or {})
+        extra["context"] = dict(self.extra or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+    def bind(self, **more: Any) -> None:
+        assert isinstance(self.extra, dict)
+        self.extra.update(more)
+
+
+def component_logger(component: str, region: str, **context: Any) -> ComponentLogger:
+    return ComponentLogger(
+        logging.getLogger(f"reconciler.{component}"), {"region": region, "component": component, **context}
+    )
+
+
+def configure(level: str = "INFO", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("reconciler")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,131 @@
+"""The relay: this region's outbox -> its Kafka topic, in commit order, exactly once.
+
+One relay per region holds the lease (advisory lock + epoch, see
+``store.postgres.acquire_lease``). Each step is crash-safe in three moves:
+
+1. number the committed, unnumbered outbox rows densely (durable before publish,
+   so a republished event carries the same (origin, sequence) and the inbox can
+   drop the duplicate);
+2. publish every numbered-but-unpublished event with the idempotent producer
+   (acks=all) and wait for every acknowledgement;
+3. record the highest sequence acknowledged.
+
+A crash between 2 and 3 republishes; nothing is skipped and the inbox absorbs
+the duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from . import wire
+from .config import Config
+from .errors import ReconcilerError, TransportError
+from .logs import component_logger
+from .store import postgres as pg
+from .transport import kafka
+
+
+class Relay:
+    def __init__(self, config: Config, region: str, *, holder: str | None = None, metrics: Any = None) -> None:
+        self.config = config
+        self.region = region
+        self.topic = config.events_topic(region)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = metrics
+        self.log = component_logger("relay", region)
+        self.epoch = 0
+        self._lease_conn: pg.Connection | None = None
+        self._conn: pg.Connection | None = None
+        self._producer: Any = None
+
+    def start(self) -> None:
+        dsn = self.config.region(self.region).dsn
+        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic], self.config.topic_partitions)
+        self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
+        self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
+        self.log.bind(epoch=self.epoch)
+        self._conn = pg.connect(dsn, region=self.region)
+        self._producer = kafka.producer(self.config.kafka_settings(self.region))
+        self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)
+        for conn in (self._conn, self._lease_conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
+                    pass
+        self._conn = self._lease_conn = self._producer = None
+
+    def step(self) -> int:
+        """Relay one batch; returns how many events were published."""
+        assert self._conn is not None and self._producer is not None, "start() first"
+        started = time.perf_counter()
+        limit = self.config.relay_batch_size
+        pg.assign_sequences(self._conn, self.region, self.epoch, limit)
+        events = pg.unpublished(self._conn, self.region, limit)
+        if not events:
+            return 0
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        for event in events:
+            self._send(event.key.encode(), wire.encode(event), delivered)
+        remaining = self._producer.flush(30)
+        if failures or remaining:
+            first = failures[0] if failures else None
+            raise TransportError(
+                f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
+                + (f" (first: {first})" if first else ""),
+                retryable=True, region=self.region, topic=self.topic,
+            )
+        last = events[-1].sequence
+        assert last is not None
+        pg.mark_published(self._conn, self.region, self.epoch, last)
+        if self.metrics is not None:
+            self.metrics.events_relayed(len(events), time.perf_counter() - started)
+        return len(events)
+
+    def _send(self, key: bytes, value: bytes, callback: Any) -> None:
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=callback)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def run(self, stop: threading.Event, idle_sleep: float = 0.05) -> None:
+        """Relay until ``stop`` is set; finishes the current batch before returning.
+
+        Retryable failures (broker or database unreachable) back off and reconnect;
+        a lost lease (another relay took over) stops the loop.
+        """
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                if self._conn is None:
+                    self.start()
+                sent = self.step()
+                backoff = 0.2
+                if not sent:
+                    stop.wait(idle_sleep)
+            except ReconcilerError as exc:
+                if not exc.retryable:
+                    self.log.error("relay stopped", extra={"fields": exc.to_dict()})
+                    self.close()
+                    raise
+                self.log.warning("relay retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                self.close()
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.close()

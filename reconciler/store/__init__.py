@@ -1,0 +1,1 @@
+"""PostgreSQL adapter: the only place (with devstack) that imports psycopg."""

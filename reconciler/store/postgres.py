@@ -1,0 +1,475 @@
+"""PostgreSQL adapter: schema migrations, row states, inbox, outbox, relay lease.
+
+Set-based on purpose: a batch of N events costs a handful of statements (rows go
+in and out as one JSON array through ``jsonb_to_recordset`` /
+``jsonb_populate_recordset``), not N round trips. Identifiers from config are
+validated by :mod:`reconciler.config` and always quoted with ``sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+from ..config import TableConfig
+from ..errors import FencedError, StoreError
+from ..hlc import Timestamp
+from ..model import ConflictRecord, Event, Operation, RowState
+from .translate import translated
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+_LEASE_LOCK_CLASS = 7165108712  # advisory lock namespace for relay/replay leases
+
+
+def connect(dsn: str, *, autocommit: bool = False, region: str | None = None, timeout: int = 5) -> Connection:
+    """Open a connection; failures name the region and the (redacted) DSN."""
+    with translated(region=region, dsn=dsn):
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=timeout, row_factory=tuple_row)
+    return conn
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def key_lock_id(table: str, key: str) -> int:
+    """A stable signed 64-bit id for the per-key advisory lock shared by writers and apply."""
+    digest = hashlib.blake2b(f"{table}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# ---------------------------------------------------------------- migrations
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every packaged migration, in version order."""
+    found = []
+    for entry in resources.files("reconciler.sql").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(conn: Connection, region: str, max_offset_ms: int, tables: Iterable[TableConfig]) -> list[str]:
+    """Apply pending migrations and record this database's region and tables.
+
+    Idempotent and safe to run from several processes at once (an advisory lock
+    serialises them). Returns the names of the migrations applied now.
+    """
+    applied: list[str] = []
+    with translated(region=region, step="migrate"), conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(7165108710)")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS reconciler")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS reconciler.schema_version ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM reconciler.schema_version")}
+        for version, name, text in migration_files():
+            if version in done:
+                continue
+            conn.execute(text.encode())
+            conn.execute("INSERT INTO reconciler.schema_version (version, name) VALUES (%s, %s)", (version, name))
+            applied.append(name)
+        existing = conn.execute("SELECT region_id FROM reconciler.region").fetchone()
+        if existing and existing[0] != region:
+            raise StoreError(
+                f"database belongs to region {existing[0]!r}, not {region!r}: refusing to re-label it",
+                region=region,
+            )
+        conn.execute(
+            "INSERT INTO reconciler.region (region_id, max_offset_ms) VALUES (%s, %s)"
+            " ON CONFLICT (singleton) DO UPDATE SET max_offset_ms = EXCLUDED.max_offset_ms",
+            (region, max_offset_ms),
+        )
+        for table in tables:
+            conn.execute(
+                "INSERT INTO reconciler.replicated_table (table_name, schema_name, key_columns, policy, field_rules)"
+                " VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (table_name) DO UPDATE SET"
+                " schema_name = EXCLUDED.schema_name, key_columns = EXCLUDED.key_columns,"
+                " policy = EXCLUDED.policy, field_rules = EXCLUDED.field_rules",
+                (table.name, table.schema, list(table.key), table.policy, json_text(dict(table.fields))),
+            )
+    return applied
+
+
+def schema_version(conn: Connection) -> int:
+    with translated(step="schema_version"):
+        row = conn.execute(
+            "SELECT coalesce(max(version), 0) FROM reconciler.schema_version"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def region_id(conn: Connection) -> str:
+    with translated(step="region_id"):
+        row = conn.execute("SELECT region_id FROM reconciler.region").fetchone()
+    if row is None:
+        raise StoreError("database has no region identity: run `reconciler migrate` first")
+    return str(row[0])
+
+
+def replicated_tables(conn: Connection) -> dict[str, TableConfig]:
+    with translated(step="replicated_tables"):
+        rows = conn.execute(
+            "SELECT table_name, schema_name, key_columns, policy, field_rules FROM reconciler.replicated_table"
+        ).fetchall()
+    return {
+        name: TableConfig(name=name, key=tuple(keys), policy=policy, fields=dict(rules), schema=schema)
+        for name, schema, keys, policy, rules in rows
+    }
+
+
+# ---------------------------------------------------------------- row states
+
+@dataclass
+class TableWriter:
+    """Statements for one replicated table, built once from its catalogue columns."""
+
+    table: TableConfig
+    columns: tuple[str, ...]
+    upsert: sql.Composed
+    delete: sql.Composed
+
+    @classmethod
+    def build(cls, conn: Connection, table: TableConfig) -> TableWriter:
+        with translated(table=table.name, step="describe table"):
+            rows = conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                (table.schema, table.name),
+            ).fetchall()
+        columns = tuple(r[0] for r in rows)
+        if not columns:
+            raise StoreError("replicated table does not exist", table=f"{table.schema}.{table.name}")
+        missing = [k for k in table.key if k not in columns]
+        if missing:
+            raise StoreError(f"key columns {missing} not in table", table=f"{table.schema}.{table.name}")
+        target = sql.Identifier(table.schema, table.name)
+        cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+        keys = sql.SQL(", ").join(map(sql.Identifier, table.key))
+        non_key = [c for c in columns if c not in table.key]
+        on_conflict: sql.Composable
+        if non_key:
+            on_conflict = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in non_key
+            )
+        else:
+            on_conflict = sql.SQL("DO NOTHING")
+        upsert = sql.SQL(
+            "INSERT INTO {t} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)"
+            " ON CONFLICT ({keys}) {action}"
+        ).format(t=target, cols=cols, keys=keys, action=on_conflict)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{k} = d.{k}").format(k=sql.Identifier(k)) for k in table.key
+        )
+        delete = sql.SQL(
+            "DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS d WHERE {match}"
+        ).format(t=target, match=match)
+        return cls(table=table, columns=columns, upsert=upsert, delete=delete)
+
+
+def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
+    """Per-key transaction locks, taken in one sorted order so two batches never deadlock."""
+    ids = sorted({key_lock_id(table, key) for table, key in pairs})
+    if ids:
+        conn.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x ORDER BY x", (ids,))
+
+
+def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:
+    rows = conn.execute(
+        "SELECT row_key, hlc, origin, deleted, meta, row_values FROM reconciler.row_meta"
+        " WHERE table_name = %s AND row_key = ANY(%s)",
+        (table, list(keys)),
+    ).fetchall()
+    return {
+        key: RowState(values=values, hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted, meta=meta)
+        for key, hlc, origin, deleted, meta, values in rows
+    }
+
+
+def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, RowState]) -> None:
+    """Make the business table and the metadata say what ``states`` say."""
+    if not states:
+        return
+    live = [dict(s.values) for s in states.values() if not s.deleted]
+    gone = [_key_record(writer.table, key, s) for key, s in states.items() if s.deleted]
+    if live:
+        conn.execute(writer.upsert, (json_text(live),))
+    if gone:
+        conn.execute(writer.delete, (json_text(gone),))
+    meta_rows = [
+        {
+            "row_key": key,
+            "hlc": s.hlc.pack(),
+            "origin": s.origin,
+            "deleted": s.deleted,
+            "meta": s.meta,
+            "row_values": s.values,
+        }
+        for key, s in states.items()
+    ]
+    conn.execute(
+        "INSERT INTO reconciler.row_meta (table_name, row_key, hlc, origin, deleted, meta, row_values)"
+        " SELECT %s, x.row_key, x.hlc, x.origin, x.deleted, x.meta, x.row_values"
+        " FROM jsonb_to_recordset(%s::jsonb)"
+        "   AS x(row_key text, hlc bigint, origin text, deleted boolean, meta jsonb, row_values jsonb)"
+        " ON CONFLICT (table_name, row_key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin,"
+        " deleted = EXCLUDED.deleted, meta = EXCLUDED.meta, row_values = EXCLUDED.row_values",
+        (writer.table.name, json_text(meta_rows)),
+    )
+
+
+def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]:
+    """Key column values of a deleted row, recovered from its canonical key text."""
+    if len(table.key) == 1:
+        return {table.key[0]: key}
+    return dict(zip(table.key, json.loads(key), strict=True))
+
+
+# ---------------------------------------------------------------- inbox
+
+def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, int]]:
+    """Record events as applied; returns the (origin, sequence) pairs that were new."""
+    if not events:
+        return set()
+    rows = [
+        {
+            "origin": e.origin,
+            "sequence": e.sequence,
+            "event_id": e.event_id,
+            "hlc": e.hlc.pack(),
+            "prior_hlc": e.prior.pack() if e.prior else None,
+            "table_name": e.table,
+            "row_key": e.key,
+            "operation": e.operation.value,
+            "type": e.event_type,
+            "payload": e.payload,
+        }
+        for e in events
+    ]
+    new = conn.execute(
+        "INSERT INTO reconciler.inbox (origin, sequence, event_id, hlc, prior_hlc, table_name, row_key,"
+        " operation, type, payload)"
+        " SELECT x.origin, x.sequence, x.event_id, x.hlc, x.prior_hlc, x.table_name, x.row_key, x.operation,"
+        " x.type, x.payload FROM jsonb_to_recordset(%s::jsonb) AS x(origin text, sequence bigint, event_id uuid,"
+        " hlc bigint, prior_hlc bigint, table_name text, row_key text, operation text, type text, payload jsonb)"
+        " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence",
+        (json_text(rows),),
+    ).fetchall()
+    return {(o, s) for o, s in new}
+
+
+def observe_hlc(conn: Connection, stamp: Timestamp) -> Timestamp:
+    row = conn.execute("SELECT reconciler.hlc_observe(%s)", (stamp.pack(),)).fetchone()
+    assert row is not None
+    return Timestamp.unpack(row[0])
+
+
+def hlc_now(conn: Connection) -> Timestamp:
+    row = conn.execute("SELECT reconciler.hlc_now()").fetchone()
+    assert row is not None
+    return Timestamp.unpack(row[0])
+
+
+def record_conflicts(conn: Connection, records: Sequence[ConflictRecord]) -> None:
+    if not records:
+        return
+    rows = [
+        {
+            "conflict_id": r.conflict_id,
+            "table_name": r.table,
+            "row_key": r.key,
+            "kind": r.kind.value,
+            "policy": r.policy,
+            "outcome": r.outcome.value,
+            "status": "open" if r.outcome.value == "parked" else "auto",
+            "local_version": r.local.to_dict(),
+            "remote_version": r.remote.to_dict(),
+            "event_id": r.event_id or None,
+        }
+        for r in records
+        if r.outcome.value != "resolved"
+    ]
+    if rows:
+        conn.execute(
+            "INSERT INTO reconciler.conflicts (conflict_id, table_name, row_key, kind, policy, outcome, status,"
+            " local_version, remote_version, event_id)"
+            " SELECT x.conflict_id, x.table_name, x.row_key, x.kind, x.policy, x.outcome, x.status,"
+            " x.local_version, x.remote_version, x.event_id FROM jsonb_to_recordset(%s::jsonb) AS"
+            " x(conflict_id text, table_name text, row_key text, kind text, policy text, outcome text,"
+            " status text, local_version jsonb, remote_version jsonb, event_id uuid)"
+            " ON CONFLICT (conflict_id) DO NOTHING",
+            (json_text(rows),),
+        )
+
+
+def record_resolutions(conn: Connection, events: Sequence[Event]) -> None:
+    """Close the manual-queue entries that RESOLVE events decide, with who, when and why."""
+    for e in events:
+        if e.operation is not Operation.RESOLVE:
+            continue
+        p = e.payload
+        conn.execute(
+            "UPDATE reconciler.conflicts SET status = 'resolved', outcome = 'resolved', resolved_by = %s,"
+            " resolved_at = coalesce(%s::timestamptz, now()), resolution_reason = %s, resolution = %s::jsonb,"
+            " resolution_event = %s WHERE conflict_id = %s AND status <> 'resolved'",
+            (p.get("by"), p.get("at"), p.get("reason"), json_text(p.get("values")), e.event_id,
+             p.get("conflict_id")),
+        )
+
+
+def quarantine(conn: Connection, items: Sequence[Mapping[str, Any]]) -> None:
+    """Keep what could not be applied, raw, with its reason: nothing is dropped."""
+    for item in items:
+        conn.execute(
+            "INSERT INTO reconciler.quarantine (origin, sequence, topic, kafka_partition, kafka_offset, reason,"
+            " detail, raw) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (item.get("origin"), item.get("sequence"), item.get("topic"), item.get("partition"),
+             item.get("offset"), item["reason"], item["detail"], item.get("raw")),
+        )
+
+
+# ---------------------------------------------------------------- outbox and relay lease
+
+def insert_outbox(conn: Connection, event: Event) -> None:
+    conn.execute(
+        "INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, prior_hlc,"
+        " operation) VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+        (event.event_id, event.table, event.key, event.event_type, json_text(event.payload), event.origin,
+         event.hlc.pack(), event.prior.pack() if event.prior else None, event.operation.value),
+    )
+
+
+def acquire_lease(conn: Connection, origin: str, holder: str) -> int:
+    """Take the region's relay lease on an autocommit session; returns the new epoch.
+
+    A session advisory lock makes the lease exclusive while the session lives (it
+    dies with the process), and the epoch bump fences out a previous holder whose
+    session somehow outlived it: every write the relay makes checks its epoch.
+    """
+    with translated(region=origin, step="acquire relay lease"):
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_LEASE_LOCK_CLASS & 0x7FFFFFFF, origin)
+        ).fetchone()
+        if not row or not row[0]:
+            raise FencedError("another relay holds this region's lease", region=origin)
+        conn.execute(
+            "INSERT INTO reconciler.relay_state (origin) VALUES (%s) ON CONFLICT DO NOTHING", (origin,)
+        )
+        epoch_row = conn.execute(
+            "UPDATE reconciler.relay_state SET epoch = epoch + 1, holder = %s, updated_at = now()"
+            " WHERE origin = %s RETURNING epoch",
+            (holder, origin),
+        ).fetchone()
+    assert epoch_row is not None
+    return int(epoch_row[0])
+
+
+def release_lease(conn: Connection, origin: str) -> None:
+    with translated(region=origin, step="release relay lease"):
+        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LEASE_LOCK_CLASS & 0x7FFFFFFF, origin))
+
+
+def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT epoch, last_sequence, published_through FROM reconciler.relay_state WHERE origin = %s FOR UPDATE",
+        (origin,),
+    ).fetchone()
+    if row is None or row[0] != epoch:
+        raise FencedError("relay epoch moved on: a newer relay holds the lease", region=origin, epoch=epoch)
+    return int(row[1]), int(row[2])
+
+
+def assign_sequences(conn: Connection, origin: str, epoch: int, limit: int) -> int:
+    """Number up to ``limit`` committed, unnumbered outbox rows densely, in the order
+    this transaction sees them committed. Returns how many were numbered.
+
+    A row whose transaction is still open is invisible here and simply gets a later
+    number once it commits: nothing is skipped, whatever the insertion order.
+    """
+    with translated(region=origin, step="assign sequences"), conn.transaction():
+        last, _ = _check_epoch(conn, origin, epoch)
+        rows = conn.execute(
+            "WITH next AS ("
+            "  SELECT id, position FROM reconciler.outbox WHERE relay_sequence IS NULL AND origin = %s"
+            "  ORDER BY position LIMIT %s FOR UPDATE),"
+            " numbered AS (SELECT id, %s + row_number() OVER (ORDER BY position) AS seq FROM next)"
+            " UPDATE reconciler.outbox o SET relay_sequence = n.seq FROM numbered n WHERE o.id = n.id"
+            " RETURNING n.seq",
+            (origin, limit, last),
+        ).fetchall()
+        if rows:
+            conn.execute(
+                "UPDATE reconciler.relay_state SET last_sequence = %s, updated_at = now() WHERE origin = %s",
+                (last + len(rows), origin),
+            )
+    return len(rows)
+
+
+def unpublished(conn: Connection, origin: str, limit: int) -> list[Event]:
+    """Numbered events not yet confirmed published, in sequence order."""
+    with translated(region=origin, step="read unpublished"):
+        rows = conn.execute(
+            "SELECT o.id, o.aggregatetype, o.aggregateid, o.type, o.payload, o.hlc, o.prior_hlc, o.operation,"
+            " o.relay_sequence FROM reconciler.outbox o JOIN reconciler.relay_state r ON r.origin = o.origin"
+            " WHERE o.origin = %s AND o.relay_sequence > r.published_through"
+            " ORDER BY o.relay_sequence LIMIT %s",
+            (origin, limit),
+        ).fetchall()
+        conn.commit()
+    return [_outbox_event(origin, row) for row in rows]
+
+
+def outbox_range(conn: Connection, origin: str, low: int, high: int, limit: int) -> list[Event]:
+    """Relayed events of ``origin`` with sequence in [low, high], for replay to a peer."""
+    with translated(region=origin, step="read outbox range"):
+        rows = conn.execute(
+            "SELECT id, aggregatetype, aggregateid, type, payload, hlc, prior_hlc, operation, relay_sequence"
+            " FROM reconciler.outbox WHERE origin = %s AND relay_sequence BETWEEN %s AND %s"
+            " ORDER BY relay_sequence LIMIT %s",
+            (origin, low, high, limit),
+        ).fetchall()
+    return [_outbox_event(origin, row) for row in rows]
+
+
+def _outbox_event(origin: str, row: tuple[Any, ...]) -> Event:
+    event_id, table, key, event_type, payload, hlc, prior, operation, sequence = row
+    return Event(
+        origin=origin,
+        event_id=str(event_id),
+        table=table,
+        key=key,
+        operation=Operation(operation),
+        hlc=Timestamp.unpack(hlc),
+        payload=payload,
+        prior=Timestamp.unpack(prior) if prior is not None else None,
+        sequence=sequence,
+        event_type=event_type,
+    )
+
+
+def mark_published(conn: Connection, origin: str, epoch: int, through: int) -> None:
+    with translated(region=origin, step="mark published"), conn.transaction():
+        _, published = _check_epoch(conn, origin, epoch)
+        if through > published:
+            conn.execute(
+                "UPDATE reconciler.relay_state SET published_through = %s, updated_at = now() WHERE origin = %s",
+                (through, origin),
+            )
+
+
+def create_demo_tables(conn: Connection) -> None:
+    """The checkout demo domain (orders, inventory, payments), idempotently."""
+    text = resources.files("reconciler.sql.demo").joinpath("demo_domain.sql").read_text()
+    with translated(step="create demo tables"), conn.transaction():
+        conn.execute(text.encode())

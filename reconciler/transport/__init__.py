@@ -1,0 +1,1 @@
+"""Kafka adapter: the only place (with devstack) that imports confluent_kafka."""
