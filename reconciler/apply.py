@@ -9,11 +9,12 @@ the set of events applied to it, never on which path brought them.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import wire
 from .config import TableConfig
 from .conflict import ConflictPolicy, policy_for
 from .errors import EventError
@@ -29,7 +30,8 @@ def wall_clock_ms() -> int:
 @dataclass
 class ApplyReport:
     applied: list[Event] = field(default_factory=list)
-    duplicates: int = 0
+    #: redelivered events skipped, per origin
+    duplicates: Counter[str] = field(default_factory=Counter)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     conflicts: list[ConflictRecord] = field(default_factory=list)
 
@@ -93,7 +95,7 @@ class Applier:
         for event in events:
             ident = (event.origin, event.sequence)
             if ident in seen:
-                report.duplicates += 1
+                report.duplicates[event.origin] += 1
                 continue
             seen.add(ident)
             ahead = event.hlc.wall_ms - now
@@ -103,13 +105,15 @@ class Applier:
             elif event.table not in self.tables:
                 quarantine.append(_rejection(event, "unknown_table", f"table {event.table!r} is not replicated"))
             elif event.origin == self.region:
-                quarantine.append(_rejection(event, "own_event", "an event of this region came back as remote"))
+                quarantine.append(_rejection(event, "other", "an event of this region came back as remote"))
             else:
                 candidates.append(event)
         with translated(region=self.region, step="apply batch"), self.conn.transaction():
             new = pg.insert_inbox(self.conn, candidates)
             fresh = [e for e in candidates if (e.origin, e.sequence) in new]
-            report.duplicates += len(candidates) - len(fresh)
+            for event in candidates:
+                if (event.origin, event.sequence) not in new:
+                    report.duplicates[event.origin] += 1
             applied, bad, conflicts = self.apply_rows(fresh)
             if bad:
                 # an event its policy refused must stay a gap (replayable once fixed), not count as applied
@@ -118,7 +122,7 @@ class Applier:
                     " (SELECT * FROM unnest(%s::text[], %s::bigint[]))",
                     ([e.origin for e, _ in bad], [e.sequence for e, _ in bad]),
                 )
-                quarantine.extend(_rejection(e, "unappliable", str(err)) for e, err in bad)
+                quarantine.extend(_rejection(e, "invalid_payload", str(err)) for e, err in bad)
             if applied:
                 pg.observe_hlc(self.conn, max(e.hlc for e in applied))
             pg.quarantine(self.conn, quarantine)
@@ -171,4 +175,5 @@ def _rejection(event: Event, reason: str, detail: str) -> dict[str, Any]:
         detail=f"{detail} (event {event.event_id}, table {event.table}, key {event.key})",
         origin=event.origin,
         sequence=event.sequence,
+        raw=wire.encode(event),
     ).as_row()

@@ -10,6 +10,7 @@ goes on with the next one.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
@@ -19,16 +20,18 @@ from .apply import Applier, ApplyReport, Rejected
 from .config import Config
 from .errors import EventError, ReconcilerError
 from .logs import component_logger
+from .metrics import Metrics
 from .store import postgres as pg
 from .transport import kafka
 
 
 class InboxConsumer:
-    def __init__(self, config: Config, region: str, *, metrics: Any = None, origins: list[str] | None = None):
+    def __init__(self, config: Config, region: str, *, metrics: Metrics | None = None, origins: list[str] | None = None):
         self.config = config
         self.region = region
         self.origins = origins or config.peers(region)
         self.topics = [config.events_topic(o) for o in self.origins]
+        self._origin_of = {config.events_topic(o): o for o in self.origins}
         self.metrics = metrics
         self.log = component_logger("inbox", region)
         self._conn: pg.Connection | None = None
@@ -79,22 +82,36 @@ class InboxConsumer:
             try:
                 events.append(wire.decode(msg.value(), topic=topic, offset=offset))
             except EventError as exc:
-                rejected.append(Rejected(reason="malformed", detail=str(exc), topic=topic, partition=partition,
-                                         offset=offset, raw=msg.value()))
+                rejected.append(Rejected(reason="malformed", detail=str(exc), origin=self._origin_of.get(topic),
+                                         topic=topic, partition=partition, offset=offset, raw=msg.value()))
         if not positions:
             return ApplyReport()
+        started = time.perf_counter()
         report = self._applier.apply_remote(events, rejected)
         self._consumer.commit(
             offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=False
         )
         if self.metrics is not None:
-            self.metrics.batch_applied(report)
+            self._record(report, time.perf_counter() - started)
         if report.quarantined:
             self.log.warning("events quarantined", extra={"fields": {
                 "count": len(report.quarantined),
                 "reasons": sorted({q["reason"] for q in report.quarantined}),
             }})
         return report
+
+    def _record(self, report: ApplyReport, seconds: float) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        metrics.apply_batch_seconds.observe(seconds)
+        for event in report.applied:
+            metrics.events_applied.labels(origin=event.origin).inc()
+        for origin, count in report.duplicates.items():
+            metrics.events_duplicate.labels(origin=origin).inc(count)
+        for item in report.quarantined:
+            metrics.record_quarantined(str(item.get("origin") or "unknown"), str(item["reason"]))
+        for conflict in report.conflicts:
+            metrics.record_conflict(conflict.table, conflict.kind.value, conflict.outcome.value)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; a retryable failure rebuilds the consumer,

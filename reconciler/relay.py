@@ -26,12 +26,13 @@ from . import wire
 from .config import Config
 from .errors import ReconcilerError, TransportError
 from .logs import component_logger
+from .metrics import Metrics
 from .store import postgres as pg
 from .transport import kafka
 
 
 class Relay:
-    def __init__(self, config: Config, region: str, *, holder: str | None = None, metrics: Any = None) -> None:
+    def __init__(self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.region = region
         self.topic = config.events_topic(region)
@@ -93,7 +94,8 @@ class Relay:
         assert last is not None
         pg.mark_published(self._conn, self.region, self.epoch, last)
         if self.metrics is not None:
-            self.metrics.events_relayed(len(events), time.perf_counter() - started)
+            self.metrics.events_relayed.inc(len(events))
+            self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(events)
 
     def _send(self, key: bytes, value: bytes, callback: Any) -> None:
