@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .config import Config, load_config
+from .devstack.cli import dev
 from .errors import ReconcilerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +63,9 @@ def load(config_path: str) -> Config:
 @click.version_option(__version__, prog_name="reconciler")
 def main() -> None:
     """reconciler: multi-region disaster-recovery reconciliation for PostgreSQL + Kafka."""
+
+
+main.add_command(dev)
 
 
 @main.command()
