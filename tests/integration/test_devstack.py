@@ -1,0 +1,93 @@
+"""The local stack itself: every other integration test stands on these guarantees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from confluent_kafka.admin import AdminClient
+
+from reconciler.devstack import DevStack
+
+
+def server_port(dsn: str) -> int:
+    with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+        row = conn.execute("SELECT inet_server_port(), current_database()").fetchone()
+    assert row is not None
+    assert row[1] == "reconciler"
+    return int(row[0])
+
+
+def kafka_brokers(bootstrap: str) -> int:
+    metadata = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=10)
+    return len(metadata.brokers)
+
+
+def test_each_region_is_its_own_server(stack: DevStack) -> None:
+    ports = {region: server_port(stack.dsn(region)) for region in stack.regions}
+    assert len(set(ports.values())) == len(stack.regions), ports
+    assert ports == {region: stack.pg_port(region) for region in stack.regions}
+
+
+def test_postgres_allows_base_backups(stack: DevStack) -> None:
+    """Stale-backup drills take pg_basebackup copies; that needs WAL senders."""
+    with psycopg.connect(stack.dsn(stack.regions[0]), autocommit=True) as conn:
+        settings: dict[str, str] = dict(
+            conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('wal_level', 'max_wal_senders', 'listen_addresses', 'shared_buffers')"
+            ).fetchall()
+        )
+    assert settings["wal_level"] == "replica"
+    assert int(settings["max_wal_senders"]) >= 1
+    assert settings["listen_addresses"] == "127.0.0.1"
+    assert int(settings["shared_buffers"]) * 8192 == 32 * 1024 * 1024
+
+
+def test_kafka_answers_metadata(stack: DevStack) -> None:
+    assert kafka_brokers(stack.bootstrap_servers) == 1
+
+
+def test_written_config_matches_the_stack(stack: DevStack, config_path: Path) -> None:
+    doc = yaml.safe_load(config_path.read_text())
+    assert doc["topic_prefix"] == "reconciler"
+    assert doc["kafka"] == {"bootstrap.servers": stack.bootstrap_servers}
+    assert list(doc["regions"]) == list(stack.regions)
+    for region in stack.regions:
+        assert doc["regions"][region]["dsn"] == stack.dsn(region)
+    assert doc["tables"]["inventory"]["fields"] == {"stock": "counter", "tags": "set"}
+
+
+def test_state_round_trips(stack: DevStack) -> None:
+    again = DevStack.from_state(stack.root)
+    assert (again.regions, again.pg_base_port, again.kafka_port) == (
+        stack.regions,
+        stack.pg_base_port,
+        stack.kafka_port,
+    )
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_one_region_stops_while_others_answer(stack: DevStack, mode: str) -> None:
+    victim, *others = stack.regions
+    stack.stop_postgres(victim, mode=mode)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(stack.dsn(victim), connect_timeout=2).close()
+        for region in others:
+            assert server_port(stack.dsn(region)) == stack.pg_port(region)
+        assert stack.status()["postgres"][victim]["running"] is False
+    finally:
+        stack.start_postgres(victim)
+    assert server_port(stack.dsn(victim)) == stack.pg_port(victim)
+
+
+def test_restart_kafka_comes_back_healthy(stack: DevStack) -> None:
+    before = stack.status(probe=False)["kafka"]["pid"]
+    stack.restart_kafka()
+    after = stack.status()["kafka"]
+    assert after["ready"] is True
+    assert after["pid"] != before
+    assert kafka_brokers(stack.bootstrap_servers) == 1
