@@ -1,0 +1,705 @@
+"""Conflict policies: what a region's copy of a row becomes when a replicated event
+meets it.
+
+Every region applies every event, in whatever order the network delivers them. The
+one rule that makes active-active safe is that regions which have applied the same
+set of events hold the same row, so each policy here is a pure function
+``(current state, event) -> new state`` whose result does not depend on delivery
+order (and, except for counter sums, on duplicates): its state is built from
+max-registers and sums only, and the visible values are computed from the stored
+metadata, never carried along from history.
+
+Policies
+--------
+``lww``
+    Row-level last-writer-wins on ``(hlc, origin)``. The winner's full row is the
+    row; a delete is a tombstone with its own stamp, so an older write arriving
+    late cannot resurrect it. ``meta`` is ``{}``.
+``merge``
+    Per-column rules (``lww``, ``counter``, ``set``, ``max``, ``min``); columns
+    without a rule are ``lww`` with their own stamp. See :class:`MergePolicy`.
+``manual``
+    A causally later write applies; a concurrent one is parked for an operator and
+    the region keeps what it has. A replicated ``RESOLVE`` event carries the
+    operator's decision and makes every region converge. See :class:`ManualPolicy`.
+
+Conflict detection is the same for every policy: an event is *concurrent* with the
+region's current version when its ``prior`` (the stamp the writer saw) is not the
+current stamp. The stamp alone cannot tell "concurrent" from "arrived out of
+causal order" (an older ancestor delivered after its descendant), so the audit
+trail of lww/merge may hold records for the latter too; they are harmless there.
+For ``manual`` they are parked, which is why replay applies events in HLC order.
+
+Stamps are compared as ``(hlc.pack(), origin)``: packed so that the comparison is
+the one SQL makes on the ``bigint`` column, origin to break ties between regions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from typing import Any, Final, Protocol
+
+from .errors import ConfigError, EventError
+from .hlc import Timestamp
+from .model import (
+    Applied,
+    ConflictKind,
+    ConflictRecord,
+    Event,
+    Operation,
+    Outcome,
+    RowState,
+    Version,
+    conflict_id,
+)
+
+__all__ = [
+    "FIELD_RULES",
+    "ConflictPolicy",
+    "LwwPolicy",
+    "ManualPolicy",
+    "MergePolicy",
+    "POLICY_NAMES",
+    "classify",
+    "policy_for",
+]
+
+POLICY_NAMES: Final = ("lww", "merge", "manual")
+FIELD_RULES: Final = ("lww", "counter", "set", "max", "min")
+
+#: the total order every policy uses: packed HLC, then region id
+Stamp = tuple[int, str]
+
+#: the "no version" side of an update_missing conflict record
+_ABSENT = Version(values=None, hlc=Timestamp(0, 0), origin="", deleted=False)
+
+
+class ConflictPolicy(Protocol):
+    """What the inbox and the replayer call for every event of a replicated table."""
+
+    @property
+    def name(self) -> str: ...
+
+    def apply(self, current: RowState | None, event: Event) -> Applied:
+        """Decide the row's new state. ``current`` is None when this region never
+        saw the key (no row, no tombstone). Raises :class:`EventError` for a payload
+        the policy cannot apply; the caller quarantines the event."""
+        ...
+
+
+# -- payload decoding ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    """An event payload, checked once, so policies only see well-formed input."""
+
+    key: dict[str, Any]
+    values: dict[str, Any] | None
+    deltas: dict[str, int | float]
+    set_add: dict[str, list[Any]]
+    set_remove: dict[str, list[Any]]
+    conflict_id: str | None = None
+    kind: ConflictKind | None = None
+
+    @property
+    def has_ops(self) -> bool:
+        return bool(self.deltas or self.set_add or self.set_remove)
+
+
+def _bad(event: Event, message: str, **context: Any) -> EventError:
+    return EventError(
+        message,
+        table=event.table,
+        key=event.key,
+        event_id=event.event_id,
+        origin=event.origin,
+        operation=event.operation.value,
+        **context,
+    )
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _columns(event: Event, payload: Mapping[str, Any], member: str) -> dict[str, Any]:
+    raw = payload.get(member)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(c, str) for c in raw):
+        raise _bad(event, f"payload '{member}' must be an object keyed by column name")
+    return dict(raw)
+
+
+def _element(event: Event, column: str, value: object) -> object:
+    # only scalars: elements become JSON object keys in meta and need a total order
+    if isinstance(value, str) or _is_number(value):
+        return value
+    raise _bad(event, "set elements must be strings or finite numbers", column=column, element=repr(value))
+
+
+def _parse(event: Event) -> _Payload:
+    payload = event.payload
+    if not isinstance(payload, Mapping):
+        raise _bad(event, "payload must be a JSON object")
+    key = payload.get("key")
+    if not isinstance(key, Mapping) or not key or not all(isinstance(c, str) for c in key):
+        raise _bad(event, "payload has no 'key' object naming the row")
+    if event.prior is not None and not event.prior < event.hlc:
+        # a writer's stamp is always after the version it read; anything else is a
+        # corrupt event that would break every causality test below
+        raise _bad(event, "event stamp is not after its prior stamp", hlc=str(event.hlc), prior=str(event.prior))
+
+    values: dict[str, Any] | None
+    if event.operation is Operation.RESOLVE:
+        if "values" not in payload:
+            raise _bad(event, "RESOLVE must state 'values' (the chosen row, or null for deleted)")
+        values = None if payload["values"] is None else _columns(event, payload, "values")
+    else:
+        values = _columns(event, payload, "values")
+
+    deltas = _columns(event, payload, "deltas")
+    for column, delta in deltas.items():
+        if not _is_number(delta):
+            raise _bad(event, "counter delta is not a finite number", column=column, delta=repr(delta))
+
+    sets: dict[str, dict[str, list[Any]]] = {}
+    for member in ("set_add", "set_remove"):
+        ops = _columns(event, payload, member)
+        for column, elements in ops.items():
+            if not isinstance(elements, list):
+                raise _bad(event, f"'{member}' of a set column must be a list", column=column)
+            for element in elements:
+                _element(event, column, element)
+        sets[member] = ops
+
+    if (deltas or any(sets.values())) and event.operation in (Operation.DELETE, Operation.RESOLVE):
+        raise _bad(event, "counter deltas and set operations are only valid on INSERT and UPDATE")
+
+    cid: str | None = None
+    kind: ConflictKind | None = None
+    if event.operation is Operation.RESOLVE:
+        cid = payload.get("conflict_id")
+        if not isinstance(cid, str) or not cid:
+            raise _bad(event, "RESOLVE has no 'conflict_id'")
+        for member in ("by", "reason"):
+            if payload.get(member) is not None and not isinstance(payload.get(member), str):
+                raise _bad(event, f"RESOLVE '{member}' must be a string")
+        hint = payload.get("kind")
+        if hint is not None:
+            try:
+                kind = ConflictKind(hint)
+            except ValueError:
+                raise _bad(event, "RESOLVE 'kind' is not a conflict kind", kind=repr(hint)) from None
+
+    return _Payload(dict(key), values, deltas, sets["set_add"], sets["set_remove"], cid, kind)
+
+
+def _full_row(event: Event, payload: _Payload) -> dict[str, Any]:
+    """The row an INSERT/UPDATE/RESOLVE writes: its values with the key columns."""
+    row = dict(payload.values or {})
+    for column, value in payload.key.items():
+        if column in row and row[column] != value:
+            raise _bad(event, "key column in 'values' disagrees with 'key'", column=column)
+        row[column] = value
+    return row
+
+
+# -- conflict detection -------------------------------------------------------------
+
+
+def classify(current: RowState | None, event: Event) -> ConflictKind | None:
+    """The conflict an event makes with the region's current version, if any.
+
+    Causally later events (the writer saw exactly the current version), a first
+    insert, and a delete meeting a tombstone (both sides agree the row is gone)
+    are not conflicts. RESOLVE events are the end of a conflict, not one.
+    """
+    op = event.operation
+    if op is Operation.RESOLVE:
+        return None
+    if current is None:
+        return None if op is Operation.INSERT else ConflictKind.UPDATE_MISSING
+    if event.prior == current.hlc:
+        return None
+    if current.deleted:
+        return None if op is Operation.DELETE else ConflictKind.UPDATE_DELETE
+    if op is Operation.INSERT:
+        return ConflictKind.INSERT_INSERT
+    if op is Operation.UPDATE:
+        return ConflictKind.UPDATE_UPDATE
+    return ConflictKind.DELETE_UPDATE
+
+
+def _label(hlc: Timestamp, origin: str) -> str:
+    return f"{origin}@{hlc.pack()}"
+
+
+def _conflict_id(current: RowState | None, event: Event) -> str:
+    # RowState carries no event id; the pair of versions names the conflict just as
+    # well and is known identically to every region that meets the same pair
+    local = "absent" if current is None else _label(current.hlc, current.origin)
+    return conflict_id(event.table, event.key, (local, _label(event.hlc, event.origin)))
+
+
+def _local_version(current: RowState | None) -> Version:
+    if current is None:
+        return _ABSENT
+    values = None if current.deleted else dict(current.values)
+    return Version(values, current.hlc, current.origin, current.deleted)
+
+
+def _remote_version(event: Event, payload: _Payload) -> Version:
+    deleted = event.operation is Operation.DELETE or (event.operation is Operation.RESOLVE and payload.values is None)
+    if deleted:
+        return Version(None, event.hlc, event.origin, True)
+    values: dict[str, Any] = dict(payload.values or {})
+    values.update(payload.key)
+    return Version(values, event.hlc, event.origin, False)
+
+
+def _record(
+    policy: str,
+    kind: ConflictKind,
+    outcome: Outcome,
+    current: RowState | None,
+    event: Event,
+    payload: _Payload,
+    cid: str | None = None,
+) -> ConflictRecord:
+    return ConflictRecord(
+        conflict_id=cid or _conflict_id(current, event),
+        table=event.table,
+        key=event.key,
+        kind=kind,
+        policy=policy,
+        outcome=outcome,
+        local=_local_version(current),
+        remote=_remote_version(event, payload),
+        event_id=event.event_id,
+    )
+
+
+def _same_version(current: RowState | None, event: Event) -> bool:
+    return current is not None and current.hlc == event.hlc and current.origin == event.origin
+
+
+def _whole_row_state(event: Event, payload: _Payload, meta: Mapping[str, Any]) -> RowState:
+    if event.operation is Operation.DELETE or (event.operation is Operation.RESOLVE and payload.values is None):
+        return RowState({}, event.hlc, event.origin, deleted=True, meta=dict(meta))
+    return RowState(_full_row(event, payload), event.hlc, event.origin, deleted=False, meta=dict(meta))
+
+
+# -- lww ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LwwPolicy:
+    """Row-level last-writer-wins.
+
+    The final row is the row of the greatest ``(hlc, origin)`` event ever applied,
+    which is why any delivery order and any duplication give the same state: a max
+    does not care about order. A RESOLVE on an lww table is a write like any other
+    (an operator forcing a value), reported as RESOLVED.
+    """
+
+    @property
+    def name(self) -> str:
+        return "lww"
+
+    def apply(self, current: RowState | None, event: Event) -> Applied:
+        payload = _parse(event)
+        if payload.has_ops:
+            raise _bad(event, "lww tables take whole rows in 'values', not deltas or set operations")
+        if _same_version(current, event):
+            return Applied(None)
+        wins = current is None or not current.wins_over(event.hlc, event.origin)
+        state = _whole_row_state(event, payload, {}) if wins else None
+        if event.operation is Operation.RESOLVE:
+            outcome = Outcome.RESOLVED if wins else Outcome.DISCARDED
+            closes = payload.kind or _resolve_kind(current, payload)
+            return Applied(state, _record(self.name, closes, outcome, current, event, payload, payload.conflict_id))
+        kind = classify(current, event)
+        if kind is None:
+            return Applied(state)
+        outcome = Outcome.APPLIED if wins else Outcome.DISCARDED
+        return Applied(state, _record(self.name, kind, outcome, current, event, payload))
+
+
+def _resolve_kind(current: RowState | None, payload: _Payload) -> ConflictKind:
+    """Best guess of the kind a RESOLVE closes when its payload does not say; the
+    queue keeps the kind it parked, so this only labels the audit line."""
+    if current is None:
+        return ConflictKind.UPDATE_MISSING
+    if current.deleted:
+        return ConflictKind.UPDATE_DELETE
+    if payload.values is None:
+        return ConflictKind.DELETE_UPDATE
+    return ConflictKind.UPDATE_UPDATE
+
+
+# -- manual -------------------------------------------------------------------------
+
+
+def _resolution(current: RowState | None) -> Stamp | None:
+    if current is None:
+        return None
+    res = current.meta.get("resolution")
+    if not isinstance(res, Mapping):
+        return None
+    return (int(res["hlc"]), str(res["origin"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ManualPolicy:
+    """Apply what is causally later, park what is concurrent, converge on RESOLVE.
+
+    - An event applies when the writer saw the current version (``prior`` equals
+      the current stamp), when it inserts a key never seen, when it is the first
+      sight of a key at all (an update/delete for a missing row: there is no local
+      version to protect, so taking it loses nothing; recorded as update_missing),
+      or when it deletes a row already deleted (both sides agree; the greater
+      tombstone stamp is kept).
+    - Anything else is concurrent: the region keeps its current row and returns a
+      PARKED record. Until an operator decides, regions may hold different rows.
+    - A RESOLVE overwrites the row with the chosen value and its own stamp, whatever
+      the region holds (even a concurrent write stamped later: the operator's
+      decision must win everywhere or regions would not converge). Its stamp is
+      kept in ``meta["resolution"]``; events older than it are superseded by the
+      decision (DISCARDED), an older RESOLVE is ignored. So once every region has
+      the RESOLVE, every delivery order ends in the same state.
+    """
+
+    @property
+    def name(self) -> str:
+        return "manual"
+
+    def apply(self, current: RowState | None, event: Event) -> Applied:
+        payload = _parse(event)
+        if payload.has_ops:
+            raise _bad(event, "manual tables take whole rows in 'values', not deltas or set operations")
+        if _same_version(current, event):
+            return Applied(None)
+        stamp = (event.hlc.pack(), event.origin)
+        resolution = _resolution(current)
+
+        if event.operation is Operation.RESOLVE:
+            if resolution is not None and resolution >= stamp:
+                return Applied(None)
+            meta = {"resolution": {"conflict_id": payload.conflict_id, "hlc": stamp[0], "origin": stamp[1]}}
+            state = _whole_row_state(event, payload, meta)
+            closes = payload.kind or _resolve_kind(current, payload)
+            record = _record(self.name, closes, Outcome.RESOLVED, current, event, payload, payload.conflict_id)
+            return Applied(state, record)
+
+        kind = classify(current, event)
+        if resolution is not None and stamp < resolution:
+            # the operator decided with both sides of the conflict in view and stamped
+            # the decision after them; what is older is settled
+            return Applied(None, _record(self.name, kind, Outcome.DISCARDED, current, event, payload) if kind else None)
+
+        carried = {"resolution": current.meta["resolution"]} if resolution is not None and current is not None else {}
+        if kind is None:
+            if current is not None and current.wins_over(event.hlc, event.origin):
+                return Applied(None)  # an older tombstone meeting a newer one
+            return Applied(_whole_row_state(event, payload, carried))
+        if kind is ConflictKind.UPDATE_MISSING:
+            state = _whole_row_state(event, payload, carried)
+            return Applied(state, _record(self.name, kind, Outcome.APPLIED, current, event, payload))
+        return Applied(None, _record(self.name, kind, Outcome.PARKED, current, event, payload))
+
+
+# -- merge --------------------------------------------------------------------------
+
+
+def _elem_key(element: object) -> str:
+    """Canonical text of a set element: distinct for 1, 1.0 and "1"."""
+    return json.dumps(element, separators=(",", ":"))
+
+
+def _order_key(value: object) -> tuple[int, Any, str]:
+    """A total order over the scalars max/min/set accept: numbers before strings."""
+    if isinstance(value, str):
+        return (1, value, _elem_key(value))
+    return (0, value, _elem_key(value))
+
+
+def _newer(a: list[Any] | None, b: Stamp) -> bool:
+    return a is None or (int(a[0]), str(a[1])) < b
+
+
+def _stamp_list(stamp: Stamp) -> list[Any]:
+    return [stamp[0], stamp[1]]
+
+
+def _as_stamp(value: Any) -> Stamp | None:
+    return None if value is None else (int(value[0]), str(value[1]))
+
+
+def _add_numbers(total: int | str, delta: int | float | str) -> int | str:
+    """Exact addition, so that sums do not depend on the order they were made in.
+
+    Integers stay integers. Anything fractional is summed as a decimal of the
+    shortest text that round-trips each float (float addition is not associative,
+    which would let two regions drift apart by an ulp) and stored as decimal text.
+    """
+    if isinstance(total, int) and isinstance(delta, int):
+        return total + delta
+    with localcontext() as ctx:
+        ctx.prec = 200
+        exact = _decimal(total) + _decimal(delta)
+        if exact == exact.to_integral_value():
+            return int(exact)
+        return format(exact.normalize(), "f")
+
+
+def _decimal(number: int | float | str) -> Decimal:
+    return Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+
+
+def _number_value(total: int | str) -> int | float:
+    return total if isinstance(total, int) else float(Decimal(total))
+
+
+@dataclass(frozen=True, slots=True)
+class MergePolicy:
+    """Per-column rules, each a commutative merge, so rows converge without winners.
+
+    ``rules`` maps column -> ``lww`` | ``counter`` | ``set`` | ``max`` | ``min``;
+    other columns are ``lww``, each with its own stamp, so two regions updating
+    different columns of one row both keep their change (writers should therefore
+    put only the columns they changed in ``values``).
+
+    - ``counter``: the sum of every delta (an INSERT's value counts as a delta from
+      0), kept per origin. Sums are not idempotent: the inbox's exactly-once
+      delivery is what makes them right.
+    - ``set``: add-wins observed-remove set; per element the greatest add and the
+      greatest remove stamp; present iff add >= remove (and newer than the row
+      tombstone). Elements are set with ``set_add``/``set_remove`` (or an INSERT's
+      list value).
+    - ``max``/``min``: monotone registers over every value ever written (null is
+      no value).
+    - Row delete: a tombstone stamp, the greatest DELETE's. The row is visible iff
+      the greatest INSERT/UPDATE stamp is above it. A re-created row shows lww
+      columns and set elements only if written after the tombstone (older ones
+      read as null / absent); counters and max/min are not reset by a delete,
+      since resetting them consistently would need the deleter's observed
+      per-origin totals, which events do not carry.
+    """
+
+    rules: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "merge"
+
+    def rule(self, column: str) -> str:
+        for col, rule in self.rules:
+            if col == column:
+                return rule
+        return "lww"
+
+    def apply(self, current: RowState | None, event: Event) -> Applied:
+        payload = _parse(event)
+        if event.operation is Operation.RESOLVE:
+            raise _bad(event, "merge tables never park conflicts; write an UPDATE instead of a RESOLVE")
+        if _same_version(current, event):
+            # the newest event again: only a duplicate can have the same stamp, and
+            # a counter must not count it twice
+            return Applied(None)
+        meta = _merge_meta(self, current, event, payload)
+        state = _render(meta)
+        kind = classify(current, event)
+        if current is not None and state == current:
+            state_out = None
+        else:
+            state_out = state
+        if kind is None:
+            return Applied(state_out)
+        if kind is ConflictKind.UPDATE_MISSING:
+            outcome = Outcome.APPLIED
+        else:
+            outcome = Outcome.DISCARDED if state_out is None else Outcome.MERGED
+        return Applied(state_out, _record(self.name, kind, outcome, current, event, payload))
+
+
+def _fresh_field(rule: str) -> dict[str, Any]:
+    if rule == "lww":
+        return {"rule": "lww", "at": None, "value": None}
+    if rule == "counter":
+        return {"rule": "counter", "by_origin": {}}
+    if rule == "set":
+        return {"rule": "set", "add": {}, "remove": {}}
+    return {"rule": rule, "value": None}
+
+
+def _merge_meta(policy: MergePolicy, current: RowState | None, event: Event, payload: _Payload) -> dict[str, Any]:
+    """The metadata after the event: every member is a max-register or a sum."""
+    # deep copy through JSON: meta is JSON by contract, and a copy keeps the input
+    # state untouched (callers may hold on to it)
+    old: dict[str, Any] = json.loads(json.dumps(dict(current.meta))) if current is not None else {}
+    meta: dict[str, Any] = {
+        "key": old.get("key"),
+        "write": old.get("write"),
+        "delete": old.get("delete"),
+        "fields": old.get("fields", {}),
+    }
+    stamp = (event.hlc.pack(), event.origin)
+    fields: dict[str, Any] = meta["fields"]
+    top = max((s for s in (_as_stamp(meta["write"]), _as_stamp(meta["delete"])) if s is not None), default=None)
+    if top is None or top < stamp:
+        # the key columns never change in practice; taking the newest makes even a
+        # disagreement resolve the same way everywhere
+        meta["key"] = dict(payload.key)
+
+    if event.operation is Operation.DELETE:
+        if _newer(meta["delete"], stamp):
+            meta["delete"] = _stamp_list(stamp)
+        return meta
+
+    if _newer(meta["write"], stamp):
+        meta["write"] = _stamp_list(stamp)
+
+    def slot(column: str, rule: str) -> dict[str, Any]:
+        entry = fields.get(column)
+        if entry is None:
+            entry = fields[column] = _fresh_field(rule)
+        elif entry.get("rule") != rule:
+            raise _bad(
+                event,
+                "column's merge rule differs from the one its stored state was built with",
+                column=column,
+                configured=rule,
+                stored=entry.get("rule"),
+            )
+        return entry
+
+    for column, value in (payload.values or {}).items():
+        if column in payload.key:
+            if value != payload.key[column]:
+                raise _bad(event, "key column in 'values' disagrees with 'key'", column=column)
+            continue
+        rule = policy.rule(column)
+        entry = slot(column, rule)
+        if rule == "lww":
+            if _newer(entry["at"], stamp):
+                entry["at"] = _stamp_list(stamp)
+                entry["value"] = value
+        elif rule == "counter":
+            if event.operation is not Operation.INSERT:
+                raise _bad(event, "counter columns change by 'deltas', not by 'values'", column=column)
+            if value is not None:
+                if not _is_number(value):
+                    raise _bad(event, "counter value is not a finite number", column=column)
+                _count(entry, event.origin, value)
+        elif rule == "set":
+            if event.operation is not Operation.INSERT:
+                raise _bad(event, "set columns change by 'set_add'/'set_remove', not by 'values'", column=column)
+            if value is not None:
+                if not isinstance(value, list):
+                    raise _bad(event, "set column value must be a list", column=column)
+                for element in value:
+                    _stamp_element(entry["add"], _element(event, column, element), stamp)
+        else:  # max / min
+            if value is None:
+                continue
+            _element(event, column, value)  # same scalar domain as set elements
+            held = entry["value"]
+            if held is None:
+                entry["value"] = value
+            elif rule == "max" and _order_key(value) > _order_key(held):
+                entry["value"] = value
+            elif rule == "min" and _order_key(value) < _order_key(held):
+                entry["value"] = value
+
+    for column, delta in payload.deltas.items():
+        if policy.rule(column) != "counter":
+            raise _bad(event, "'deltas' names a column that is not a counter", column=column)
+        _count(slot(column, "counter"), event.origin, delta)
+    for member, ops in (("add", payload.set_add), ("remove", payload.set_remove)):
+        for column, elements in ops.items():
+            if policy.rule(column) != "set":
+                raise _bad(event, f"'set_{member}' names a column that is not a set", column=column)
+            entry = slot(column, "set")
+            for element in elements:
+                _stamp_element(entry[member], element, stamp)
+    return meta
+
+
+def _count(entry: dict[str, Any], origin: str, delta: int | float) -> None:
+    by_origin: dict[str, Any] = entry["by_origin"]
+    by_origin[origin] = _add_numbers(by_origin.get(origin, 0), delta)
+
+
+def _stamp_element(stamps: dict[str, Any], element: object, stamp: Stamp) -> None:
+    k = _elem_key(element)
+    if _newer(stamps.get(k), stamp):
+        stamps[k] = _stamp_list(stamp)
+
+
+def _render(meta: dict[str, Any]) -> RowState:
+    """Visible values and row stamp, a pure function of the metadata."""
+    write, delete = _as_stamp(meta["write"]), _as_stamp(meta["delete"])
+    top = max(s for s in (write, delete) if s is not None)
+    visible = write is not None and (delete is None or write > delete)
+    values: dict[str, Any] = {}
+    if visible:
+        for column in sorted(meta["fields"]):
+            values[column] = _field_value(meta["fields"][column], delete)
+        values.update(meta["key"])
+    return RowState(values, Timestamp.unpack(top[0]), top[1], deleted=not visible, meta=meta)
+
+
+def _field_value(entry: Mapping[str, Any], tombstone: Stamp | None) -> Any:
+    rule = entry["rule"]
+    if rule == "lww":
+        at = _as_stamp(entry["at"])
+        return entry["value"] if at is not None and (tombstone is None or at > tombstone) else None
+    if rule == "counter":
+        total: int | str = 0
+        for part in entry["by_origin"].values():
+            total = _add_numbers(total, part)
+        return _number_value(total)
+    if rule == "set":
+        present = []
+        removes = entry["remove"]
+        for k, add in entry["add"].items():
+            added = (int(add[0]), str(add[1]))
+            if tombstone is not None and added <= tombstone:
+                continue
+            removed = _as_stamp(removes.get(k))
+            if removed is None or added >= removed:
+                present.append(json.loads(k))
+        return sorted(present, key=_order_key)
+    return entry["value"]
+
+
+# -- selection ----------------------------------------------------------------------
+
+
+def policy_for(name: str, fields: Mapping[str, str] | None = None) -> ConflictPolicy:
+    """The policy a table's configuration names.
+
+    Raises :class:`ConfigError` for an unknown policy or rule, and for field rules
+    given to a policy that would silently ignore them.
+    """
+    fields = dict(fields or {})
+    if name not in POLICY_NAMES:
+        raise ConfigError("unknown conflict policy", policy=name, expected="|".join(POLICY_NAMES))
+    for column, rule in fields.items():
+        if rule not in FIELD_RULES:
+            raise ConfigError("unknown merge field rule", column=column, rule=rule, expected="|".join(FIELD_RULES))
+    if name == "merge":
+        return MergePolicy(tuple(sorted(fields.items())))
+    if fields:
+        raise ConfigError("field rules only apply to the merge policy", policy=name, fields=",".join(sorted(fields)))
+    return LwwPolicy() if name == "lww" else ManualPolicy()
