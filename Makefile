@@ -1,0 +1,110 @@
+# reconciler — build, local stack, tests.
+#
+#   make test    fresh venv if pyproject.toml changed, binaries if missing, local stack
+#                up (PostgreSQL per region + Kafka), the whole test suite, stack down.
+#   make demo    same set-up, then the regional-failover demo, stack down.
+#   make unit    unit tests only, no stack.          make lint   ruff + mypy.
+#   make bench   same set-up, then every benchmarks/bench_*.py, stack down.
+#   make stack-up / stack-down / stack-status        keep a stack running while you work.
+#
+# Recipes run with /bin/sh (dash on Debian): POSIX shell only, no bashisms.
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed-pyproject
+DEV_DIR   ?= .dev
+DEV       := $(VENV)/bin/reconciler dev
+# Integration tests find the stack through this (tests/integration/conftest.py).
+export RECONCILER_DEV_DIR := $(DEV_DIR)
+
+# The first interpreter >= 3.11 on PATH; evaluated only when the venv must be built.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
+
+# apt-get needs root; use sudo when we are not.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+
+# $(call with_stack,UP_FLAGS,COMMAND): bring the stack up, run COMMAND, ALWAYS bring
+# the stack down, and exit with COMMAND's status (or dev up's, if that failed).
+# INT is trapped (not ignored, which children would inherit) so that Ctrl-C stops
+# COMMAND but still reaches `dev down`.
+with_stack = status=0; trap : INT; \
+	if $(DEV) up --dir "$(DEV_DIR)" --verbose $(1); then $(2) || status=$$?; else status=$$?; fi; \
+	$(DEV) down --dir "$(DEV_DIR)" || true; \
+	exit $$status
+
+.PHONY: all venv binaries postgres-bin prometheus-bin java-bin stack-up stack-down stack-status \
+	stack-clean test demo unit bench lint
+
+all: test
+
+venv: $(STAMP)
+
+# Reinstall only when pyproject.toml is newer than the last successful install.
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(PY)" ]; then \
+		if [ -z "$(PYTHON)" ]; then \
+			echo "error: need Python >= 3.11 on PATH (apt-get install -y python3 python3-venv)" >&2; exit 1; \
+		fi; \
+		echo "creating $(VENV) with $(PYTHON)"; \
+		"$(PYTHON)" -m venv "$(VENV)"; \
+	fi
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	@touch $@
+
+binaries: postgres-bin prometheus-bin java-bin
+
+# Debian keeps the server tools in /usr/lib/postgresql/N/bin, outside PATH.
+postgres-bin:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
+		echo "installing the PostgreSQL server (Debian package postgresql)"; \
+		$(SUDO) apt-get update && $(APT_INSTALL) postgresql; \
+	fi
+
+# promtool checks and unit-tests the alert rules in config/prometheus.
+prometheus-bin:
+	@if command -v promtool >/dev/null 2>&1; then :; else \
+		echo "installing promtool (Debian package prometheus)"; \
+		$(SUDO) apt-get update && $(APT_INSTALL) prometheus; \
+	fi
+
+# Java runs the Kafka broker; Maven fetches its jars once (pom.xml).
+java-bin:
+	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then :; else \
+		echo "installing Java 17 and Maven (Debian packages)"; \
+		$(SUDO) apt-get update && $(APT_INSTALL) openjdk-17-jre-headless maven; \
+	fi
+
+stack-up: venv binaries
+	$(DEV) up --dir "$(DEV_DIR)" --verbose
+
+stack-down: venv
+	$(DEV) down --dir "$(DEV_DIR)"
+
+stack-status: venv
+	$(DEV) status --dir "$(DEV_DIR)"
+
+# Stop the stack and delete its data (the Kafka jars go too).
+stack-clean: venv
+	$(DEV) down --dir "$(DEV_DIR)" --purge
+	rm -rf "$(DEV_DIR)"
+
+# --fresh: every run starts from empty databases and topics, as CI does.
+test: venv binaries
+	@$(call with_stack,--fresh,$(PY) -m pytest tests)
+
+demo: venv binaries
+	@$(call with_stack,--fresh,$(PY) -m reconciler.demo)
+
+bench: venv binaries
+	@$(call with_stack,--fresh,( for f in benchmarks/bench_*.py; do [ -e "$$f" ] || continue; \
+		echo "== $$f"; $(PY) "$$f" || exit $$?; done ))
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
