@@ -1,0 +1,56 @@
+"""The ``diff`` service: which rows of a table differ between two databases.
+
+This is the entry the CLI and the lifecycle gate call. Today it always runs the
+full-scan comparison, which needs nothing of ours installed on either database;
+once maintained Merkle leaves exist, this is where the choice between the two modes
+belongs (both share the bucket scheme and row hash of :mod:`reconciler.merkle` and
+:mod:`reconciler.store.merkle_scan`, so their digests are comparable).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from .errors import ConfigError
+from .merkle import DifferenceKind, DiffResult, KeyDifference
+from .store.merkle_scan import ScanOptions, full_scan_diff
+
+__all__ = ["DiffResult", "DifferenceKind", "KeyDifference", "ScanOptions", "diff_tables", "parse_key_columns"]
+
+
+def parse_key_columns(values: Sequence[str]) -> tuple[str, ...]:
+    """Key columns from repeated and/or comma-separated values, in order, deduplicated."""
+    out: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            name = part.strip()
+            if name and name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def diff_tables(
+    dsn_a: str,
+    dsn_b: str,
+    table: str,
+    key_columns: Sequence[str],
+    schema: str = "public",
+    *,
+    options: ScanOptions | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DiffResult:
+    """Compare ``schema.table`` on two databases and list the differing keys.
+
+    Raises :class:`~reconciler.errors.ConfigError` for unusable arguments and
+    :class:`~reconciler.errors.StoreError` (or ``StoreUnavailable``) when either
+    database refuses; errors name the side, the table and the DSN without password.
+    """
+    keys = parse_key_columns(key_columns)
+    if not keys:
+        raise ConfigError("diff needs at least one key column", table=f"{schema}.{table}")
+    if not table:
+        raise ConfigError("diff needs a table name")
+    if not dsn_a or not dsn_b:
+        raise ConfigError("diff needs two DSNs", table=f"{schema}.{table}")
+    return full_scan_diff(dsn_a, dsn_b, table, keys, schema=schema, options=options, clock=clock)

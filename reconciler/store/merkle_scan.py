@@ -1,0 +1,592 @@
+"""Full-scan Merkle comparison of one table across two PostgreSQL databases.
+
+All hashing happens inside PostgreSQL: each side answers ``GROUP BY bucket`` with
+``(bucket, sum of row hashes, row count)``, so equal buckets ship no rows. Only the
+buckets that differ are looked into (finer buckets when they are large, then their
+keys and row hashes), and only the keys that differ have their rows fetched, by
+``ctid`` from the same snapshot, which needs neither an index nor a third scan.
+
+The two sides run concurrently, one thread and one connection each, every side in a
+``REPEATABLE READ READ ONLY`` transaction so that its successive queries all see
+one snapshot (and so that the comparison works against a hot standby too).
+
+The SQL that defines a key's hash, a row's hash and a bucket lives in the
+"hash expressions" section below and nowhere else: a maintained-leaves mode must
+build its leaves with exactly these expressions for its digests to be comparable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from .. import merkle
+from ..errors import StoreError, StoreUnavailable
+from ..merkle import DifferenceKind, DiffResult, Digest, Key, KeyDifference, Row
+from .dsn import redact_dsn, scrub
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# --- hash expressions: the one definition shared by every Merkle mode ----------------
+
+#: seeds of ``hashtextextended``; distinct so that a key's hash and a row's hash are
+#: unrelated even for a one-column table whose row text resembles its key text
+KEY_HASH_SEED = 0
+ROW_HASH_SEED = 0x5245434F4E  # b"RECON"
+
+#: settings under which every type prints the same text on every server; the row
+#: text is what is hashed, so anything that changes how a value prints must be fixed
+CANONICAL_SETTINGS: dict[str, str] = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "lc_monetary": "C",
+    "xmloption": "content",
+}
+
+#: a known string hashed on both servers before comparing: ``hashtextextended`` is
+#: PostgreSQL's portable-within-an-architecture hash (the one hash partitioning relies
+#: on), but its result depends on byte order, so two servers must agree on this first
+PROBE_TEXT = "reconciler merkle probe"
+
+
+def key_text_sql(key_columns: Sequence[str]) -> sql.Composable:
+    """Text of a key: the value as text for one column, the record text for several."""
+    if len(key_columns) == 1:
+        return sql.SQL("({})::text").format(sql.Identifier(key_columns[0]))
+    return sql.SQL("(ROW({}))::text").format(sql.SQL(", ").join(map(sql.Identifier, key_columns)))
+
+
+def key_hash_sql(key_columns: Sequence[str]) -> sql.Composable:
+    """Signed 64-bit hash of a key (a NULL key hashes as 0 so it still lands in a bucket).
+
+    ``COLLATE "C"`` pins byte-wise hashing even if a key column carries a
+    nondeterministic collation, which would otherwise hash a sort key instead.
+    """
+    return sql.SQL('coalesce(hashtextextended(({}) COLLATE "C", {}), 0)').format(
+        key_text_sql(key_columns), sql.Literal(KEY_HASH_SEED)
+    )
+
+
+def row_text_sql(columns: Sequence[str]) -> sql.Composable:
+    """Canonical text of a row: the record text of the columns, in the order given.
+
+    Record output quotes and escapes each field and prints NULL as nothing and the
+    empty string as ``""``, so distinct rows get distinct texts.
+    """
+    return sql.SQL("(ROW({}))::text").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+
+
+def row_hash_sql(columns: Sequence[str]) -> sql.Composable:
+    """Signed 64-bit hash of a row's canonical text."""
+    return sql.SQL('hashtextextended(({}) COLLATE "C", {})').format(row_text_sql(columns), sql.Literal(ROW_HASH_SEED))
+
+
+def bucket_sql(key_hash: sql.Composable, bits: int) -> sql.Composable:
+    """The top ``bits`` bits of a signed key hash as a non-negative bigint.
+
+    ``>>`` on bigint is arithmetic, so the sign bits it drags in are masked off; the
+    result equals :func:`reconciler.merkle.bucket_of` of the same hash.
+    """
+    if bits == 0:
+        return sql.Literal(0)
+    if not 1 <= bits <= merkle.MAX_BUCKET_BITS:
+        raise ValueError(f"bucket bits out of range: {bits}")
+    return sql.SQL("(({} >> {}) & {})").format(
+        key_hash, sql.Literal(merkle.HASH_BITS - bits), sql.Literal((1 << bits) - 1)
+    )
+
+
+# --- options and values ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScanOptions:
+    """Tuning knobs; the defaults suit tables from a thousand to a billion rows.
+
+    ``parallel_workers``/``jit`` left as None keep the server's own settings.
+    """
+
+    rows_per_leaf: int = 64
+    max_top_bits: int = 16
+    max_leaf_rows: int = 250_000
+    max_groups: int = 1 << 18
+    max_differences: int = 10_000
+    work_mem: str = "64MB"
+    parallel_workers: int | None = None
+    jit: bool | None = None
+    lock_timeout: str = "10s"
+    connect_timeout: int = 10
+    application_name: str = "reconciler-diff"
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    relkind: str
+    estimated_rows: int | None
+    columns: tuple[str, ...]
+    server_encoding: str
+    probe_hash: int
+    server_version: int
+
+    @property
+    def has_ctid(self) -> bool:
+        # tables, partitioned tables, materialized views; not views or foreign tables
+        return self.relkind in ("r", "p", "m")
+
+
+#: where a row lives in a side's snapshot: (tableoid, ctid)
+Locator = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    hash: int
+    locator: Locator | None
+    row: Row | None  # filled directly when the relation has no ctid
+
+
+# --- error translation ---------------------------------------------------------------
+
+#: SQLSTATE classes after which trying again may succeed
+_RETRYABLE_CLASSES = frozenset({"40", "53", "55", "57"})
+#: SQLSTATEs and classes that mean the server is gone or not accepting work
+_UNAVAILABLE_CLASSES = frozenset({"08"})
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def translate_error(exc: psycopg.Error, *, side: str, dsn: str, table: str, action: str) -> StoreError:
+    """One StoreError for one driver error, chosen by SQLSTATE class.
+
+    The driver's text is scrubbed of the DSN's secrets before it is quoted.
+    """
+    sqlstate = exc.sqlstate
+    detail = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, dsn)
+    context: dict[str, Any] = {"side": side, "dsn": redact_dsn(dsn), "table": table, "sqlstate": sqlstate}
+    if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return StoreUnavailable(f"cannot reach database on side {side} while {action}: {detail}", **context)
+    if sqlstate is not None and (sqlstate[:2] in _UNAVAILABLE_CLASSES or sqlstate in _UNAVAILABLE_STATES):
+        return StoreUnavailable(f"lost database on side {side} while {action}: {detail}", **context)
+    retryable = sqlstate is not None and sqlstate[:2] in _RETRYABLE_CLASSES
+    return StoreError(f"side {side} failed while {action}: {detail}", retryable=retryable, **context)
+
+
+# --- one side ------------------------------------------------------------------------
+
+
+class ScanSide:
+    """One database's view of the table: one connection, one snapshot."""
+
+    def __init__(self, name: str, dsn: str, schema: str, table: str, options: ScanOptions) -> None:
+        self.name = name
+        self.dsn = dsn
+        self.schema = schema
+        self.table = table
+        self.options = options
+        self.relation = sql.Identifier(schema, table)
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._columns: tuple[str, ...] = ()
+        self._key_columns: tuple[str, ...] = ()
+        self._info: TableInfo | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def error(self, message: str, **context: Any) -> StoreError:
+        return StoreError(message, side=self.name, dsn=redact_dsn(self.dsn), table=self.qualified, **context)
+
+    # lifecycle
+
+    def connect(self) -> None:
+        try:
+            conn = psycopg.connect(
+                self.dsn,
+                connect_timeout=self.options.connect_timeout,
+                application_name=self.options.application_name,
+            )
+        except psycopg.Error as exc:
+            raise translate_error(exc, side=self.name, dsn=self.dsn, table=self.qualified, action="connecting") from exc
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with self._lock:
+            self._conn = conn
+        settings = dict(CANONICAL_SETTINGS)
+        settings["work_mem"] = self.options.work_mem
+        settings["lock_timeout"] = self.options.lock_timeout
+        # the planner cannot estimate how many buckets a hash expression yields and
+        # assumes one per row, then prefers sorting millions of rows to hashing a few
+        # thousand groups; no query here needs a sort
+        settings["enable_sort"] = "off"
+        if self.options.parallel_workers is not None:
+            settings["max_parallel_workers_per_gather"] = str(self.options.parallel_workers)
+        if self.options.jit is not None:
+            settings["jit"] = "on" if self.options.jit else "off"
+        for name, value in settings.items():
+            self._query("configuring the session", sql.SQL("SELECT set_config(%s, %s, true)"), (name, value))
+
+    def cancel(self) -> None:
+        """Interrupt a running query (from another thread) so a failed run ends fast."""
+        with self._lock:
+            conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.cancel_safe(timeout=5.0)
+            except psycopg.Error:
+                pass  # the query ends on its own; cancelling is only a courtesy
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                pass  # a broken connection has nothing to roll back
+            conn.close()
+
+    def _query(
+        self, action: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            raise self.error(f"side {self.name} is not connected")
+        try:
+            cur = self._conn.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+        except psycopg.Error as exc:
+            raise translate_error(exc, side=self.name, dsn=self.dsn, table=self.qualified, action=action) from exc
+
+    # queries
+
+    def describe(self) -> TableInfo:
+        """Kind, size estimate and visible columns of the table, plus hash probe."""
+        found = self._query(
+            "looking up the table",
+            sql.SQL(
+                "SELECT c.relkind::text, c.reltuples::float8 FROM pg_catalog.pg_class c"
+                " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = %s"
+            ),
+            (self.schema, self.table),
+        )
+        if not found:
+            raise self.error(f"table {self.qualified} does not exist on side {self.name}")
+        relkind, reltuples = found[0]
+        if relkind not in ("r", "p", "m", "v", "f"):
+            raise self.error(f"{self.qualified} on side {self.name} is not a table or view (relkind {relkind})")
+        cols = self._query(
+            "reading the table's columns",
+            sql.SQL(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = %s AND table_name = %s"
+            ),
+            (self.schema, self.table),
+        )
+        if not cols:
+            raise self.error(f"no readable columns in {self.qualified} on side {self.name}")
+        probe = self._query(
+            "probing the server",
+            sql.SQL(
+                "SELECT current_setting('server_encoding'), hashtextextended(%s, 0),"
+                " current_setting('server_version_num')::int"
+            ),
+            (PROBE_TEXT,),
+        )
+        encoding, probe_hash, version = probe[0]
+        estimate = int(reltuples) if reltuples is not None and reltuples >= 0 and relkind != "p" else None
+        self._info = TableInfo(
+            relkind=relkind,
+            estimated_rows=estimate,
+            # Python's code-point order: the same on every server whatever its collation
+            columns=tuple(sorted(c for (c,) in cols)),
+            server_encoding=encoding,
+            probe_hash=probe_hash,
+            server_version=version,
+        )
+        return self._info
+
+    def prepare(self, columns: Sequence[str], key_columns: Sequence[str]) -> None:
+        """Fix the compared columns (the same list, in the same order, on both sides)."""
+        self._columns = tuple(columns)
+        self._key_columns = tuple(key_columns)
+
+    def _info_or_fail(self) -> TableInfo:
+        if self._info is None or not self._columns:
+            raise self.error("describe() and prepare() must run before scanning")
+        return self._info
+
+    def level(self, bits: int, parent_bits: int | None = None, parents: Sequence[int] = ()) -> dict[int, Digest]:
+        """Digest of every non-empty bucket at ``bits``, optionally only inside ``parents``."""
+        self._info_or_fail()
+        kh = key_hash_sql(self._key_columns)
+        where: sql.Composable = sql.SQL("")
+        params: tuple[Any, ...] = ()
+        if parent_bits is not None:
+            where = sql.SQL(" WHERE {} = ANY(%s::int8[])").format(bucket_sql(kh, parent_bits))
+            params = (list(parents),)
+        query = sql.SQL("SELECT b, sum(h), count(*) FROM (SELECT {} AS b, {} AS h FROM {}{}) s GROUP BY b").format(
+            bucket_sql(kh, bits), row_hash_sql(self._columns), self.relation, where
+        )
+        rows = self._query(f"hashing buckets ({bits} bits)", query, params)
+        return {int(b): Digest(merkle.to_u64(int(h)), int(n)) for b, h, n in rows}
+
+    def leaves(self, bits: int, buckets: Sequence[int]) -> dict[Key, Leaf]:
+        """Key, row hash and row locator of every row in ``buckets``."""
+        info = self._info_or_fail()
+        keys = [sql.SQL("({})::text").format(sql.Identifier(k)) for k in self._key_columns]
+        extra: list[sql.Composable]
+        if info.has_ctid:
+            extra = [sql.SQL("tableoid::oid"), sql.SQL("ctid::text")]
+        else:
+            extra = [sql.SQL("({})::text").format(sql.Identifier(c)) for c in self._columns]
+        query = sql.SQL("SELECT {}, {}, {} FROM {} WHERE {} = ANY(%s::int8[])").format(
+            sql.SQL(", ").join(keys),
+            row_hash_sql(self._columns),
+            sql.SQL(", ").join(extra),
+            self.relation,
+            bucket_sql(key_hash_sql(self._key_columns), bits),
+        )
+        nk = len(keys)
+        out: dict[Key, Leaf] = {}
+        for rec in self._query("fetching leaf keys", query, (list(buckets),)):
+            key: Key = tuple(rec[:nk])
+            if info.has_ctid:
+                leaf = Leaf(rec[nk], (int(rec[nk + 1]), str(rec[nk + 2])), None)
+            else:
+                leaf = Leaf(rec[nk], None, dict(zip(self._columns, rec[nk + 1 :], strict=True)))
+            if key in out:
+                raise self.error(
+                    f"key ({', '.join(self._key_columns)}) is not unique on side {self.name}:"
+                    f" {key!r} occurs more than once",
+                    key=key,
+                )
+            out[key] = leaf
+        return out
+
+    def rows(self, locators: Sequence[Locator], chunk: int = 5000) -> dict[Locator, Row]:
+        """The compared columns of the rows at ``locators``, as text, from the snapshot."""
+        self._info_or_fail()
+        wanted = set(locators)
+        out: dict[Locator, Row] = {}
+        cols = sql.SQL(", ").join(sql.SQL("({})::text").format(sql.Identifier(c)) for c in self._columns)
+        query = sql.SQL("SELECT tableoid::oid, ctid::text, {} FROM {} WHERE ctid = ANY(%s::text[]::tid[])").format(
+            cols, self.relation
+        )
+        ctids = sorted({loc[1] for loc in wanted})
+        for i in range(0, len(ctids), chunk):
+            for rec in self._query("fetching differing rows", query, (ctids[i : i + chunk],)):
+                # a partitioned table repeats ctids across partitions: keep ours only
+                loc = (int(rec[0]), str(rec[1]))
+                if loc in wanted:
+                    out[loc] = dict(zip(self._columns, rec[2:], strict=True))
+        return out
+
+
+# --- both sides ----------------------------------------------------------------------
+
+
+class Pair:
+    """Runs the same step on both sides at once and fails as soon as either fails."""
+
+    def __init__(self, a: ScanSide, b: ScanSide) -> None:
+        self.a, self.b = a, b
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="merkle-scan")
+
+    def run(self, step: Callable[Concatenate[ScanSide, P], T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, T]:
+        fa: Future[T] = self._pool.submit(step, self.a, *args, **kwargs)
+        fb: Future[T] = self._pool.submit(step, self.b, *args, **kwargs)
+        try:
+            wait([fa, fb], return_when=FIRST_EXCEPTION)
+        except BaseException:
+            self.a.cancel()
+            self.b.cancel()
+            raise
+        first: BaseException | None = None
+        for fut, other in ((fa, self.b), (fb, self.a)):
+            if fut.done() and fut.exception() is not None:
+                first = first or fut.exception()
+                other.cancel()
+        wait([fa, fb])
+        if first is not None:
+            # the other side may now report its own cancellation: the cause is ``first``
+            raise first
+        return fa.result(), fb.result()
+
+    def close(self) -> None:
+        try:
+            self.run(ScanSide.close)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+@contextmanager
+def open_pair(dsn_a: str, dsn_b: str, schema: str, table: str, options: ScanOptions) -> Iterator[Pair]:
+    pair = Pair(ScanSide("a", dsn_a, schema, table, options), ScanSide("b", dsn_b, schema, table, options))
+    try:
+        pair.run(ScanSide.connect)
+        yield pair
+    finally:
+        pair.close()
+
+
+# --- the comparison ----------------------------------------------------------------
+
+
+def _check_compatible(pair: Pair, ia: TableInfo, ib: TableInfo) -> None:
+    if ia.server_encoding != ib.server_encoding:
+        raise pair.b.error(
+            "the two servers use different encodings, so equal text hashes differently:"
+            f" a={ia.server_encoding}, b={ib.server_encoding}"
+        )
+    if ia.probe_hash != ib.probe_hash:
+        raise pair.b.error(
+            "the two servers' hashtextextended() disagree (different byte order?);"
+            " a full-scan comparison between them would report every row"
+        )
+
+
+def full_scan_diff(
+    dsn_a: str,
+    dsn_b: str,
+    table: str,
+    key_columns: Sequence[str],
+    *,
+    schema: str = "public",
+    options: ScanOptions | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DiffResult:
+    """Compare ``schema.table`` on two databases; see the module docstring."""
+    opts = options or ScanOptions()
+    keys = tuple(key_columns)
+    if not keys:
+        raise StoreError("at least one key column is needed", table=f"{schema}.{table}")
+    started = clock()
+    with open_pair(dsn_a, dsn_b, schema, table, opts) as pair:
+        ia, ib = pair.run(ScanSide.describe)
+        _check_compatible(pair, ia, ib)
+        for side, info in ((pair.a, ia), (pair.b, ib)):
+            missing = [k for k in keys if k not in info.columns]
+            if missing:
+                raise side.error(f"key column(s) {', '.join(missing)} not in {side.qualified} on side {side.name}")
+        columns = tuple(sorted(set(ia.columns) & set(ib.columns)))
+        pair.run(ScanSide.prepare, columns, keys)
+
+        estimates = [e for e in (ia.estimated_rows, ib.estimated_rows) if e is not None]
+        bits = merkle.choose_top_bits(
+            max(estimates) if len(estimates) == 2 else None,
+            rows_per_leaf=opts.rows_per_leaf,
+            max_bits=opts.max_top_bits,
+        )
+        la, lb = pair.run(ScanSide.level, bits)
+        rows_a = sum(d.count for d in la.values())
+        rows_b = sum(d.count for d in lb.values())
+        differing = merkle.differing_buckets(la, lb)
+        compared = 1 << bits
+        tree = [{"bits": bits, "compared": compared, "differing": len(differing)}]
+
+        while True:
+            fan = merkle.plan_refinement(
+                differing,
+                la,
+                lb,
+                bits=bits,
+                max_leaf_rows=opts.max_leaf_rows,
+                rows_per_leaf=opts.rows_per_leaf,
+                max_groups=opts.max_groups,
+            )
+            if fan == 0:
+                break
+            parents, parent_bits, bits = differing, bits, bits + fan
+            la, lb = pair.run(ScanSide.level, bits, parent_bits, parents)
+            differing = merkle.differing_buckets(la, lb)
+            compared += len(parents) << fan
+            tree.append({"bits": bits, "compared": len(parents) << fan, "differing": len(differing)})
+
+        found: list[tuple[Key, DifferenceKind, Leaf | None, Leaf | None]] = []
+        truncated = False
+        batches = merkle.leaf_batches(differing, la, lb, max_leaf_rows=opts.max_leaf_rows)
+        for i, batch in enumerate(batches):
+            fa, fb = pair.run(ScanSide.leaves, bits, batch)
+            for key, kind in merkle.compare_leaves(
+                {k: v.hash for k, v in fa.items()}, {k: v.hash for k, v in fb.items()}
+            ):
+                found.append((key, kind, fa.get(key), fb.get(key)))
+            if len(found) >= opts.max_differences:
+                truncated = len(found) > opts.max_differences or i + 1 < len(batches)
+                found = found[: opts.max_differences]
+                break
+
+        wanted: dict[str, list[Locator]] = {
+            "a": [la_.locator for _, _, la_, _ in found if la_ is not None and la_.locator is not None],
+            "b": [lb_.locator for _, _, _, lb_ in found if lb_ is not None and lb_.locator is not None],
+        }
+        rows_by_side = pair.run(lambda s: s.rows(wanted[s.name]) if wanted[s.name] else {})
+        differences = []
+        for key, kind, leaf_a, leaf_b in found:
+            differences.append(
+                KeyDifference(
+                    key=key,
+                    kind=kind,
+                    row_a=_row_of(leaf_a, rows_by_side[0]),
+                    row_b=_row_of(leaf_b, rows_by_side[1]),
+                )
+            )
+        differences.sort(key=lambda d: merkle.natural_order(d.key))
+
+    return DiffResult(
+        table=f"{schema}.{table}",
+        key_columns=keys,
+        rows_a=rows_a,
+        rows_b=rows_b,
+        buckets_compared=compared,
+        buckets_differing=len(differing),
+        differences=tuple(differences),
+        seconds=clock() - started,
+        columns=columns,
+        columns_only_in_a=tuple(sorted(set(ia.columns) - set(ib.columns))),
+        columns_only_in_b=tuple(sorted(set(ib.columns) - set(ia.columns))),
+        truncated=truncated,
+        mode="full-scan",
+        levels=len(tree),
+        extra={"tree": tree},
+    )
+
+
+def _row_of(leaf: Leaf | None, rows: dict[Locator, Row]) -> Row | None:
+    if leaf is None:
+        return None
+    if leaf.row is not None:
+        return leaf.row
+    if leaf.locator is None:
+        return None
+    return rows.get(leaf.locator)
+
+
+__all__ = [
+    "CANONICAL_SETTINGS",
+    "KEY_HASH_SEED",
+    "ROW_HASH_SEED",
+    "Leaf",
+    "Pair",
+    "ScanOptions",
+    "ScanSide",
+    "TableInfo",
+    "bucket_sql",
+    "full_scan_diff",
+    "key_hash_sql",
+    "key_text_sql",
+    "row_hash_sql",
+    "row_text_sql",
+    "translate_error",
+]
