@@ -26,13 +26,15 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
-# $(call with_stack,UP_FLAGS,COMMAND): bring the stack up, run COMMAND, ALWAYS bring
-# the stack down, and exit with COMMAND's status (or dev up's, if that failed).
+# $(call with_stack,COMMAND): bring a fresh stack up, run COMMAND, ALWAYS bring the
+# stack down, and exit with COMMAND's status (or dev up's, if that failed).
+# --fresh/--purge: every run starts from empty databases and topics, as CI does, and
+# leaves no data behind (as root the clusters live in /tmp, outside the checkout).
 # INT is trapped (not ignored, which children would inherit) so that Ctrl-C stops
 # COMMAND but still reaches `dev down`.
 with_stack = status=0; trap : INT; \
-	if $(DEV) up --dir "$(DEV_DIR)" --verbose $(1); then $(2) || status=$$?; else status=$$?; fi; \
-	$(DEV) down --dir "$(DEV_DIR)" || true; \
+	if $(DEV) up --dir "$(DEV_DIR)" --fresh --verbose; then $(1) || status=$$?; else status=$$?; fi; \
+	$(DEV) down --dir "$(DEV_DIR)" --purge || true; \
 	exit $$status
 
 .PHONY: all venv binaries postgres-bin prometheus-bin java-bin stack-up stack-down stack-status \
@@ -86,20 +88,19 @@ stack-down: venv
 stack-status: venv
 	$(DEV) status --dir "$(DEV_DIR)"
 
-# Stop the stack and delete its data (the Kafka jars go too).
+# Stop the stack and delete its data; the Kafka jars go too.
 stack-clean: venv
 	$(DEV) down --dir "$(DEV_DIR)" --purge
 	rm -rf "$(DEV_DIR)"
 
-# --fresh: every run starts from empty databases and topics, as CI does.
 test: venv binaries
-	@$(call with_stack,--fresh,$(PY) -m pytest tests)
+	@$(call with_stack,$(PY) -m pytest tests)
 
 demo: venv binaries
-	@$(call with_stack,--fresh,$(PY) -m reconciler.demo)
+	@$(call with_stack,$(PY) -m reconciler.demo)
 
 bench: venv binaries
-	@$(call with_stack,--fresh,( for f in benchmarks/bench_*.py; do [ -e "$$f" ] || continue; \
+	@$(call with_stack,( for f in benchmarks/bench_*.py; do [ -e "$$f" ] || continue; \
 		echo "== $$f"; $(PY) "$$f" || exit $$?; done ))
 
 unit: venv

@@ -304,6 +304,9 @@ class KafkaBroker:
             java,
             "-Xms256m",
             f"-Xmx{self.heap_mb}m",
+            # C1 only: the broker starts ~30% faster on our two busy cores, and a test
+            # broker never runs long enough for C2's peak code to pay back.
+            "-XX:TieredStopAtLevel=1",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-XX:+ExitOnOutOfMemoryError",

@@ -84,6 +84,17 @@ def server_identity() -> RunAs:
     return RunAs(uid=entry.pw_uid, gid=entry.pw_gid)
 
 
+def shared_base(dev_root: Path) -> Path:
+    """The postgres-owned directory a root run keeps ``dev_root``'s clusters in.
+
+    Named by a hash of the absolute ``dev_root`` so that two checkouts never share
+    clusters, and so that a fresh checkout at the same path finds (and discards)
+    what an earlier one left behind.
+    """
+    digest = hashlib.sha256(str(dev_root.resolve()).encode()).hexdigest()[:10]
+    return Path(f"/tmp/reconciler-pg-{digest}")
+
+
 def prepare_base(dev_root: Path, run_as: RunAs) -> Path:
     """Create (if needed) the directory that holds every region's cluster and return it.
 
@@ -100,8 +111,7 @@ def prepare_base(dev_root: Path, run_as: RunAs) -> Path:
             raise DevStackError(f"{link} is a symlink made by a root run; remove {dev_root} and retry")
         link.mkdir(parents=True, exist_ok=True)
         return link
-    digest = hashlib.sha256(str(dev_root.resolve()).encode()).hexdigest()[:10]
-    base = Path(f"/tmp/reconciler-pg-{digest}")
+    base = shared_base(dev_root)
     if link.is_symlink() and Path(os.readlink(link)) == base and base.is_dir():
         _check_owned(base, run_as)
         return base
@@ -136,13 +146,21 @@ def _discard_orphan(base: Path, run_as: RunAs) -> None:
     shutil.rmtree(base)
 
 
-def wipe_base(base: Path) -> None:
-    """Delete every cluster under ``base`` (servers must be stopped), keeping ``base``."""
-    for child in base.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+def remove_base(dev_root: Path) -> None:
+    """Delete every cluster of ``dev_root`` (servers must be stopped) and the link to them.
+
+    Only the directory this module itself would have made is deleted, whatever
+    ``<dev_root>/pg`` happens to point at, so a hand-edited link cannot aim rmtree
+    somewhere else.
+    """
+    link = dev_root / "pg"
+    if link.is_symlink():
+        base = shared_base(dev_root)
+        if base.is_dir() and not base.is_symlink():
+            shutil.rmtree(base)
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
 
 
 class PostgresServer:
