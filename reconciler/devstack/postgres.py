@@ -28,6 +28,8 @@ import psycopg
 from ..errors import DevStackError
 from ._process import Deadline, pid_alive, port_open, with_log_tail
 
+# Where Debian installs each major version's server tools (outside PATH).
+PG_LIB_DIR = Path("/usr/lib/postgresql")
 INSTALL_HINT = "install the PostgreSQL server: `apt-get install -y postgresql` (or `make postgres-bin`)"
 DATABASE = "reconciler"
 SUPERUSER = "postgres"
@@ -56,7 +58,7 @@ def find_bindir() -> Path:
     that is searched first; PATH is the fallback for other layouts.
     """
     candidates: list[tuple[int, Path]] = []
-    for initdb in Path("/usr/lib/postgresql").glob("*/bin/initdb"):
+    for initdb in PG_LIB_DIR.glob("*/bin/initdb"):
         version = initdb.parent.parent.name
         if version.isdigit():
             candidates.append((int(version), initdb.parent))
@@ -191,7 +193,7 @@ class PostgresServer:
 
     def _run(self, args: Sequence[str], what: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a server tool as the server's OS user; a failure becomes DevStackError."""
-        tool = self.bindir / args[0]
+        tool = Path(args[0]) if Path(args[0]).is_absolute() else self.bindir / args[0]
         if not tool.exists():
             raise DevStackError(f"{tool} not found; {INSTALL_HINT}", region=self.region)
         # Start in a directory the postgres user can read: the caller's working
@@ -372,3 +374,48 @@ class PostgresServer:
                     region=self.region,
                 )
             deadline.sleep(0.2)
+
+    def base_backup(self, target: Path, timeout: float = 300) -> None:
+        """Copy the running cluster into ``target`` with pg_basebackup (WAL included).
+
+        ``target`` must not exist and its parent must be writable by the server's OS
+        user. The copy starts as an ordinary primary once restored: no standby
+        signal file is written, so recovery ends at the backup's end point.
+        """
+        if self.pid() is None:
+            raise DevStackError(f"cannot back up {self.region}: its PostgreSQL is not running", region=self.region)
+        self._run(
+            [
+                "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-D",
+                str(target),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            f"pg_basebackup of {self.region}",
+            timeout=timeout,
+        )
+
+    def replace_data(self, source: Path) -> None:
+        """Make the (stopped) cluster a copy of ``source``; ``source`` stays usable.
+
+        Copied as the server's OS user (``cp -a``) so ownership and the 0700 mode
+        PostgreSQL insists on come out right without a recursive chown.
+        """
+        if self.pid() is not None:
+            raise DevStackError(f"stop {self.region} before replacing its data", region=self.region)
+        if not (source / "PG_VERSION").exists():
+            raise DevStackError(f"{source} is not a PostgreSQL data directory", region=self.region)
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        cp = shutil.which("cp") or "/bin/cp"
+        self._run([cp, "-a", str(source), str(self.data_dir)], f"copying {source} over {self.region}")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -392,6 +394,46 @@ class DevStack:
         with self._locked():
             self.stop_kafka()
             self.start_kafka(timeout=timeout)
+
+    def backup_postgres(self, region: str, name: str = "backup") -> Path:
+        """Take a base backup of ``region`` now, for a later :meth:`restore_postgres`.
+
+        Drills use it to model a region restored from a stale backup: back up,
+        keep writing, then restore. Backups live beside the clusters (where the
+        ``postgres`` user can write) as ``backups/<region>-<name>``; an older backup
+        of the same name is replaced.
+        """
+        if not _REGION_RE.match(name):
+            raise DevStackError(f"invalid backup name {name!r}", region=region)
+        with self._locked():
+            server = self.server(region)
+            base = self._base(create=True)
+            assert base is not None
+            backups = base / "backups"
+            if not backups.exists():
+                backups.mkdir(mode=0o700)
+                run_as = self._identity()
+                if run_as.uid is not None and run_as.gid is not None:
+                    os.chown(backups, run_as.uid, run_as.gid)
+            target = backups / f"{region}-{name}"
+            if target.exists():
+                shutil.rmtree(target)
+            server.base_backup(target)
+            return target
+
+    def restore_postgres(self, region: str, backup: Path, *, timeout: float = 60) -> None:
+        """Crash ``region``'s database, replace its data with ``backup``, start it again.
+
+        Everything committed after the backup is gone from that region, exactly as
+        after a real restore; the backup itself is kept and can be restored again.
+        """
+        with self._locked():
+            server = self.server(region)
+            self._base(create=True)
+            server.stop("immediate")
+            server.replace_data(backup)
+            server.start(timeout=timeout)
+            server.wait_ready(Deadline(timeout))
 
     # --- status ------------------------------------------------------------------
     def status(self, *, probe: bool = True) -> dict[str, Any]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
+from click.testing import CliRunner
 from confluent_kafka.admin import AdminClient
 
-from reconciler.devstack import DevStack
+from reconciler.cli import main
+from reconciler.devstack import DevStack, kafka, postgres
+from reconciler.errors import DevStackError
 
 
 def server_port(dsn: str) -> int:
@@ -91,3 +96,62 @@ def test_restart_kafka_comes_back_healthy(stack: DevStack) -> None:
     assert after["ready"] is True
     assert after["pid"] != before
     assert kafka_brokers(stack.bootstrap_servers) == 1
+
+
+def test_up_again_keeps_the_same_servers(stack: DevStack) -> None:
+    before = stack.status(probe=False)
+    timings = stack.up()
+    after = stack.status(probe=False)
+    assert {r: e["pid"] for r, e in after["postgres"].items()} == {r: e["pid"] for r, e in before["postgres"].items()}
+    assert after["kafka"]["pid"] == before["kafka"]["pid"]
+    assert timings["kafka_libs"] == 0.0
+    assert timings["total"] < 10, timings
+
+
+def test_restore_from_backup_loses_later_writes(stack: DevStack) -> None:
+    """The stale-backup drill's building block: rows written after the backup vanish."""
+    region = stack.regions[-1]
+    dsn = stack.dsn(region)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS devstack_restore_probe")
+        conn.execute("CREATE TABLE devstack_restore_probe (n int)")
+        conn.execute("INSERT INTO devstack_restore_probe VALUES (1)")
+    backup = stack.backup_postgres(region, "probe")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO devstack_restore_probe VALUES (2)")
+        stack.restore_postgres(region, backup)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute("SELECT n FROM devstack_restore_probe ORDER BY n").fetchall()
+            conn.execute("DROP TABLE devstack_restore_probe")
+        assert rows == [(1,)]
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def test_cli_status_json_is_one_document(stack: DevStack) -> None:
+    result = CliRunner().invoke(main, ["dev", "status", "--dir", str(stack.root), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["healthy"] is True
+    assert set(doc["postgres"]) == set(stack.regions)
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["dev", "up", "--dir", str(tmp_path), "--regions", "Not A Region"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "invalid region name" in result.stderr
+
+
+def test_missing_binaries_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(postgres, "PG_LIB_DIR", tmp_path)
+    with pytest.raises(DevStackError, match="apt-get install -y postgresql"):
+        postgres.find_bindir()
+    with pytest.raises(DevStackError, match="apt-get install -y openjdk-17"):
+        kafka.find_java()
+    with pytest.raises(DevStackError, match="apt-get install -y maven"):
+        kafka.find_maven()
