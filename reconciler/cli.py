@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
+from .cli_diff import diff
 from .config import Config, load_config
 from .devstack.cli import dev
 from .errors import ReconcilerError
@@ -66,6 +67,7 @@ def main() -> None:
 
 
 main.add_command(dev)
+main.add_command(diff)
 
 
 @main.command()

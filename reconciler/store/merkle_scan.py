@@ -472,7 +472,17 @@ def full_scan_diff(
     if not keys:
         raise StoreError("at least one key column is needed", table=f"{schema}.{table}")
     started = clock()
+    phases: dict[str, float] = {}
+    mark = started
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = clock()
+        phases[name] = round(phases.get(name, 0.0) + now - mark, 6)
+        mark = now
+
     with open_pair(dsn_a, dsn_b, schema, table, opts) as pair:
+        lap("connect")
         ia, ib = pair.run(ScanSide.describe)
         _check_compatible(pair, ia, ib)
         for side, info in ((pair.a, ia), (pair.b, ib)):
@@ -488,7 +498,9 @@ def full_scan_diff(
             rows_per_leaf=opts.rows_per_leaf,
             max_bits=opts.max_top_bits,
         )
+        lap("describe")
         la, lb = pair.run(ScanSide.level, bits)
+        lap("top_level")
         rows_a = sum(d.count for d in la.values())
         rows_b = sum(d.count for d in lb.values())
         differing = merkle.differing_buckets(la, lb)
@@ -509,6 +521,7 @@ def full_scan_diff(
                 break
             parents, parent_bits, bits = differing, bits, bits + fan
             la, lb = pair.run(ScanSide.level, bits, parent_bits, parents)
+            lap("refine")
             differing = merkle.differing_buckets(la, lb)
             compared += len(parents) << fan
             tree.append({"bits": bits, "compared": len(parents) << fan, "differing": len(differing)})
@@ -518,6 +531,7 @@ def full_scan_diff(
         batches = merkle.leaf_batches(differing, la, lb, max_leaf_rows=opts.max_leaf_rows)
         for i, batch in enumerate(batches):
             fa, fb = pair.run(ScanSide.leaves, bits, batch)
+            lap("leaves")
             for key, kind in merkle.compare_leaves(
                 {k: v.hash for k, v in fa.items()}, {k: v.hash for k, v in fb.items()}
             ):
@@ -543,6 +557,7 @@ def full_scan_diff(
                 )
             )
         differences.sort(key=lambda d: merkle.natural_order(d.key))
+        lap("rows")
 
     return DiffResult(
         table=f"{schema}.{table}",
@@ -559,7 +574,7 @@ def full_scan_diff(
         truncated=truncated,
         mode="full-scan",
         levels=len(tree),
-        extra={"tree": tree},
+        extra={"tree": tree, "phases": phases},
     )
 
 
