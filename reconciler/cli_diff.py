@@ -14,7 +14,7 @@ import click
 
 from .diff import ScanOptions, diff_tables, parse_key_columns
 from .errors import ReconcilerError
-from .merkle import DifferenceKind, DiffResult, KeyDifference
+from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
 from .store.dsn import redact_dsn
 
 EXIT_EQUAL = 0
@@ -42,7 +42,7 @@ WIDTH = 40
 @click.option(
     "--max-differences",
     type=click.IntRange(min=1),
-    default=ScanOptions().max_differences,
+    default=WalkLimits().max_differences,
     show_default=True,
     help="Stop after this many differing keys (the result says it was truncated).",
 )
@@ -62,7 +62,7 @@ def diff(
             table,
             parse_key_columns(keys),
             schema=schema,
-            options=ScanOptions(max_differences=max_differences),
+            options=ScanOptions(limits=WalkLimits(max_differences=max_differences)),
         )
     except ReconcilerError as exc:
         # the CLI's convention: one line on stderr, JSON when --json; stdout stays empty

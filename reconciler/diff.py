@@ -13,10 +13,18 @@ import time
 from collections.abc import Callable, Sequence
 
 from .errors import ConfigError
-from .merkle import DifferenceKind, DiffResult, KeyDifference
+from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
 from .store.merkle_scan import ScanOptions, full_scan_diff
 
-__all__ = ["DiffResult", "DifferenceKind", "KeyDifference", "ScanOptions", "diff_tables", "parse_key_columns"]
+__all__ = [
+    "DiffResult",
+    "DifferenceKind",
+    "KeyDifference",
+    "ScanOptions",
+    "WalkLimits",
+    "diff_tables",
+    "parse_key_columns",
+]
 
 
 def parse_key_columns(values: Sequence[str]) -> tuple[str, ...]:

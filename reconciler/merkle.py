@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 HASH_BITS = 64
 MASK64 = (1 << HASH_BITS) - 1
@@ -48,6 +48,7 @@ MASK64 = (1 << HASH_BITS) - 1
 MAX_BUCKET_BITS = 48
 
 K = TypeVar("K", bound=Hashable)
+L = TypeVar("L")
 
 
 def to_u64(value: int) -> int:
@@ -262,6 +263,101 @@ def compare_leaves(a: Mapping[K, int], b: Mapping[K, int]) -> list[tuple[K, Diff
             out.append((key, DifferenceKind.CHANGED))
     out.extend((key, DifferenceKind.ONLY_IN_B) for key in b if key not in a)
     return out
+
+
+#: fetches one level for both sides: (bits, parent_bits or None, parent buckets) -> digests a, b
+LevelFetch = Callable[[int, int | None, Sequence[int]], tuple[Mapping[int, Digest], Mapping[int, Digest]]]
+#: fetches the leaves of some buckets for both sides: (bits, buckets) -> {key: leaf} a, b
+LeafFetch = Callable[[int, Sequence[int]], tuple[Mapping[K, L], Mapping[K, L]]]
+
+
+@dataclass(frozen=True, slots=True)
+class WalkLimits:
+    """Bounds on one walk; see :func:`choose_top_bits` and :func:`plan_refinement`."""
+
+    rows_per_leaf: int = 128
+    max_top_bits: int = 16
+    max_leaf_rows: int = 250_000
+    max_groups: int = 1 << 18
+    max_differences: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class LevelStats:
+    bits: int
+    compared: int
+    differing: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"bits": self.bits, "compared": self.compared, "differing": self.differing}
+
+
+@dataclass(frozen=True, slots=True)
+class Walk(Generic[K, L]):
+    """What a walk down the tree found: the differing keys with each side's leaf."""
+
+    rows_a: int
+    rows_b: int
+    levels: tuple[LevelStats, ...]
+    buckets_differing: int
+    found: tuple[tuple[K, DifferenceKind, L | None, L | None], ...]
+    truncated: bool
+
+    @property
+    def buckets_compared(self) -> int:
+        return sum(level.compared for level in self.levels)
+
+
+def walk(
+    estimated_rows: int | None,
+    fetch_level: LevelFetch,
+    fetch_leaves: LeafFetch[K, L],
+    leaf_hash: Callable[[L], int],
+    limits: WalkLimits = WalkLimits(),
+) -> Walk[K, L]:
+    """Walk both trees from the top level down to the differing keys.
+
+    The fetchers do the I/O (and may run the two sides concurrently); every decision
+    -- how fine the first level is, whether to descend before fetching leaves, how to
+    batch leaf fetches, when to stop -- is taken here, so it is the same for every
+    way of producing digests and testable without a database.
+    """
+    bits = choose_top_bits(estimated_rows, rows_per_leaf=limits.rows_per_leaf, max_bits=limits.max_top_bits)
+    da, db = fetch_level(bits, None, ())
+    rows_a = sum(d.count for d in da.values())
+    rows_b = sum(d.count for d in db.values())
+    differing = differing_buckets(da, db)
+    levels = [LevelStats(bits, 1 << bits, len(differing))]
+    while True:
+        fan = plan_refinement(
+            differing,
+            da,
+            db,
+            bits=bits,
+            max_leaf_rows=limits.max_leaf_rows,
+            rows_per_leaf=limits.rows_per_leaf,
+            max_groups=limits.max_groups,
+        )
+        if fan == 0:
+            break
+        parents, parent_bits, bits = differing, bits, bits + fan
+        da, db = fetch_level(bits, parent_bits, parents)
+        differing = differing_buckets(da, db)
+        levels.append(LevelStats(bits, len(parents) << fan, len(differing)))
+
+    found: list[tuple[K, DifferenceKind, L | None, L | None]] = []
+    truncated = False
+    batches = leaf_batches(differing, da, db, max_leaf_rows=limits.max_leaf_rows)
+    for i, batch in enumerate(batches):
+        la, lb = fetch_leaves(bits, batch)
+        hashes_a = {k: leaf_hash(v) for k, v in la.items()}
+        hashes_b = {k: leaf_hash(v) for k, v in lb.items()}
+        found.extend((key, kind, la.get(key), lb.get(key)) for key, kind in compare_leaves(hashes_a, hashes_b))
+        if len(found) >= limits.max_differences:
+            truncated = len(found) > limits.max_differences or i + 1 < len(batches)
+            del found[limits.max_differences :]
+            break
+    return Walk(rows_a, rows_b, tuple(levels), len(differing), tuple(found), truncated)
 
 
 def miss_probability_bound(comparisons: int) -> float:

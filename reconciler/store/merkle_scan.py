@@ -30,7 +30,7 @@ from psycopg import sql
 
 from .. import merkle
 from ..errors import StoreError, StoreUnavailable
-from ..merkle import DifferenceKind, DiffResult, Digest, Key, KeyDifference, Row
+from ..merkle import DiffResult, Digest, Key, KeyDifference, Row
 from .dsn import redact_dsn, scrub
 
 T = TypeVar("T")
@@ -113,16 +113,12 @@ def bucket_sql(key_hash: sql.Composable, bits: int) -> sql.Composable:
 
 @dataclass(frozen=True, slots=True)
 class ScanOptions:
-    """Tuning knobs; the defaults suit tables from a thousand to a billion rows.
+    """How to talk to the servers, and the walk's bounds (``limits``).
 
     ``parallel_workers``/``jit`` left as None keep the server's own settings.
     """
 
-    rows_per_leaf: int = 64
-    max_top_bits: int = 16
-    max_leaf_rows: int = 250_000
-    max_groups: int = 1 << 18
-    max_differences: int = 10_000
+    limits: merkle.WalkLimits = merkle.WalkLimits()
     work_mem: str = "64MB"
     parallel_workers: int | None = None
     jit: bool | None = None
@@ -493,53 +489,28 @@ def full_scan_diff(
         pair.run(ScanSide.prepare, columns, keys)
 
         estimates = [e for e in (ia.estimated_rows, ib.estimated_rows) if e is not None]
-        bits = merkle.choose_top_bits(
-            max(estimates) if len(estimates) == 2 else None,
-            rows_per_leaf=opts.rows_per_leaf,
-            max_bits=opts.max_top_bits,
-        )
         lap("describe")
-        la, lb = pair.run(ScanSide.level, bits)
-        lap("top_level")
-        rows_a = sum(d.count for d in la.values())
-        rows_b = sum(d.count for d in lb.values())
-        differing = merkle.differing_buckets(la, lb)
-        compared = 1 << bits
-        tree = [{"bits": bits, "compared": compared, "differing": len(differing)}]
 
-        while True:
-            fan = merkle.plan_refinement(
-                differing,
-                la,
-                lb,
-                bits=bits,
-                max_leaf_rows=opts.max_leaf_rows,
-                rows_per_leaf=opts.rows_per_leaf,
-                max_groups=opts.max_groups,
-            )
-            if fan == 0:
-                break
-            parents, parent_bits, bits = differing, bits, bits + fan
-            la, lb = pair.run(ScanSide.level, bits, parent_bits, parents)
-            lap("refine")
-            differing = merkle.differing_buckets(la, lb)
-            compared += len(parents) << fan
-            tree.append({"bits": bits, "compared": len(parents) << fan, "differing": len(differing)})
+        def fetch_level(
+            bits: int, parent_bits: int | None, parents: Sequence[int]
+        ) -> tuple[dict[int, Digest], dict[int, Digest]]:
+            levels = pair.run(ScanSide.level, bits, parent_bits, parents)
+            lap("top_level" if parent_bits is None else "refine")
+            return levels
 
-        found: list[tuple[Key, DifferenceKind, Leaf | None, Leaf | None]] = []
-        truncated = False
-        batches = merkle.leaf_batches(differing, la, lb, max_leaf_rows=opts.max_leaf_rows)
-        for i, batch in enumerate(batches):
-            fa, fb = pair.run(ScanSide.leaves, bits, batch)
+        def fetch_leaves(bits: int, buckets: Sequence[int]) -> tuple[dict[Key, Leaf], dict[Key, Leaf]]:
+            leaves = pair.run(ScanSide.leaves, bits, buckets)
             lap("leaves")
-            for key, kind in merkle.compare_leaves(
-                {k: v.hash for k, v in fa.items()}, {k: v.hash for k, v in fb.items()}
-            ):
-                found.append((key, kind, fa.get(key), fb.get(key)))
-            if len(found) >= opts.max_differences:
-                truncated = len(found) > opts.max_differences or i + 1 < len(batches)
-                found = found[: opts.max_differences]
-                break
+            return leaves
+
+        walked = merkle.walk(
+            max(estimates) if len(estimates) == 2 else None,
+            fetch_level,
+            fetch_leaves,
+            lambda leaf: leaf.hash,
+            opts.limits,
+        )
+        found = walked.found
 
         wanted: dict[str, list[Locator]] = {
             "a": [la_.locator for _, _, la_, _ in found if la_ is not None and la_.locator is not None],
@@ -562,19 +533,19 @@ def full_scan_diff(
     return DiffResult(
         table=f"{schema}.{table}",
         key_columns=keys,
-        rows_a=rows_a,
-        rows_b=rows_b,
-        buckets_compared=compared,
-        buckets_differing=len(differing),
+        rows_a=walked.rows_a,
+        rows_b=walked.rows_b,
+        buckets_compared=walked.buckets_compared,
+        buckets_differing=walked.buckets_differing,
         differences=tuple(differences),
         seconds=clock() - started,
         columns=columns,
         columns_only_in_a=tuple(sorted(set(ia.columns) - set(ib.columns))),
         columns_only_in_b=tuple(sorted(set(ib.columns) - set(ia.columns))),
-        truncated=truncated,
+        truncated=walked.truncated,
         mode="full-scan",
-        levels=len(tree),
-        extra={"tree": tree, "phases": phases},
+        levels=len(walked.levels),
+        extra={"tree": [level.to_dict() for level in walked.levels], "phases": phases},
     )
 
 
