@@ -36,8 +36,14 @@ class Timestamp:
     logical: int = 0
 
     def __post_init__(self) -> None:
-        if self.wall_ms < 0 or self.logical < 0:
-            raise ValueError(f"HLC components must be non-negative, got {self.wall_ms}.{self.logical}")
+        if self.wall_ms < 0 or not 0 <= self.logical <= LOGICAL_MASK:
+            raise ValueError(f"HLC stamp out of range: {self.wall_ms}.{self.logical} (logical <= {LOGICAL_MASK})")
+
+    @classmethod
+    def carried(cls, wall_ms: int, logical: int) -> Timestamp:
+        """A stamp whose logical overflow carries into the wall part, exactly as the
+        packed form does in SQL, so Python and SQL never order two stamps differently."""
+        return cls.unpack((wall_ms << LOGICAL_BITS) + logical)
 
     def pack(self) -> int:
         """Order-preserving 64-bit form used in SQL columns."""
@@ -85,7 +91,7 @@ class HybridLogicalClock:
             if physical > last.wall_ms:
                 stamp = Timestamp(physical, 0)
             else:
-                stamp = Timestamp(last.wall_ms, last.logical + 1)
+                stamp = Timestamp.carried(last.wall_ms, last.logical + 1)
             self._last = stamp
             return stamp
 
@@ -110,6 +116,6 @@ class HybridLogicalClock:
                 logical = remote.logical + 1
             else:
                 logical = 0
-            stamp = Timestamp(wall, logical)
+            stamp = Timestamp.carried(wall, logical)
             self._last = stamp
             return stamp
