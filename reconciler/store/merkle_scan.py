@@ -119,7 +119,8 @@ class ScanOptions:
     """
 
     limits: merkle.WalkLimits = merkle.WalkLimits()
-    work_mem: str = "64MB"
+    #: ceiling of the per-query memory the bucket aggregation may ask for
+    max_work_mem_kb: int = 256 * 1024
     parallel_workers: int | None = None
     jit: bool | None = None
     lock_timeout: str = "10s"
@@ -220,7 +221,6 @@ class ScanSide:
         with self._lock:
             self._conn = conn
         settings = dict(CANONICAL_SETTINGS)
-        settings["work_mem"] = self.options.work_mem
         settings["lock_timeout"] = self.options.lock_timeout
         # the planner cannot estimate how many buckets a hash expression yields and
         # assumes one per row, then prefers sorting millions of rows to hashing a few
@@ -334,6 +334,12 @@ class ScanSide:
         query = sql.SQL("SELECT b, sum(h), count(*) FROM (SELECT {} AS b, {} AS h FROM {}{}) s GROUP BY b").format(
             bucket_sql(kh, bits), row_hash_sql(self._columns), self.relation, where
         )
+        # memory for the buckets this level can have, about 1 kB each: enough that the
+        # aggregation never spills, small enough that its hash table stays in cache
+        # (sized for the planner's guess of one group per row, it measurably does not)
+        groups = (1 << bits) if parent_bits is None else len(parents) << (bits - parent_bits)
+        work_mem_kb = max(4096, min(groups, self.options.max_work_mem_kb))
+        self._query("sizing memory", sql.SQL("SELECT set_config('work_mem', %s, true)"), (f"{work_mem_kb}kB",))
         rows = self._query(f"hashing buckets ({bits} bits)", query, params)
         return {int(b): Digest(merkle.to_u64(int(h)), int(n)) for b, h, n in rows}
 
