@@ -9,6 +9,10 @@ looked into, first with finer buckets (the next bits of the same key hash: the
 children of a bucket are exactly its sub-ranges, which is what makes this a tree),
 then, at the leaves, key by key.
 
+The row hash must cover the key columns as well: otherwise a bucket where one key
+lost a row version and another key gained the same version would sum to the same
+digest. (The full-scan mode hashes every compared column, keys included.)
+
 Everything here is arithmetic on plain values, so the same rules serve the full-scan
 mode (digests computed by ``GROUP BY`` over the live table) and a maintained-leaves
 mode (digests kept up to date per leaf bucket by the store): both only need the same

@@ -491,6 +491,8 @@ def full_scan_diff(
             missing = [k for k in keys if k not in info.columns]
             if missing:
                 raise side.error(f"key column(s) {', '.join(missing)} not in {side.qualified} on side {side.name}")
+        # every shared column is hashed, the key columns included: a row hash that left
+        # the key out could not tell a value moved from one key to another
         columns = tuple(sorted(set(ia.columns) & set(ib.columns)))
         pair.run(ScanSide.prepare, columns, keys)
 

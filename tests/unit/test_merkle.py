@@ -235,7 +235,9 @@ class ModelSide:
     """What PostgreSQL answers for one side, computed in Python, with a query log."""
 
     def __init__(self, rows: Table) -> None:
-        self.rows = [(h64(k, b"key"), h64(v, b"row"), k) for k, v in rows.items()]
+        # the row hash covers the key too, as the real row text does: without it, the
+        # same value moving from one key to another in a bucket would go unseen
+        self.rows = [(h64(k, b"key"), h64(f"{k}\x00{v}", b"row"), k) for k, v in rows.items()]
         self.scans = 0
 
     def level(self, bits: int, parent_bits: int | None, parents: Sequence[int]) -> dict[int, Digest]:
