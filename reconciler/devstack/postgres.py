@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 
 from ..errors import DevStackError
-from ._process import Deadline, pid_alive, port_open, with_log_tail
+from ._process import Deadline, pid_alive, port_open, proc_cmdline, with_log_tail
 
 # Where Debian installs each major version's server tools (outside PATH).
 PG_LIB_DIR = Path("/usr/lib/postgresql")
@@ -281,7 +281,19 @@ class PostgresServer:
             pid = int(lines[0])
         except (OSError, IndexError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid):
+            return None
+        # A postmaster.pid left by a crash can name a PID the kernel has since given
+        # to another program; pg_ctl stop would signal it. Require our data dir in argv.
+        argv = proc_cmdline(pid)
+        if argv is not None:
+            try:
+                given = Path(argv[argv.index("-D") + 1])
+            except (ValueError, IndexError):
+                return None
+            if given.resolve() != self.data_dir.resolve():
+                return None
+        return pid
 
     def running_port(self) -> int | None:
         """The port the running postmaster listens on (postmaster.pid line 4)."""

@@ -219,19 +219,21 @@ class DevStack:
             "kafka_port": self.kafka_port,
         }
 
-    def _check_previous_state(self) -> None:
-        """Refuse to start a differently shaped stack over a running one."""
+    def _check_previous_state(self, stop: bool) -> None:
+        """Refuse to start a differently shaped stack over a running one (or stop it)."""
         try:
-            previous = DevStack.from_state(self.root)
+            previous = DevStack.from_state(self.root, progress=self._progress)
         except DevStackError:
             return
         if previous._state() == self._state():
             return
         running = previous._running_parts()
-        if running:
+        if running and stop:
+            previous._stop_all()
+        elif running:
             raise DevStackError(
                 f"a stack with other settings is running in {self.root} ({', '.join(running)}); "
-                f"run `reconciler dev down --dir {self.root}` first"
+                f"run `reconciler dev down --dir {self.root}` first, or `dev up --fresh`"
             )
 
     def _running_parts(self) -> list[str]:
@@ -260,7 +262,7 @@ class DevStack:
         t0 = time.monotonic()
         timings: dict[str, float] = {"kafka_libs": 0.0, "postgres": 0.0, "kafka": 0.0}
         with self._locked():
-            self._check_previous_state()
+            self._check_previous_state(stop=fresh)
             # Missing binaries fail here, before anything is started.
             find_bindir()
             self._identity()
