@@ -442,9 +442,9 @@ class KafkaBroker:
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGTERM)
         if not self._wait_gone(pid, Deadline(timeout)):
-            os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
             if not self._wait_gone(pid, Deadline(10)):
                 raise DevStackError(f"Kafka broker (pid {pid}) survived SIGKILL")
         self._proc = None
@@ -468,3 +468,11 @@ class KafkaBroker:
         """Forget all topics and the cluster id (the broker must be stopped)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.cluster_id_file.unlink(missing_ok=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal ``pid``, ignoring that it may have exited since we looked."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

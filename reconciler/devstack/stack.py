@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..errors import DevStackError
 from ._process import Deadline
@@ -91,7 +91,7 @@ class DevStack:
         self.pom = pom or _default_pom()
         self._progress = progress or (lambda _msg: None)
         self._lock_depth = 0
-        self._lock_fh: Any = None
+        self._lock_fh: TextIO | None = None
         self._run_as: RunAs | None = None
         self._pg_base: Path | None = None
         self.libs = KafkaLibs(self.pom, self.root / "kafka" / "libs")
@@ -205,7 +205,7 @@ class DevStack:
             yield
         finally:
             self._lock_depth -= 1
-            if self._lock_depth == 0:
+            if self._lock_depth == 0 and self._lock_fh is not None:
                 fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
                 self._lock_fh.close()
                 self._lock_fh = None
