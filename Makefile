@@ -1,6 +1,6 @@
 # reconciler — build, local stack, tests.
 #
-#   make test    fresh venv if pyproject.toml changed, binaries if missing, local stack
+#   make test    (re)install .venv if pyproject.toml changed, binaries if missing, local stack
 #                up (PostgreSQL per region + Kafka), the whole test suite, stack down.
 #   make demo    same set-up, then the regional-failover demo, stack down.
 #   make unit    unit tests only, no stack.          make lint   ruff + mypy.
