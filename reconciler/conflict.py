@@ -547,6 +547,8 @@ def _merge_meta(policy: MergePolicy, current: RowState | None, event: Event, pay
     # deep copy through JSON: meta is JSON by contract, and a copy keeps the input
     # state untouched (callers may hold on to it)
     old: dict[str, Any] = json.loads(json.dumps(dict(current.meta))) if current is not None else {}
+    if current is not None and "write" not in old and "delete" not in old:
+        old = _adopt(policy, current, event, payload)
     meta: dict[str, Any] = {
         "key": old.get("key"),
         "write": old.get("write"),
@@ -632,6 +634,40 @@ def _merge_meta(policy: MergePolicy, current: RowState | None, event: Event, pay
             entry = slot(column, "set")
             for element in elements:
                 _stamp_element(entry[member], element, stamp)
+    return meta
+
+
+def _adopt(policy: MergePolicy, current: RowState, event: Event, payload: _Payload) -> dict[str, Any]:
+    """Metadata for a row that has none: one written before the table was managed
+    (or under another policy). Its visible values become one write at its stamp,
+    so the first merge keeps them instead of rebuilding the row from nothing;
+    regions holding the same row adopt it identically."""
+    stamp: Stamp = (current.hlc.pack(), current.origin)
+    at = _stamp_list(stamp)
+    meta: dict[str, Any] = {"key": dict(payload.key), "write": None, "delete": None, "fields": {}}
+    if current.deleted:
+        meta["delete"] = at
+        return meta
+    meta["write"] = at
+    for column, value in current.values.items():
+        if column in payload.key:
+            continue
+        rule = policy.rule(column)
+        entry = _fresh_field(rule)
+        if rule == "lww":
+            entry.update(at=list(at), value=value)
+        elif rule == "counter" and value is not None:
+            if not _is_number(value):
+                raise _bad(event, "existing counter value is not a number", column=column)
+            entry["by_origin"][current.origin] = _add_numbers(0, value)
+        elif rule == "set" and value is not None:
+            if not isinstance(value, list):
+                raise _bad(event, "existing set value is not a list", column=column)
+            for element in value:
+                _stamp_element(entry["add"], _element(event, column, element), stamp)
+        elif rule in ("max", "min"):
+            entry["value"] = value
+        meta["fields"][column] = entry
     return meta
 
 

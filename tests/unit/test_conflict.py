@@ -621,3 +621,15 @@ def test_policy_for() -> None:
         policy_for("merge", {"n": "average"})
     with pytest.raises(ConfigError, match="only apply to the merge policy"):
         policy_for("lww", {"n": "counter"})
+
+
+def test_merge_adopts_a_row_that_has_no_metadata_yet() -> None:
+    # a row written before the table was managed: values, a stamp, no meta
+    existing = RowState({"id": 1, "name": "a", "n": 10, "tags": ["x"], "hi": 4}, T(2), "eu")
+    update = ev(Operation.UPDATE, "us", T(5), prior=T(2), deltas={"n": 2}, set_add={"tags": ["y"]})
+    result = merge.apply(existing, update)
+    assert result.conflict is None and result.state is not None
+    assert dict(result.state.values) == {"id": 1, "name": "a", "n": 12, "tags": ["x", "y"], "hi": 4}
+    assert result.state.meta["fields"]["n"]["by_origin"] == {"eu": 10, "us": 2}
+    gone = merge.apply(RowState({}, T(2), "eu", deleted=True), ev(Operation.UPDATE, "us", T(1), deltas={"n": 1}))
+    assert gone.state is not None and gone.state.deleted
