@@ -1,0 +1,264 @@
+"""Steady-state replication between regions on the real stack (issue: foundation)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from reconciler import outbox
+from reconciler.errors import ReconcilerError
+from reconciler.hlc import Timestamp
+from reconciler.model import Event
+from reconciler.relay import Relay
+from reconciler.transport import kafka
+
+from .pipeline import (
+    Cluster,
+    SidecarProcess,
+    connect,
+    fully_delivered,
+    inbox_count,
+    make_env,
+    outbox_count,
+    rows,
+    scalar,
+    wait_until,
+)
+
+
+def write_orders(config: Any, region: str, keys: list[str], count: int, seed: int, acked: list[Event]) -> None:
+    """One writer: random inserts/updates on shared keys; records every acknowledged write."""
+    rnd = random.Random(seed)
+    with connect(config, region) as conn:
+        for i in range(count):
+            key = rnd.choice(keys)
+            values = {"customer": f"c-{region}", "status": rnd.choice(["new", "paid", "shipped"]),
+                      "total_cents": rnd.randint(1, 10_000), "note": f"{region}#{i}"}
+            for _attempt in range(3):
+                try:
+                    with conn.transaction():
+                        exists = conn.execute(
+                            "SELECT 1 FROM reconciler.row_meta WHERE table_name='orders' AND row_key=%s AND NOT deleted",
+                            (key,),
+                        ).fetchone()
+                        op = "update" if exists else "insert"
+                        event = outbox.write(conn, "orders", op, {"id": key}, values=values)
+                    acked.append(event)
+                    break
+                except (psycopg.Error, ReconcilerError):
+                    continue  # two local writers raced to insert the same key: try again as an update
+
+
+def lww_oracle(acked: list[Event]) -> dict[str, dict[str, Any]]:
+    winners: dict[str, Event] = {}
+    for event in acked:
+        best = winners.get(event.key)
+        if best is None or (event.hlc, event.origin) > (best.hlc, best.origin):
+            winners[event.key] = event
+    return {k: dict(e.payload["values"]) for k, e in winners.items()}
+
+
+def test_three_regions_concurrent_writers_converge_to_oracle(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path)
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        keys = [f"o{i}" for i in range(40)]
+        acked: list[Event] = []
+        writers = [
+            threading.Thread(target=write_orders, args=(config, region, keys, 150, seed, acked))
+            for seed, region in enumerate(config.regions)
+            for _ in range(2)
+        ]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        assert len(acked) >= 850, "writers could not write"
+        wait_until(lambda: fully_delivered(config), 90, "every event delivered to every region")
+        cluster.check()
+    finally:
+        cluster.stop_all()
+    expected = lww_oracle(acked)
+    for region in config.regions:
+        got = {k: {c: v for c, v in row.items() if c != "id"} for k, row in rows(config, region, "orders").items()}
+        want = {k: {c: v for c, v in row.items() if c != "id"} for k, row in expected.items()}
+        assert got == want, f"{region} differs from the oracle"
+    # nothing applied twice: exactly one inbox row per (origin, sequence) and per outbox row
+    for dest in config.regions:
+        for origin in config.peers(dest):
+            assert inbox_count(config, dest, origin) == outbox_count(config, origin)
+
+
+def test_hlc_strictly_monotonic_under_concurrent_writers(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    stamps: list[int] = []
+    lock = threading.Lock()
+
+    def stamp_many() -> None:
+        with connect(config, "us-east") as conn:
+            mine = []
+            for _ in range(300):
+                with conn.transaction():
+                    mine.append(conn.execute("SELECT reconciler.hlc_now()").fetchone()[0])
+            with lock:
+                stamps.extend(mine)
+
+    threads = [threading.Thread(target=stamp_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(stamps)) == len(stamps) == 1200
+    with connect(config, "us-east") as conn:
+        remote = Timestamp(Timestamp.unpack(max(stamps)).wall_ms + 500, 7)
+        observed = conn.execute("SELECT reconciler.hlc_observe(%s)", (remote.pack(),)).fetchone()[0]
+        assert observed > remote.pack()
+        after = conn.execute("SELECT reconciler.hlc_now()").fetchone()[0]
+        assert after > observed
+        too_far = Timestamp(remote.wall_ms + 60_000, 0)
+        with pytest.raises(psycopg.Error, match="ahead of local time"):
+            conn.execute("SELECT reconciler.hlc_observe(%s)", (too_far.pack(),))
+        conn.rollback()
+        unchanged = conn.execute("SELECT reconciler.hlc_now()").fetchone()[0]
+        assert Timestamp.unpack(unchanged).wall_ms < too_far.wall_ms
+
+
+def test_late_commit_is_never_skipped(stack: Any, tmp_path: Path) -> None:
+    """A transaction that started first (lower position) but commits after a later
+    row was relayed still gets relayed, with the next sequence."""
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    slow = connect(config, "us-east")
+    fast = connect(config, "us-east")
+    relay = Relay(config, "us-east")
+    relay.start()
+    try:
+        outbox.write(slow, "orders", "insert", {"id": "slow"}, values={"customer": "a", "status": "new",
+                                                                         "total_cents": 1})
+        # slow's transaction is still open: its outbox row exists but is not committed
+        with fast.transaction():
+            outbox.write(fast, "orders", "insert", {"id": "fast"}, values={"customer": "b", "status": "new",
+                                                                             "total_cents": 2})
+        assert relay.step() == 1
+        slow_position = scalar(config, "us-east", "SELECT count(*) FROM reconciler.outbox")
+        assert slow_position == 1  # only the committed row is visible
+        slow.commit()
+        assert relay.step() == 1
+        with connect(config, "us-east") as conn:
+            numbered = dict(conn.execute(
+                "SELECT aggregateid, relay_sequence FROM reconciler.outbox ORDER BY position").fetchall())
+            assert list(conn.execute("SELECT aggregateid FROM reconciler.outbox ORDER BY position")) == [
+                ("slow",), ("fast",)]
+        assert numbered == {"fast": 1, "slow": 2}
+        cluster = Cluster(config)
+        cluster.start("eu-west", ("inbox",))
+        try:
+            wait_until(lambda: inbox_count(config, "eu-west", "us-east") == 2, 30, "both events applied")
+        finally:
+            cluster.stop_all()
+        assert set(rows(config, "eu-west", "orders")) == {"slow", "fast"}
+    finally:
+        relay.close()
+        slow.close()
+        fast.close()
+
+
+def test_relay_sigkill_mid_batch_loses_nothing_applies_nothing_twice(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"), batch={"relay": 50, "apply": 200})
+    with connect(config, "us-east") as conn:
+        for i in range(3000):
+            with conn.transaction():
+                outbox.write(conn, "orders", "insert", {"id": f"k{i}"},
+                             values={"customer": "x", "status": "new", "total_cents": i})
+    sidecar = SidecarProcess(config, "us-east", tmp_path / "us-east.log")
+    kills = 0
+    for _ in range(3):
+        sidecar.start()
+        wait_until(lambda: scalar(config, "us-east", "SELECT coalesce(max(last_sequence),0) FROM "
+                                  "reconciler.relay_state") > 0, 30, "relay started numbering")
+        published = scalar(config, "us-east", "SELECT published_through FROM reconciler.relay_state")
+        if published >= 3000:
+            sidecar.stop()
+            break
+        sidecar.kill()
+        kills += 1
+    assert kills >= 1, "the relay finished before it could be killed"
+    sidecar.start()
+    cluster = Cluster(config)
+    cluster.start("eu-west", ("inbox",))
+    try:
+        wait_until(lambda: inbox_count(config, "eu-west", "us-east") == 3000, 120, "all 3000 events applied")
+        assert sidecar.stop() == 0
+    finally:
+        cluster.stop_all()
+    assert len(rows(config, "eu-west", "orders")) == 3000
+    assert scalar(config, "us-east", "SELECT published_through FROM reconciler.relay_state") == 3000
+    dense = scalar(config, "us-east", "SELECT count(DISTINCT relay_sequence) = max(relay_sequence) "
+                   "FROM reconciler.outbox")
+    assert dense
+
+
+def test_poison_message_is_quarantined_and_later_messages_apply(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    producer = kafka.producer(config.kafka_settings("us-east"))
+    topic = config.events_topic("us-east")
+    for raw in (b"not json at all", b'{"v": 1, "origin": "us-east"}', b'{"v": 99}'):
+        producer.produce(topic, value=raw, key=b"poison")
+    producer.flush(10)
+    with connect(config, "us-east") as conn, conn.transaction():
+        outbox.write(conn, "orders", "insert", {"id": "after-poison"},
+                     values={"customer": "a", "status": "new", "total_cents": 5})
+    cluster = Cluster(config)
+    cluster.start("us-east", ("relay",))
+    cluster.start("eu-west", ("inbox",))
+    try:
+        wait_until(lambda: "after-poison" in rows(config, "eu-west", "orders"), 30, "the good event applied")
+        cluster.check()
+    finally:
+        cluster.stop_all()
+    with connect(config, "eu-west") as conn:
+        quarantined = conn.execute("SELECT reason, topic, kafka_offset, raw FROM reconciler.quarantine "
+                                   "ORDER BY kafka_offset").fetchall()
+    assert [q[0] for q in quarantined] == ["malformed"] * 3
+    assert quarantined[0][3] == b"not json at all"
+    assert all(q[1] == topic for q in quarantined)
+
+
+def test_broker_restart_during_traffic_recovers_by_itself(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    cluster = Cluster(config)
+    cluster.start_all()
+    stop_writing = threading.Event()
+    written: list[Event] = []
+
+    def writer() -> None:
+        with connect(config, "us-east") as conn:
+            i = 0
+            while not stop_writing.is_set():
+                with conn.transaction():
+                    written.append(outbox.write(conn, "orders", "insert", {"id": f"b{i}"},
+                                                values={"customer": "r", "status": "new", "total_cents": i}))
+                i += 1
+                stop_writing.wait(0.01)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_until(lambda: inbox_count(config, "eu-west", "us-east") > 20, 30, "traffic flowing")
+        stack.restart_kafka()
+        stop_at = len(written) + 50
+        wait_until(lambda: len(written) >= stop_at, 30, "more writes after the restart")
+        stop_writing.set()
+        thread.join()
+        wait_until(lambda: fully_delivered(config), 120, "pipeline caught up after broker restart")
+        cluster.check()
+    finally:
+        stop_writing.set()
+        cluster.stop_all()
+    assert set(rows(config, "eu-west", "orders")) == {e.key for e in written}
+    assert inbox_count(config, "eu-west", "us-east") == len(written)
