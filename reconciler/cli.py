@@ -104,3 +104,7 @@ def run(config_path: str, region: str, log_level: str) -> None:
 
     configure(log_level)
     sys.exit(Sidecar(load(config_path), region).run())
+
+
+if __name__ == "__main__":
+    main()
