@@ -123,6 +123,10 @@ class ScanOptions:
     max_work_mem_kb: int = 256 * 1024
     parallel_workers: int | None = None
     jit: bool | None = None
+    #: connections per side; more than one splits every full pass into block ranges
+    jobs: int = 1
+    #: below this many heap pages (8 kB) per connection, splitting costs more than it saves
+    min_pages_per_job: int = 1024
     lock_timeout: str = "10s"
     connect_timeout: int = 10
     application_name: str = "reconciler-diff"
@@ -183,7 +187,14 @@ def translate_error(exc: psycopg.Error, *, side: str, dsn: str, table: str, acti
 
 
 class ScanSide:
-    """One database's view of the table: one connection, one snapshot."""
+    """One database's view of the table: one snapshot, one or more connections.
+
+    With ``jobs > 1`` the full passes (bucket levels, leaf fetches) are split into
+    block ranges scanned at once over ``jobs`` connections that share the first
+    connection's exported snapshot -- the same split PostgreSQL's parallel query
+    would make, done by hand because the planner, which cannot estimate how few
+    buckets a hash expression yields, refuses to aggregate these queries in parallel.
+    """
 
     def __init__(self, name: str, dsn: str, schema: str, table: str, options: ScanOptions) -> None:
         self.name = name
@@ -192,7 +203,10 @@ class ScanSide:
         self.table = table
         self.options = options
         self.relation = sql.Identifier(schema, table)
-        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        #: [0] took the snapshot; any others imported it
+        self._conns: list[psycopg.Connection[tuple[Any, ...]]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._pages = 0
         self._columns: tuple[str, ...] = ()
         self._key_columns: tuple[str, ...] = ()
         self._info: TableInfo | None = None
@@ -202,12 +216,17 @@ class ScanSide:
     def qualified(self) -> str:
         return f"{self.schema}.{self.table}"
 
+    @property
+    def jobs(self) -> int:
+        """Connections actually scanning (1 when splitting is not possible or not worth it)."""
+        return max(1, len(self._conns))
+
     def error(self, message: str, **context: Any) -> StoreError:
         return StoreError(message, side=self.name, dsn=redact_dsn(self.dsn), table=self.qualified, **context)
 
     # lifecycle
 
-    def connect(self) -> None:
+    def _open(self) -> int:
         try:
             conn = psycopg.connect(
                 self.dsn,
@@ -219,7 +238,10 @@ class ScanSide:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with self._lock:
-            self._conn = conn
+            self._conns.append(conn)
+            return len(self._conns) - 1
+
+    def _configure(self, index: int) -> None:
         settings = dict(CANONICAL_SETTINGS)
         settings["lock_timeout"] = self.options.lock_timeout
         # the planner cannot estimate how many buckets a hash expression yields and
@@ -231,22 +253,44 @@ class ScanSide:
         if self.options.jit is not None:
             settings["jit"] = "on" if self.options.jit else "off"
         for name, value in settings.items():
-            self._query("configuring the session", sql.SQL("SELECT set_config(%s, %s, true)"), (name, value))
+            self._query("configuring the session", sql.SQL("SELECT set_config(%s, %s, true)"), (name, value), index)
+
+    def connect(self) -> None:
+        self._configure(self._open())
+
+    def _start_helpers(self, jobs: int) -> None:
+        snapshot = self._query("exporting the snapshot", sql.SQL("SELECT pg_export_snapshot()"))[0][0]
+        for _ in range(jobs - 1):
+            index = self._open()
+            # must be the transaction's first statement: the helper then sees exactly
+            # the rows the main connection sees
+            self._query(
+                "importing the snapshot",
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)),
+                None,
+                index,
+            )
+            self._configure(index)
+        self._pool = ThreadPoolExecutor(max_workers=jobs - 1, thread_name_prefix=f"merkle-{self.name}")
 
     def cancel(self) -> None:
-        """Interrupt a running query (from another thread) so a failed run ends fast."""
+        """Interrupt running queries (from another thread) so a failed run ends fast."""
         with self._lock:
-            conn = self._conn
-        if conn is not None and not conn.closed:
-            try:
-                conn.cancel_safe(timeout=5.0)
-            except psycopg.Error:
-                pass  # the query ends on its own; cancelling is only a courtesy
+            conns = list(self._conns)
+        for conn in conns:
+            if not conn.closed:
+                try:
+                    conn.cancel_safe(timeout=5.0)
+                except psycopg.Error:
+                    pass  # the query ends on its own; cancelling is only a courtesy
 
     def close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
+            conns, self._conns = self._conns, []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for conn in reversed(conns):
             try:
                 conn.rollback()
             except psycopg.Error:
@@ -254,32 +298,83 @@ class ScanSide:
             conn.close()
 
     def _query(
-        self, action: str, query: sql.SQL | sql.Composed, params: Sequence[Any] | None = None
+        self,
+        action: str,
+        query: sql.SQL | sql.Composed,
+        params: Sequence[Any] | None = None,
+        index: int = 0,
+        work_mem_kb: int | None = None,
     ) -> list[tuple[Any, ...]]:
-        if self._conn is None:
+        with self._lock:
+            conn = self._conns[index] if index < len(self._conns) else None
+        if conn is None:
             raise self.error(f"side {self.name} is not connected")
         try:
-            cur = self._conn.execute(query, params)
+            if work_mem_kb is not None:
+                conn.execute("SELECT set_config('work_mem', %s, true)", (f"{work_mem_kb}kB",))
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
         except psycopg.Error as exc:
             raise translate_error(exc, side=self.name, dsn=self.dsn, table=self.qualified, action=action) from exc
 
+    def _scopes(self) -> list[sql.Composable]:
+        """One row filter per connection: block ranges that together cover the table."""
+        n = self.jobs
+        if n == 1:
+            return [sql.SQL("TRUE")]
+        bounds = [self._pages * i // n for i in range(n + 1)]
+        scopes: list[sql.Composable] = []
+        for i in range(n):
+            lo = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({bounds[i]},0)"))
+            if i == n - 1:
+                scopes.append(lo)  # open-ended: whatever lies past the measured size
+            else:
+                hi = sql.SQL("ctid < {}::tid").format(sql.Literal(f"({bounds[i + 1]},0)"))
+                scopes.append(sql.SQL("{} AND {}").format(lo, hi))
+        return scopes
+
+    def _fan_out(
+        self,
+        action: str,
+        query_for: Callable[[sql.Composable], sql.Composed],
+        params: Sequence[Any] | None = None,
+        work_mem_kb: int | None = None,
+    ) -> list[list[tuple[Any, ...]]]:
+        """Run one query per block range, each on its own connection, all at once."""
+        scopes = self._scopes()
+        if len(scopes) == 1 or self._pool is None:
+            return [self._query(action, query_for(scopes[0]), params, 0, work_mem_kb)]
+        pool = self._pool
+        futures = [
+            pool.submit(self._query, action, query_for(scope), params, i, work_mem_kb)
+            for i, scope in enumerate(scopes[1:], start=1)
+        ]
+        try:
+            results = [self._query(action, query_for(scopes[0]), params, 0, work_mem_kb)]
+            results.extend(f.result() for f in futures)
+        except BaseException:
+            self.cancel()
+            wait(futures)
+            raise
+        return results
+
     # queries
 
     def describe(self) -> TableInfo:
-        """Kind, size estimate and visible columns of the table, plus hash probe."""
+        """Kind, size and visible columns of the table, plus the hash probe."""
         found = self._query(
             "looking up the table",
             sql.SQL(
-                "SELECT c.relkind::text, c.reltuples::float8 FROM pg_catalog.pg_class c"
-                " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                "SELECT c.relkind::text, c.reltuples::float8,"
+                " pg_relation_size(c.oid) / current_setting('block_size')::int"
+                " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
                 " WHERE n.nspname = %s AND c.relname = %s"
             ),
             (self.schema, self.table),
         )
         if not found:
             raise self.error(f"table {self.qualified} does not exist on side {self.name}")
-        relkind, reltuples = found[0]
+        relkind, reltuples, pages = found[0]
         if relkind not in ("r", "p", "m", "v", "f"):
             raise self.error(f"{self.qualified} on side {self.name} is not a table or view (relkind {relkind})")
         cols = self._query(
@@ -310,6 +405,12 @@ class ScanSide:
             probe_hash=probe_hash,
             server_version=version,
         )
+        self._pages = int(pages or 0)
+        jobs = min(self.options.jobs, max(1, self._pages // max(1, self.options.min_pages_per_job)))
+        # block-range scans (TID range scans) exist from PostgreSQL 14 on, and only
+        # plain tables and materialized views have one heap to split
+        if jobs > 1 and relkind in ("r", "m") and version >= 140000:
+            self._start_helpers(jobs)
         return self._info
 
     def prepare(self, columns: Sequence[str], key_columns: Sequence[str]) -> None:
@@ -326,22 +427,28 @@ class ScanSide:
         """Digest of every non-empty bucket at ``bits``, optionally only inside ``parents``."""
         self._info_or_fail()
         kh = key_hash_sql(self._key_columns)
-        where: sql.Composable = sql.SQL("")
+        within: sql.Composable = sql.SQL("")
         params: tuple[Any, ...] = ()
         if parent_bits is not None:
-            where = sql.SQL(" WHERE {} = ANY(%s::int8[])").format(bucket_sql(kh, parent_bits))
+            within = sql.SQL(" AND {} = ANY(%s::int8[])").format(bucket_sql(kh, parent_bits))
             params = (list(parents),)
-        query = sql.SQL("SELECT b, sum(h), count(*) FROM (SELECT {} AS b, {} AS h FROM {}{}) s GROUP BY b").format(
-            bucket_sql(kh, bits), row_hash_sql(self._columns), self.relation, where
-        )
+
+        def query_for(scope: sql.Composable) -> sql.Composed:
+            return sql.SQL(
+                "SELECT b, sum(h), count(*) FROM (SELECT {} AS b, {} AS h FROM {} WHERE {}{}) s GROUP BY b"
+            ).format(bucket_sql(kh, bits), row_hash_sql(self._columns), self.relation, scope, within)
+
         # memory for the buckets this level can have, about 1 kB each: enough that the
         # aggregation never spills, small enough that its hash table stays in cache
         # (sized for the planner's guess of one group per row, it measurably does not)
         groups = (1 << bits) if parent_bits is None else len(parents) << (bits - parent_bits)
         work_mem_kb = max(4096, min(groups, self.options.max_work_mem_kb))
-        self._query("sizing memory", sql.SQL("SELECT set_config('work_mem', %s, true)"), (f"{work_mem_kb}kB",))
-        rows = self._query(f"hashing buckets ({bits} bits)", query, params)
-        return {int(b): Digest(merkle.to_u64(int(h)), int(n)) for b, h, n in rows}
+        out: dict[int, Digest] = {}
+        for part in self._fan_out(f"hashing buckets ({bits} bits)", query_for, params, work_mem_kb):
+            for b, h, n in part:
+                # digests add up: block ranges combine exactly like child buckets do
+                out[int(b)] = out.get(int(b), merkle.EMPTY) + Digest(merkle.to_u64(int(h)), int(n))
+        return out
 
     def leaves(self, bits: int, buckets: Sequence[int]) -> dict[Key, Leaf]:
         """Key, row hash and row locator of every row in ``buckets``."""
@@ -352,28 +459,33 @@ class ScanSide:
             extra = [sql.SQL("tableoid::oid"), sql.SQL("ctid::text")]
         else:
             extra = [sql.SQL("({})::text").format(sql.Identifier(c)) for c in self._columns]
-        query = sql.SQL("SELECT {}, {}, {} FROM {} WHERE {} = ANY(%s::int8[])").format(
-            sql.SQL(", ").join(keys),
-            row_hash_sql(self._columns),
-            sql.SQL(", ").join(extra),
-            self.relation,
-            bucket_sql(key_hash_sql(self._key_columns), bits),
-        )
+
+        def query_for(scope: sql.Composable) -> sql.Composed:
+            return sql.SQL("SELECT {}, {}, {} FROM {} WHERE {} AND {} = ANY(%s::int8[])").format(
+                sql.SQL(", ").join(keys),
+                row_hash_sql(self._columns),
+                sql.SQL(", ").join(extra),
+                self.relation,
+                scope,
+                bucket_sql(key_hash_sql(self._key_columns), bits),
+            )
+
         nk = len(keys)
         out: dict[Key, Leaf] = {}
-        for rec in self._query("fetching leaf keys", query, (list(buckets),)):
-            key: Key = tuple(rec[:nk])
-            if info.has_ctid:
-                leaf = Leaf(rec[nk], (int(rec[nk + 1]), str(rec[nk + 2])), None)
-            else:
-                leaf = Leaf(rec[nk], None, dict(zip(self._columns, rec[nk + 1 :], strict=True)))
-            if key in out:
-                raise self.error(
-                    f"key ({', '.join(self._key_columns)}) is not unique on side {self.name}:"
-                    f" {key!r} occurs more than once",
-                    key=key,
-                )
-            out[key] = leaf
+        for part in self._fan_out("fetching leaf keys", query_for, (list(buckets),)):
+            for rec in part:
+                key: Key = tuple(rec[:nk])
+                if info.has_ctid:
+                    leaf = Leaf(rec[nk], (int(rec[nk + 1]), str(rec[nk + 2])), None)
+                else:
+                    leaf = Leaf(rec[nk], None, dict(zip(self._columns, rec[nk + 1 :], strict=True)))
+                if key in out:
+                    raise self.error(
+                        f"key ({', '.join(self._key_columns)}) is not unique on side {self.name}:"
+                        f" {key!r} occurs more than once",
+                        key=key,
+                    )
+                out[key] = leaf
         return out
 
     def rows(self, locators: Sequence[Locator], chunk: int = 5000) -> dict[Locator, Row]:
@@ -519,6 +631,7 @@ def full_scan_diff(
             opts.limits,
         )
         found = walked.found
+        jobs = {"a": pair.a.jobs, "b": pair.b.jobs}
 
         wanted: dict[str, list[Locator]] = {
             "a": [la_.locator for _, _, la_, _ in found if la_ is not None and la_.locator is not None],
@@ -553,7 +666,7 @@ def full_scan_diff(
         truncated=walked.truncated,
         mode="full-scan",
         levels=len(walked.levels),
-        extra={"tree": [level.to_dict() for level in walked.levels], "phases": phases},
+        extra={"tree": [level.to_dict() for level in walked.levels], "phases": phases, "jobs": jobs},
     )
 
 
