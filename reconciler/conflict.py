@@ -28,10 +28,12 @@ region's current version when its ``prior`` (the stamp the writer saw) is not th
 current stamp. The stamp alone cannot tell "concurrent" from "arrived out of
 causal order" (an older ancestor delivered after its descendant), so the audit
 trail of lww/merge may hold records for the latter too; they are harmless there.
-For ``manual`` they are parked, which is why replay applies events in HLC order.
+For ``manual`` they are parked (safe: the row is kept and an operator clears the
+entry); delivering a key's events in HLC order, as catch-up replay does, avoids them.
 
-Stamps are compared as ``(hlc.pack(), origin)``: packed so that the comparison is
-the one SQL makes on the ``bigint`` column, origin to break ties between regions.
+Versions are ordered by ``(hlc, origin)``: the region id breaks ties between
+regions. Merge metadata stores stamps as ``[hlc.pack(), origin]``, which is JSON and
+sorts the way SQL sorts the packed ``bigint`` column.
 """
 
 from __future__ import annotations
@@ -407,7 +409,9 @@ class ManualPolicy:
             # the decision after them; what is older is settled
             return Applied(None, _record(self.name, kind, Outcome.DISCARDED, current, event, payload) if kind else None)
 
-        carried = {"resolution": current.meta["resolution"]} if resolution is not None and current is not None else {}
+        carried = (
+            {"resolution": dict(current.meta["resolution"])} if resolution is not None and current is not None else {}
+        )
         if kind is None:
             if current is not None and current.wins_over(event.hlc, event.origin):
                 return Applied(None)  # an older tombstone meeting a newer one
