@@ -20,8 +20,9 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from ..config import TableConfig
-from ..errors import FencedError, StoreError
+from ..errors import FencedError, LifecycleError, StoreError
 from ..hlc import Timestamp
+from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
 from .translate import translated
 
@@ -473,3 +474,180 @@ def create_demo_tables(conn: Connection) -> None:
     text = resources.files("reconciler.sql.demo").joinpath("demo_domain.sql").read_text()
     with translated(step="create demo tables"), conn.transaction():
         conn.execute(text.encode())
+
+
+# ---------------------------------------------------------------- lifecycle
+
+def region_status(conn: Connection) -> RegionStatus:
+    with translated(step="read region state"):
+        row = conn.execute(
+            "SELECT region_id, state, epoch, state_reason, state_since, last_alive_at, clean_stop"
+            " FROM reconciler.region"
+        ).fetchone()
+        conn.commit()
+    if row is None:
+        raise StoreError("database has no region identity: run `reconciler migrate` first")
+    region, state, epoch, reason, since, alive, clean = row
+    return RegionStatus(region, State(state), int(epoch), reason, since, alive, bool(clean))
+
+
+def transition(
+    conn: Connection, target: State, reason: str, actor: str, *, force: bool = False,
+    expected_epoch: int | None = None,
+) -> RegionStatus:
+    """Move the region to ``target`` (epoch + 1), logged with reason and actor.
+
+    ``expected_epoch`` makes the move conditional: a caller that decided on an
+    older view of the lifecycle (someone fenced meanwhile) is refused.
+    """
+    with translated(step="lifecycle transition", target=target.value), conn.transaction():
+        row = conn.execute(
+            "SELECT region_id, state, epoch FROM reconciler.region FOR UPDATE"
+        ).fetchone()
+        if row is None:
+            raise StoreError("database has no region identity: run `reconciler migrate` first")
+        region, state, epoch = row
+        current = State(state)
+        if expected_epoch is not None and expected_epoch != epoch:
+            raise LifecycleError(
+                "lifecycle moved on meanwhile", region=region, expected_epoch=expected_epoch, epoch=epoch
+            )
+        check_transition(current, target, force=force)
+        if current == target:
+            return region_status(conn)
+        conn.execute(
+            "UPDATE reconciler.region SET state = %s, epoch = epoch + 1, state_reason = %s, state_since = now()",
+            (target.value, reason),
+        )
+        conn.execute(
+            "INSERT INTO reconciler.lifecycle_log (from_state, to_state, epoch, reason, actor)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (current.value, target.value, epoch + 1, reason, actor),
+        )
+    return region_status(conn)
+
+
+def lifecycle_log(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
+    with translated(step="read lifecycle log"):
+        rows = conn.execute(
+            "SELECT at, from_state, to_state, epoch, reason, actor FROM reconciler.lifecycle_log"
+            " ORDER BY id DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+    return [dict(zip(("at", "from", "to", "epoch", "reason", "actor"), r, strict=True)) for r in rows]
+
+
+def mark_alive(conn: Connection, clean_stop: bool = False) -> None:
+    with translated(step="mark alive"), conn.transaction():
+        conn.execute("UPDATE reconciler.region SET last_alive_at = now(), clean_stop = %s", (clean_stop,))
+
+
+# ---------------------------------------------------------------- gap inputs
+
+def inbox_ranges(conn: Connection) -> dict[str, list[tuple[int, int]]]:
+    """Applied sequences per origin as islands (gaps-and-islands in SQL, so a region
+    that applied millions of events ships a few ranges)."""
+    with translated(step="inbox ranges"):
+        rows = conn.execute(
+            "SELECT origin, min(sequence), max(sequence) FROM ("
+            "  SELECT origin, sequence, sequence - row_number() OVER (PARTITION BY origin ORDER BY sequence) AS g"
+            "  FROM reconciler.inbox) s GROUP BY origin, g ORDER BY origin, 2"
+        ).fetchall()
+        conn.commit()
+    out: dict[str, list[tuple[int, int]]] = {}
+    for origin, lo, hi in rows:
+        out.setdefault(origin, []).append((int(lo), int(hi)))
+    return out
+
+
+def outbox_ranges(conn: Connection, origin: str) -> list[tuple[int, int]]:
+    """Sequences of ``origin`` this database's outbox still holds (pruning aware)."""
+    with translated(step="outbox ranges"):
+        rows = conn.execute(
+            "SELECT min(relay_sequence), max(relay_sequence) FROM ("
+            "  SELECT relay_sequence, relay_sequence - row_number() OVER (ORDER BY relay_sequence) AS g"
+            "  FROM reconciler.outbox WHERE origin = %s AND relay_sequence IS NOT NULL) s GROUP BY g ORDER BY 1",
+            (origin,),
+        ).fetchall()
+        conn.commit()
+    return [(int(lo), int(hi)) for lo, hi in rows]
+
+
+def relay_position(conn: Connection, origin: str) -> tuple[int, int]:
+    """(last sequence assigned, last sequence published) of this region's relay."""
+    with translated(step="relay position"):
+        row = conn.execute(
+            "SELECT last_sequence, published_through FROM reconciler.relay_state WHERE origin = %s", (origin,)
+        ).fetchone()
+        conn.commit()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def inbox_events(conn: Connection, origin: str, low: int, high: int, limit: int) -> list[Event]:
+    """Events of ``origin`` this region applied with sequence in [low, high] (payload kept)."""
+    with translated(step="read inbox range", origin=origin):
+        rows = conn.execute(
+            "SELECT event_id, table_name, row_key, type, payload, hlc, prior_hlc, operation, sequence"
+            " FROM reconciler.inbox WHERE origin = %s AND sequence BETWEEN %s AND %s ORDER BY sequence LIMIT %s",
+            (origin, low, high, limit),
+        ).fetchall()
+        conn.commit()
+    return [_outbox_event(origin, row) for row in rows]
+
+
+def restore_own_events(conn: Connection, events: Sequence[Event]) -> None:
+    """Put back outbox rows this region lost (restored from a stale backup) with their
+    original sequence numbers, already published: peers have them, and the outbox
+    must hold them again so it can serve them and never re-use their numbers."""
+    if not events:
+        return
+    origin = events[0].origin
+    rows = [
+        {
+            "id": e.event_id, "aggregatetype": e.table, "aggregateid": e.key, "type": e.event_type,
+            "payload": e.payload, "origin": e.origin, "hlc": e.hlc.pack(),
+            "prior_hlc": e.prior.pack() if e.prior else None, "operation": e.operation.value,
+            "relay_sequence": e.sequence,
+        }
+        for e in events
+    ]
+    conn.execute(
+        "INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, prior_hlc,"
+        " operation, relay_sequence) SELECT x.id, x.aggregatetype, x.aggregateid, x.type, x.payload, x.origin,"
+        " x.hlc, x.prior_hlc, x.operation, x.relay_sequence FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid,"
+        " aggregatetype text, aggregateid text, type text, payload jsonb, origin text, hlc bigint, prior_hlc bigint,"
+        " operation text, relay_sequence bigint) ON CONFLICT DO NOTHING",
+        (json_text(rows),),
+    )
+    high = max(e.sequence or 0 for e in events)
+    conn.execute(
+        "INSERT INTO reconciler.relay_state (origin, last_sequence, published_through) VALUES (%s, %s, %s)"
+        " ON CONFLICT (origin) DO UPDATE SET"
+        " last_sequence = greatest(reconciler.relay_state.last_sequence, EXCLUDED.last_sequence),"
+        " published_through = greatest(reconciler.relay_state.published_through, EXCLUDED.published_through)",
+        (origin, high, high),
+    )
+
+
+def reserve_sequences(conn: Connection, origin: str, through: int) -> None:
+    """Never number a new event at or below ``through`` (sequences peers already saw)."""
+    with translated(step="reserve sequences", origin=origin), conn.transaction():
+        conn.execute(
+            "INSERT INTO reconciler.relay_state (origin, last_sequence, published_through) VALUES (%s, %s, %s)"
+            " ON CONFLICT (origin) DO UPDATE SET"
+            " last_sequence = greatest(reconciler.relay_state.last_sequence, EXCLUDED.last_sequence),"
+            " published_through = greatest(reconciler.relay_state.published_through, EXCLUDED.published_through)",
+            (origin, through, through),
+        )
+
+
+def open_conflict_keys(conn: Connection) -> dict[str, set[str]]:
+    with translated(step="read parked keys"):
+        rows = conn.execute(
+            "SELECT table_name, row_key FROM reconciler.conflicts WHERE status = 'open'"
+        ).fetchall()
+        conn.commit()
+    out: dict[str, set[str]] = {}
+    for table, key in rows:
+        out.setdefault(table, set()).add(key)
+    return out

@@ -8,10 +8,13 @@ weaken them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
@@ -147,3 +150,143 @@ def set_topic_config(settings: Mapping[str, str], topic: str, config: Mapping[st
             future.result(timeout)
         except KafkaException as exc:
             raise translate(exc, topic=topic, step="alter topic config") from exc
+
+
+def _sequence_of(value: bytes | None) -> int | None:
+    """The sequence of a published event, without validating the rest (poison stays poison)."""
+    if not value:
+        return None
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    seq = doc.get("sequence") if isinstance(doc, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _assigned_consumer(settings: Mapping[str, str]) -> Consumer:
+    # a throwaway group: reading a topic for replay must never move the inbox's committed offsets
+    return consumer(settings, f"reconciler-reader-{uuid.uuid4().hex[:12]}", **{"enable.partition.eof": "true"})
+
+
+def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float = 10.0) -> tuple[int, int] | None:
+    """(first, last) sequence the topic still retains, or None when it holds nothing.
+
+    The relay publishes in sequence order (a crash only repeats a suffix), so every
+    sequence from the one at the log start to the highest one published is retained.
+    With several partitions, the highest per-partition first sequence is a safe
+    lower bound.
+    """
+    reader = _assigned_consumer(settings)
+    try:
+        meta = reader.list_topics(topic, timeout=timeout)
+        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+        firsts: list[int] = []
+        last = 0
+        for p in partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high <= low:
+                continue
+            first = _read_first_sequence(reader, topic, p, low, high, timeout)
+            tail = _read_last_sequence(reader, topic, p, low, high, timeout)
+            if first is None or tail is None:
+                continue
+            firsts.append(first)
+            last = max(last, tail)
+        return (max(firsts), last) if firsts else None
+    except KafkaException as exc:
+        raise translate(exc, topic=topic, step="read retention") from exc
+    finally:
+        reader.close()
+
+
+def _read_first_sequence(reader: Consumer, topic: str, p: int, low: int, high: int, timeout: float) -> int | None:
+    reader.assign([TopicPartition(topic, p, low)])
+    for msg in _drain(reader, timeout, until=high):
+        seq = _sequence_of(msg.value())
+        if seq is not None:
+            return seq
+    return None
+
+
+def _read_last_sequence(reader: Consumer, topic: str, p: int, low: int, high: int, timeout: float) -> int | None:
+    # poison messages carry no sequence: step back until a real event is found
+    start = high - 1
+    while start >= low:
+        window = max(low, start - 63)
+        reader.assign([TopicPartition(topic, p, window)])
+        best = None
+        for msg in _drain(reader, timeout, until=start + 1):
+            seq = _sequence_of(msg.value())
+            if seq is not None:
+                best = seq if best is None else max(best, seq)
+        if best is not None:
+            return best
+        start = window - 1
+    return None
+
+
+def _drain(reader: Consumer, timeout: float, until: int) -> Iterator[Any]:
+    """Messages of the assigned partition up to offset ``until`` (exclusive)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = reader.consume(num_messages=500, timeout=0.5)
+        for msg in batch:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return
+                raise translate(err, step="read topic")
+            offset = msg.offset() or 0
+            if offset >= until:
+                return
+            yield msg
+            if offset >= until - 1:
+                return
+
+
+def read_sequences(
+    settings: Mapping[str, str], topic: str, wanted: Callable[[int], bool], start_hint: Mapping[int, int] | None = None,
+    batch: int = 500, timeout: float = 30.0,
+) -> Iterator[list[tuple[bytes, int, int]]]:
+    """Batches of (value, partition, offset) of messages whose sequence ``wanted``
+    accepts, reading every partition from its start (or ``start_hint[partition]``)
+    to its current end. Memory is bounded by ``batch``."""
+    reader = _assigned_consumer(settings)
+    try:
+        meta = reader.list_topics(topic, timeout=timeout)
+        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+        for p in partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            start = max(low, (start_hint or {}).get(p, low))
+            if high <= start:
+                continue
+            reader.assign([TopicPartition(topic, p, start)])
+            out: list[tuple[bytes, int, int]] = []
+            deadline = time.monotonic() + timeout
+            done = False
+            while not done and time.monotonic() < deadline:
+                for msg in reader.consume(num_messages=batch, timeout=0.5):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            done = True
+                            break
+                        raise translate(err, topic=topic, step="replay read")
+                    deadline = time.monotonic() + timeout
+                    seq = _sequence_of(msg.value())
+                    offset = msg.offset() or 0
+                    if seq is not None and wanted(seq):
+                        out.append((msg.value() or b"", p, offset))
+                    if offset >= high - 1:
+                        done = True
+                        break
+                if len(out) >= batch:
+                    yield out
+                    out = []
+            if out:
+                yield out
+    except KafkaException as exc:
+        raise translate(exc, topic=topic, step="replay read") from exc
+    finally:
+        reader.close()

@@ -1,0 +1,120 @@
+"""The region lifecycle: states, allowed transitions, and the gate back to ACTIVE.
+
+Pure: the decision functions take measured values and return decisions; the
+store persists states with a monotonically increasing epoch and logs every
+transition with its reason and actor.
+
+::
+
+    ACTIVE ──(peer silence)──> SUSPECT ──> ACTIVE
+      │  ╲                         │
+      │   ╲(unclean restart,      (operator fence)
+      │    ╲ long absence)         v
+      │     ╲──────────────────> CATCHING_UP <── FENCED (recover)
+      │ (operator fence)            │
+      └──────────> FENCED           v
+                                VERIFYING ──(gate passes)──> ACTIVE
+                                    │
+                                    └──(gate fails)──> CATCHING_UP
+
+``activate --force`` may move any state to ACTIVE: an audited operator override.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LifecycleError
+
+
+class State(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    SUSPECT = "SUSPECT"
+    FENCED = "FENCED"
+    CATCHING_UP = "CATCHING_UP"
+    VERIFYING = "VERIFYING"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.ACTIVE: frozenset({State.SUSPECT, State.FENCED, State.CATCHING_UP}),
+    State.SUSPECT: frozenset({State.ACTIVE, State.FENCED, State.CATCHING_UP}),
+    State.FENCED: frozenset({State.CATCHING_UP}),
+    State.CATCHING_UP: frozenset({State.VERIFYING, State.FENCED}),
+    State.VERIFYING: frozenset({State.ACTIVE, State.CATCHING_UP, State.FENCED}),
+}
+
+
+def check_transition(current: State, target: State, *, force: bool = False) -> None:
+    """Refuse a transition the lifecycle does not allow (``force`` only to ACTIVE)."""
+    if current == target:
+        return
+    if force and target is State.ACTIVE:
+        return
+    if target not in _ALLOWED[current]:
+        raise LifecycleError(
+            f"transition {current.value} -> {target.value} is not allowed",
+            current=current.value,
+            target=target.value,
+        )
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    region: str
+    state: State
+    epoch: int
+    reason: str
+    since: Any = None
+    last_alive_at: Any = None
+    clean_stop: bool = True
+
+
+@dataclass(frozen=True)
+class GateInput:
+    """What the gate measures about one region."""
+
+    gap_events: int
+    lost_events: int
+    lag_events: int
+    lag_seconds: float
+    #: table -> number of differing keys outside the manual queue (parked keys excluded)
+    divergent_keys: dict[str, int] = field(default_factory=dict)
+    parked_keys: int = 0
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": list(self.reasons)}
+
+
+def gate(measured: GateInput, max_lag_events: int, max_lag_seconds: float) -> GateDecision:
+    """ACTIVE only when nothing is missing, lag is within bounds and every replicated
+    table's Merkle roots agree (keys parked for an operator excepted)."""
+    reasons = []
+    if measured.lost_events:
+        reasons.append(f"{measured.lost_events} events are lost (no source holds them)")
+    if measured.gap_events:
+        reasons.append(f"{measured.gap_events} events still missing")
+    if measured.lag_events > max_lag_events:
+        reasons.append(f"inbox lag {measured.lag_events} events > {max_lag_events}")
+    if measured.lag_seconds > max_lag_seconds:
+        reasons.append(f"inbox lag {measured.lag_seconds:.1f}s > {max_lag_seconds:.1f}s")
+    for table, count in sorted(measured.divergent_keys.items()):
+        if count:
+            reasons.append(f"{table}: {count} keys differ from peers")
+    return GateDecision(passed=not reasons, reasons=tuple(reasons))
+
+
+def needs_catch_up(clean_stop: bool, absent_seconds: float | None, absence_threshold_seconds: float) -> str | None:
+    """Why a starting sidecar must put its region through catch-up, or None."""
+    if not clean_stop:
+        return "sidecar restarted after an unclean stop"
+    if absent_seconds is not None and absent_seconds > absence_threshold_seconds:
+        return f"sidecar was absent {absent_seconds:.0f}s (> {absence_threshold_seconds:.0f}s)"
+    return None
