@@ -158,3 +158,12 @@ def test_logical_overflow_stays_packable() -> None:
     stamp = clock.now()
     assert Timestamp.unpack(stamp.pack()) == stamp
     assert stamp == Timestamp(1_001, 0)
+
+
+def test_update_overflow_carries_too_and_out_of_range_logical_is_refused() -> None:
+    clock = HybridLogicalClock(FakeTime(1_000), max_offset_ms=500)
+    received = clock.update(Timestamp(1_001, LOGICAL_MASK))
+    assert received == Timestamp(1_002, 0)
+    assert received.pack() > Timestamp(1_001, LOGICAL_MASK).pack()
+    with pytest.raises(ValueError):
+        Timestamp(1_000, LOGICAL_MASK + 1)
