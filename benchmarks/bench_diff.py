@@ -13,8 +13,11 @@ injected in B (updates, deletes, extra rows). Each tool then runs ``--repeat`` t
 (order rotated between rounds); medians are reported, and every run of both tools
 must find exactly the injected keys.
 
-Ratios: ours / ceiling (target <= 2; "both sides" runs the ceiling query on A and B
-at once, which is what a diff must do, "one side" on A alone) and reladiff / ours.
+Ratios: ours / ceiling (target <= 2) and reladiff / ours. The ceiling that matters
+runs the query on A and B at once (a diff must hash both) with as many processes
+per side as our diff uses (``--jobs``, default 1: PostgreSQL gets jobs-1 parallel
+workers); the same with the server's default parallel workers and on A alone are
+reported too.
 DSNs default to the devstack's us-east and eu-west (env RECONCILER_BENCH_DSN_A/_B).
 reladiff needs psycopg2 (``pip install reladiff psycopg2-binary``).
 """
@@ -39,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from reconciler.diff import diff_tables
+from reconciler.diff import ScanOptions, diff_tables
 from reconciler.store.dsn import redact_dsn
 from reconciler.store.merkle_scan import CANONICAL_SETTINGS, row_hash_sql
 
@@ -81,7 +84,7 @@ def load(dsn_a: str, dsn_b: str, table: str, rows: int) -> None:
         sql.SQL(
             "INSERT INTO {} SELECT g, 'customer ' || g || CASE WHEN g % 11 = 0 THEN ' — ñ' ELSE '' END,"
             " (g * 7919 % 1000000) / 100.0, timestamp '2024-01-01' + g * interval '17 seconds',"
-            " CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text) END FROM generate_series(1, {}) g"
+            " CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text) END FROM generate_series(1, {}::bigint) g"
         ).format(t, sql.Literal(rows)),
     )
     log(f"  generated {rows:,} rows in A in {time.perf_counter() - started:.1f}s")
@@ -129,10 +132,18 @@ def inject(dsn_b: str, table: str, rows: int, seed: int) -> set[str]:
 # --- the contenders ----------------------------------------------------------------
 
 
-def ceiling_query(dsn: str, table: str) -> float:
-    """One scan-and-hash of the table under the same settings our diff uses."""
+def ceiling_query(dsn: str, table: str, workers: int | None) -> float:
+    """One scan-and-hash of the table under the same settings our diff uses.
+
+    ``workers`` caps PostgreSQL's parallel workers: ``jobs - 1`` gives the query as
+    many processes as our diff has connections per side; None keeps the server's
+    default (which lets it use more processes than our diff).
+    """
     with psycopg.connect(dsn) as conn:
-        for name, value in CANONICAL_SETTINGS.items():
+        settings = dict(CANONICAL_SETTINGS)
+        if workers is not None:
+            settings["max_parallel_workers_per_gather"] = str(workers)
+        for name, value in settings.items():
             conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         query = sql.SQL("SELECT sum({}) FROM {}").format(row_hash_sql(COLUMNS), sql.Identifier(table))
         started = time.perf_counter()
@@ -140,18 +151,18 @@ def ceiling_query(dsn: str, table: str) -> float:
         return time.perf_counter() - started
 
 
-def run_ceiling_both(dsn_a: str, dsn_b: str, table: str) -> float:
+def run_ceiling_both(dsn_a: str, dsn_b: str, table: str, workers: int | None) -> float:
     started = time.perf_counter()
-    both(dsn_a, dsn_b, lambda d: ceiling_query(d, table))
+    both(dsn_a, dsn_b, lambda d: ceiling_query(d, table, workers))
     return time.perf_counter() - started
 
 
-def run_ours(dsn_a: str, dsn_b: str, table: str) -> tuple[float, set[str], dict[str, Any]]:
+def run_ours(dsn_a: str, dsn_b: str, table: str, jobs: int) -> tuple[float, set[str], dict[str, Any]]:
     started = time.perf_counter()
-    result = diff_tables(dsn_a, dsn_b, table, ["id"])
+    result = diff_tables(dsn_a, dsn_b, table, ["id"], options=ScanOptions(jobs=jobs))
     elapsed = time.perf_counter() - started
     keys = {str(d.key[0]) for d in result.differences}
-    info = {"phases": dict(result.extra.get("phases", {})), "tree": result.extra.get("tree")}
+    info = {k: result.extra.get(k) for k in ("phases", "tree", "jobs")}
     return elapsed, keys, info
 
 
@@ -181,18 +192,28 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
     expected = inject(args.dsn_b, table, rows, seed=rows)
     both(args.dsn_a, args.dsn_b, lambda d: execute(d, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))))
 
-    timings: dict[str, list[float]] = {"ceiling_one": [], "ceiling_both": [], "ours": [], "reladiff": []}
+    timings: dict[str, list[float]] = {
+        "ceiling_one": [],
+        "ceiling_both": [],
+        "ceiling_both_server_parallel": [],
+        "ours": [],
+        "reladiff": [],
+    }
+    workers = args.jobs - 1
     ours_info: list[dict[str, Any]] = []
     contenders: list[tuple[str, Callable[[], None]]] = []
 
     def ceiling_one() -> None:
-        timings["ceiling_one"].append(ceiling_query(args.dsn_a, table))
+        timings["ceiling_one"].append(ceiling_query(args.dsn_a, table, workers))
 
     def ceiling_both() -> None:
-        timings["ceiling_both"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table))
+        timings["ceiling_both"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table, workers))
+
+    def ceiling_server() -> None:
+        timings["ceiling_both_server_parallel"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table, None))
 
     def ours() -> None:
-        elapsed, keys, info = run_ours(args.dsn_a, args.dsn_b, table)
+        elapsed, keys, info = run_ours(args.dsn_a, args.dsn_b, table, args.jobs)
         assert keys == expected, f"reconciler diff found {len(keys)} keys, expected {len(expected)}"
         timings["ours"].append(elapsed)
         ours_info.append(info)
@@ -202,7 +223,12 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         assert keys == expected, f"reladiff found {len(keys)} keys, expected {len(expected)}"
         timings["reladiff"].append(elapsed)
 
-    contenders = [("ceiling_one", ceiling_one), ("ceiling_both", ceiling_both), ("ours", ours)]
+    contenders = [
+        ("ceiling_one", ceiling_one),
+        ("ceiling_both", ceiling_both),
+        ("ceiling_both_server_parallel", ceiling_server),
+        ("ours", ours),
+    ]
     if not args.no_reladiff:
         contenders.append(("reladiff", rela))
     load_before = os.getloadavg()
@@ -211,7 +237,7 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         k = round_no % len(contenders)
         for name, fn in contenders[k:] + contenders[:k]:
             fn()
-            log(f"  round {round_no + 1}: {name:<12} {timings[name][-1]:8.2f}s")
+            log(f"  round {round_no + 1}: {name:<28} {timings[name][-1]:8.2f}s")
     load_after = os.getloadavg()
     if not args.keep:
         both(args.dsn_a, args.dsn_b, lambda d: execute(d, sql.SQL("DROP TABLE {}").format(sql.Identifier(table))))
@@ -220,6 +246,7 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
     ratios = {
         "ours_over_ceiling_both_sides": med["ours"] / med["ceiling_both"],
         "ours_over_ceiling_one_side": med["ours"] / med["ceiling_one"],
+        "ours_over_ceiling_both_server_parallel": med["ours"] / med["ceiling_both_server_parallel"],
     }
     if "reladiff" in med:
         ratios["reladiff_over_ours"] = med["reladiff"] / med["ours"]
@@ -230,8 +257,7 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         "median_seconds": {k: round(v, 3) for k, v in med.items()},
         "runs_seconds": {k: [round(x, 3) for x in v] for k, v in timings.items()},
         "ratios": {k: round(v, 2) for k, v in ratios.items()},
-        "ours_phases_last_run": ours_info[-1]["phases"] if ours_info else {},
-        "ours_tree": ours_info[-1]["tree"] if ours_info else [],
+        "ours_last_run": ours_info[-1] if ours_info else {},
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
     }
 
@@ -245,8 +271,8 @@ def server_facts(dsn: str) -> dict[str, Any]:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (
-        f"{'rows':>10} {'ceiling 1':>10} {'ceiling 2':>10} {'ours':>8} {'reladiff':>9}"
-        f" {'ours/ceil2':>11} {'ours/ceil1':>11} {'reladiff/ours':>14}"
+        f"{'rows':>10} {'ceil 1':>7} {'ceil 2':>7} {'ceil 2p':>8} {'ours':>7} {'reladiff':>9}"
+        f" {'ours/ceil2':>11} {'ours/ceil2p':>12} {'reladiff/ours':>14}"
     )
     print(header)
     print("-" * len(header))
@@ -255,10 +281,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
         rel = f"{m['reladiff']:9.2f}" if "reladiff" in m else f"{'-':>9}"
         relq = f"{q['reladiff_over_ours']:14.1f}" if "reladiff_over_ours" in q else f"{'-':>14}"
         print(
-            f"{r['rows']:>10,} {m['ceiling_one']:10.2f} {m['ceiling_both']:10.2f} {m['ours']:8.2f} {rel}"
-            f" {q['ours_over_ceiling_both_sides']:11.2f} {q['ours_over_ceiling_one_side']:11.2f} {relq}"
+            f"{r['rows']:>10,} {m['ceiling_one']:7.2f} {m['ceiling_both']:7.2f}"
+            f" {m['ceiling_both_server_parallel']:8.2f} {m['ours']:7.2f} {rel}"
+            f" {q['ours_over_ceiling_both_sides']:11.2f} {q['ours_over_ceiling_both_server_parallel']:12.2f} {relq}"
         )
-    print("(seconds, medians; ceiling 1 = scan-and-hash on A alone, ceiling 2 = on A and B at once)")
+    print(
+        "(seconds, medians. ceil 1: scan-and-hash on A alone; ceil 2: on A and B at once, as many processes"
+        " per side as ours; ceil 2p: on A and B at once with the server's parallel workers)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1000000,5000000", help="comma-separated row counts")
     p.add_argument("--quick", action="store_true", help="100,000 rows only (CI)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="our connections per database (the ceiling gets jobs-1 workers)")
     p.add_argument("--reladiff-threads", type=int, default=1, help="reladiff's threads per database (its default: 1)")
     p.add_argument("--no-reladiff", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the benchmark tables")
@@ -290,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "statistic": "median",
             "reladiff": {"algorithm": "hashdiff", "threads_per_db": args.reladiff_threads},
-            "ceiling": "SELECT sum(<our row hash>) FROM t, same session settings",
+            "ceiling": "SELECT sum(<our row hash>) FROM t, same session settings; ceiling_both runs it on A and B"
+            " at once with max_parallel_workers_per_gather = jobs - 1 (as many processes per side as ours);"
+            " ceiling_both_server_parallel leaves the server default",
+            "ours": {"jobs": args.jobs},
             "differences": {"updated": N_UPDATED, "deleted": N_DELETED, "extra": N_EXTRA},
         },
         "results": results,
