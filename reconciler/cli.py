@@ -106,5 +106,376 @@ def run(config_path: str, region: str, log_level: str) -> None:
     sys.exit(Sidecar(load(config_path), region).run())
 
 
+# ---------------------------------------------------------------- conflicts, quarantine
+
+region_option = click.option(
+    "--region", default=None, help="Region whose database to use (default: the first region in the config)."
+)
+
+
+def _region_connection(config: Config, region: str | None) -> tuple[str, Any]:
+    """The chosen region (default: the config's first) and a connection to its database."""
+    from .store import postgres as pg
+
+    name = region or next(iter(config.regions))
+    return name, pg.connect(config.region(name).dsn, region=name)
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for line in (headers, *rows):
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+@main.group()
+def conflicts() -> None:
+    """The conflict queue: what the policies decided, and what waits for an operator."""
+
+
+@conflicts.command("list")
+@config_option
+@region_option
+@click.option("--table", default=None, help="Only this table.")
+@click.option(
+    "--status", type=click.Choice(("open", "resolved", "auto", "all")), default="open", show_default=True,
+    help="open: the manual queue; auto: decided by lww/merge (audit trail); resolved: decided by an operator.",
+)
+@json_option
+@handle_errors
+def conflicts_list(config_path: str, region: str | None, table: str | None, status: str, as_json: bool) -> None:
+    """List the conflicts recorded in one region, oldest first."""
+    from datetime import UTC, datetime
+
+    from .conflicts import list_conflicts
+
+    config = load(config_path)
+    if table is not None:
+        config.table(table)  # an unknown table is a typo, not an empty queue
+    name, conn = _region_connection(config, region)
+    with conn:
+        found = list_conflicts(conn, table=table, status=status)
+    now = datetime.now(UTC)
+    if as_json:
+        print_json({"region": name, "table": table, "status": status, "count": len(found),
+                    "conflicts": [c.to_dict(now) for c in found]})
+        return
+    label = "" if status == "all" else f"{status} "
+    if not found:
+        click.echo(f"region {name}: no {label}conflicts")
+        return
+    click.echo(f"region {name}: {len(found)} {label}conflict{'s' if len(found) != 1 else ''}")
+    _table(
+        ("ID", "TABLE", "KEY", "KIND", "POLICY", "STATUS", "OUTCOME", "AGE"),
+        [(c.conflict_id, c.table, c.key, c.kind, c.policy, c.status, c.outcome, _age(c.age_seconds(now)))
+         for c in found],
+    )
+
+
+@conflicts.command("show")
+@config_option
+@region_option
+@click.argument("conflict_id")
+@json_option
+@handle_errors
+def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_json: bool) -> None:
+    """Show one conflict: both versions side by side, and its resolution if any."""
+    from datetime import UTC, datetime
+
+    from .conflicts import show_conflict
+
+    config = load(config_path)
+    name, conn = _region_connection(config, region)
+    with conn:
+        entry = show_conflict(conn, conflict_id)
+    now = datetime.now(UTC)
+    if as_json:
+        print_json({"region": name, **entry.to_dict(now)})
+        return
+    click.echo(f"conflict {entry.conflict_id} (region {name})")
+    click.echo(f"  table {entry.table}, key {entry.key}, kind {entry.kind}, policy {entry.policy}")
+    click.echo(f"  status {entry.status} ({entry.outcome}), detected {entry.detected_at.isoformat(timespec='seconds')}"
+               f" ({_age(entry.age_seconds(now))} ago), event {entry.event_id or '-'}")
+    click.echo("")
+    local, remote = entry.local, entry.remote
+
+    def side(version: Any, column: str) -> str:
+        if not version.origin:
+            return "(no row)"
+        if version.deleted or version.values is None:
+            return "(deleted)"
+        return _cell(version.values.get(column))
+
+    columns = sorted({*(local.values or {}), *(remote.values or {})})
+    rows: list[tuple[str, ...]] = [
+        ("origin", local.origin or "-", remote.origin or "-", ""),
+        ("hlc", str(local.hlc) if local.origin else "-", str(remote.hlc), ""),
+    ]
+    for column in columns:
+        a, b = side(local, column), side(remote, column)
+        rows.append((column, a, b, "*" if a != b else ""))
+    if not columns:
+        rows.append(("row", side(local, ""), side(remote, ""), ""))
+    _table(("", "LOCAL (held here)", "REMOTE (arriving event)", "DIFFERS"), rows)
+    click.echo("")
+    if entry.resolution is not None:
+        res = entry.resolution
+        at = res.at.isoformat(timespec="seconds") if res.at else "?"
+        chosen = "delete the row" if res.values is None else _cell(res.values)
+        click.echo(f"resolved by {res.by} at {at}: {res.reason}")
+        click.echo(f"  chosen: {chosen}")
+        click.echo(f"  event {res.event_id or '-'}")
+    elif entry.status == "open":
+        origins = ", ".join(v.origin for v in entry.versions())
+        click.echo(f"open: decide with `reconciler conflicts resolve {entry.conflict_id} --take REGION`"
+                   f" ({origins}) or --value JSON, plus --by NAME --reason TEXT")
+    else:
+        click.echo(f"decided automatically by policy {entry.policy} ({entry.outcome}); nothing to resolve")
+
+
+@conflicts.command("resolve")
+@config_option
+@region_option
+@click.argument("conflict_id")
+@click.option("--take", "take_region", default=None, metavar="REGION", help="Keep the version written in REGION.")
+@click.option("--value", default=None, metavar="JSON",
+              help="Keep this row: a JSON object with every column (key included), or null to delete the row.")
+@click.option("--by", required=True, help="Who decides (kept in the audit trail).")
+@click.option("--reason", required=True, help="Why (kept in the audit trail): a ticket, the system of record.")
+@json_option
+@handle_errors
+def conflicts_resolve(
+    config_path: str, region: str | None, conflict_id: str, take_region: str | None, value: str | None, by: str,
+    reason: str, as_json: bool,
+) -> None:
+    """Decide a parked conflict, once, from any region; the decision replicates to every region."""
+    from .conflicts import resolve_conflict
+
+    config = load(config_path)
+    if take_region is not None:
+        config.region(take_region)  # a mistyped region is a clearer error here than "neither version"
+    name, conn = _region_connection(config, region)
+    with conn:
+        event = resolve_conflict(conn, conflict_id, take_region=take_region, value=value, by=by, reason=reason)
+    values = event.payload.get("values")
+    if as_json:
+        print_json({"region": name, "conflict_id": conflict_id, "event_id": event.event_id, "hlc": str(event.hlc),
+                    "table": event.table, "key": event.key, "values": values, "by": by, "reason": reason})
+        return
+    chosen = f"{take_region}'s version" if take_region else "the given value"
+    click.echo(f"resolved {conflict_id} in {name}: {event.table} {event.key} <- {chosen}"
+               f" {'(row deleted)' if values is None else _cell(values)}")
+    click.echo(f"  event {event.event_id} at hlc {event.hlc}; the relay ships it to {', '.join(config.peers(name))}")
+
+
+@main.group()
+def quarantine() -> None:
+    """Events a region set aside instead of applying, with the reason."""
+
+
+@quarantine.command("list")
+@config_option
+@region_option
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Newest entries shown.")
+@json_option
+@handle_errors
+def quarantine_list(config_path: str, region: str | None, limit: int, as_json: bool) -> None:
+    """List one region's quarantined events, newest first."""
+    from .conflicts import list_quarantine
+
+    config = load(config_path)
+    name, conn = _region_connection(config, region)
+    with conn:
+        found = list_quarantine(conn, limit)
+    if as_json:
+        print_json({"region": name, "count": len(found), "entries": [q.to_dict() for q in found]})
+        return
+    if not found:
+        click.echo(f"region {name}: quarantine is empty")
+        return
+    click.echo(f"region {name}: {len(found)} quarantined event{'s' if len(found) != 1 else ''} (newest first)")
+    _table(
+        ("ID", "RECEIVED", "ORIGIN", "SEQ", "REASON", "DETAIL"),
+        [(str(q.id), q.received_at.isoformat(timespec="seconds"), q.origin or "-",
+          str(q.sequence) if q.sequence is not None else "-", q.reason,
+          q.detail if len(q.detail) <= 80 else q.detail[:79] + "…") for q in found],
+    )
+
+
+# ---------------------------------------------------------------- recovery and lifecycle
+
+
+@main.command()
+@config_option
+@click.option("--region", default=None, help="Only gaps whose destination is this region.")
+@json_option
+@handle_errors
+def gaps(config_path: str, region: str | None, as_json: bool) -> None:
+    """Missing event ranges per (origin, destination) and where to replay them from.
+
+    Exit 1 when events are lost (no source holds them any more).
+    """
+    from .recovery import analyze_gaps
+
+    report = analyze_gaps(load(config_path), region)
+    doc = report.to_dict()
+    if as_json:
+        print_json(doc)
+    else:
+        _print_gaps(doc)
+    if report.lost_events:
+        sys.exit(EXIT_FOUND)
+
+
+def _print_gaps(doc: dict[str, Any]) -> None:
+    for name, facts in doc["regions"].items():
+        if not facts["reachable"]:
+            click.echo(f"region {name}: UNREACHABLE ({facts['error']})")
+    if not doc["gaps"]:
+        click.echo("no gaps: every reachable region has applied every event")
+        return
+    click.echo(f"{doc['total_missing']} events missing, {doc['lost_events']} lost")
+    for gap in doc["gaps"]:
+        label = " (stale backup: the origin lost its own events)" if gap["stale_backup"] else ""
+        click.echo(f"{gap['origin']} -> {gap['destination']}: {gap['count']} missing, "
+                   f"HLC {gap['hlc_min']} .. {gap['hlc_max']}{label}")
+        for part in gap["parts"]:
+            where = part["source"] + (f" ({part['holder']})" if part["holder"] else "")
+            marker = "  !! DATA LOSS" if part["source"] == "nowhere" else ""
+            click.echo(f"    seq {part['lo']}..{part['hi']}  {part['count']:>8}  from {where}{marker}")
+
+
+@main.command()
+@config_option
+@click.option("--region", required=True, help="The region to bring back.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@json_option
+@handle_errors
+def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None:
+    """Fence, replay what the region misses, verify with Merkle trees, repair, gate to ACTIVE.
+
+    Resumable: a re-run after any interruption continues where the last batch
+    committed. Exit 1 when the gate did not pass (the report says why).
+    """
+    from .recovery import Progress, recover as run_recover
+
+    config = load(config_path)
+    bar: dict[str, Any] = {}
+
+    def progress(p: Progress) -> None:
+        if as_json or not sys.stderr.isatty() and p.phase == "replay" and p.done not in (0, p.total):
+            return
+        if p.phase == "replay" and p.total:
+            width = 30
+            filled = width * p.done // p.total
+            click.echo(f"\rreplay [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total}", nl=False, err=True)
+            bar["open"] = p.done < p.total
+            if p.done >= p.total:
+                click.echo("", err=True)
+        else:
+            click.echo(f"{p.phase}: {p.detail}", err=True)
+
+    report = run_recover(config, region, dry_run=dry_run, actor=f"cli:{_operator()}", progress=progress)
+    doc = report.to_dict()
+    if as_json:
+        print_json(doc)
+    else:
+        _print_recovery(doc)
+    if not dry_run and (report.gate is None or not report.gate.passed):
+        sys.exit(EXIT_FOUND)
+    if dry_run and report.lost_events:
+        sys.exit(EXIT_FOUND)
+
+
+def _print_recovery(doc: dict[str, Any]) -> None:
+    title = "recover plan (dry run, nothing changed)" if doc["dry_run"] else "recover"
+    click.echo(f"{title}: region {doc['region']}, state {doc['state']} (epoch {doc['epoch']})")
+    _print_gaps(doc["plan"])
+    if doc["dry_run"]:
+        return
+    for key, count in sorted(doc["replayed"].items()):
+        origin, source = key.split(":", 1)
+        click.echo(f"replayed {count:>8} events of {origin} from {source}")
+    if doc["own_events_returned"]:
+        click.echo(f"returned {doc['own_events_returned']} of the region's own lost events")
+    for table, keys in doc["repaired"].items():
+        click.echo(f"repaired {table}: {len(keys)} keys ({', '.join(keys[:5])}{' …' if len(keys) > 5 else ''})")
+    for table, keys in doc["parked"].items():
+        click.echo(f"parked for an operator in {table}: {len(keys)} keys (excluded from the gate)")
+    for table, keys in doc["divergent"].items():
+        click.echo(f"STILL DIFFERENT in {table}: {', '.join(keys[:10])}")
+    gate_doc = doc["gate"] or {}
+    verdict = "passed" if gate_doc.get("passed") else "FAILED: " + "; ".join(gate_doc.get("reasons", []))
+    click.echo(f"gate {verdict}")
+    click.echo(f"transitions: {' -> '.join(doc['transitions'])}")
+    click.echo(f"state {doc['state']} (epoch {doc['epoch']}) after {doc['seconds']:.1f}s")
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return "unknown"
+
+
+def _lifecycle_override(config_path: str, region: str, target: str, reason: str, yes: bool, force: bool) -> None:
+    from .lifecycle import State
+    from .store import postgres as pg
+
+    config = load(config_path)
+    dsn = config.region(region).dsn
+    with pg.connect(dsn, region=region) as conn:
+        before = pg.region_status(conn)
+        if not yes:
+            click.confirm(
+                f"Move region {region} from {before.state.value} (epoch {before.epoch}) to {target}? "
+                f"Reason: {reason}",
+                abort=True,
+            )
+        after = pg.transition(conn, State(target), reason, f"cli:{_operator()}", force=force,
+                              expected_epoch=before.epoch)
+    click.echo(f"region {region}: {before.state.value} -> {after.state.value} (epoch {after.epoch}); "
+               f"audited in reconciler.lifecycle_log")
+
+
+@main.command()
+@config_option
+@click.option("--region", required=True)
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
+def fence(config_path: str, region: str, reason: str, yes: bool) -> None:
+    """Fence a region: /readyz turns 503 and it relays nothing new until recovered."""
+    _lifecycle_override(config_path, region, "FENCED", reason, yes, force=False)
+
+
+@main.command()
+@config_option
+@click.option("--region", required=True)
+@click.option("--force", is_flag=True, required=True, help="Required: this bypasses the recovery gate.")
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
+def activate(config_path: str, region: str, force: bool, reason: str, yes: bool) -> None:
+    """Operator override: mark a region ACTIVE without passing the gate (audited)."""
+    if not force:
+        raise click.UsageError("activate needs --force: it bypasses the recovery gate")
+    _lifecycle_override(config_path, region, "ACTIVE", reason, yes, force=True)
+
+
+
 if __name__ == "__main__":
     main()

@@ -16,14 +16,15 @@ import json
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from .config import TableConfig
 from .conflict import policy_for
-from .errors import EventError
+from .errors import ConflictError, EventError
 from .model import Event, Operation, encode_key
 from .store import postgres as pg
 from .store.translate import translated
+
 
 class _Catalogue:
     """What a connection's database says about itself, read once per connection."""
@@ -115,6 +116,95 @@ def write(
             pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
         pg.insert_outbox(conn, event)
     return event
+
+
+def write_resolution(
+    conn: pg.Connection,
+    conflict_id: str,
+    values: Mapping[str, Any] | None,
+    by: str,
+    reason: str,
+    *,
+    at: datetime | None = None,
+) -> Event:
+    """Record an operator's decision on a parked conflict: ``values`` is the row to
+    keep (the key columns included), or None for "the row is deleted".
+
+    The decision is a replicated write like any other (a RESOLVE event), so it takes
+    the same path as :func:`write`: stamped, applied here through the table's policy
+    and queued in the outbox in one transaction, and every peer applies the same
+    event and closes its own copy of the queue entry. The entry is locked FOR UPDATE
+    first, so of two operators resolving it at once the second waits for the first
+    and is then refused instead of overwriting a decision it never saw.
+
+    Validating what an operator typed is the caller's job
+    (:func:`reconciler.conflicts.resolve_conflict`); this function only refuses
+    what would corrupt the queue: an unknown entry, or one that is not open.
+    """
+    catalogue = _catalogue(conn)
+    region = catalogue.region
+    when = at or datetime.now(UTC)
+    with translated(region=region, conflict_id=conflict_id), conn.transaction():
+        found = conn.execute(
+            "SELECT table_name, row_key, kind, status, local_version, remote_version FROM reconciler.conflicts"
+            " WHERE conflict_id = %s FOR UPDATE",
+            (conflict_id,),
+        ).fetchone()
+        if found is None:
+            raise ConflictError("no such conflict", conflict_id=conflict_id, region=region)
+        table, key_text, kind, status, local, remote = found
+        if status != "open":
+            raise ConflictError(f"conflict is not open (status {status})", conflict_id=conflict_id, region=region)
+        config = catalogue.tables.get(table)
+        if config is None:
+            raise ConflictError(f"table {table!r} is no longer replicated", conflict_id=conflict_id, region=region)
+        key = _resolution_key(config.key, key_text, values, (local, remote))
+        if encode_key(key, config.key) != key_text:
+            raise ConflictError("the chosen row's key is not the conflict's key", conflict_id=conflict_id,
+                                key=key_text, region=region)
+        pg.lock_keys(conn, [(table, key_text)])
+        current = pg.load_states(conn, table, [key_text]).get(key_text)
+        payload = {
+            "key": key,
+            "conflict_id": conflict_id,
+            "kind": kind,
+            "values": None if values is None else {**values, **key},
+            "by": by,
+            "reason": reason,
+            "at": when.isoformat(),
+        }
+        event = Event(
+            origin=region,
+            event_id=str(uuid.uuid4()),
+            table=table,
+            key=key_text,
+            operation=Operation.RESOLVE,
+            hlc=pg.hlc_now(conn),
+            payload=_plain_json(payload),
+            prior=current.hlc if current is not None else None,
+            event_type=f"{table}.resolve",
+        )
+        outcome = policy_for(config.policy, config.fields).apply(current, event)
+        if outcome.state is not None:
+            pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
+        pg.record_resolutions(conn, [event])
+        pg.insert_outbox(conn, event)
+    return event
+
+
+def _resolution_key(
+    columns: tuple[str, ...], key_text: str, values: Mapping[str, Any] | None, versions: Iterable[Any]
+) -> dict[str, Any]:
+    """The conflict's key with its columns' JSON types (a key of 7 must stay 7, not
+    "7", or peers would see a payload whose key disagrees with its values): from the
+    chosen row, else from a stored version, else decoded from the key text."""
+    sources = [values] + [v.get("values") for v in versions if isinstance(v, Mapping)]
+    for source in sources:
+        if isinstance(source, Mapping) and all(c in source for c in columns):
+            return {c: source[c] for c in columns}
+    if len(columns) == 1:
+        return {columns[0]: key_text}
+    return dict(zip(columns, json.loads(key_text), strict=True))
 
 
 def _plain_json(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,399 @@
+"""The manual conflict queue as operators work it: list, show, resolve; and the
+quarantine list next to it.
+
+Each region keeps its own copy of ``reconciler.conflicts``. Conflict ids are
+derived from the two competing versions, so every region that parked the same
+conflict names it the same way, and an operator can resolve it once, from any
+region: the resolution is a replicated RESOLVE event (see
+:func:`reconciler.outbox.write_resolution`) that every region applies through the
+table's policy and uses to close its own copy of the entry.
+
+This module checks what the operator asked for (which version, which value) and
+turns every refusal into a :class:`~reconciler.errors.ConflictError` whose message
+says what to do next; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from . import outbox
+from .errors import ConflictError
+from .hlc import Timestamp
+from .model import Event, Version, encode_key
+from .store import postgres as pg
+from .store.translate import translated
+
+__all__ = [
+    "STATUSES",
+    "ConflictEntry",
+    "QuarantineEntry",
+    "Resolution",
+    "list_conflicts",
+    "list_quarantine",
+    "resolve_conflict",
+    "show_conflict",
+]
+
+#: what ``list --status`` accepts; "all" (or None) does not filter
+STATUSES: Final = ("open", "resolved", "auto", "all")
+
+_COLUMNS: Final = (
+    "conflict_id, table_name, row_key, kind, policy, outcome, status, local_version, remote_version, event_id,"
+    " detected_at, resolved_by, resolved_at, resolution_reason, resolution, resolution_event"
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Who decided a conflict, when, why, and what they chose (None: the row is deleted)."""
+
+    by: str | None
+    at: datetime | None
+    reason: str | None
+    values: Mapping[str, Any] | None
+    event_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "at": self.at.isoformat() if self.at else None,
+            "reason": self.reason,
+            "values": dict(self.values) if self.values is not None else None,
+            "event_id": self.event_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictEntry:
+    """One row of a region's conflict table, as an operator needs to see it.
+
+    ``local`` is the version this region held when the conflicting event arrived,
+    ``remote`` the event's version; in another region the two may be swapped.
+    """
+
+    conflict_id: str
+    table: str
+    key: str
+    kind: str
+    policy: str
+    outcome: str
+    status: str
+    local: Version
+    remote: Version
+    event_id: str | None
+    detected_at: datetime
+    resolution: Resolution | None
+
+    def versions(self) -> tuple[Version, ...]:
+        """The sides that exist (an update for a never-seen row has no local side)."""
+        return tuple(v for v in (self.local, self.remote) if v.origin)
+
+    def age_seconds(self, now: datetime) -> float:
+        return max(0.0, (now - self.detected_at).total_seconds())
+
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        return {
+            "conflict_id": self.conflict_id,
+            "table": self.table,
+            "key": self.key,
+            "kind": self.kind,
+            "policy": self.policy,
+            "outcome": self.outcome,
+            "status": self.status,
+            "local": self.local.to_dict(),
+            "remote": self.remote.to_dict(),
+            "event_id": self.event_id,
+            "detected_at": self.detected_at.isoformat(),
+            "age_seconds": round(self.age_seconds(now or _utcnow()), 3),
+            "resolution": self.resolution.to_dict() if self.resolution else None,
+        }
+
+
+def _version(doc: Mapping[str, Any]) -> Version:
+    values = doc.get("values")
+    return Version(
+        values=dict(values) if isinstance(values, Mapping) else None,
+        hlc=Timestamp.parse(str(doc.get("hlc") or "0.0")),
+        origin=str(doc.get("origin") or ""),
+        deleted=bool(doc.get("deleted")),
+    )
+
+
+def _entry(row: Sequence[Any]) -> ConflictEntry:
+    (cid, table, key, kind, policy, outcome, status, local, remote, event_id, detected_at, resolved_by,
+     resolved_at, reason, resolution, resolution_event) = row
+    decided = None
+    if status == "resolved":
+        decided = Resolution(
+            by=resolved_by,
+            at=resolved_at,
+            reason=reason,
+            values=dict(resolution) if isinstance(resolution, Mapping) else None,
+            event_id=str(resolution_event) if resolution_event else None,
+        )
+    return ConflictEntry(
+        conflict_id=cid,
+        table=table,
+        key=key,
+        kind=kind,
+        policy=policy,
+        outcome=outcome,
+        status=status,
+        local=_version(local),
+        remote=_version(remote),
+        event_id=str(event_id) if event_id else None,
+        detected_at=detected_at,
+        resolution=decided,
+    )
+
+
+def list_conflicts(conn: pg.Connection, table: str | None = None, status: str | None = None) -> list[ConflictEntry]:
+    """Conflicts recorded in this region, oldest first.
+
+    ``status``: ``open`` (the manual queue), ``resolved``, ``auto`` (decided by an
+    lww/merge policy, kept as audit trail), or ``all``/None.
+    """
+    if status is not None and status not in STATUSES:
+        raise ConflictError(f"unknown conflict status {status!r}; expected one of {', '.join(STATUSES)}")
+    where = []
+    params: list[Any] = []
+    if table is not None:
+        where.append("table_name = %s")
+        params.append(table)
+    if status not in (None, "all"):
+        where.append("status = %s")
+        params.append(status)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    # transaction(): a read must not leave the session idle in an open transaction
+    with translated(step="list conflicts", table=table), conn.transaction():
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM reconciler.conflicts{clause} ORDER BY detected_at, conflict_id", params
+        ).fetchall()
+    return [_entry(r) for r in rows]
+
+
+def show_conflict(conn: pg.Connection, conflict_id: str) -> ConflictEntry:
+    """One conflict of this region; refused with a hint when it is not here."""
+    with translated(step="show conflict", conflict_id=conflict_id), conn.transaction():
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM reconciler.conflicts WHERE conflict_id = %s", (conflict_id,)
+        ).fetchone()
+        if row is None:
+            raise _missing(conn, conflict_id)
+    return _entry(row)
+
+
+def _missing(conn: pg.Connection, conflict_id: str) -> ConflictError:
+    region = pg.region_id(conn)
+    return ConflictError(
+        f"no conflict {conflict_id} in region {region}; `reconciler conflicts list --status all` shows the ids"
+        " this region knows (a conflict not yet replicated here may be listed in another region)",
+        conflict_id=conflict_id,
+        region=region,
+    )
+
+
+def resolve_conflict(
+    conn: pg.Connection,
+    conflict_id: str,
+    *,
+    take_region: str | None = None,
+    value: str | Mapping[str, Any] | None = None,
+    by: str,
+    reason: str,
+    now: Callable[[], datetime] = _utcnow,
+) -> Event:
+    """Decide a parked conflict; returns the RESOLVE event that carries the decision.
+
+    Exactly one of:
+
+    - ``take_region``: keep the version written in that region (one of the two
+      stored versions must come from it);
+    - ``value``: the row to keep, as JSON text or a mapping: an object with every
+      column of the table, key columns equal to the conflict's key (so a pasted id
+      cannot silently overwrite another row), or JSON ``null`` for "the row is
+      deleted".
+
+    ``by`` and ``reason`` are the audit trail and must not be empty. Everything
+    happens in one transaction in this region; the relay ships the decision to the
+    others. Refusals raise :class:`ConflictError` and change nothing.
+    """
+    if (take_region is None) == (value is None):
+        raise ConflictError("give exactly one of --take REGION or --value JSON", conflict_id=conflict_id)
+    if not by.strip():
+        raise ConflictError("--by must name who decides (audit trail)", conflict_id=conflict_id)
+    if not reason.strip():
+        raise ConflictError("--reason must say why (audit trail)", conflict_id=conflict_id)
+    with translated(step="resolve conflict", conflict_id=conflict_id), conn.transaction():
+        # FOR UPDATE: a second resolver of this entry waits here until the first
+        # commits, then reads the entry as resolved and is refused below
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM reconciler.conflicts WHERE conflict_id = %s FOR UPDATE",
+            (conflict_id,),
+        ).fetchone()
+        if row is None:
+            raise _missing(conn, conflict_id)
+        entry = _entry(row)
+        _check_open(entry)
+        if take_region is not None:
+            values = _take(entry, take_region)
+        else:
+            values = _given_value(conn, entry, value)
+        return outbox.write_resolution(conn, conflict_id, values, by.strip(), reason.strip(), at=now())
+
+
+def _check_open(entry: ConflictEntry) -> None:
+    if entry.status == "resolved" and entry.resolution is not None:
+        res = entry.resolution
+        at = res.at.isoformat(timespec="seconds") if res.at else "an unknown time"
+        raise ConflictError(
+            f"conflict {entry.conflict_id} is already resolved by {res.by} at {at}: {res.reason}",
+            conflict_id=entry.conflict_id,
+        )
+    if entry.status != "open":
+        raise ConflictError(
+            f"conflict {entry.conflict_id} is not in the manual queue: table {entry.table} uses policy"
+            f" {entry.policy}, which already decided it ({entry.outcome}); nothing to resolve",
+            conflict_id=entry.conflict_id,
+        )
+
+
+def _take(entry: ConflictEntry, region: str) -> dict[str, Any] | None:
+    sides = [v for v in entry.versions() if v.origin == region]
+    if not sides:
+        origins = " and ".join(sorted({v.origin for v in entry.versions()})) or "nowhere"
+        raise ConflictError(
+            f"neither version of conflict {entry.conflict_id} was written in {region}: they come from {origins};"
+            " use --take with one of those, or --value",
+            conflict_id=entry.conflict_id,
+        )
+    # both sides from one region cannot be concurrent writes; if it ever happens,
+    # the later of them is that region's last word
+    chosen = max(sides, key=lambda v: v.hlc)
+    return None if chosen.deleted or chosen.values is None else dict(chosen.values)
+
+
+def _given_value(
+    conn: pg.Connection, entry: ConflictEntry, value: str | Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConflictError(f"--value is not valid JSON: {exc}", conflict_id=entry.conflict_id) from None
+    else:
+        parsed = value
+    if parsed is None:
+        return None
+    if not isinstance(parsed, Mapping):
+        raise ConflictError(
+            "--value must be a JSON object (the full row) or null (delete the row)", conflict_id=entry.conflict_id
+        )
+    tables = pg.replicated_tables(conn)
+    config = tables.get(entry.table)
+    if config is None:
+        raise ConflictError(f"table {entry.table} is no longer replicated", conflict_id=entry.conflict_id)
+    missing_key = [c for c in config.key if c not in parsed]
+    if missing_key:
+        raise ConflictError(
+            f"--value must contain the key column(s) {', '.join(missing_key)} (this conflict is about"
+            f" {_key_text(config.key, entry.key)})",
+            conflict_id=entry.conflict_id,
+        )
+    if encode_key(parsed, config.key) != entry.key:
+        raise ConflictError(
+            f"--value is for key {encode_key(parsed, config.key)!r}, but this conflict is about key {entry.key!r}",
+            conflict_id=entry.conflict_id,
+        )
+    # the chosen value replaces the whole row in every region, so a partial row
+    # would null the columns it leaves out: ask for them rather than guess
+    columns = pg.TableWriter.build(conn, config).columns
+    unknown = sorted(c for c in parsed if c not in columns)
+    if unknown:
+        raise ConflictError(
+            f"--value names column(s) {', '.join(unknown)} that table {entry.table} does not have",
+            conflict_id=entry.conflict_id,
+        )
+    absent = [c for c in columns if c not in parsed]
+    if absent:
+        raise ConflictError(
+            f"--value must give the full row; missing column(s) {', '.join(absent)}"
+            " (use null for an empty column)",
+            conflict_id=entry.conflict_id,
+        )
+    return dict(parsed)
+
+
+def _key_text(columns: tuple[str, ...], key: str) -> str:
+    return f"{columns[0]}={key}" if len(columns) == 1 else f"({', '.join(columns)})={key}"
+
+
+# ---------------------------------------------------------------- quarantine
+
+#: characters of a quarantined message shown; the table keeps all of it
+RAW_PREVIEW: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """An event this region set aside instead of applying, with why and where from."""
+
+    id: int
+    origin: str | None
+    sequence: int | None
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    reason: str
+    detail: str
+    raw: bytes | None
+    received_at: datetime
+    retried_at: datetime | None
+
+    def raw_preview(self) -> str | None:
+        if self.raw is None:
+            return None
+        text = self.raw.decode("utf-8", errors="replace")
+        return text if len(text) <= RAW_PREVIEW else text[:RAW_PREVIEW] + "…"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "origin": self.origin,
+            "sequence": self.sequence,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "reason": self.reason,
+            "detail": self.detail,
+            "raw_bytes": len(self.raw) if self.raw is not None else None,
+            "raw_preview": self.raw_preview(),
+            "received_at": self.received_at.isoformat(),
+            "retried_at": self.retried_at.isoformat() if self.retried_at else None,
+        }
+
+
+def list_quarantine(conn: pg.Connection, limit: int = 100) -> list[QuarantineEntry]:
+    """The most recent ``limit`` quarantined events of this region, newest first."""
+    with translated(step="list quarantine"), conn.transaction():
+        rows = conn.execute(
+            "SELECT id, origin, sequence, topic, kafka_partition, kafka_offset, reason, detail, raw, received_at,"
+            " retried_at FROM reconciler.quarantine ORDER BY id DESC LIMIT %s",
+            (limit,),
+        ).fetchall()
+    return [
+        QuarantineEntry(
+            id=r[0], origin=r[1], sequence=r[2], topic=r[3], partition=r[4], offset=r[5], reason=r[6],
+            detail=r[7], raw=bytes(r[8]) if r[8] is not None else None, received_at=r[9], retried_at=r[10],
+        )
+        for r in rows
+    ]
