@@ -25,6 +25,7 @@ from typing import Any
 from . import wire
 from .config import Config
 from .errors import ReconcilerError, TransportError
+from .lifecycle import State
 from .logs import component_logger
 from .metrics import Metrics
 from .store import postgres as pg
@@ -43,6 +44,8 @@ class Relay:
         self._lease_conn: pg.Connection | None = None
         self._conn: pg.Connection | None = None
         self._producer: Any = None
+        self._stale = False
+        self._stale_checked_at: float | None = None
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
@@ -70,7 +73,8 @@ class Relay:
         assert self._conn is not None and self._producer is not None, "start() first"
         started = time.perf_counter()
         limit = self.config.relay_batch_size
-        pg.assign_sequences(self._conn, self.region, self.epoch, limit)
+        if self._numbering_allowed():
+            pg.assign_sequences(self._conn, self.region, self.epoch, limit)
         events = pg.unpublished(self._conn, self.region, limit)
         if not events:
             return 0
@@ -97,6 +101,28 @@ class Relay:
             self.metrics.events_relayed.inc(len(events))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(events)
+
+    def _numbering_allowed(self) -> bool:
+        """New events get numbers only while the region is not fenced or catching up,
+        and never while its own topic holds sequences its outbox does not know: that
+        database was restored from a stale backup, and a new event numbered now would
+        reuse a sequence peers already applied, so their inbox would drop it.
+        ``reconciler recover`` returns the lost events and reserves their numbers."""
+        assert self._conn is not None
+        status = pg.region_status(self._conn)
+        if status.state in (State.CATCHING_UP, State.FENCED):
+            return False
+        now = time.monotonic()
+        if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
+            self._stale_checked_at = now
+            retained = kafka.retained_sequences(self.config.kafka_settings(self.region), self.topic)
+            last, _ = pg.relay_position(self._conn, self.region)
+            self._stale = bool(retained and retained[1] > last)
+            if self._stale:
+                self.log.error("outbox is behind its own topic (stale backup?): not numbering new events; "
+                               "run `reconciler recover`",
+                               extra={"fields": {"outbox_last_sequence": last, "topic_last_sequence": retained}})
+        return not self._stale
 
     def _send(self, key: bytes, value: bytes, callback: Any) -> None:
         while True:

@@ -1,0 +1,562 @@
+"""Regional recovery: gap analysis, catch-up replay, Merkle verification, repair,
+and the gate back to ACTIVE.
+
+``analyze_gaps`` asks every reachable region what it holds (outbox, inbox
+islands, relay position) and Kafka what it still retains, and lets the pure
+planner (:mod:`reconciler.gaps`) say, for every (origin, destination) pair, what
+is missing and where it can be replayed from.
+
+``recover`` then fences the region, replays what it misses through the same
+inbox/apply path as live traffic (so dedup and conflict policies hold; a re-run
+after SIGKILL just finds smaller gaps), returns to a region restored from a
+stale backup the events it lost, verifies every replicated table against every
+reachable peer with Merkle trees, repairs what differs, and moves the region to
+ACTIVE only when the gate passes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wire
+from .apply import Applier
+from .config import Config
+from .diff import diff_tables
+from .errors import EventError, FencedError, ReconcilerError, StoreError
+from .gaps import GapPlan, SeqRanges, Source, plan_gaps
+from .hlc import Timestamp
+from .lifecycle import GateDecision, GateInput, State, gate
+from .logs import component_logger
+from .metrics import Metrics
+from .model import Event, RowState
+from .store import postgres as pg
+from .store.translate import translated
+from .transport import kafka
+
+_RECOVER_LOCK = 7165108713
+
+
+@dataclass
+class RegionFacts:
+    region: str
+    reachable: bool
+    error: str | None = None
+    last_sequence: int = 0
+    published_through: int = 0
+    inbox: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    outbox: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class GapReport:
+    plans: list[GapPlan]
+    facts: dict[str, RegionFacts]
+    retained: dict[str, tuple[int, int] | None]
+    #: per plan (origin, destination): sequences the destination has not applied although
+    #: it applied later ones (holes), versus the in-flight tail a live consumer will still get
+    holes: dict[tuple[str, str], int] = field(default_factory=dict)
+    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]] = field(default_factory=dict)
+
+    @property
+    def lost_events(self) -> int:
+        return sum(p.lost.count() for p in self.plans)
+
+    def for_destination(self, region: str) -> list[GapPlan]:
+        return [p for p in self.plans if p.gap.destination == region]
+
+    def to_dict(self) -> dict[str, Any]:
+        plans = []
+        for plan in self.plans:
+            pair = (plan.gap.origin, plan.gap.destination)
+            doc = plan.to_dict()
+            low, high = self.hlc_spans.get(pair, (None, None))
+            doc["hlc_min"] = str(low) if low else None
+            doc["hlc_max"] = str(high) if high else None
+            doc["holes"] = self.holes.get(pair, 0)
+            doc["stale_backup"] = plan.gap.origin == plan.gap.destination
+            plans.append(doc)
+        return {
+            "gaps": plans,
+            "total_missing": sum(p.gap.count for p in self.plans),
+            "lost_events": self.lost_events,
+            "regions": {
+                r: {"reachable": f.reachable, "error": f.error, "last_sequence": f.last_sequence,
+                    "published_through": f.published_through}
+                for r, f in self.facts.items()
+            },
+            "kafka_retained": {o: list(r) if r else None for o, r in self.retained.items()},
+        }
+
+
+def collect_facts(config: Config) -> dict[str, RegionFacts]:
+    facts: dict[str, RegionFacts] = {}
+    for region in config.regions:
+        try:
+            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
+                last, published = pg.relay_position(conn, region)
+                facts[region] = RegionFacts(
+                    region=region, reachable=True, last_sequence=last, published_through=published,
+                    inbox=pg.inbox_ranges(conn), outbox=pg.outbox_ranges(conn, region),
+                )
+        except ReconcilerError as exc:
+            facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
+    return facts
+
+
+def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
+    settings = config.kafka_settings(next(iter(config.regions)))
+    return {o: kafka.retained_sequences(settings, config.events_topic(o)) for o in config.regions}
+
+
+def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
+    """Every (origin, destination) gap, each range tagged with where to replay it from."""
+    if region is not None:
+        config.region(region)
+    facts = collect_facts(config)
+    retained = kafka_retention(config)
+    reachable = {r: f for r, f in facts.items() if f.reachable}
+    origin_high = {r: f.last_sequence for r, f in reachable.items()}
+    applied: dict[tuple[str, str], SeqRanges] = {}
+    held: dict[tuple[str, str], SeqRanges] = {}
+    for dest, f in reachable.items():
+        held[(dest, dest)] = SeqRanges(f.outbox)
+        for origin, ranges in f.inbox.items():
+            applied[(origin, dest)] = SeqRanges(ranges)
+            held[(dest, origin)] = SeqRanges(ranges)
+    kafka_ranges = {o: SeqRanges.span(*r) for o, r in retained.items() if r}
+    plans = [
+        p for p in plan_gaps(origin_high, applied, kafka_ranges, held)
+        if p.gap.destination in reachable and (region is None or p.gap.destination == region)
+    ]
+    report = GapReport(plans=plans, facts=facts, retained=retained)
+    for plan in plans:
+        pair = (plan.gap.origin, plan.gap.destination)
+        top = applied.get(pair, SeqRanges()).last or 0
+        report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
+        report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
+    return report
+
+
+def _hlc_span(
+    config: Config, plan: GapPlan, reachable: dict[str, RegionFacts]
+) -> tuple[Timestamp | None, Timestamp | None]:
+    """HLC bounds of a gap's events, asked of whichever region still holds them."""
+    origin = plan.gap.origin
+    holders = [origin] if origin in reachable and origin != plan.gap.destination else []
+    holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
+    for holder in holders:
+        table, column = ("outbox", "relay_sequence") if holder == origin else ("inbox", "sequence")
+        ranges = plan.gap.ranges.to_list()
+        try:
+            with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn, translated(step="hlc span"):
+                row = conn.execute(
+                    f"SELECT min(hlc), max(hlc) FROM reconciler.{table} t"  # noqa: S608 - fixed names above
+                    " JOIN jsonb_to_recordset(%s::jsonb) AS r(lo bigint, hi bigint)"
+                    f" ON t.{column} BETWEEN r.lo AND r.hi"
+                    " WHERE t.origin = %s",
+                    (json.dumps([{"lo": lo, "hi": hi} for lo, hi in ranges]), origin),
+                ).fetchone()
+        except ReconcilerError:
+            continue
+        if row and row[0] is not None:
+            return Timestamp.unpack(row[0]), Timestamp.unpack(row[1])
+    return None, None
+
+
+# ---------------------------------------------------------------- replay
+
+@dataclass
+class Progress:
+    region: str
+    phase: str
+    done: int = 0
+    total: int = 0
+    detail: str = ""
+
+
+@dataclass
+class RecoveryReport:
+    region: str
+    dry_run: bool
+    plan: dict[str, Any]
+    replayed: dict[str, int] = field(default_factory=dict)
+    own_events_returned: int = 0
+    repaired: dict[str, list[str]] = field(default_factory=dict)
+    divergent: dict[str, list[str]] = field(default_factory=dict)
+    parked: dict[str, list[str]] = field(default_factory=dict)
+    gate: GateDecision | None = None
+    state: str = ""
+    epoch: int = 0
+    seconds: float = 0.0
+    transitions: list[str] = field(default_factory=list)
+
+    @property
+    def lost_events(self) -> int:
+        return int(self.plan.get("lost_events", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "region": self.region,
+            "dry_run": self.dry_run,
+            "plan": self.plan,
+            "replayed": self.replayed,
+            "replayed_total": sum(self.replayed.values()),
+            "own_events_returned": self.own_events_returned,
+            "repaired": self.repaired,
+            "divergent": self.divergent,
+            "parked": self.parked,
+            "gate": self.gate.to_dict() if self.gate else None,
+            "state": self.state,
+            "epoch": self.epoch,
+            "transitions": self.transitions,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class _Replayer:
+    """Streams the events of a plan from their sources, in bounded batches."""
+
+    def __init__(self, config: Config, batch: int) -> None:
+        self.config = config
+        self.batch = batch
+
+    def stream(self, plan: GapPlan) -> Iterator[tuple[str, Event]]:
+        origin = plan.gap.origin
+        for part in plan.parts:
+            if part.source is Source.NOWHERE:
+                continue
+            if part.source is Source.KAFKA:
+                yield from self._from_kafka(origin, part.lo, part.hi)
+            else:
+                holder = part.holder or origin
+                yield from self._from_database(origin, holder, part.source, part.lo, part.hi)
+
+    def _from_kafka(self, origin: str, lo: int, hi: int) -> Iterator[tuple[str, Event]]:
+        settings = self.config.kafka_settings(origin)
+        seen: set[int] = set()
+        for batch in kafka.read_sequences(settings, self.config.events_topic(origin), lambda s: lo <= s <= hi,
+                                          batch=self.batch):
+            for value, _partition, offset in batch:
+                try:
+                    event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)
+                except EventError:
+                    continue  # poison was quarantined when first consumed; nothing to replay
+                if event.sequence in seen:
+                    continue  # a relay crash republished it; one copy is enough
+                seen.add(event.sequence or 0)
+                yield Source.KAFKA.value, event
+
+    def _from_database(
+        self, origin: str, holder: str, source: Source, lo: int, hi: int
+    ) -> Iterator[tuple[str, Event]]:
+        with pg.connect(self.config.region(holder).dsn, region=holder) as conn:
+            cursor = lo
+            while cursor <= hi:
+                if source is Source.PEER_OUTBOX:
+                    events = pg.outbox_range(conn, origin, cursor, hi, self.batch)
+                    conn.commit()
+                else:
+                    events = pg.inbox_events(conn, origin, cursor, hi, self.batch)
+                if not events:
+                    return
+                for event in events:
+                    yield source.value, event
+                cursor = (events[-1].sequence or hi) + 1
+
+
+def _merged_by_hlc(streams: list[Iterator[tuple[str, Event]]], lookahead: int) -> Iterator[tuple[str, Event]]:
+    """Merge the plans' streams by HLC with a bounded buffer per stream.
+
+    Each stream is in sequence order, which is commit order and very nearly HLC
+    order; the merge keeps the replay close to global HLC order without holding a
+    backlog in memory. (Policies converge in any order; this keeps the audit trail
+    and the lag figures natural.)
+    """
+    Item = tuple[tuple[Timestamp, str, int], int, str, Event]
+
+    def keyed(index: int, stream: Iterator[tuple[str, Event]]) -> Iterator[Item]:
+        buffer: list[Item] = []
+        for source, event in stream:
+            heapq.heappush(buffer, ((event.hlc, event.origin, event.sequence or 0), index, source, event))
+            if len(buffer) >= lookahead:
+                yield heapq.heappop(buffer)
+        while buffer:
+            yield heapq.heappop(buffer)
+
+    for _key, _index, source, event in heapq.merge(*(keyed(i, s) for i, s in enumerate(streams))):
+        yield source, event
+
+
+def recover(
+    config: Config,
+    region: str,
+    *,
+    dry_run: bool = False,
+    actor: str = "operator",
+    progress: Callable[[Progress], None] | None = None,
+    metrics: Metrics | None = None,
+    verify_rounds: int = 3,
+) -> RecoveryReport:
+    """Bring ``region`` to the state of its peers, verified, then back to ACTIVE."""
+    started = time.monotonic()
+    log = component_logger("replay", region)
+    notify = progress or (lambda _p: None)
+    dsn = config.region(region).dsn
+    lease = pg.connect(dsn, autocommit=True, region=region)
+    try:
+        with translated(region=region, step="recover lease"):
+            row = lease.execute("SELECT pg_try_advisory_lock(%s)", (_RECOVER_LOCK,)).fetchone()
+        if not row or not row[0]:
+            raise FencedError("another recover is already running for this region", region=region)
+        report = analyze_gaps(config, region)
+        result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
+        status = pg.region_status(lease)
+        result.state, result.epoch = status.state.value, status.epoch
+        if dry_run:
+            result.seconds = time.monotonic() - started
+            return result
+        if status.state in (State.ACTIVE, State.SUSPECT):
+            status = pg.transition(lease, State.FENCED, "recover: fencing before catch-up", actor)
+            result.transitions.append(f"{State.FENCED.value} (epoch {status.epoch})")
+        if status.state in (State.FENCED, State.VERIFYING):
+            status = pg.transition(lease, State.CATCHING_UP, "recover: catch-up replay", actor)
+            result.transitions.append(f"{State.CATCHING_UP.value} (epoch {status.epoch})")
+        log.bind(epoch=status.epoch)
+        log.info("recover started", extra={"fields": {"missing": report.to_dict()["total_missing"],
+                                                      "lost": report.lost_events}})
+        decision: GateDecision | None = None
+        for _round in range(verify_rounds):
+            _replay(config, region, report, result, notify, metrics)
+            _reserve_own_sequences(config, region, report)
+            if status.state is State.CATCHING_UP:
+                status = pg.transition(lease, State.VERIFYING, "recover: replay done, verifying", actor)
+                result.transitions.append(f"{State.VERIFYING.value} (epoch {status.epoch})")
+            notify(Progress(region, "verify", detail="Merkle comparison"))
+            result.divergent, result.parked = {}, {}
+            _verify_and_repair(config, region, result)
+            report = analyze_gaps(config, region)
+            decision = gate(_gate_input(config, region, report, result), config.lifecycle.max_lag_events,
+                            config.lifecycle.max_lag_seconds)
+            if decision.passed:
+                break
+            if report.lost_events:
+                break  # more rounds cannot bring back what nobody holds
+        assert decision is not None
+        result.gate = decision
+        result.plan = report.to_dict() if not result.replayed else result.plan
+        if decision.passed:
+            status = pg.transition(lease, State.ACTIVE, "recover: gate passed", actor)
+        else:
+            status = pg.transition(lease, State.CATCHING_UP, "recover: gate failed: " + "; ".join(decision.reasons),
+                                   actor)
+        result.transitions.append(f"{status.state.value} (epoch {status.epoch})")
+        result.state, result.epoch = status.state.value, status.epoch
+        result.seconds = time.monotonic() - started
+        log.info("recover finished", extra={"fields": {"state": status.state.value, "gate": decision.to_dict(),
+                                                       "replayed": result.replayed}})
+        return result
+    finally:
+        lease.close()
+
+
+def _replay(
+    config: Config, region: str, report: GapReport, result: RecoveryReport,
+    notify: Callable[[Progress], None], metrics: Metrics | None,
+) -> None:
+    plans = [p for p in report.for_destination(region) if p.gap.count - p.lost.count()]
+    total = sum(p.gap.count - p.lost.count() for p in plans)
+    if not total:
+        return
+    replayer = _Replayer(config, config.apply_batch_size)
+    streams = [replayer.stream(p) for p in plans]
+    done = 0
+    notify(Progress(region, "replay", 0, total))
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+        applier = Applier(conn, region, config.tables, config.hlc_max_offset_ms)
+        batch: list[tuple[str, Event]] = []
+
+        def flush() -> None:
+            nonlocal done
+            remote = [e for _, e in batch if e.origin != region]
+            own = [e for _, e in batch if e.origin == region]
+            if remote:
+                applier.apply_remote(remote)
+            if own:
+                _return_own_events(conn, applier, own)
+                result.own_events_returned += len(own)
+            for source, event in batch:
+                key = f"{event.origin}:{source}"
+                result.replayed[key] = result.replayed.get(key, 0) + 1
+                if metrics is not None:
+                    metrics.record_replayed(event.origin, source)
+            done += len(batch)
+            if metrics is not None:
+                metrics.replay_remaining_events.set(max(total - done, 0))
+            notify(Progress(region, "replay", done, total))
+            batch.clear()
+
+        for item in _merged_by_hlc(streams, lookahead=config.apply_batch_size):
+            batch.append(item)
+            if len(batch) >= config.apply_batch_size:
+                flush()
+        if batch:
+            flush()
+
+
+def _return_own_events(conn: pg.Connection, applier: Applier, events: list[Event]) -> None:
+    """Apply this region's own events that it lost (stale backup) and put them back in
+    its outbox with their original numbers, in one transaction."""
+    with translated(region=applier.region, step="return own events"), conn.transaction():
+        known = {
+            str(r[0]) for r in conn.execute(
+                "SELECT id FROM reconciler.outbox WHERE id = ANY(%s::uuid[])", ([e.event_id for e in events],)
+            ).fetchall()
+        }
+        fresh = [e for e in events if e.event_id not in known]
+        applied, bad, _conflicts = applier.apply_rows(fresh)
+        if bad:
+            raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",
+                             region=applier.region)
+        pg.restore_own_events(conn, fresh)
+        if applied:
+            pg.observe_hlc(conn, max(e.hlc for e in applied))
+
+
+def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> None:
+    """Peers and Kafka may know sequences of this region beyond its own counter (stale
+    backup): make sure the relay never numbers a new event with one of them."""
+    seen = 0
+    for dest, facts in report.facts.items():
+        if dest != region and facts.reachable:
+            for lo_hi in facts.inbox.get(region, []):
+                seen = max(seen, lo_hi[1])
+    retained = report.retained.get(region)
+    if retained:
+        seen = max(seen, retained[1])
+    own = report.facts.get(region)
+    if own and own.reachable and seen > own.last_sequence:
+        with pg.connect(config.region(region).dsn, region=region) as conn:
+            pg.reserve_sequences(conn, region, seen)
+
+
+# ---------------------------------------------------------------- verify and repair
+
+def _row_key(table_key: tuple[str, ...], key: tuple[Any, ...]) -> str:
+    if len(table_key) == 1:
+        return str(key[0])
+    return json.dumps(list(key), separators=(",", ":"), default=str)
+
+
+def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> None:
+    peers = []
+    for peer in config.peers(region):
+        try:
+            pg.connect(config.region(peer).dsn, region=peer, timeout=3).close()
+            peers.append(peer)
+        except ReconcilerError:
+            continue
+    parked: dict[str, set[str]] = {}
+    for r in [region, *peers]:
+        with pg.connect(config.region(r).dsn, region=r) as conn:
+            for parked_table, keys in pg.open_conflict_keys(conn).items():
+                parked.setdefault(parked_table, set()).update(keys)
+    for name, table in config.tables.items():
+        differing: set[str] = set()
+        for peer in peers:
+            diff = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
+            keys = {_row_key(table.key, d.key) for d in diff.differences}
+            keys -= parked.get(name, set())
+            if keys:
+                repaired = _repair(config, name, sorted(keys), [region, peer])
+                done = result.repaired.setdefault(name, [])
+                done.extend(k for k in repaired if k not in done)
+                again = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
+                left = {_row_key(table.key, d.key) for d in again.differences} - parked.get(name, set())
+                differing |= left
+        if differing:
+            result.divergent[name] = sorted(differing)
+        if parked.get(name):
+            result.parked[name] = sorted(parked[name])
+
+
+def _repair(config: Config, table: str, keys: list[str], regions: list[str]) -> list[str]:
+    """Make the business rows of ``keys`` say what replication metadata says.
+
+    - a row that disagrees with its own region's metadata (written around the
+      pipeline) is rewritten from that metadata;
+    - where regions' metadata disagree, last-writer-wins and manual tables take the
+      winning version everywhere (idempotent: the event that produced it, arriving
+      later, changes nothing); merge tables are left to their events and reported;
+    - a row no region has metadata for exists only by direct writes: the first
+      region (the one recovering) is made to match its peer.
+    """
+    policy = config.tables[table].policy
+    states: dict[str, dict[str, RowState]] = {}
+    for r in regions:
+        with pg.connect(config.region(r).dsn, region=r) as conn:
+            states[r] = pg.load_states(conn, table, keys)
+    repaired = []
+    for key in keys:
+        present = {r: s[key] for r, s in states.items() if key in s}
+        if present and policy != "merge":
+            winner = max(present.values(), key=lambda s: (s.hlc, s.origin))
+            targets = {r: winner for r in regions}
+        elif present:
+            targets = {r: s for r, s in present.items()}
+        else:
+            targets = {}
+        for r, state in targets.items():
+            with pg.connect(config.region(r).dsn, region=r) as conn, translated(region=r, step="repair"), \
+                    conn.transaction():
+                pg.lock_keys(conn, [(table, key)])
+                writer = pg.TableWriter.build(conn, config.tables[table])
+                pg.write_states(conn, writer, {key: state})
+        if not present:
+            _copy_unmanaged_row(config, table, key, source=regions[1], target=regions[0])
+        repaired.append(key)
+    return repaired
+
+
+def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> None:
+    spec = config.tables[table]
+    from psycopg import sql
+
+    ident = sql.Identifier(spec.schema, table)
+    match = sql.SQL(" AND ").join(sql.SQL("{c}::text = %s").format(c=sql.Identifier(c)) for c in spec.key)
+    key_values = [key] if len(spec.key) == 1 else [str(v) for v in json.loads(key)]
+    with pg.connect(config.region(source).dsn, region=source) as src, translated(region=source, step="repair read"):
+        row = src.execute(sql.SQL("SELECT to_jsonb(t) FROM {t} t WHERE ").format(t=ident) + match,
+                          key_values).fetchone()
+    with pg.connect(config.region(target).dsn, region=target) as dst, translated(region=target, step="repair"), \
+            dst.transaction():
+        dst.execute(sql.SQL("DELETE FROM {t} WHERE ").format(t=ident) + match, key_values)
+        if row is not None:
+            writer = pg.TableWriter.build(dst, spec)
+            dst.execute(writer.upsert, (pg.json_text([row[0]]),))
+
+
+def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:
+    holes = sum(n for (o, d), n in report.holes.items() if d == region)
+    tail = 0
+    oldest: Timestamp | None = None
+    for plan in report.for_destination(region):
+        pair = (plan.gap.origin, plan.gap.destination)
+        tail += plan.gap.count - report.holes.get(pair, 0)
+        low = report.hlc_spans.get(pair, (None, None))[0]
+        if low is not None and (oldest is None or low < oldest):
+            oldest = low
+    lag_seconds = max(0.0, (time.time() * 1000 - oldest.wall_ms) / 1000) if oldest and tail else 0.0
+    stale_self = sum(p.gap.count for p in report.for_destination(region) if p.gap.origin == region)
+    return GateInput(
+        gap_events=holes + stale_self,
+        lost_events=report.lost_events,
+        lag_events=tail,
+        lag_seconds=lag_seconds,
+        divergent_keys={t: len(k) for t, k in result.divergent.items()},
+        parked_keys=sum(len(k) for k in result.parked.values()),
+    )
