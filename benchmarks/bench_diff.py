@@ -129,6 +129,32 @@ def inject(dsn_b: str, table: str, rows: int, seed: int) -> set[str]:
     return {str(k) for k in (*updated, *deleted, *extra)}
 
 
+# --- CPU accounting ------------------------------------------------------------------
+
+
+def postmaster_pid(dsn: str) -> int | None:
+    """The server's postmaster pid when the server runs on this machine and we may read
+    its data directory; None otherwise (then no CPU figures are reported)."""
+    try:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+        pid = int(Path(row[0] if row else "", "postmaster.pid").read_text().split()[0])
+        server_cpu(pid)
+        return pid
+    except (OSError, ValueError, IndexError, psycopg.Error):
+        return None
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds of a postmaster and of every child that has exited (backends,
+    parallel workers): a backend's time lands in its parent's cutime/cstime when it
+    ends, so a run's server CPU is the difference across it, once its connections
+    are closed. Unlike wall time it barely moves with other load on the machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 # --- the contenders ----------------------------------------------------------------
 
 
@@ -199,6 +225,9 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         "ours": [],
         "reladiff": [],
     }
+    cpu: dict[str, list[float]] = {name: [] for name in timings}
+    client_cpu: dict[str, list[float]] = {name: [] for name in timings}
+    pids = [p for p in (postmaster_pid(args.dsn_a), postmaster_pid(args.dsn_b)) if p is not None]
     workers = args.jobs - 1
     ours_info: list[dict[str, Any]] = []
     contenders: list[tuple[str, Callable[[], None]]] = []
@@ -236,7 +265,12 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         # rotate the order so no tool always runs on the coldest or the warmest cache
         k = round_no % len(contenders)
         for name, fn in contenders[k:] + contenders[:k]:
+            cpu_before = sum(server_cpu(p) for p in pids)
+            client_before = time.process_time()
             fn()
+            client_cpu[name].append(time.process_time() - client_before)
+            if len(pids) == 2:
+                cpu[name].append(sum(server_cpu(p) for p in pids) - cpu_before)
             log(f"  round {round_no + 1}: {name:<28} {timings[name][-1]:8.2f}s")
     load_after = os.getloadavg()
     if not args.keep:
@@ -250,12 +284,17 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
     }
     if "reladiff" in med:
         ratios["reladiff_over_ours"] = med["reladiff"] / med["ours"]
+    med_cpu = {name: statistics.median(v) for name, v in cpu.items() if v}
+    if "ours" in med_cpu and med_cpu.get("ceiling_both"):
+        ratios["server_cpu_ours_over_ceiling_both"] = med_cpu["ours"] / med_cpu["ceiling_both"]
     return {
         "rows": rows,
         "differences_injected": len(expected),
         "keys_agree": True,  # asserted on every run above
         "median_seconds": {k: round(v, 3) for k, v in med.items()},
         "runs_seconds": {k: [round(x, 3) for x in v] for k, v in timings.items()},
+        "median_server_cpu_seconds": {k: round(v, 2) for k, v in med_cpu.items()},
+        "median_client_cpu_seconds": {k: round(statistics.median(v), 2) for k, v in client_cpu.items() if v},
         "ratios": {k: round(v, 2) for k, v in ratios.items()},
         "ours_last_run": ours_info[-1] if ours_info else {},
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -272,7 +311,7 @@ def server_facts(dsn: str) -> dict[str, Any]:
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (
         f"{'rows':>10} {'ceil 1':>7} {'ceil 2':>7} {'ceil 2p':>8} {'ours':>7} {'reladiff':>9}"
-        f" {'ours/ceil2':>11} {'ours/ceil2p':>12} {'reladiff/ours':>14}"
+        f" {'ours/ceil2':>11} {'ours/ceil2p':>12} {'reladiff/ours':>14} {'cpu ours/ceil2':>15}"
     )
     print(header)
     print("-" * len(header))
@@ -284,10 +323,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"{r['rows']:>10,} {m['ceiling_one']:7.2f} {m['ceiling_both']:7.2f}"
             f" {m['ceiling_both_server_parallel']:8.2f} {m['ours']:7.2f} {rel}"
             f" {q['ours_over_ceiling_both_sides']:11.2f} {q['ours_over_ceiling_both_server_parallel']:12.2f} {relq}"
+            f" {q.get('server_cpu_ours_over_ceiling_both', float('nan')):15.2f}"
         )
     print(
         "(seconds, medians. ceil 1: scan-and-hash on A alone; ceil 2: on A and B at once, as many processes"
-        " per side as ours; ceil 2p: on A and B at once with the server's parallel workers)"
+        " per side as ours; ceil 2p: on A and B at once with the server's parallel workers;"
+        " cpu: server CPU seconds, when the servers are local)"
     )
 
 
