@@ -135,6 +135,13 @@ def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
 
 
+def _wall(version: Any) -> str:
+    """An HLC's wall part as UTC time: what an operator lines up with other logs."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(version.hlc.wall_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
 def _cell(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
@@ -205,7 +212,8 @@ def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_js
         return
     click.echo(f"conflict {entry.conflict_id} (region {name})")
     click.echo(f"  table {entry.table}, key {entry.key}, kind {entry.kind}, policy {entry.policy}")
-    click.echo(f"  status {entry.status} ({entry.outcome}), detected {entry.detected_at.isoformat(timespec='seconds')}"
+    status = entry.status if entry.outcome == entry.status else f"{entry.status} ({entry.outcome})"
+    click.echo(f"  status {status}, detected {entry.detected_at.isoformat(timespec='seconds')}"
                f" ({_age(entry.age_seconds(now))} ago), event {entry.event_id or '-'}")
     click.echo("")
     local, remote = entry.local, entry.remote
@@ -221,6 +229,7 @@ def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_js
     rows: list[tuple[str, ...]] = [
         ("origin", local.origin or "-", remote.origin or "-", ""),
         ("hlc", str(local.hlc) if local.origin else "-", str(remote.hlc), ""),
+        ("written", _wall(local) if local.origin else "-", _wall(remote), ""),
     ]
     for column in columns:
         a, b = side(local, column), side(remote, column)
