@@ -106,6 +106,26 @@ def run(config_path: str, region: str, log_level: str) -> None:
     sys.exit(Sidecar(load(config_path), region).run())
 
 
+@main.command()
+@config_option
+@json_option
+@handle_errors
+def status(config_path: str, as_json: bool) -> None:
+    """Every region on one screen: state, heartbeats, backlog, lag, gaps, queues, skew.
+
+    A region whose database is unreachable is shown DOWN, not an error. Exit 0 when
+    every region is reachable, ACTIVE and seen alive by its peers; 1 otherwise.
+    """
+    from .status import collect_status, render
+
+    report = collect_status(load(config_path))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        click.echo(render(report), nl=False)
+    sys.exit(EXIT_OK if report.ok else EXIT_FOUND)
+
+
 # ---------------------------------------------------------------- conflicts, quarantine
 
 region_option = click.option(

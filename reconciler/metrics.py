@@ -66,7 +66,7 @@ QUARANTINE_REASONS: Final[tuple[str, ...]] = (
 REPLAY_SOURCES: Final[tuple[str, ...]] = ("kafka", "peer_outbox", "peer_inbox")
 
 #: The sidecar's loops, as named on ``reconciler_loop_*`` metrics.
-COMPONENTS: Final[tuple[str, ...]] = ("relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle")
+COMPONENTS: Final[tuple[str, ...]] = ("relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle", "stats")
 
 CONFLICT_KINDS: Final[tuple[str, ...]] = tuple(k.value for k in ConflictKind)
 CONFLICT_OUTCOMES: Final[tuple[str, ...]] = tuple(o.value for o in Outcome)
@@ -121,6 +121,8 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Redelivered events the inbox recognised and skipped."),
     MetricSpec("reconciler_events_quarantined_total", "counter", ("origin", "reason"),
                "Events set aside in the quarantine table instead of being applied."),
+    MetricSpec("reconciler_quarantine_events", "gauge", (),
+               "Events held in this region's quarantine table and not yet retried (all origins, all reasons)."),
     MetricSpec("reconciler_apply_batch_seconds", "histogram", (),
                "Time to apply one inbox batch in one PostgreSQL transaction."),
     MetricSpec("reconciler_replication_lag_events", "gauge", ("origin", "destination"),
@@ -206,6 +208,7 @@ class Metrics:
     events_applied: Counter
     events_duplicate: Counter
     events_quarantined: Counter
+    quarantine_events: Gauge
     apply_batch_seconds: Histogram
     replication_lag_events: Gauge
     replication_lag_seconds: Gauge

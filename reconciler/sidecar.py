@@ -1,38 +1,142 @@
-"""The always-on sidecar: one process per region running the relay, the inbox
-consumer and the metrics endpoints, each loop on its own thread.
+"""The always-on sidecar: one process per region, each loop on its own thread.
 
-SIGTERM/SIGINT drain: every loop finishes its current batch (the database commit
-and the Kafka offset commit happen, or neither does) and the process exits 0.
-SIGKILL loses nothing either: an uncommitted batch is simply redelivered.
+Loops (``reconciler_loop_*{component=...}`` names them):
+
+- ``relay``      this region's outbox -> its Kafka topic (:mod:`reconciler.relay`);
+- ``inbox``      peers' topics -> this region's rows (:mod:`reconciler.inbox`);
+- ``lifecycle``  decides at start whether the region must catch up, stamps
+  ``last_alive_at``, and publishes the persisted state (the only truth ``/readyz``
+  follows: a restarted sidecar must not call a region ready that an operator fenced);
+- ``replay``     runs catch-up (:func:`reconciler.recovery.recover`) while the region is
+  CATCHING_UP, with backoff; a FENCED region waits for an operator;
+- ``heartbeat``  tells peers this region is alive and judges theirs (:mod:`reconciler.peers`);
+- ``stats``      measures backlog, lag, gaps, queues from the databases every few seconds.
+
+Stopping. SIGTERM/SIGINT drain: ``/readyz`` turns 503 at once, the inbox finishes and
+commits its batch, the relay keeps publishing until every outbox row committed so far
+is acknowledged by Kafka (so a planned stop strands nothing in the outbox), then
+``clean_stop`` is persisted and the process exits 0. If the drain cannot finish (Kafka
+down), ``clean_stop`` stays false, the next start goes through catch-up, and the exit
+code is 1. SIGKILL loses nothing either: every step is committed before it is
+acknowledged, so an interrupted batch is redone and the inbox drops the duplicates.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
-from types import FrameType
+from functools import partial
+from typing import Any, Protocol, cast
+
+from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
 from .config import Config
 from .errors import ReconcilerError
+from .hlc import Timestamp
 from .inbox import InboxConsumer
-from .logs import component_logger
-from .metrics import Metrics, serve
+from .lifecycle import RegionStatus, State, needs_catch_up
+from .logs import ComponentLogger, component_logger
+from .metrics import REGION_STATES, Metrics, serve
+from .peers import Heartbeat, PeerTracker, PeerView
 from .relay import Relay
+from .store import health
+from .store import postgres as pg
+from .store.translate import translated
+from .transport import kafka
+
+#: how often measured gauges are refreshed from the databases
+STATS_INTERVAL_SECONDS = 2.0
+#: how long a planned stop may spend publishing what is left in the outbox
+DRAIN_SECONDS = 30.0
+#: retry after a peer's database refused a connection (its absence must not slow us down)
+PEER_DB_RETRY_SECONDS = 10.0
+
+
+class RecoverFn(Protocol):
+    """What the sidecar needs of :func:`reconciler.recovery.recover`."""
+
+    def __call__(self, config: Config, region: str, *, actor: str = ..., metrics: Metrics | None = ...) -> Any: ...
+
+
+def load_recover() -> RecoverFn | None:
+    """The catch-up service, or None when this build does not have it.
+
+    Imported lazily: only a missing module is tolerated. A recovery module that is
+    present but broken raises, because silently never recovering would be worse.
+    """
+    try:
+        module = importlib.import_module("reconciler.recovery")
+    except ModuleNotFoundError as exc:
+        if exc.name == "reconciler.recovery":
+            return None
+        raise
+    return cast(RecoverFn, module.recover)
 
 
 class Sidecar:
-    def __init__(self, config: Config, region: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        region: str,
+        *,
+        recover: RecoverFn | None = None,
+        drain_seconds: float = DRAIN_SECONDS,
+        stats_interval: float = STATS_INTERVAL_SECONDS,
+    ) -> None:
         config.region(region)
         self.config = config
         self.region = region
+        self.dsn = config.region(region).dsn
         self.stop = threading.Event()
         self.metrics = Metrics.create(region, peers=config.peers(region), tables=list(config.tables))
+        self.metrics.hlc_max_offset_seconds.set(config.hlc_max_offset_ms / 1000.0)
         self.log = component_logger("sidecar", region)
         self.relay = Relay(config, region, metrics=self.metrics)
         self.inbox = InboxConsumer(config, region, metrics=self.metrics)
         self.failures: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
+        self.drain_seconds = drain_seconds
+        self.stats_interval = stats_interval
+        self._recover = recover
+        self._threads: dict[str, threading.Thread] = {}
+        self._loggers: list[ComponentLogger] = [self.log, self.inbox.log]
+        # the persisted lifecycle state and when it was last read (monotonic)
+        self._status: RegionStatus | None = None
+        self._status_read_at = float("-inf")
+        self._backlog: int | None = None
+        self._relay_drained = False
+        self._started_mono = time.monotonic()
+
+    # ------------------------------------------------------------------ probes
+
+    def healthy(self) -> bool:
+        return not self.failures and all(t.is_alive() for t in self._threads.values())
+
+    def ready(self) -> bool:
+        """Serve traffic only while the persisted state is ACTIVE and was read recently.
+
+        Not knowing is not ready: before the first read, or when the database has not
+        answered for a while, the region may have been fenced meanwhile.
+        """
+        status = self._status
+        fresh_for = max(5.0, 3 * self.config.heartbeat.interval_seconds)
+        return (
+            not self.stop.is_set()
+            and self.healthy()
+            and status is not None
+            and status.state is State.ACTIVE
+            and time.monotonic() - self._status_read_at < fresh_for
+        )
+
+    @property
+    def status(self) -> RegionStatus | None:
+        """The lifecycle state as last read from the database."""
+        return self._status
+
+    # ------------------------------------------------------------------ running
 
     def _loop(self, name: str, body: Callable[[threading.Event], None]) -> threading.Thread:
         def guarded() -> None:
@@ -47,29 +151,38 @@ class Sidecar:
         thread.start()
         return thread
 
-    def healthy(self) -> bool:
-        return not self.failures and all(t.is_alive() for t in self._threads)
-
-    def ready(self) -> bool:
-        return self.healthy() and self.metrics.current_state in (None, "ACTIVE")
-
     def run(self, install_signals: bool = True) -> int:
-        """Run until signalled; returns the process exit code."""
+        """Run until signalled; returns the process exit code (see the module docstring)."""
         if install_signals:
-            def on_signal(signum: int, _frame: FrameType | None) -> None:
+            def on_signal(signum: int, _frame: object) -> None:
                 self.log.info("draining", extra={"fields": {"signal": signal.Signals(signum).name}})
                 self.stop.set()
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
         server = serve(self.config.region(self.region).metrics_address, self.metrics, self.healthy, self.ready)
-        self.log.info("sidecar started", extra={"fields": {"metrics": server.url}})
+        self.log.info("sidecar started", extra={"fields": {
+            # host:port, not a URL: logs.py's last-resort DSN redaction would take an
+            # "http://host:" followed later by a DSN's "@" for a password
+            "metrics": f"{server.host}:{server.port}",
+            "dsn": self.config.region(self.region).redacted_dsn,
+            "kafka": kafka.safe_settings(self.config.kafka_settings(self.region)),
+            "peers": self.config.peers(self.region),
+            "pid": os.getpid(),
+        }})
         try:
-            self._threads = [self._loop("relay", self.relay.run), self._loop("inbox", self.inbox.run)]
+            bodies: dict[str, Callable[[threading.Event], None]] = {
+                "lifecycle": self._lifecycle_loop,
+                "relay": self._relay_loop,
+                "inbox": self._inbox_loop,
+                "heartbeat": self._heartbeat_loop,
+                "stats": self._stats_loop,
+                "replay": self._recovery_loop,
+            }
+            self._threads = {name: self._loop(name, body) for name, body in bodies.items()}
             while not self.stop.wait(0.5):
                 pass
-            for thread in self._threads:
-                thread.join(60)
+            drained = self._join()
         finally:
             server.close()
         if self.failures:
@@ -77,5 +190,533 @@ class Sidecar:
             if isinstance(first, ReconcilerError):
                 raise first
             raise ReconcilerError(f"sidecar loop failed: {first}", region=self.region) from first
-        self.log.info("sidecar stopped cleanly")
-        return 0
+        if drained and self._mark_clean_stop():
+            self.log.info("sidecar stopped cleanly", extra={"fields": {"clean_stop": True}})
+            return 0
+        self.log.error("sidecar stopped without a complete drain; the next start will catch up",
+                       extra={"fields": {"clean_stop": False}})
+        return 1
+
+    def _join(self) -> bool:
+        """Wait for the loops to finish their batches; True when nothing is left in flight."""
+        limits = {"relay": self.drain_seconds + 15, "inbox": 60.0, "replay": 5.0}
+        for name, thread in self._threads.items():
+            thread.join(limits.get(name, 15.0))
+        stuck = [name for name, t in self._threads.items() if t.is_alive() and name != "replay"]
+        if stuck:
+            self.log.error("loops did not stop in time", extra={"fields": {"loops": stuck}})
+        if self._threads.get("replay") and self._threads["replay"].is_alive():
+            # catch-up is resumable: whatever it did not commit is simply redone on the next start
+            self.log.warning("leaving catch-up unfinished; it resumes on the next start")
+        return not stuck and self._relay_drained
+
+    def _mark_clean_stop(self) -> bool:
+        try:
+            with pg.connect(self.dsn, region=self.region) as conn:
+                pg.mark_alive(conn, clean_stop=True)
+            return True
+        except ReconcilerError as exc:
+            self.log.error("could not record the clean stop", extra={"fields": exc.to_dict()})
+            return False
+
+    def _bind_epoch(self, epoch: int) -> None:
+        for logger in self._loggers:
+            logger.bind(epoch=epoch)
+
+    # ------------------------------------------------------------------ relay and inbox
+
+    def _relay_loop(self, stop: threading.Event) -> None:
+        """Relay until stopped, then drain (see :meth:`_drain_relay`).
+
+        The same retry rules as :meth:`Relay.run`, plus loop metrics and the drain,
+        which ``Relay.run`` does not do: it stops after the batch in hand.
+        """
+        relay, started, backoff = self.relay, False, 0.2
+        try:
+            while not stop.is_set():
+                try:
+                    if not started:
+                        relay.start()
+                        started = True
+                    sent = relay.step()
+                    self.metrics.loop_succeeded("relay")
+                    backoff = 0.2
+                    if not sent:
+                        stop.wait(0.05)
+                except ReconcilerError as exc:
+                    self.metrics.loop_failed("relay")
+                    relay.close()
+                    started = False
+                    if not exc.retryable:
+                        self.log.error("relay stopped", extra={"fields": exc.to_dict()})
+                        raise
+                    relay.log.warning("relay retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            started = self._drain_relay(started)
+        finally:
+            relay.close()
+
+    def _drain_relay(self, started: bool) -> bool:
+        """Publish everything committed to the outbox until a step finds nothing left.
+
+        A writer that keeps committing during the drain keeps it going, up to
+        ``drain_seconds``; a transient failure is retried inside that budget.
+        """
+        relay = self.relay
+        deadline = time.monotonic() + self.drain_seconds
+        published, backoff = 0, 0.2
+        while time.monotonic() < deadline:
+            try:
+                if not started:
+                    relay.start()
+                    started = True
+                sent = relay.step()
+                published += sent
+                if not sent:
+                    self._relay_drained = True
+                    relay.log.info("relay drained", extra={"fields": {"published": published}})
+                    return started
+            except ReconcilerError as exc:
+                relay.close()
+                started = False
+                relay.log.warning("relay drain retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                if not exc.retryable:
+                    break
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        relay.log.error("relay drain incomplete: committed events remain in the outbox",
+                        extra={"fields": {"published": published, "drain_seconds": self.drain_seconds}})
+        return started
+
+    def _inbox_loop(self, stop: threading.Event) -> None:
+        """Apply peers' events until stopped; the batch in hand is applied and its
+        offsets committed before the loop returns."""
+        inbox, started, backoff = self.inbox, False, 0.2
+        try:
+            while not stop.is_set():
+                try:
+                    if not started:
+                        inbox.start()
+                        started = True
+                    inbox.step()
+                    self.metrics.loop_succeeded("inbox")
+                    backoff = 0.2
+                except ReconcilerError as exc:
+                    self.metrics.loop_failed("inbox")
+                    inbox.close()
+                    started = False
+                    if not exc.retryable:
+                        self.log.error("inbox stopped", extra={"fields": exc.to_dict()})
+                        raise
+                    inbox.log.warning("inbox retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            inbox.close()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _lifecycle_loop(self, stop: threading.Event) -> None:
+        log = component_logger("lifecycle", self.region)
+        self._loggers.append(log)
+        interval = self.config.heartbeat.interval_seconds
+        conn: pg.Connection | None = None
+        decided = False
+        next_alive = 0.0
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = pg.connect(self.dsn, region=self.region)
+                    if not decided:
+                        self._decide_at_start(conn, log)
+                        decided = True
+                    if time.monotonic() >= next_alive:
+                        pg.mark_alive(conn, clean_stop=False)
+                        next_alive = time.monotonic() + interval
+                    self._publish_state(pg.region_status(conn), log)
+                    self.metrics.loop_succeeded("lifecycle")
+                    backoff = 0.5
+                    stop.wait(min(1.0, interval))
+                except ReconcilerError as exc:
+                    self.metrics.loop_failed("lifecycle")
+                    log.warning("lifecycle retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                    _close(conn)
+                    conn = None
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            _close(conn)
+
+    def _decide_at_start(self, conn: pg.Connection, log: ComponentLogger) -> None:
+        """Catch up first if the last run ended badly or long ago.
+
+        Read before anything is written: ``clean_stop`` is set to false right after,
+        so that a SIGKILL from now on is recognised on the next start.
+        """
+        status = pg.region_status(conn)
+        self._bind_epoch(status.epoch)
+        absent = None
+        if status.last_alive_at is not None:
+            absent = max(0.0, time.time() - status.last_alive_at.timestamp())
+        reason = needs_catch_up(status.clean_stop, absent, self.config.lifecycle.absence_threshold_seconds)
+        log.info("lifecycle at start", extra={"fields": {
+            "state": status.state.value, "epoch": status.epoch, "clean_stop": status.clean_stop,
+            "absent_seconds": None if absent is None else round(absent, 1), "catch_up": reason,
+        }})
+        # FENCED waits for an operator; CATCHING_UP is already where it must be.
+        if reason and status.state in (State.ACTIVE, State.SUSPECT, State.VERIFYING):
+            status = pg.transition(conn, State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
+            log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
+        pg.mark_alive(conn, clean_stop=False)
+        self._publish_state(status, log)
+
+    def _publish_state(self, status: RegionStatus, log: ComponentLogger) -> None:
+        previous = self._status
+        self._status = status
+        self._status_read_at = time.monotonic()
+        self.metrics.set_region_state(status.state.value)
+        self.metrics.region_epoch.set(status.epoch)
+        if previous is None or previous.epoch != status.epoch:
+            self._bind_epoch(status.epoch)
+        if previous is not None and previous.state is not status.state:
+            log.info("lifecycle state changed", extra={"fields": {
+                "from": previous.state.value, "to": status.state.value, "epoch": status.epoch,
+                "reason": status.reason,
+            }})
+
+    def _recovery_loop(self, stop: threading.Event) -> None:
+        """Run catch-up whenever the persisted state asks for it.
+
+        VERIFYING counts too: a sidecar killed during verification leaves the region
+        there, and nobody else would move it. A recover that another process is
+        already running is refused by its lock and simply retried later. Any
+        exception is survived: a bug in catch-up must not stop relay and inbox,
+        which keep the region's data flowing meanwhile.
+        """
+        log = component_logger("replay", self.region)
+        self._loggers.append(log)
+        recover = self._recover or load_recover()
+        db = _Reconnecting(self.dsn, self.region, retry_seconds=1.0)
+        backoff = 1.0
+        warned = False
+        while not stop.is_set():
+            # decide on a fresh read, not on the lifecycle loop's copy: just after a
+            # successful catch-up that copy still says CATCHING_UP, and recovering an
+            # ACTIVE region again would fence it
+            status = self._status and db.run(pg.region_status)
+            if status is None or status.state not in (State.CATCHING_UP, State.VERIFYING):
+                stop.wait(0.5)
+                continue
+            if recover is None:
+                if not warned:
+                    log.warning("catch-up is not available in this build; run `reconciler recover`")
+                    warned = True
+                stop.wait(5.0)
+                continue
+            try:
+                log.info("catch-up starting", extra={"fields": {"state": status.state.value}})
+                report = recover(self.config, self.region, actor="sidecar", metrics=self.metrics)
+                state = str(getattr(report, "state", ""))
+                log.info("catch-up finished", extra={"fields": {"state": state}})
+                if state == State.ACTIVE.value:
+                    self.metrics.loop_succeeded("replay")
+                    backoff = 1.0
+                    continue
+                # the gate refused: wait before measuring again, it will not pass sooner
+            except ReconcilerError as exc:
+                self.metrics.loop_failed("replay")
+                log.warning("catch-up failed", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                self.metrics.loop_failed("replay")
+                log.error("catch-up crashed", extra={"fields": {
+                    "error": f"{type(exc).__name__}: {exc}", "backoff_s": backoff}})
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 60.0)
+        db.close()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        """Send a heartbeat every interval, read everyone's, judge the peers.
+
+        The control topic is read by assignment at its end, not by group subscription:
+        every region must see every partition anyway, and assignment skips the group
+        rebalance that would delay the first heartbeats by seconds. Old heartbeats are
+        worthless, hence the start at the end (``auto.offset.reset=latest`` too).
+        """
+        hb = self.config.heartbeat
+        log = component_logger("heartbeat", self.region)
+        self._loggers.append(log)
+        tracker = PeerTracker(self.config.peers(self.region), hb.suspect_after_seconds, hb.failed_after_seconds,
+                              started_mono=time.monotonic())
+        link = _ControlLink(self.config, self.region, log)
+        db = _Reconnecting(self.dsn, self.region, retry_seconds=2.0)
+        last_liveness: dict[str, str] = {}
+        next_send = 0.0
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                try:
+                    link.open()
+                    now = time.monotonic()
+                    if now >= next_send:
+                        link.send(self._heartbeat(db))
+                        next_send = now + hb.interval_seconds
+                        views = tracker.view(time.monotonic())
+                        self._publish_peers(views, last_liveness, log)
+                        db.run(partial(health.save_peer_views, views=list(views.values())))
+                    for beat in link.receive(timeout=max(0.01, min(0.25, next_send - time.monotonic()))):
+                        tracker.observe(beat, time.monotonic(), _wall_ms())
+                    self.metrics.loop_succeeded("heartbeat")
+                    backoff = 0.5
+                except ReconcilerError as exc:
+                    self.metrics.loop_failed("heartbeat")
+                    log.warning("heartbeat retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
+                    link.close()
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            link.close()
+            db.close()
+
+    def _heartbeat(self, db: _Reconnecting) -> Heartbeat:
+        status = self._status
+        stamp = db.run(_stamp)
+        return Heartbeat(
+            region=self.region,
+            wall_ms=_wall_ms(),
+            hlc=stamp.pack() if stamp is not None else None,
+            state=status.state.value if status else None,
+            epoch=status.epoch if status else None,
+            outbox_backlog=self._backlog,
+        )
+
+    def _publish_peers(self, views: dict[str, PeerView], last: dict[str, str], log: ComponentLogger) -> None:
+        for peer, view in views.items():
+            believed = view.believed_state if view.believed_state in REGION_STATES else view.liveness
+            self.metrics.set_peer_state(peer, believed)
+            self.metrics.heartbeat_age_seconds.labels(peer=peer).set(view.age_seconds)
+            if view.skew_ms is not None:
+                self.metrics.hlc_skew_seconds.labels(peer=peer).set(view.skew_ms / 1000.0)
+            before = last.get(peer)
+            if before != view.liveness and (before is not None or view.liveness != "ACTIVE"):
+                level = log.info if view.liveness == "ACTIVE" else log.warning
+                level("peer state changed", extra={"fields": {
+                    "peer": peer, "from": before, "to": view.liveness, "heard": view.heard,
+                    "age_seconds": round(view.age_seconds, 2),
+                }})
+            last[peer] = view.liveness
+
+    # ------------------------------------------------------------------ measurements
+
+    def _stats_loop(self, stop: threading.Event) -> None:
+        log = component_logger("stats", self.region)
+        self._loggers.append(log)
+        own = _Reconnecting(self.dsn, self.region, retry_seconds=1.0)
+        peers = {p: _Reconnecting(self.config.region(p).dsn, p, retry_seconds=PEER_DB_RETRY_SECONDS, timeout=3)
+                 for p in self.config.peers(self.region)}
+        warned: set[str] = set()
+        try:
+            while not stop.is_set():
+                try:
+                    self._measure(own, peers, log, warned)
+                    self.metrics.loop_succeeded("stats")
+                except ReconcilerError as exc:
+                    self.metrics.loop_failed("stats")
+                    log.warning("measurement failed", extra={"fields": exc.to_dict()})
+                    own.close()
+                stop.wait(self.stats_interval)
+        finally:
+            own.close()
+            for conn in peers.values():
+                conn.close()
+
+    def _measure(
+        self, own: _Reconnecting, peers: dict[str, _Reconnecting], log: ComponentLogger, warned: set[str],
+    ) -> None:
+        conn = own.connection()
+        m = self.metrics
+        backlog = health.outbox_backlog(conn, self.region)
+        self._backlog = backlog.events
+        m.outbox_backlog_events.set(backlog.events)
+        m.outbox_oldest_unrelayed_age_seconds.set(backlog.oldest_age_seconds)
+        progress = health.inbox_progress(conn)
+        for origin, peer_db in peers.items():
+            mine = progress.get(origin)
+            applied = mine.applied if mine else 0
+            highest = mine.highest_sequence if mine else 0
+            # the origin's own relay knows best how far it got; when it cannot be asked,
+            # what we have seen of it is the best lower bound
+            origin_high = peer_db.run(partial(health.relay_high_water, origin=origin))
+            if peer_db.error and origin not in warned:
+                log.warning("origin database unreachable; lag is measured against the events seen",
+                            extra={"fields": {"origin": origin, "error": peer_db.error}})
+                warned.add(origin)
+            elif not peer_db.error:
+                warned.discard(origin)
+            lag = max(0, (origin_high if origin_high is not None else highest) - applied)
+            lag_seconds = 0.0
+            if lag:
+                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=highest + 1))
+                if oldest is None and mine is not None:
+                    oldest = mine.last_applied_age_seconds
+                lag_seconds = oldest if oldest is not None else time.monotonic() - self._started_mono
+            m.replication_lag_events.labels(origin=origin, destination=self.region).set(lag)
+            m.replication_lag_seconds.labels(origin=origin, destination=self.region).set(lag_seconds)
+            m.gaps_events.labels(origin=origin, destination=self.region).set(mine.holes if mine else 0)
+        queue = health.manual_queue(conn, list(self.config.tables))
+        for table, depth in queue.depth_by_table.items():
+            m.manual_queue_depth.labels(table=table).set(depth)
+        m.manual_queue_oldest_age_seconds.set(queue.oldest_age_seconds)
+        m.quarantine_events.set(health.quarantined(conn))
+
+
+def _stamp(conn: pg.Connection) -> Timestamp:
+    """The region's HLC stamp for a heartbeat, committed so no transaction idles open."""
+    with translated(step="stamp heartbeat"):
+        stamp = pg.hlc_now(conn)
+        conn.commit()
+    return stamp
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _close(conn: pg.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
+            pass
+
+
+class _Reconnecting:
+    """A connection that is reopened on demand, at most every ``retry_seconds``.
+
+    For measurements that may fail without consequence (a peer's database, the
+    heartbeat's HLC stamp): ``run`` returns None instead of raising, and keeps the
+    redacted error for the log, so an unreachable database costs one failed connect
+    per retry period, not one per loop iteration.
+    """
+
+    def __init__(self, dsn: str, region: str, *, retry_seconds: float, timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.region = region
+        self.retry_seconds = retry_seconds
+        self.timeout = timeout
+        self.error: str | None = None
+        self._conn: pg.Connection | None = None
+        self._next_try = 0.0
+
+    def connection(self) -> pg.Connection:
+        if self._conn is None:
+            self._conn = pg.connect(self.dsn, region=self.region, timeout=self.timeout)
+        return self._conn
+
+    def run(self, query: Callable[[pg.Connection], Any]) -> Any:
+        if self._conn is None and time.monotonic() < self._next_try:
+            return None
+        try:
+            result = query(self.connection())
+        except ReconcilerError as exc:
+            self.error = str(exc)
+            self.close()
+            self._next_try = time.monotonic() + self.retry_seconds
+            return None
+        self.error = None
+        return result
+
+    def close(self) -> None:
+        _close(self._conn)
+        self._conn = None
+
+
+class _ControlLink:
+    """Producer and reader of the control topic, rebuilt after a Kafka failure."""
+
+    def __init__(self, config: Config, region: str, log: ComponentLogger) -> None:
+        self.config = config
+        self.region = region
+        self.topic = config.control_topic
+        self.log = log
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._undelivered = 0
+        self._warned_at = float("-inf")
+
+    def open(self) -> None:
+        if self._producer is not None:
+            return
+        settings = self.config.kafka_settings(self.region)
+        hb = self.config.heartbeat
+        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions)
+        # a heartbeat that cannot be delivered in time is worthless: let it expire
+        # rather than arrive late and make a silent region look alive
+        timeout_ms = str(int(max(1000.0, hb.suspect_after_seconds * 1000)))
+        self._producer = kafka.producer(settings, **{"linger.ms": "0", "message.timeout.ms": timeout_ms})
+        self._consumer = kafka.consumer(
+            settings, f"{self.config.topic_prefix}.heartbeat.{self.region}", **{"auto.offset.reset": "latest"}
+        )
+        try:
+            meta = self._consumer.list_topics(self.topic, timeout=10)
+            partitions = sorted(meta.topics[self.topic].partitions) if self.topic in meta.topics else [0]
+            self._consumer.assign([TopicPartition(self.topic, p, OFFSET_END) for p in partitions])
+        except Exception as exc:
+            self.close()
+            raise kafka.translate(exc, region=self.region, topic=self.topic, step="assign control topic") from exc
+
+    def send(self, beat: Heartbeat) -> None:
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self._undelivered += 1
+
+        try:
+            self._producer.produce(self.topic, key=beat.region.encode(), value=beat.encode(), on_delivery=delivered)
+        except BufferError:
+            self._undelivered += 1  # the queue is full of heartbeats nobody received: skip this one
+        except Exception as exc:
+            raise kafka.translate(exc, region=self.region, topic=self.topic, step="send heartbeat") from exc
+        self._producer.poll(0)
+        if self._undelivered and time.monotonic() - self._warned_at > 10:
+            self.log.warning("heartbeats not delivered", extra={"fields": {"count": self._undelivered}})
+            self._warned_at = time.monotonic()
+            self._undelivered = 0
+
+    def receive(self, timeout: float) -> list[Heartbeat]:
+        """Heartbeats that arrived, waiting up to ``timeout`` for the first.
+
+        poll() for the first, not consume(n, timeout): consume waits out its whole
+        timeout unless n messages arrive, and that wait would be read as network
+        delay (skew) and heartbeat age.
+        """
+        first = self._consumer.poll(timeout)
+        if first is None:
+            return []
+        beats = []
+        for msg in [first, *self._consumer.consume(num_messages=100, timeout=0)]:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise kafka.translate(err, region=self.region, topic=self.topic, step="read heartbeats")
+            beat = Heartbeat.decode(msg.value())
+            if beat is not None:
+                beats.append(beat)
+        return beats
+
+    def close(self) -> None:
+        for closing in (self._consumer, self._producer):
+            if closing is None:
+                continue
+            try:
+                if closing is self._producer:
+                    closing.flush(1)
+                else:
+                    closing.close()
+            except Exception:  # noqa: BLE001 - a broken client must not mask the real error
+                pass
+        self._producer = self._consumer = None

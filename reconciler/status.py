@@ -1,0 +1,461 @@
+"""``reconciler status``: every region on one screen, even when some are down.
+
+Each region's database is asked about itself (lifecycle state, outbox, inbox,
+queues) and about its peers (the heartbeat view its sidecar keeps). Cross-region
+figures are then put together from whatever answered:
+
+- inbox lag of (origin -> destination) is measured against the origin's own relay
+  counter when the origin answers, else against the highest sequence of that origin
+  any region has seen (a lower bound, flagged as such);
+- a region's heartbeat age is the freshest news any reachable peer has of it, so a
+  region whose database is down is still seen alive or dead through its peers;
+- gaps are events that will not arrive by themselves: holes below what a region
+  applied, an unapplied tail Kafka no longer retains, and events a region itself
+  lost (restored from a stale backup) that peers have seen. ``reconciler gaps``
+  gives the full plan with sources; this is the count an operator glances at.
+
+An unreachable region is a row of the report (DOWN, with the redacted DSN and the
+error), never an exception: status is what an operator runs when things are broken.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .errors import ReconcilerError, StoreError
+from .lifecycle import State
+from .peers import ACTIVE, liveness
+from .store import health
+from .store import postgres as pg
+from .transport import kafka
+
+#: an observer that has not rewritten its view for this long has no running sidecar
+STALE_VIEW_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class PeerOpinion:
+    """What ``observer``'s sidecar last recorded about ``peer``."""
+
+    observer: str
+    peer: str
+    heard: bool
+    age_seconds: float | None
+    liveness: str | None
+    skew_ms: float | None
+    peer_state: str | None
+    peer_epoch: int | None
+    #: the observer's sidecar has not refreshed this view recently (it is not running)
+    stale: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "observer": self.observer, "peer": self.peer, "heard": self.heard,
+            "age_seconds": _round(self.age_seconds), "state": self.liveness, "skew_ms": _round(self.skew_ms),
+            "peer_state": self.peer_state, "peer_epoch": self.peer_epoch, "stale": self.stale,
+        }
+
+
+@dataclass(frozen=True)
+class Lag:
+    origin: str
+    destination: str
+    events: int
+    seconds: float
+    gaps: int
+    #: "origin" when measured against the origin's relay counter, "seen" otherwise
+    measured_against: str
+    applied: int
+    origin_high: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin, "destination": self.destination, "events": self.events,
+            "seconds": _round(self.seconds), "gaps": self.gaps, "measured_against": self.measured_against,
+            "applied": self.applied, "origin_high": self.origin_high,
+        }
+
+
+@dataclass(frozen=True)
+class RegionStatusReport:
+    region: str
+    reachable: bool
+    dsn: str
+    error: str | None = None
+    state: str | None = None
+    epoch: int | None = None
+    reason: str | None = None
+    clean_stop: bool | None = None
+    #: seconds since this region's own sidecar last stamped its database
+    sidecar_alive_age_seconds: float | None = None
+    outbox_backlog: int | None = None
+    outbox_oldest_age_seconds: float | None = None
+    lag: dict[str, Lag] = field(default_factory=dict)
+    gaps: int | None = None
+    manual_queue: dict[str, int] = field(default_factory=dict)
+    quarantine: int | None = None
+    #: freshest heartbeat age over the peers that answered, and the verdict it gives
+    heartbeat_age_seconds: float | None = None
+    seen_as: str | None = None
+    skew_ms: float | None = None
+    #: what each reachable peer thinks of this region
+    seen_by: dict[str, PeerOpinion] = field(default_factory=dict)
+    #: what this region thinks of its peers
+    views: dict[str, PeerOpinion] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if not self.reachable:
+            out.append(f"{self.region}: database unreachable ({self.error})")
+        elif self.state != State.ACTIVE.value:
+            out.append(f"{self.region}: {self.state} ({self.reason})")
+        if self.seen_as is not None and self.seen_as != ACTIVE:
+            out.append(f"{self.region}: peers see it {self.seen_as} "
+                       f"(last heartbeat {_seconds(self.heartbeat_age_seconds)} ago)")
+        if self.gaps:
+            out.append(f"{self.region}: {self.gaps} events missing that will not arrive by themselves")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "region": self.region, "reachable": self.reachable, "dsn": self.dsn, "error": self.error,
+            "state": self.state if self.reachable else "DOWN", "epoch": self.epoch, "reason": self.reason,
+            "clean_stop": self.clean_stop, "sidecar_alive_age_seconds": _round(self.sidecar_alive_age_seconds),
+            "outbox_backlog": self.outbox_backlog,
+            "outbox_oldest_age_seconds": _round(self.outbox_oldest_age_seconds),
+            "inbox_lag": {o: lag.to_dict() for o, lag in self.lag.items()},
+            "gaps": self.gaps,
+            "manual_queue": self.manual_queue,
+            "manual_queue_depth": sum(self.manual_queue.values()) if self.reachable else None,
+            "quarantine": self.quarantine,
+            "heartbeat_age_seconds": _round(self.heartbeat_age_seconds),
+            "seen_as": self.seen_as,
+            "skew_ms": _round(self.skew_ms),
+            "seen_by": {o: v.to_dict() for o, v in self.seen_by.items()},
+            "peer_views": {p: v.to_dict() for p, v in self.views.items()},
+            "problems": self.problems,
+        }
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    config_path: str
+    generated_at: str
+    regions: dict[str, RegionStatusReport]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Every region reachable, ACTIVE, and not seen SUSPECT/FAILED by its peers."""
+        return not any(r.problems for r in self.regions.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "generated_at": self.generated_at,
+            "config": self.config_path,
+            "regions": {name: r.to_dict() for name, r in self.regions.items()},
+            "problems": [p for r in self.regions.values() for p in r.problems],
+            "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------ collection
+
+
+@dataclass
+class _Facts:
+    """One region's answers, before cross-region figures are put together."""
+
+    region: str
+    dsn: str
+    conn: pg.Connection | None = None
+    error: str | None = None
+    status: Any = None
+    alive_age: float | None = None
+    backlog: health.OutboxBacklog | None = None
+    progress: dict[str, health.InboxProgress] = field(default_factory=dict)
+    relay_high: int = 0
+    queue: health.ManualQueue | None = None
+    quarantine: int = 0
+    views: dict[str, health.StoredPeerView] = field(default_factory=dict)
+
+
+def _collect(config: Config, region: str, timeout: int) -> _Facts:
+    facts = _Facts(region, config.region(region).redacted_dsn)
+    try:
+        conn = pg.connect(config.region(region).dsn, region=region, timeout=timeout)
+    except ReconcilerError as exc:
+        facts.error = exc.message
+        return facts
+    facts.conn = conn
+    try:
+        facts.status = pg.region_status(conn)
+        if facts.status.last_alive_at is not None:
+            facts.alive_age = max(0.0, time.time() - facts.status.last_alive_at.timestamp())
+        facts.backlog = health.outbox_backlog(conn, region)
+        facts.progress = health.inbox_progress(conn)
+        facts.relay_high = health.relay_high_water(conn, region)
+        facts.queue = health.manual_queue(conn, list(config.tables))
+        facts.quarantine = health.quarantined(conn)
+        try:
+            facts.views = health.peer_views(conn)
+        except StoreError as exc:
+            if exc.context.get("sqlstate") != "42P01":
+                raise
+            conn.rollback()  # schema older than 002_heartbeats: no peer view yet
+    except ReconcilerError as exc:
+        facts.error = exc.message
+        _close(facts)
+    return facts
+
+
+def _close(facts: _Facts) -> None:
+    if facts.conn is not None:
+        try:
+            facts.conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not hide the report
+            pass
+        facts.conn = None
+
+
+def collect_status(config: Config, *, timeout: int = 3, kafka_timeout: float = 5.0) -> StatusReport:
+    """Ask every region at once (a dead host costs one connect timeout, not one per region)."""
+    regions = list(config.regions)
+    with ThreadPoolExecutor(max_workers=len(regions)) as pool:
+        collected = dict(zip(regions, pool.map(lambda r: _collect(config, r, timeout), regions), strict=True))
+    notes: list[str] = []
+    try:
+        return _assemble(config, collected, notes, kafka_timeout)
+    finally:
+        for facts in collected.values():
+            _close(facts)
+
+
+def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_timeout: float) -> StatusReport:
+    hb = config.heartbeat
+    up = {r: f for r, f in facts.items() if f.conn is not None}
+    # the highest sequence of each origin anyone has evidence of
+    seen_high: dict[str, int] = {}
+    for f in up.values():
+        for origin, p in f.progress.items():
+            seen_high[origin] = max(seen_high.get(origin, 0), p.highest_sequence)
+    retained = _Retention(config, kafka_timeout, notes)
+    opinions: dict[str, dict[str, PeerOpinion]] = {r: {} for r in facts}
+    for observer, f in up.items():
+        stale_after = max(STALE_VIEW_FACTOR * hb.interval_seconds, hb.suspect_after_seconds)
+        for peer, v in f.views.items():
+            if peer not in opinions:
+                continue  # a region no longer in the config
+            opinions[peer][observer] = PeerOpinion(
+                observer=observer, peer=peer, heard=v.age_seconds is not None, age_seconds=v.age_seconds,
+                liveness=(liveness(v.age_seconds, hb.suspect_after_seconds, hb.failed_after_seconds)
+                          if v.age_seconds is not None else None),
+                skew_ms=v.skew_ms, peer_state=v.peer_state, peer_epoch=v.peer_epoch,
+                stale=v.written_age_seconds > stale_after,
+            )
+    reports = {}
+    for region, f in facts.items():
+        seen_by = opinions[region]
+        age = _freshest(seen_by)
+        skews = [o.skew_ms for o in seen_by.values() if o.skew_ms is not None and not o.stale]
+        common: dict[str, Any] = {
+            "region": region, "dsn": f.dsn, "seen_by": seen_by,
+            "heartbeat_age_seconds": age,
+            "seen_as": liveness(age, hb.suspect_after_seconds, hb.failed_after_seconds) if age is not None else None,
+            "skew_ms": statistics.median(skews) if skews else None,
+        }
+        if f.conn is None:
+            reports[region] = RegionStatusReport(reachable=False, error=f.error, **common)
+            continue
+        lags = {
+            origin: _lag(origin, region, f, facts.get(origin), seen_high, retained)
+            for origin in config.peers(region)
+        }
+        # events this region wrote, lost (stale backup) and peers have seen
+        own_lost = max(0, seen_high.get(region, 0) - f.relay_high)
+        assert f.backlog is not None and f.queue is not None
+        reports[region] = RegionStatusReport(
+            reachable=True, error=None,
+            state=f.status.state.value, epoch=f.status.epoch, reason=f.status.reason,
+            clean_stop=f.status.clean_stop, sidecar_alive_age_seconds=f.alive_age,
+            outbox_backlog=f.backlog.events, outbox_oldest_age_seconds=f.backlog.oldest_age_seconds,
+            lag=lags, gaps=sum(lag.gaps for lag in lags.values()) + own_lost,
+            manual_queue=f.queue.depth_by_table, quarantine=f.quarantine,
+            views={p: opinions[p][region] for p in config.peers(region) if region in opinions[p]},
+            **common,
+        )
+    return StatusReport(
+        config_path=str(config.path),
+        generated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        regions=reports,
+        notes=tuple(notes),
+    )
+
+
+def _freshest(opinions: Mapping[str, PeerOpinion]) -> float | None:
+    """The freshest heartbeat age, preferring observers whose sidecar still runs:
+    a stopped observer's last view ages with the clock and says nothing new."""
+    live = [o.age_seconds for o in opinions.values() if o.age_seconds is not None and not o.stale]
+    if live:
+        return min(live)
+    old = [o.age_seconds for o in opinions.values() if o.age_seconds is not None]
+    return min(old) if old else None
+
+
+class _Retention:
+    """What Kafka still holds of each origin's topic, asked only when a lag needs it."""
+
+    def __init__(self, config: Config, timeout: float, notes: list[str]) -> None:
+        self.config = config
+        self.timeout = timeout
+        self.notes = notes
+        self._cache: dict[str, tuple[int, int] | None] = {}
+        self._failed = False
+
+    def of(self, origin: str) -> tuple[int, int] | None | bool:
+        """(first, last) retained, None when the topic holds nothing, False when unknown."""
+        if self._failed:
+            return False
+        if origin not in self._cache:
+            try:
+                settings = self.config.kafka_settings(origin)
+                self._cache[origin] = kafka.retained_sequences(
+                    settings, self.config.events_topic(origin), timeout=self.timeout
+                )
+            except ReconcilerError as exc:
+                self._failed = True
+                self.notes.append(f"Kafka retention unknown ({exc.message}): expired tails are not counted as gaps")
+                return False
+        return self._cache[origin]
+
+
+def _lag(
+    origin: str, destination: str, dest: _Facts, origin_facts: _Facts | None, seen_high: Mapping[str, int],
+    retained: _Retention,
+) -> Lag:
+    mine = dest.progress.get(origin)
+    applied = mine.applied if mine else 0
+    highest = mine.highest_sequence if mine else 0
+    holes = mine.holes if mine else 0
+    reachable = origin_facts is not None and origin_facts.conn is not None
+    if reachable:
+        assert origin_facts is not None
+        origin_high, against = max(origin_facts.relay_high, seen_high.get(origin, 0)), "origin"
+    else:
+        origin_high, against = seen_high.get(origin, 0), "seen"
+    events = max(0, origin_high - applied)
+    seconds = 0.0
+    expired = 0
+    if events:
+        age = None
+        if reachable and origin_facts is not None and origin_facts.conn is not None:
+            try:
+                age = health.event_age(origin_facts.conn, origin, highest + 1)
+            except ReconcilerError:
+                age = None
+        if age is None and mine is not None:
+            age = mine.last_applied_age_seconds
+        seconds = age or 0.0
+        tail = origin_high - highest
+        if tail > 0:
+            held = retained.of(origin)
+            if held is None:
+                expired = tail  # Kafka holds nothing of it any more
+            elif held is not False:
+                assert isinstance(held, tuple)
+                expired = max(0, min(held[0] - 1, origin_high) - highest)
+    return Lag(origin, destination, events, seconds, holes + expired, against, applied, origin_high)
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "never"
+    if value < 100:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    return f"{value / 3600:.1f}h"
+
+
+def _skew(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:+.3f}s"
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render(report: StatusReport) -> str:
+    """The one screen an operator reads (plain text, fixed columns, no colour)."""
+    lines = [f"reconciler status  {report.generated_at}  config {report.config_path}", ""]
+    header = ("REGION", "STATE", "EPOCH", "HEARTBEAT", "OUTBOX", "LAG", "GAPS", "MANUAL", "QUARANTINE", "SKEW")
+    rows: list[tuple[str, ...]] = []
+    details: list[tuple[int, str]] = []
+    for r in report.regions.values():
+        heartbeat = _seconds(r.heartbeat_age_seconds) + (f" {r.seen_as}" if r.seen_as else "")
+        if not r.reachable:
+            rows.append((r.region, "DOWN", "-", heartbeat, "-", "-", "-", "-", "-", _skew(r.skew_ms)))
+            details.append((len(rows) - 1, f"unreachable: {r.dsn}: {r.error}"))
+            continue
+        lag_events = sum(lag.events for lag in r.lag.values())
+        rows.append((
+            r.region, _dash(r.state), _dash(r.epoch), heartbeat, _dash(r.outbox_backlog), str(lag_events),
+            _dash(r.gaps), str(sum(r.manual_queue.values())), _dash(r.quarantine), _skew(r.skew_ms),
+        ))
+        if r.state != State.ACTIVE.value:
+            details.append((len(rows) - 1, f"{r.state}: {r.reason}"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    numeric = {2, 4, 5, 6, 7, 8}
+
+    def line(cells: tuple[str, ...]) -> str:
+        out = [c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(cells)]
+        return "  ".join(out).rstrip()
+
+    lines.append(line(header))
+    for i, row in enumerate(rows):
+        lines.append(line(row))
+        lines += [" " * (widths[0] + 2) + text for at, text in details if at == i]
+
+    lines += ["", "INBOX LAG  origin -> destination: events behind, seconds behind, gaps"]
+    for r in report.regions.values():
+        for lag in r.lag.values():
+            flag = "" if lag.measured_against == "origin" else "  (origin unreachable: against events seen)"
+            lines.append(f"  {lag.origin:>10} -> {lag.destination:<10} {lag.events:>7} ev  "
+                         f"{lag.seconds:7.1f}s  {lag.gaps:>5} gaps{flag}")
+        if not r.reachable:
+            lines.append(f"  {'*':>10} -> {r.region:<10} unknown (database unreachable)")
+
+    lines += ["", "PEER VIEW  observer: peer state (heartbeat age, clock skew)"]
+    for r in report.regions.values():
+        if not r.reachable:
+            lines.append(f"  {r.region:>10}: unknown (database unreachable)")
+            continue
+        parts = []
+        for peer, v in r.views.items():
+            verdict = v.liveness or "never heard"
+            stale = ", view stale: sidecar not running" if v.stale else ""
+            parts.append(f"{peer} {verdict} ({_seconds(v.age_seconds)}, {_skew(v.skew_ms)}{stale})")
+        lines.append(f"  {r.region:>10}: " + ("; ".join(parts) if parts else "no heartbeats recorded"))
+
+    problems = [p for r in report.regions.values() for p in r.problems]
+    lines += ["", "OK: every region ACTIVE and reachable" if report.ok else "PROBLEMS"]
+    lines += [f"  - {p}" for p in problems]
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,204 @@
+"""Read-mostly queries that measure a region's health, for the sidecar and ``status``.
+
+Kept apart from the replication path in :mod:`.postgres`: these statements only
+observe (plus the sidecar's own peer-view table), run every few seconds against a
+live system, and must stay cheap. Each takes one round trip and commits, so a
+long-lived connection never holds a snapshot open between measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..peers import PeerView
+from .postgres import Connection, json_text
+from .translate import translated
+
+
+@dataclass(frozen=True)
+class OutboxBacklog:
+    events: int
+    #: age of the oldest unpublished row; 0.0 when there is none
+    oldest_age_seconds: float
+
+
+@dataclass(frozen=True)
+class InboxProgress:
+    """What this region applied from one origin."""
+
+    origin: str
+    applied: int
+    highest_sequence: int
+    last_applied_at: datetime | None
+    #: seconds since ``last_applied_at``, by the database's clock
+    last_applied_age_seconds: float | None
+
+    @property
+    def holes(self) -> int:
+        """Sequences below the highest applied one that are not applied.
+
+        With one partition per topic the consumer reads in sequence order, so a hole is
+        an event it went past: it will not come by itself. With several partitions a
+        hole can be an event still queued on another partition, so it is transient.
+        """
+        return max(0, self.highest_sequence - self.applied)
+
+
+@dataclass(frozen=True)
+class ManualQueue:
+    depth_by_table: dict[str, int]
+    oldest_age_seconds: float
+
+    @property
+    def depth(self) -> int:
+        return sum(self.depth_by_table.values())
+
+
+@dataclass(frozen=True)
+class StoredPeerView:
+    """One row of ``reconciler.peer_heartbeat`` with ages computed by the database clock."""
+
+    peer: str
+    age_seconds: float | None
+    peer_wall_ms: int | None
+    peer_hlc: int | None
+    skew_ms: float | None
+    peer_state: str | None
+    peer_epoch: int | None
+    view_state: str | None
+    #: seconds since the observing sidecar last wrote this row
+    written_age_seconds: float
+
+
+def outbox_backlog(conn: Connection, origin: str) -> OutboxBacklog:
+    """Rows committed locally and not yet acknowledged by Kafka (numbered or not)."""
+    with translated(step="measure outbox backlog", region=origin):
+        row = conn.execute(
+            "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at)), 0)"
+            " FROM reconciler.outbox o LEFT JOIN reconciler.relay_state r ON r.origin = o.origin"
+            " WHERE o.origin = %s"
+            "   AND (o.relay_sequence IS NULL OR o.relay_sequence > coalesce(r.published_through, 0))",
+            (origin,),
+        ).fetchone()
+        conn.commit()
+    assert row is not None
+    return OutboxBacklog(int(row[0]), max(0.0, float(row[1])))
+
+
+def inbox_progress(conn: Connection) -> dict[str, InboxProgress]:
+    """Per origin: how many events were applied, the highest sequence, the last apply time."""
+    with translated(step="measure inbox progress"):
+        rows = conn.execute(
+            "SELECT origin, count(*), max(sequence), max(applied_at),"
+            " extract(epoch FROM clock_timestamp() - max(applied_at))"
+            " FROM reconciler.inbox GROUP BY origin"
+        ).fetchall()
+        conn.commit()
+    return {
+        origin: InboxProgress(origin, int(count), int(high), last, None if age is None else max(0.0, float(age)))
+        for origin, count, high, last, age in rows
+    }
+
+
+def relay_high_water(conn: Connection, origin: str) -> int:
+    """The last sequence ``origin``'s relay assigned (0 before the first)."""
+    with translated(step="read relay position", region=origin):
+        row = conn.execute(
+            "SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s", (origin,)
+        ).fetchone()
+        conn.commit()
+    return int(row[0]) if row else 0
+
+
+def event_age(conn: Connection, origin: str, sequence: int) -> float | None:
+    """Seconds since ``origin`` committed event ``sequence`` (asked of the origin's own
+    database), or None when it does not hold it (pruned, or not numbered yet)."""
+    with translated(step="read event age", region=origin):
+        row = conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp() - created_at) FROM reconciler.outbox"
+            " WHERE origin = %s AND relay_sequence = %s",
+            (origin, sequence),
+        ).fetchone()
+        conn.commit()
+    return max(0.0, float(row[0])) if row else None
+
+
+def manual_queue(conn: Connection, tables: Sequence[str] = ()) -> ManualQueue:
+    """Open conflicts per table (configured tables listed even at 0) and the oldest's age."""
+    with translated(step="measure manual queue"):
+        rows = conn.execute(
+            "SELECT table_name, count(*), extract(epoch FROM clock_timestamp() - min(detected_at))"
+            " FROM reconciler.conflicts WHERE status = 'open' GROUP BY table_name"
+        ).fetchall()
+        conn.commit()
+    depth = dict.fromkeys(tables, 0)
+    oldest = 0.0
+    for table, count, age in rows:
+        depth[table] = int(count)
+        oldest = max(oldest, float(age or 0.0))
+    return ManualQueue(depth, oldest)
+
+
+def quarantined(conn: Connection) -> int:
+    """Events set aside and not yet retried."""
+    with translated(step="measure quarantine"):
+        row = conn.execute("SELECT count(*) FROM reconciler.quarantine WHERE retried_at IS NULL").fetchone()
+        conn.commit()
+    return int(row[0]) if row else 0
+
+
+def save_peer_views(conn: Connection, views: Sequence[PeerView]) -> None:
+    """Overwrite this region's opinion of its peers (one statement for all of them)."""
+    if not views:
+        return
+    rows: list[dict[str, Any]] = []
+    for v in views:
+        hb = v.last_heartbeat
+        rows.append({
+            "peer": v.peer,
+            "seen_ms": v.received_wall_ms,
+            "peer_wall_ms": hb.wall_ms if hb else None,
+            "peer_hlc": hb.hlc if hb else None,
+            "skew_ms": v.skew_ms,
+            "peer_state": hb.state if hb else None,
+            "peer_epoch": hb.epoch if hb else None,
+            "view_state": v.liveness,
+        })
+    with translated(step="save peer view"), conn.transaction():
+        conn.execute(
+            "INSERT INTO reconciler.peer_heartbeat (peer, last_seen_at, peer_wall_ms, peer_hlc, skew_ms, peer_state,"
+            " peer_epoch, view_state, updated_at)"
+            " SELECT x.peer, to_timestamp(x.seen_ms / 1000.0), x.peer_wall_ms, x.peer_hlc, x.skew_ms, x.peer_state,"
+            " x.peer_epoch, x.view_state, clock_timestamp()"
+            " FROM jsonb_to_recordset(%s::jsonb) AS x(peer text, seen_ms bigint, peer_wall_ms bigint,"
+            " peer_hlc bigint, skew_ms double precision, peer_state text, peer_epoch bigint, view_state text)"
+            " ON CONFLICT (peer) DO UPDATE SET last_seen_at = EXCLUDED.last_seen_at,"
+            " peer_wall_ms = EXCLUDED.peer_wall_ms, peer_hlc = EXCLUDED.peer_hlc, skew_ms = EXCLUDED.skew_ms,"
+            " peer_state = EXCLUDED.peer_state, peer_epoch = EXCLUDED.peer_epoch,"
+            " view_state = EXCLUDED.view_state, updated_at = EXCLUDED.updated_at",
+            (json_text(rows),),
+        )
+
+
+def peer_views(conn: Connection) -> dict[str, StoredPeerView]:
+    """What this region's sidecar last wrote about each peer; ages by the database clock."""
+    with translated(step="read peer view"):
+        rows = conn.execute(
+            "SELECT peer, extract(epoch FROM clock_timestamp() - last_seen_at), peer_wall_ms, peer_hlc, skew_ms,"
+            " peer_state, peer_epoch, view_state, extract(epoch FROM clock_timestamp() - updated_at)"
+            " FROM reconciler.peer_heartbeat ORDER BY peer"
+        ).fetchall()
+        conn.commit()
+    return {
+        peer: StoredPeerView(
+            peer=peer,
+            age_seconds=None if age is None else max(0.0, float(age)),
+            peer_wall_ms=wall, peer_hlc=hlc, skew_ms=None if skew is None else float(skew),
+            peer_state=state, peer_epoch=epoch, view_state=view,
+            written_age_seconds=max(0.0, float(written)),
+        )
+        for peer, age, wall, hlc, skew, state, epoch, view, written in rows
+    }
