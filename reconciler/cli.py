@@ -397,7 +397,8 @@ def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None
     Resumable: a re-run after any interruption continues where the last batch
     committed. Exit 1 when the gate did not pass (the report says why).
     """
-    from .recovery import Progress, recover as run_recover
+    from .recovery import Progress
+    from .recovery import recover as run_recover
 
     config = load(config_path)
     bar: dict[str, Any] = {}
