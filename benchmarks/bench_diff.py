@@ -51,6 +51,7 @@ DEFAULT_B = os.environ.get("RECONCILER_BENCH_DSN_B", "postgresql://postgres@127.
 COLUMNS = ("amount", "created_at", "id", "label", "note")  # sorted, as the diff orders them
 EXTRA_COLUMNS = ("label", "amount", "created_at", "note")
 N_UPDATED, N_DELETED, N_EXTRA = 40, 30, 30
+SETTLE_SECONDS = 0.5
 
 
 def log(message: str) -> None:
@@ -146,12 +147,26 @@ def postmaster_pid(dsn: str) -> int | None:
 
 
 def server_cpu(pid: int) -> float:
-    """CPU seconds of a postmaster and of every child that has exited (backends,
-    parallel workers): a backend's time lands in its parent's cutime/cstime when it
-    ends, so a run's server CPU is the difference across it, once its connections
-    are closed. Unlike wall time it barely moves with other load on the machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    """CPU seconds spent so far by a server: the postmaster, its live (and not yet
+    reaped) children -- backends, parallel workers -- and, through cutime/cstime, the
+    children that have exited. The sum does not jump when a backend exits, so the
+    difference across a run is that run's server CPU, which unlike wall time barely
+    moves with other load on the machine."""
+
+    def stat(p: int | str) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
+    own = stat(pid)
+    ticks = sum(int(own[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = stat(entry.name)
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:  # ppid
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -270,6 +285,7 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
             fn()
             client_cpu[name].append(time.process_time() - client_before)
             if len(pids) == 2:
+                time.sleep(SETTLE_SECONDS)  # let the closed backends exit and be reaped
                 cpu[name].append(sum(server_cpu(p) for p in pids) - cpu_before)
             log(f"  round {round_no + 1}: {name:<28} {timings[name][-1]:8.2f}s")
     load_after = os.getloadavg()
