@@ -315,17 +315,27 @@ def record_conflicts(conn: Connection, records: Sequence[ConflictRecord]) -> Non
 
 
 def record_resolutions(conn: Connection, events: Sequence[Event]) -> None:
-    """Close the manual-queue entries that RESOLVE events decide, with who, when and why."""
+    """Close the manual-queue entries that RESOLVE events decide, with who, when and why.
+
+    Two operators in regions cut off from each other can both decide one entry;
+    the policy keeps the later-stamped decision everywhere, so the entry must name
+    that one too (not whichever arrived first), or the audit trail would contradict
+    the row. The recorded decision's stamp is found from its event in the outbox
+    (decided here) or the inbox (decided elsewhere).
+    """
     for e in events:
         if e.operation is not Operation.RESOLVE:
             continue
         p = e.payload
         conn.execute(
-            "UPDATE reconciler.conflicts SET status = 'resolved', outcome = 'resolved', resolved_by = %s,"
+            "UPDATE reconciler.conflicts c SET status = 'resolved', outcome = 'resolved', resolved_by = %s,"
             " resolved_at = coalesce(%s::timestamptz, now()), resolution_reason = %s, resolution = %s::jsonb,"
-            " resolution_event = %s WHERE conflict_id = %s AND status <> 'resolved'",
+            " resolution_event = %s WHERE c.conflict_id = %s AND (c.status <> 'resolved' OR EXISTS ("
+            "  SELECT 1 FROM (SELECT hlc, origin FROM reconciler.outbox WHERE id = c.resolution_event"
+            "   UNION ALL SELECT hlc, origin FROM reconciler.inbox WHERE event_id = c.resolution_event) d"
+            "  WHERE (d.hlc, d.origin) < (%s, %s)))",
             (p.get("by"), p.get("at"), p.get("reason"), json_text(p.get("values")), e.event_id,
-             p.get("conflict_id")),
+             p.get("conflict_id"), e.hlc.pack(), e.origin),
         )
 
 

@@ -331,6 +331,10 @@ def test_same_conflict_resolved_in_two_regions_during_a_partition_converges(env2
     for region in config.regions:
         assert rows(config, region, "payments")["p6"] == dict(later.payload["values"]), region
         assert open_payment_conflicts(config, region) == []
+        # the queue names the decision the row holds, not the first one that arrived
+        res = cli_json(config, "conflicts", "show", "--region", region, cid)["resolution"]
+        assert (res["by"], res["event_id"]) == (f"op-{later.origin}", later.event_id), region
+        assert res["values"] == dict(later.payload["values"]), region
 
 
 def test_quarantine_list_shows_what_was_set_aside(stack: Any, tmp_path: Path) -> None:
