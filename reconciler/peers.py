@@ -20,7 +20,7 @@ passed in, so the rules can be tested exactly.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -241,8 +241,3 @@ class PeerTracker:
             )
         return out
 
-
-def combined_age(ages: Mapping[str, float | None]) -> float | None:
-    """The freshest news of a region over several observers (None if nobody heard it)."""
-    known = [a for a in ages.values() if a is not None]
-    return min(known) if known else None
