@@ -26,7 +26,9 @@ from .transport import kafka
 
 
 class InboxConsumer:
-    def __init__(self, config: Config, region: str, *, metrics: Metrics | None = None, origins: list[str] | None = None):
+    def __init__(
+        self, config: Config, region: str, *, metrics: Metrics | None = None, origins: list[str] | None = None
+    ) -> None:
         self.config = config
         self.region = region
         self.origins = origins or config.peers(region)

@@ -21,7 +21,7 @@ from .hlc import Timestamp
 JsonDict = Mapping[str, Any]
 
 
-class Operation(str, enum.Enum):
+class Operation(enum.StrEnum):
     INSERT = "insert"
     UPDATE = "update"
     DELETE = "delete"
@@ -29,7 +29,7 @@ class Operation(str, enum.Enum):
     RESOLVE = "resolve"
 
 
-class ConflictKind(str, enum.Enum):
+class ConflictKind(enum.StrEnum):
     """Named as PostgreSQL multi-master systems name them."""
 
     INSERT_INSERT = "insert_insert"
@@ -39,7 +39,7 @@ class ConflictKind(str, enum.Enum):
     UPDATE_MISSING = "update_missing"  # an update arrives for a row never seen
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     APPLIED = "applied"  # the incoming version won
     DISCARDED = "discarded"  # the current version won; the event changed nothing
     MERGED = "merged"  # field rules combined both versions

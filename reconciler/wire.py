@@ -45,7 +45,7 @@ def decode(raw: bytes | None, *, topic: str = "", offset: int | None = None) -> 
     except ValueError as exc:
         raise EventError("id is not a UUID", event_id=event_id, **where) from exc
     try:
-        operation = Operation(doc.get("op"))
+        operation = Operation(str(doc.get("op")))
     except ValueError as exc:
         raise EventError(f"unknown operation {doc.get('op')!r}", **where) from exc
     payload = doc.get("payload")

@@ -116,8 +116,6 @@ class Cluster:
             entry = self.loops.pop((region, component), None)
             if entry:
                 entry[1].set()
-        for component in components:
-            pass
 
     def stop_all(self) -> None:
         entries = list(self.loops.values())

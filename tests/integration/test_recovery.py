@@ -194,10 +194,12 @@ def test_recover_killed_three_times_ends_like_an_uninterrupted_run(stack: Any, t
     for _ in range(3):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # kill at a random point once replay is under way (the region is fenced by then)
-        wait_until(lambda: proc.poll() is not None or (
-            state_of(config, DOWN) == "CATCHING_UP"
-            and sum(inbox_count(config, DOWN, o) for o in config.peers(DOWN)) > applied_before), 60,
-            "replay under way", interval=0.05)
+        def replaying(proc: subprocess.Popen[bytes] = proc, before: int = applied_before) -> bool:
+            return proc.poll() is not None or (
+                state_of(config, DOWN) == "CATCHING_UP"
+                and sum(inbox_count(config, DOWN, o) for o in config.peers(DOWN)) > before)
+
+        wait_until(replaying, 60, "replay under way", interval=0.05)
         time.sleep(rnd.uniform(0.0, 0.4))
         if proc.poll() is None:
             proc.kill()

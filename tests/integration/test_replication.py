@@ -43,7 +43,8 @@ def write_orders(config: Any, region: str, keys: list[str], count: int, seed: in
                 try:
                     with conn.transaction():
                         exists = conn.execute(
-                            "SELECT 1 FROM reconciler.row_meta WHERE table_name='orders' AND row_key=%s AND NOT deleted",
+                            "SELECT 1 FROM reconciler.row_meta"
+                            " WHERE table_name = 'orders' AND row_key = %s AND NOT deleted",
                             (key,),
                         ).fetchone()
                         op = "update" if exists else "insert"
