@@ -46,8 +46,9 @@ def liveness(age_seconds: float, suspect_after_seconds: float, failed_after_seco
 class Heartbeat:
     """What a sidecar says about itself once per interval.
 
-    ``hlc`` is the region's packed HLC stamp, or None when its database could not be
-    asked: the sidecar is alive and keeps saying so even when its database is not.
+    ``hlc`` is the region's packed HLC stamp, taken from its database: the sidecar
+    sends no heartbeat while its database does not answer, since a region without
+    it serves nothing. Optional on the wire all the same, for other senders.
     """
 
     region: str

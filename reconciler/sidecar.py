@@ -4,7 +4,8 @@ Loops (``reconciler_loop_*{component=...}`` names them):
 
 - ``relay``      this region's outbox -> its Kafka topic (:mod:`reconciler.relay`);
 - ``inbox``      peers' topics -> this region's rows (:mod:`reconciler.inbox`);
-- ``lifecycle``  decides at start whether the region must catch up, stamps
+- ``lifecycle``  decides at start (and again when the database answers after an
+  outage) whether the region must catch up, stamps
   ``last_alive_at``, and publishes the persisted state (the only truth ``/readyz``
   follows: a restarted sidecar must not call a region ready that an operator fenced);
 - ``replay``     runs catch-up (:func:`reconciler.recovery.recover`) while the region is
@@ -122,14 +123,18 @@ class Sidecar:
         answered for a while, the region may have been fenced meanwhile.
         """
         status = self._status
-        fresh_for = max(5.0, 3 * self.config.heartbeat.interval_seconds)
         return (
             not self.stop.is_set()
             and self.healthy()
             and status is not None
             and status.state is State.ACTIVE
-            and time.monotonic() - self._status_read_at < fresh_for
+            and self._status_fresh()
         )
+
+    def _status_fresh(self) -> bool:
+        """The lifecycle state was read recently enough to vouch for it."""
+        fresh_for = max(5.0, 3 * self.config.heartbeat.interval_seconds)
+        return time.monotonic() - self._status_read_at < fresh_for
 
     @property
     def status(self) -> RegionStatus | None:
@@ -323,6 +328,7 @@ class Sidecar:
         interval = self.config.heartbeat.interval_seconds
         conn: pg.Connection | None = None
         decided = False
+        lost = False  # the database stopped answering after the start decision
         next_alive = 0.0
         backoff = 0.5
         try:
@@ -333,6 +339,9 @@ class Sidecar:
                     if not decided:
                         self._decide_at_start(conn, log)
                         decided = True
+                    elif lost:
+                        self._decide_after_outage(conn, log)
+                        lost = False
                     if time.monotonic() >= next_alive:
                         pg.mark_alive(conn, clean_stop=False)
                         next_alive = time.monotonic() + interval
@@ -341,12 +350,15 @@ class Sidecar:
                     backoff = 0.5
                     stop.wait(min(1.0, interval))
                 except ReconcilerError as exc:
+                    # the state can no longer be vouched for: not ready until it is read again
+                    self._status_read_at = float("-inf")
                     self.metrics.loop_failed("lifecycle")
                     log.warning("lifecycle retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
                     _close(conn)
                     conn = None
+                    lost = decided
                     stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, 2.0)
         finally:
             _close(conn)
 
@@ -371,6 +383,29 @@ class Sidecar:
             status = pg.transition(conn, State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
             log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
         pg.mark_alive(conn, clean_stop=False)
+        self._publish_state(status, log)
+
+    def _decide_after_outage(self, conn: pg.Connection, log: ComponentLogger) -> None:
+        """The start decision again, when the database answers after an outage.
+
+        While the database was away, ``last_alive_at`` stopped moving, so its age is the
+        outage; a database restored from a backup shows the age of the backup. Either
+        way, beyond the absence threshold the region may have missed what it cannot get
+        from Kafka alone. ``clean_stop`` is ignored here: it is false because this
+        sidecar is running, not because it crashed, and a blip must not cost a catch-up.
+        """
+        status = pg.region_status(conn)
+        if status.last_alive_at is None:
+            return
+        absent = max(0.0, time.time() - status.last_alive_at.timestamp())
+        threshold = self.config.lifecycle.absence_threshold_seconds
+        log.info("database answers again", extra={"fields": {
+            "state": status.state.value, "absent_seconds": round(absent, 1)}})
+        if needs_catch_up(True, absent, threshold) and status.state in (State.ACTIVE, State.SUSPECT,
+                                                                         State.VERIFYING):
+            reason = f"database was out of reach for {absent:.0f}s (> {threshold:.0f}s)"
+            status = pg.transition(conn, State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
+            log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
         self._publish_state(status, log)
 
     def _publish_state(self, status: RegionStatus, log: ComponentLogger) -> None:
@@ -446,6 +481,10 @@ class Sidecar:
         every region must see every partition anyway, and assignment skips the group
         rebalance that would delay the first heartbeats by seconds. Old heartbeats are
         worthless, hence the start at the end (``auto.offset.reset=latest`` too).
+
+        A heartbeat carries an HLC stamp from the region's database, so it vouches for
+        the region, not just for this process: while the database does not answer,
+        none is sent.
         """
         hb = self.config.heartbeat
         log = component_logger("heartbeat", self.region)
@@ -455,6 +494,7 @@ class Sidecar:
         link = _ControlLink(self.config, self.region, log)
         db = _Reconnecting(self.dsn, self.region, retry_seconds=2.0)
         last_liveness: dict[str, str] = {}
+        withheld = False
         next_send = 0.0
         backoff = 0.5
         try:
@@ -463,7 +503,21 @@ class Sidecar:
                     link.open()
                     now = time.monotonic()
                     if now >= next_send:
-                        link.send(self._heartbeat(db))
+                        beat = self._heartbeat(db)
+                        if beat.hlc is None:
+                            if not withheld:
+                                # a region without its database serves nothing: let peers see
+                                # it go silent, SUSPECT then FAILED, rather than vouch for it
+                                log.warning("heartbeats withheld: database unreachable",
+                                            extra={"fields": {"error": db.error}})
+                            withheld = True
+                        elif self._status_fresh():
+                            link.send(beat)
+                            if withheld:
+                                log.info("heartbeats resumed: database answers again")
+                            withheld = False
+                        # else: at start or after an outage, the lifecycle loop has not yet
+                        # judged the state (it may send the region to catch-up): wait for it
                         next_send = now + hb.interval_seconds
                         views = tracker.view(time.monotonic())
                         self._publish_peers(views, last_liveness, log)

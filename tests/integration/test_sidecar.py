@@ -500,3 +500,50 @@ def test_secrets_in_the_config_never_reach_logs_or_metrics(
         for region in ("us-east", "eu-west"):
             with psycopg.connect(stack.dsn(region), autocommit=True) as conn:
                 conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+# ------------------------------------------------------------------ a region's database goes away
+
+
+def test_a_region_whose_database_stops_is_down_then_catches_up_when_it_returns(
+    stack: Any, tmp_path: Path, running: list[InProcess],
+) -> None:
+    config = env(stack, tmp_path, ("us-east", "eu-west", "ap-south"), heartbeat=FAST_HEARTBEATS,
+                 lifecycle={"absence_threshold_seconds": 3})
+    for region in config.regions:
+        running.append(InProcess(config, region).start())
+    eventually(lambda: status_json(config)[0] == 0, 60, "every region ACTIVE and heard")
+    write_orders(config, "ap-south", 20, "before")
+    eventually(lambda: inbox_count(config, "us-east", "ap-south") == 20, 30, "ap-south's events delivered")
+    stack.stop_postgres("ap-south")
+    try:
+        def down_and_failed() -> bool:
+            code, doc = status_json(config)
+            south = doc["regions"]["ap-south"]
+            return code == 1 and south["state"] == "DOWN" and all(
+                peer_state(doc, o, "ap-south") == "FAILED" for o in ("us-east", "eu-west"))
+
+        # its sidecar still runs, but sends no heartbeat without its database
+        eventually(down_and_failed, 30, "ap-south DOWN and FAILED in its peers' views")
+        _code, doc = status_json(config)
+        south = doc["regions"]["ap-south"]
+        assert not south["reachable"] and "unreachable" in south["error"]
+        assert south["dsn"] == config.region("ap-south").redacted_dsn
+        for region in ("us-east", "eu-west"):
+            assert doc["regions"][region]["state"] == "ACTIVE"
+        assert http(config, "ap-south", "/readyz")[0] == 503  # not knowing its state is not ready
+        assert http(config, "ap-south", "/healthz")[0] == 200  # the process itself is fine
+        write_orders(config, "us-east", 10, "during")  # ap-south will have to take these on return
+    finally:
+        stack.start_postgres("ap-south")
+    # away longer than lifecycle.absence_threshold_seconds: back through catch-up, by itself
+    eventually(lambda: status_json(config)[0] == 0, 90, "ap-south ACTIVE and heard again")
+    with connect(config, "ap-south") as conn:
+        log = conn.execute("SELECT to_state, reason, actor FROM reconciler.lifecycle_log ORDER BY id").fetchall()
+    outage = [entry for entry in log if entry[1].startswith("database was out of reach")]
+    assert outage and outage[0][0] == "CATCHING_UP" and outage[0][2] == "sidecar", log
+    assert log[-1] == ("ACTIVE", "recover: gate passed", "sidecar")
+    eventually(lambda: inbox_count(config, "ap-south", "us-east") == 10, 30, "us-east's events in ap-south")
+    for sidecar in running:
+        if sidecar.thread.is_alive():
+            assert sidecar.stop() == 0
