@@ -36,7 +36,7 @@ from typing import Any, Protocol, cast
 from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
 from .config import Config
-from .errors import ReconcilerError
+from .errors import ConfigError, ReconcilerError, StoreUnavailable
 from .hlc import Timestamp
 from .inbox import InboxConsumer
 from .lifecycle import RegionStatus, State, needs_catch_up
@@ -165,7 +165,12 @@ class Sidecar:
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-        server = serve(self.config.region(self.region).metrics_address, self.metrics, self.healthy, self.ready)
+        address = self.config.region(self.region).metrics_address
+        try:
+            server = serve(address, self.metrics, self.healthy, self.ready)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {address}: {exc.strerror or exc}",
+                              key=f"regions.{self.region}.metrics_address", file=self.config.path) from exc
         self.log.info("sidecar started", extra={"fields": {
             # host:port, not a URL: logs.py's last-resort DSN redaction would take an
             # "http://host:" followed later by a DSN's "@" for a password
@@ -495,6 +500,7 @@ class Sidecar:
         db = _Reconnecting(self.dsn, self.region, retry_seconds=2.0)
         last_liveness: dict[str, str] = {}
         withheld = False
+        view_unsaved = False
         next_send = 0.0
         backoff = 0.5
         try:
@@ -522,6 +528,10 @@ class Sidecar:
                         views = tracker.view(time.monotonic())
                         self._publish_peers(views, last_liveness, log)
                         db.run(partial(health.save_peer_views, views=list(views.values())))
+                        if db.error and not view_unsaved:
+                            log.warning("peer view not saved (status will not show it)",
+                                        extra={"fields": {"error": db.error}})
+                        view_unsaved = db.error is not None
                     for beat in link.receive(timeout=max(0.01, min(0.25, next_send - time.monotonic()))):
                         tracker.observe(beat, time.monotonic(), _wall_ms())
                     self.metrics.loop_succeeded("heartbeat")
@@ -678,8 +688,16 @@ class _Reconnecting:
             result = query(self.connection())
         except ReconcilerError as exc:
             self.error = str(exc)
-            self.close()
-            self._next_try = time.monotonic() + self.retry_seconds
+            if isinstance(exc, StoreUnavailable) or self._conn is None:
+                self.close()
+                self._next_try = time.monotonic() + self.retry_seconds
+            else:
+                # the database answered, with an error (say, a schema not migrated):
+                # the connection is fine and other queries on it must not wait
+                try:
+                    self._conn.rollback()
+                except Exception:  # noqa: BLE001 - a broken connection is dropped instead
+                    self.close()
             return None
         self.error = None
         return result

@@ -1,0 +1,55 @@
+"""Parts of the sidecar that need no database or broker: start-up refusals and readiness."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler.config import Config, RegionConfig
+from reconciler.errors import ConfigError
+from reconciler.lifecycle import RegionStatus, State
+from reconciler.sidecar import Sidecar
+
+
+def config(address: str) -> Config:
+    return Config(
+        path=Path("/etc/reconciler/reconciler.yaml"),
+        regions={
+            "us-east": RegionConfig("us-east", "postgresql://app@127.0.0.1:1/app", address),
+            "eu-west": RegionConfig("eu-west", "postgresql://app@127.0.0.1:1/app", "127.0.0.1:0"),
+        },
+        tables={},
+        kafka={"bootstrap.servers": "127.0.0.1:1"},
+    )
+
+
+def test_a_busy_metrics_address_is_a_config_error_naming_the_key() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sidecar = Sidecar(config(f"127.0.0.1:{port}"), "us-east")
+        with pytest.raises(ConfigError) as caught:
+            sidecar.run(install_signals=False)
+    assert caught.value.context["key"] == "regions.us-east.metrics_address"
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_not_ready_until_the_state_is_read_and_only_while_active_and_fresh() -> None:
+    sidecar = Sidecar(config("127.0.0.1:0"), "us-east")
+    assert not sidecar.ready()  # nothing read yet: an operator may have fenced the region
+    sidecar._status = RegionStatus("us-east", State.ACTIVE, 1, "test")
+    sidecar._status_read_at = time.monotonic()
+    assert sidecar.ready()
+    sidecar._status_read_at = time.monotonic() - 60
+    assert not sidecar.ready()  # the database has not answered for a minute
+    for state in (State.CATCHING_UP, State.VERIFYING, State.FENCED, State.SUSPECT):
+        sidecar._status = RegionStatus("us-east", state, 2, "test")
+        sidecar._status_read_at = time.monotonic()
+        assert not sidecar.ready(), state
+    sidecar._status = RegionStatus("us-east", State.ACTIVE, 3, "test")
+    sidecar.stop.set()
+    assert not sidecar.ready()  # draining: the load balancer must stop sending traffic
