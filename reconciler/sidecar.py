@@ -15,7 +15,8 @@ Loops (``reconciler_loop_*{component=...}`` names them):
 
 Stopping. SIGTERM/SIGINT drain: ``/readyz`` turns 503 at once, the inbox finishes and
 commits its batch, the relay keeps publishing until every outbox row committed so far
-is acknowledged by Kafka (so a planned stop strands nothing in the outbox), then
+is acknowledged by Kafka (so a planned stop strands nothing in the outbox; a region
+FENCED or CATCHING_UP numbers no new rows, and those wait for its return), then
 ``clean_stop`` is persisted and the process exits 0. If the drain cannot finish (Kafka
 down), ``clean_stop`` stays false, the next start goes through catch-up, and the exit
 code is 1. SIGKILL loses nothing either: every step is committed before it is
@@ -79,6 +80,14 @@ def load_recover() -> RecoverFn | None:
 
 
 class Sidecar:
+    """One region's loops, their shared view of the lifecycle state, and the probes.
+
+    Loops share only what they must: the persisted state (read by the lifecycle
+    loop, trusted by readiness, heartbeats and catch-up) and the outbox backlog (for
+    heartbeats). Each owns its connections, so one slow or broken database session
+    cannot stall another loop.
+    """
+
     def __init__(
         self,
         config: Config,
