@@ -12,6 +12,13 @@ One relay per region holds the lease (advisory lock + epoch, see
 
 A crash between 2 and 3 republishes; nothing is skipped and the inbox absorbs
 the duplicates.
+
+While one batch is produced and acknowledged, a helper thread numbers and reads
+the next one (1 for the next batch overlaps 2 for this one): the database and the
+broker work at the same time. The next batch is published only after this one is
+acknowledged and recorded, so the topic stays in sequence order, and a batch read
+ahead but never published is simply numbered-and-unpublished: the next relay
+publishes it first.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import Any
 
-from . import wire
 from .config import Config
 from .errors import ReconcilerError, TransportError
 from .lifecycle import State
@@ -33,7 +41,9 @@ from .transport import kafka
 
 
 class Relay:
-    def __init__(self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.region = region
         self.topic = config.events_topic(region)
@@ -46,6 +56,10 @@ class Relay:
         self._producer: Any = None
         self._stale = False
         self._stale_checked_at: float | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._next: Future[list[tuple[int, bytes, bytes]]] | None = None
+        #: highest sequence this relay has read (published or in hand): the next claim starts above it
+        self._read_through = 0
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
@@ -55,9 +69,15 @@ class Relay:
         self.log.bind(epoch=self.epoch)
         self._conn = pg.connect(dsn, region=self.region)
         self._producer = kafka.producer(self.config.kafka_settings(self.region))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
+        self._read_through = 0
         self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
 
     def close(self) -> None:
+        self._drop_read_ahead()  # never close the connection under the read-ahead
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._producer is not None:
             self._producer.flush(10)
         for conn in (self._conn, self._lease_conn):
@@ -72,35 +92,54 @@ class Relay:
         """Relay one batch; returns how many events were published."""
         assert self._conn is not None and self._producer is not None, "start() first"
         started = time.perf_counter()
-        limit = self.config.relay_batch_size
-        if self._numbering_allowed():
-            pg.assign_sequences(self._conn, self.region, self.epoch, limit)
-        events = pg.unpublished(self._conn, self.region, limit)
-        if not events:
+        ahead, self._next = self._next, None
+        batch = (ahead.result() if ahead is not None else None) or self._claim()
+        if not batch:
             return 0
+        self._read_through = batch[-1][0]
+        assert self._pool is not None
+        self._next = self._pool.submit(self._claim)  # the next batch, while this one is in flight
         failures: list[Any] = []
 
         def delivered(err: Any, _msg: Any) -> None:
             if err is not None:
                 failures.append(err)
 
-        for event in events:
-            self._send(event.key.encode(), wire.encode(event), delivered)
-        remaining = self._producer.flush(30)
+        try:
+            for _sequence, key, value in batch:
+                self._send(key, value, delivered)
+            remaining = self._producer.flush(30)
+        except BaseException:
+            self._drop_read_ahead()
+            raise
+        wait_for([self._next])  # the connection is the read-ahead's until it is done; its error surfaces next step
         if failures or remaining:
+            self._drop_read_ahead()
             first = failures[0] if failures else None
             raise TransportError(
                 f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
                 + (f" (first: {first})" if first else ""),
                 retryable=True, region=self.region, topic=self.topic,
             )
-        last = events[-1].sequence
-        assert last is not None
-        pg.mark_published(self._conn, self.region, self.epoch, last)
+        pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
         if self.metrics is not None:
-            self.metrics.events_relayed.inc(len(events))
+            self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
-        return len(events)
+        return len(batch)
+
+    def _drop_read_ahead(self) -> None:
+        """After a failed publish: forget the batch read ahead, so that the next step
+        starts again from the last published sequence (this batch first)."""
+        if self._next is not None:
+            wait_for([self._next])
+        self._next = None
+        self._read_through = 0
+
+    def _claim(self) -> list[tuple[int, bytes, bytes]]:
+        """The next batch of (sequence, key, message), numbering new events when allowed."""
+        assert self._conn is not None
+        return pg.claim_messages(self._conn, self.region, self.epoch, self._read_through,
+                                 self.config.relay_batch_size, number=self._numbering_allowed())
 
     def _numbering_allowed(self) -> bool:
         """New events get numbers only while the region is not fenced or catching up,

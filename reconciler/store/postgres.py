@@ -410,21 +410,76 @@ def assign_sequences(conn: Connection, origin: str, epoch: int, limit: int) -> i
     """
     with translated(region=origin, step="assign sequences"), conn.transaction():
         last, _ = _check_epoch(conn, origin, epoch)
-        rows = conn.execute(
-            "WITH next AS ("
-            "  SELECT id, position FROM reconciler.outbox WHERE relay_sequence IS NULL AND origin = %s"
-            "  ORDER BY position LIMIT %s FOR UPDATE),"
-            " numbered AS (SELECT id, %s + row_number() OVER (ORDER BY position) AS seq FROM next)"
-            " UPDATE reconciler.outbox o SET relay_sequence = n.seq FROM numbered n WHERE o.id = n.id"
-            " RETURNING n.seq",
-            (origin, limit, last),
-        ).fetchall()
-        if rows:
-            conn.execute(
-                "UPDATE reconciler.relay_state SET last_sequence = %s, updated_at = now() WHERE origin = %s",
-                (last + len(rows), origin),
-            )
+        rows = _number(conn, origin, last, limit, "n.seq")
     return len(rows)
+
+
+# Numbers the next committed, unnumbered rows (see assign_sequences). The UPDATE finds
+# the rows again by ctid, not by id: joining on id made the planner hash the whole
+# outbox for every batch (a batch cost grew with the table, relayed rows included).
+# No FOR UPDATE on the rows: only this statement ever changes an outbox row, and it
+# runs after _check_epoch locked the relay_state row, so numberings are serialised
+# anyway (the row locks cost ~40% of the statement). _number checks the result is dense.
+_NUMBER_SQL = (
+    "WITH next AS ("
+    "  SELECT ctid, position FROM reconciler.outbox WHERE relay_sequence IS NULL AND origin = %s"
+    "  ORDER BY position LIMIT %s),"
+    " numbered AS (SELECT ctid, %s + row_number() OVER (ORDER BY position) AS seq FROM next)"
+    " UPDATE reconciler.outbox o SET relay_sequence = n.seq FROM numbered n WHERE o.ctid = n.ctid"
+    " RETURNING {returning}"
+)
+
+
+def _number(conn: Connection, origin: str, last: int, limit: int, returning: str) -> list[Any]:
+    """Number up to ``limit`` rows after ``last`` (inside the caller's transaction,
+    after _check_epoch); rows of ``returning`` (sequence first), in sequence order."""
+    rows = sorted(conn.execute(_NUMBER_SQL.format(returning=returning), (origin, limit, last)).fetchall())
+    if rows:
+        if rows[0][0] != last + 1 or rows[-1][0] != last + len(rows):
+            # a row changed under the statement (nothing else should ever update the outbox)
+            raise StoreError("outbox numbering was not dense; retrying", retryable=True, region=origin,
+                             first=rows[0][0], last=rows[-1][0], numbered=len(rows))
+        conn.execute(
+            "UPDATE reconciler.relay_state SET last_sequence = %s, updated_at = now() WHERE origin = %s",
+            (last + len(rows), origin),
+        )
+    return rows
+
+
+# An outbox row as its Kafka message: the document of reconciler.model.Event.to_wire,
+# built by the server so the relay neither parses payloads nor encodes them again.
+# Keep the two in step (tests/integration/test_relay_wire.py decodes one against the other).
+_WIRE_SQL = (
+    "o.relay_sequence, o.aggregateid, jsonb_build_object('v', 1, 'origin', o.origin, 'sequence', o.relay_sequence,"
+    " 'id', o.id, 'aggregatetype', o.aggregatetype, 'aggregateid', o.aggregateid, 'type', o.type,"
+    " 'op', o.operation, 'hlc', o.hlc, 'prior', o.prior_hlc, 'payload', o.payload)::text"
+)
+
+
+def claim_messages(
+    conn: Connection, origin: str, epoch: int, after: int, limit: int, number: bool = True
+) -> list[tuple[int, bytes, bytes]]:
+    """The next messages to publish, as (sequence, key, value) in sequence order.
+
+    First the numbered events above ``after`` (and above ``published_through``) that
+    are not published yet -- left by a crash, or beyond what the caller already
+    holds; when there are none and ``number`` is true, up to ``limit`` committed,
+    unnumbered rows are numbered (as :func:`assign_sequences` does) and returned, in
+    the same transaction. Fenced by the epoch like every relay write.
+    """
+    with translated(region=origin, step="claim messages"), conn.transaction():
+        last, published = _check_epoch(conn, origin, epoch)
+        after = max(after, published)
+        rows: list[tuple[int, str, str]] = []
+        if last > after:
+            rows = conn.execute(
+                f"SELECT {_WIRE_SQL} FROM reconciler.outbox o WHERE o.origin = %s AND o.relay_sequence > %s"
+                " ORDER BY o.relay_sequence LIMIT %s",
+                (origin, after, limit),
+            ).fetchall()
+        if not rows and number:
+            rows = _number(conn, origin, last, limit, _WIRE_SQL)
+    return [(seq, key.encode(), value.encode()) for seq, key, value in rows]
 
 
 def unpublished(conn: Connection, origin: str, limit: int) -> list[Event]:
