@@ -6,7 +6,8 @@ buckets that differ are looked into (finer buckets when they are large, then the
 keys and row hashes), and only the keys that differ have their rows fetched, by
 ``ctid`` from the same snapshot, which needs neither an index nor a third scan.
 
-The two sides run concurrently, one thread and one connection each, every side in a
+The two sides run concurrently, one thread and one connection each (or ``jobs``
+connections per side splitting each pass by block ranges), every side in a
 ``REPEATABLE READ READ ONLY`` transaction so that its successive queries all see
 one snapshot (and so that the comparison works against a hot standby too).
 
