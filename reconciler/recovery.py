@@ -471,13 +471,16 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
             diff = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
             keys = {_row_key(table.key, d.key) for d in diff.differences}
             keys -= parked.get(name, set())
+            # under live traffic most differing keys are only in flight: leave those to
+            # replication (the gate's lag check), repair only what events cannot explain
+            keys = _divergent(config, name, keys, region, peer)
             if keys:
                 repaired = _repair(config, name, sorted(keys), [region, peer])
                 done = result.repaired.setdefault(name, [])
                 done.extend(k for k in repaired if k not in done)
                 again = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
                 left = {_row_key(table.key, d.key) for d in again.differences} - parked.get(name, set())
-                differing |= left
+                differing |= _divergent(config, name, left, region, peer)
         if differing:
             result.divergent[name] = sorted(differing)
         if parked.get(name):
@@ -503,23 +506,73 @@ def _repair(config: Config, table: str, keys: list[str], regions: list[str]) -> 
     repaired = []
     for key in keys:
         present = {r: s[key] for r, s in states.items() if key in s}
-        if present and policy != "merge":
-            winner = max(present.values(), key=lambda s: (s.hlc, s.origin))
-            targets = {r: winner for r in regions}
-        elif present:
-            targets = {r: s for r, s in present.items()}
-        else:
-            targets = {}
-        for r, state in targets.items():
+        for r in regions if present else []:
+            if policy == "merge" and r not in present:
+                continue
             with pg.connect(config.region(r).dsn, region=r) as conn, translated(region=r, step="repair"), \
                     conn.transaction():
                 pg.lock_keys(conn, [(table, key)])
+                # read again under the key lock: the inbox may have applied an event since
+                # `states` was read, and writing that older state back would undo it
+                fresh = pg.load_states(conn, table, [key]).get(key)
+                if policy != "merge":
+                    state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
+                elif fresh is not None:
+                    state = fresh
+                else:
+                    continue
                 writer = pg.TableWriter.build(conn, config.tables[table])
                 pg.write_states(conn, writer, {key: state})
         if not present:
             _copy_unmanaged_row(config, table, key, source=regions[1], target=regions[0])
         repaired.append(key)
     return repaired
+
+
+def _divergent(config: Config, table: str, keys: set[str], a: str, b: str) -> set[str]:
+    """The keys among ``keys`` whose rows differ although both regions applied exactly
+    the same events to them: real divergence, which no event still on its way will fix.
+
+    A key whose applied events differ between the two regions is in flight (or in a
+    gap, which gap analysis reports); comparing its rows now says nothing. Each side
+    reads its rows and its events in one snapshot, so the comparison is exact even
+    while both regions keep applying events.
+    """
+    if not keys:
+        return set()
+    views = [_key_view(config, table, sorted(keys), r) for r in (a, b)]
+    return {k for k in keys
+            if views[0][0].get(k, ()) == views[1][0].get(k, ()) and views[0][1].get(k) != views[1][1].get(k)}
+
+
+def _key_view(
+    config: Config, table: str, keys: list[str], region: str,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, Any]]:
+    """({key: ids of the events applied to it}, {key: its business row}) in one snapshot."""
+    from psycopg import IsolationLevel, sql
+
+    spec = config.tables[table]
+    ident = sql.Identifier(spec.schema, table)
+    match = sql.SQL(" AND ").join(sql.SQL("{c}::text = %s").format(c=sql.Identifier(c)) for c in spec.key)
+    with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="verify keys"):
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            events: dict[str, tuple[str, ...]] = {
+                k: tuple(ids) for k, ids in conn.execute(
+                    "SELECT k, array_agg(e ORDER BY e) FROM ("
+                    " SELECT row_key AS k, event_id::text AS e FROM reconciler.inbox"
+                    "  WHERE table_name = %s AND row_key = ANY(%s)"
+                    " UNION ALL SELECT aggregateid, id::text FROM reconciler.outbox"
+                    "  WHERE aggregatetype = %s AND aggregateid = ANY(%s)) x GROUP BY k",
+                    (table, keys, table, keys)).fetchall()
+            }
+            rows: dict[str, Any] = {}
+            for key in keys:
+                values = [key] if len(spec.key) == 1 else [str(v) for v in json.loads(key)]
+                row = conn.execute(sql.SQL("SELECT to_jsonb(t) FROM {t} t WHERE ").format(t=ident) + match,
+                                   values).fetchone()
+                rows[key] = row[0] if row else None
+    return events, rows
 
 
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> None:
