@@ -19,6 +19,7 @@ from . import __version__
 from .cli_diff import diff
 from .config import Config, load_config
 from .devstack.cli import dev
+from .drills.cli import drill
 from .errors import ReconcilerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,6 +69,7 @@ def main() -> None:
 
 main.add_command(dev)
 main.add_command(diff)
+main.add_command(drill)
 
 
 @main.command()

@@ -1,0 +1,107 @@
+"""Helpers several scenarios share: retention expiry, clock skew, phase timing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from ...transport import kafka
+from ..harness import Drill
+
+#: the HLC critical section's advisory lock (reconciler/sql/001_foundation.sql)
+HLC_LOCK = 7165108711
+
+
+def expire_retention(
+    drill: Drill, origin: str, done: Callable[[tuple[int, int] | None], bool], timeout: float = 60.0,
+    roll: bool = False,
+) -> tuple[int, int] | None:
+    """Make the broker delete the closed segments of ``origin``'s topic until ``done``
+    says enough is gone, then give the topic its normal retention back.
+
+    ``roll`` appends an undecodable marker so that an idle topic closes its segment
+    (consumers quarantine it as malformed; scenarios that roll expect that).
+    """
+    settings = drill.config.kafka_settings(origin)
+    topic = drill.config.events_topic(origin)
+    kafka.set_topic_config(settings, topic, {"segment.ms": "100", "retention.ms": "100"})
+    drill.mark("retention shortened to 100 ms", origin, topic=topic)
+    retained = kafka.retained_sequences(settings, topic)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if roll:
+                time.sleep(0.3)
+                producer = kafka.producer(settings)
+                producer.produce(topic, value=b"segment-roll", key=b"drill")
+                producer.flush(10)
+            time.sleep(0.5)
+            retained = kafka.retained_sequences(settings, topic)
+            if done(retained):
+                drill.mark("retention expired the gap", origin, retained=list(retained) if retained else None)
+                return retained
+        raise TimeoutError(f"the broker did not expire {topic} within {timeout:.0f}s (retained {retained})")
+    finally:
+        kafka.set_topic_config(settings, topic, {"retention.ms": "604800000", "segment.ms": "604800000"})
+
+
+class ClockSkew:
+    """Keeps one region's HLC ``offset_ms`` ahead of physical time, as a region whose
+    clock runs fast would stamp. The HLC cannot be moved back (stamps must stay
+    monotonic), so a region "behind" is modelled by putting its peers ahead."""
+
+    def __init__(self, drill: Drill, regions: list[str], offset_ms: int) -> None:
+        self.drill = drill
+        self.regions = regions
+        self.offset_ms = offset_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drill-clock-skew", daemon=True)
+        self.errors: list[str] = []
+
+    def __enter__(self) -> ClockSkew:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        conns = {r: psycopg.connect(self.drill.env.direct.region(r).dsn, autocommit=True) for r in self.regions}
+        try:
+            while not self._stop.is_set():
+                for region, conn in conns.items():
+                    try:
+                        conn.execute("SELECT pg_advisory_lock(%s)", (HLC_LOCK,))
+                        try:
+                            # only ever forward: setval below the current value would reissue stamps
+                            conn.execute(
+                                "SELECT setval('reconciler.hlc_clock', greatest("
+                                " (SELECT last_value FROM reconciler.hlc_clock),"
+                                " ((floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + %s) << 16)))",
+                                (self.offset_ms,))
+                        finally:
+                            conn.execute("SELECT pg_advisory_unlock(%s)", (HLC_LOCK,))
+                    except psycopg.Error as exc:
+                        self.errors.append(f"{region}: {exc}")
+                self._stop.wait(0.05)
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+
+def hlc_ahead_ms(drill: Drill, region: str) -> int:
+    """How far the region's HLC is ahead of physical time, in ms."""
+    value = drill.scalar(region, "SELECT (last_value >> 16) - floor(extract(epoch FROM clock_timestamp()) * 1000)"
+                                 "::bigint FROM reconciler.hlc_clock")
+    return int(value)
+
+
+def phase(drill: Drill, base: float, started: float) -> None:
+    """Sleep until ``base`` scaled seconds have passed since ``started`` (monotonic)."""
+    remaining = drill.seconds(base) - (time.monotonic() - started)
+    if remaining > 0:
+        time.sleep(remaining)

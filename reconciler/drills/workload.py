@@ -1,0 +1,260 @@
+"""The workload: concurrent writers in every region on the checkout demo domain.
+
+Each writer thread belongs to a home region and writes through
+:func:`reconciler.outbox.write`, the way a service does: orders (last-writer-wins,
+shared keys, so regions overwrite each other), inventory (merge: stock deltas on
+shared SKUs and tag set operations) and payments (manual policy: each writer's own
+payments, plus optionally a few shared ones that produce real conflicts).
+
+Only writes whose commit returned are recorded in the history: a writer whose
+database is down keeps failing and retrying, records nothing, and counts its
+failures. A drill can route a region's writers elsewhere (its users failing over
+to another region) or pause them. Every writer stops by itself after its write
+budget or its time budget, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from .. import outbox
+from ..errors import ReconcilerError, StoreUnavailable
+from ..model import Event
+from .history import HistoryWriter, WriteRecord
+
+TAGS = ("new", "sale", "clearance", "gift", "eco", "bulk")
+ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
+PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    writers_per_region: int = 2
+    #: writes per second per writer (a target, not a promise under load)
+    rate: float = 8.0
+    #: time budget of every writer, from start()
+    seconds: float = 60.0
+    #: write budget of every writer
+    max_writes: int = 2000
+    order_keys: int = 30
+    skus: int = 6
+    #: payments every region may update (each concurrent update is a manual conflict)
+    shared_payments: int = 0
+    shared_payment_ratio: float = 0.0
+    #: table mix: orders, inventory, payments
+    mix: tuple[float, float, float] = (0.5, 0.35, 0.15)
+    order_delete_ratio: float = 0.05
+    seed: int = 7
+
+
+@dataclass
+class WriterStats:
+    name: str
+    home: str
+    acknowledged: int = 0
+    failed: int = 0
+    #: failures by kind: "unreachable", "refused" (the write itself was refused), …
+    failures: Counter[str] = field(default_factory=Counter)
+    by_target: Counter[str] = field(default_factory=Counter)
+    last_error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "home": self.home, "acknowledged": self.acknowledged, "failed": self.failed,
+                "failures": dict(self.failures), "by_target": dict(self.by_target), "last_error": self.last_error}
+
+
+class Workload:
+    def __init__(self, dsns: Mapping[str, str], history: HistoryWriter, spec: WorkloadSpec) -> None:
+        self.dsns = dict(dsns)
+        self.regions = list(dsns)
+        self.history = history
+        self.spec = spec
+        #: home region -> where its users currently write (None: nowhere, paused)
+        self.routing: dict[str, str | None] = {r: r for r in self.regions}
+        self.stop_event = threading.Event()
+        self.stats: list[WriterStats] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.acked: Counter[str] = Counter()
+        self.started_at: float | None = None
+
+    # ---------------------------------------------------------------- control
+
+    def seed(self) -> None:
+        """Rows every region's writers update: inventory SKUs and shared payments,
+        inserted in the first region (recorded like any acknowledged write)."""
+        first = self.regions[0]
+        for i in range(self.spec.skus):
+            self.write(first, "inventory", "insert", {"sku": f"sku-{i}"},
+                       values={"name": f"item {i}", "stock": 1000, "tags": ["new"], "price_cents": 100 + i})
+        for i in range(self.spec.shared_payments):
+            self.write(first, "payments", "insert", {"id": f"pay-shared-{i}"},
+                       values={"order_id": f"ord-{i}", "amount_cents": 1000 + i, "status": "authorized"})
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        for region in self.regions:
+            for index in range(self.spec.writers_per_region):
+                stats = WriterStats(f"{region}/w{index}", region)
+                self.stats.append(stats)
+                thread = threading.Thread(target=self._run, args=(stats, index), daemon=True,
+                                          name=f"writer-{region}-{index}")
+                thread.start()
+                self._threads.append(thread)
+
+    def route(self, home: str, target: str | None) -> None:
+        """Send ``home``'s users to ``target`` (None: they do not write at all)."""
+        self.routing[home] = target
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def acknowledged(self) -> Counter[str]:
+        """Acknowledged writes so far, per region written to."""
+        with self._lock:
+            return Counter(self.acked)
+
+    def write(self, region: str, table: str, op: str, key: dict[str, Any], **kwargs: Any) -> Event:
+        """One scenario-directed write, recorded once its commit returned."""
+        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
+            with conn.transaction():
+                event = outbox.write(conn, table, op, key, **kwargs)
+        self._record(event, "drill")
+        return event
+
+    def _record(self, event: Event, writer: str) -> None:
+        self.history.append(WriteRecord.of_event(event, time.time(), writer))
+        with self._lock:
+            self.acked[event.origin] += 1
+
+    # ---------------------------------------------------------------- one writer
+
+    def _run(self, stats: WriterStats, index: int) -> None:
+        rnd = random.Random(f"{self.spec.seed}:{stats.name}")
+        deadline = time.monotonic() + self.spec.seconds
+        interval = 1.0 / self.spec.rate if self.spec.rate > 0 else 0.0
+        conn: psycopg.Connection[Any] | None = None
+        connected_to: str | None = None
+        own_payments: list[str] = []
+        backoff = 0.1
+        next_at = time.monotonic()
+        n = 0
+        try:
+            while not self.stop_event.is_set() and stats.acknowledged < self.spec.max_writes \
+                    and time.monotonic() < deadline:
+                target = self.routing.get(stats.home)
+                if target is None:
+                    self.stop_event.wait(0.1)
+                    continue
+                if conn is not None and (connected_to != target or conn.closed or conn.broken):
+                    _close(conn)
+                    conn = None
+                try:
+                    if conn is None:
+                        conn = psycopg.connect(self.dsns[target], connect_timeout=2)
+                        connected_to = target
+                    event = self._one_write(conn, stats, rnd, n, own_payments)
+                except (psycopg.Error, ReconcilerError, OSError) as exc:
+                    # unacknowledged: nothing recorded; a dead connection is reopened
+                    stats.failed += 1
+                    kind = _failure_kind(exc)
+                    stats.failures[kind] += 1
+                    stats.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                    if kind == "unreachable":
+                        _close(conn)
+                        conn = None
+                        self.stop_event.wait(backoff)
+                        backoff = min(backoff * 2, 1.0)
+                    continue
+                backoff = 0.1
+                n += 1
+                stats.acknowledged += 1
+                stats.by_target[target] += 1
+                self._record(event, stats.name)
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self.stop_event.wait(delay)
+                elif delay < -1.0:
+                    next_at = time.monotonic()  # fell behind (a slow server): do not burst to catch up
+        finally:
+            _close(conn)
+
+    def _one_write(
+        self, conn: psycopg.Connection[Any], stats: WriterStats, rnd: random.Random, n: int,
+        own_payments: list[str],
+    ) -> Event:
+        spec = self.spec
+        pick = rnd.random()
+        with conn.transaction():
+            if pick < spec.mix[0]:
+                key = f"ord-{rnd.randrange(spec.order_keys)}"
+                found = conn.execute(
+                    "SELECT deleted FROM reconciler.row_meta WHERE table_name = 'orders' AND row_key = %s", (key,)
+                ).fetchone()
+                live = found is not None and not found[0]
+                values = {"status": rnd.choice(ORDER_STATUSES), "total_cents": rnd.randint(100, 50_000),
+                          "note": f"{stats.name}#{n}"}
+                if not live:
+                    return outbox.write(conn, "orders", "insert", {"id": key},
+                                        values={"customer": f"cust-{stats.home}", **values})
+                if rnd.random() < spec.order_delete_ratio:
+                    return outbox.write(conn, "orders", "delete", {"id": key})
+                return outbox.write(conn, "orders", "update", {"id": key}, values=values)
+            if pick < spec.mix[0] + spec.mix[1] and spec.skus:
+                sku = f"sku-{rnd.randrange(spec.skus)}"
+                kwargs: dict[str, Any] = {"deltas": {"stock": rnd.choice((-3, -2, -1, 1, 2, 5))}}
+                roll = rnd.random()
+                if roll < 0.3:
+                    kwargs["set_add"] = {"tags": [rnd.choice(TAGS)]}
+                elif roll < 0.45:
+                    kwargs["set_remove"] = {"tags": [rnd.choice(TAGS)]}
+                return outbox.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
+            if spec.shared_payments and rnd.random() < spec.shared_payment_ratio:
+                key = f"pay-shared-{rnd.randrange(spec.shared_payments)}"
+                values = {"status": rnd.choice(PAYMENT_STATUSES), "amount_cents": rnd.randint(1, 9999)}
+                return outbox.write(conn, "payments", "update", {"id": key}, values=values)
+            if own_payments and rnd.random() < 0.4:
+                key = rnd.choice(own_payments)
+                return outbox.write(conn, "payments", "update", {"id": key},
+                                    values={"status": rnd.choice(PAYMENT_STATUSES)})
+            key = f"pay-{stats.name.replace('/', '-')}-{n}"
+            event = outbox.write(conn, "payments", "insert", {"id": key},
+                                 values={"order_id": f"ord-{rnd.randrange(max(1, spec.order_keys))}",
+                                         "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
+        own_payments.append(key)  # only once committed: an uncommitted insert is no payment
+        return event
+
+
+def _failure_kind(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.OperationalError | OSError):
+        return "unreachable"
+    if isinstance(exc, ReconcilerError):
+        if exc.retryable or isinstance(exc, StoreUnavailable):
+            return "unreachable"
+        return "refused"
+    if isinstance(exc, psycopg.Error):
+        return "database_error"
+    return "other"
+
+
+def _close(conn: psycopg.Connection[Any] | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a broken connection must not stop the writer
+            pass
