@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from . import wire
 from .apply import Applier, ApplyReport, Rejected
@@ -69,7 +69,10 @@ class InboxConsumer:
     def step(self, timeout: float = 0.5) -> ApplyReport:
         """Consume, apply and commit one batch."""
         assert self._consumer is not None and self._applier is not None, "start() first"
-        messages = self._consumer.consume(num_messages=self.config.apply_batch_size, timeout=timeout)
+        try:
+            messages = self._consumer.consume(num_messages=self.config.apply_batch_size, timeout=timeout)
+        except KafkaException as exc:
+            raise kafka.translate(exc, region=self.region, step="consume") from exc
         events = []
         rejected = []
         positions: dict[tuple[str, int], int] = {}
@@ -90,9 +93,17 @@ class InboxConsumer:
             return ApplyReport()
         started = time.perf_counter()
         report = self._applier.apply_remote(events, rejected)
-        self._consumer.commit(
-            offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=False
-        )
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=False
+            )
+        except KafkaException as exc:
+            # The batch is applied; only its offsets are not recorded. A rebuilt consumer is
+            # redelivered the batch and the inbox drops it, so this is always worth retrying
+            # (UNKNOWN_MEMBER_ID: the broker expired this member while it was down).
+            error = kafka.translate(exc, region=self.region, step="commit offsets")
+            error.retryable = True
+            raise error from exc
         if self.metrics is not None:
             self._record(report, time.perf_counter() - started)
         if report.quarantined:
