@@ -111,7 +111,9 @@ class Config:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced, safe for logs and metrics."""
-    redacted = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    # the password part stops at the first '@', '/' or space, so a URL with a port
+    # followed later by an unrelated '@' is left alone
+    redacted = re.sub(r"(://[^:/@\s]+:)[^@/\s]*@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", redacted, flags=re.IGNORECASE)
 
 
