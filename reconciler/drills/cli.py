@@ -24,7 +24,8 @@ import click
               "default .dev).")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the drill report (JSON) here; the history goes beside it (*.history.jsonl).")
-@click.option("--keep", is_flag=True, help="Keep the drill's working directory (config, sidecar logs) even if it passed.")
+@click.option("--keep", is_flag=True,
+              help="Keep the drill's working directory (config, sidecar logs) even if it passed.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (the list, or the report).")
 def drill(name: str | None, list_only: bool, scale: float, dev_dir: Path | None, json_out: Path | None, keep: bool,

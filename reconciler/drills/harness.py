@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import time
 import traceback
@@ -44,8 +45,9 @@ class Scenario:
     pipeline: str = "loops"
     workload: Callable[[float], WorkloadSpec] = lambda scale: WorkloadSpec()
     expectations: Expectations = Expectations()
-    #: regions whose PostgreSQL connections go through a cuttable proxy
-    proxied: tuple[str, ...] = ()
+    #: regions (by position in the stack's region list) whose PostgreSQL connections go
+    #: through a cuttable proxy
+    proxied: tuple[int, ...] = ()
     #: how long the pipeline may take to deliver everything once the writers stop
     quiesce_seconds: float = 45.0
 
@@ -87,7 +89,8 @@ class Drill:
     # ---------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        self.env = DrillEnv.create(self.stack, self.workdir, proxied=self.scenario.proxied)
+        proxied = tuple(self.stack.regions[i] for i in self.scenario.proxied)
+        self.env = DrillEnv.create(self.stack, self.workdir, proxied=proxied)
         self._history = HistoryWriter(self.history_path)
         spec = self.scenario.workload(self.scale)
         self.workload = Workload({r: self.env.direct.region(r).dsn for r in self.env.regions}, self._history, spec)
@@ -250,6 +253,26 @@ class Drill:
         code, output, seconds = runbook.execute(argv, timeout)
         self.mark(f"$ reconciler {' '.join(args)} -> exit {code}", seconds=round(seconds, 2))
         return code, output
+
+    def cli_json(self, *args: str, timeout: float = 120.0) -> Any:
+        """``reconciler ARGS --json`` against the drill's config, its one JSON document."""
+        argv = ("reconciler", *args, "--config", str(self.config.path), "--json")
+        code, out, err = runbook.run_cli(argv, timeout)
+        if code not in (0, 1):
+            raise RuntimeError(f"reconciler {' '.join(args)} exited {code}: {err.strip()[:300]}")
+        return json.loads(out)
+
+    def recover(self, region: str) -> Any:
+        """``recover()`` in-process, for scenarios where recovery must be deterministic
+        (the sidecar's own catch-up is a separate drill)."""
+        from ..recovery import recover
+
+        self.mark("recover started", region)
+        report = recover(self.config, region, actor="drill")
+        gate = report.gate.to_dict() if report.gate else None
+        self.mark(f"recover finished: {report.state}", region, replayed=report.replayed,
+                  own_events_returned=report.own_events_returned, gate=gate, seconds=round(report.seconds, 2))
+        return report
 
     def run_runbook(
         self, name: str, failed: str, *, execute: Sequence[str] = ("status", "gaps", "recover"),

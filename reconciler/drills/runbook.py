@@ -148,18 +148,24 @@ class StepResult:
         }
 
 
-def execute(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, float]:
+def run_cli(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, str]:
     """Run ``reconciler ...`` as the operator would, with this interpreter (so the
     drill tests the installed code, not whatever ``reconciler`` is first on PATH).
-    Returns (exit code, the first lines of stdout+stderr, seconds)."""
-    started = time.monotonic()
+    Returns (exit code, stdout, stderr); exit -1 when it timed out."""
     try:
         done = subprocess.run([sys.executable, "-m", "reconciler.cli", *argv[1:]], capture_output=True, text=True,
                               timeout=timeout, check=False)
-        code, text = done.returncode, (done.stdout + done.stderr)
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        code, text = -1, f"timed out after {timeout:.0f}s: {partial}"
+        return -1, partial, f"timed out after {timeout:.0f}s"
+    return done.returncode, done.stdout, done.stderr
+
+
+def execute(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, float]:
+    """:func:`run_cli`, returning (exit code, the first lines of the output, seconds)."""
+    started = time.monotonic()
+    code, out, err = run_cli(argv, timeout)
+    text = out + err
     lines = [line for line in str(text).splitlines() if line.strip()]
     summary = "\n".join(lines[:12]) + (f"\n… ({len(lines) - 12} more lines)" if len(lines) > 12 else "")
     return code, summary, time.monotonic() - started

@@ -4,17 +4,20 @@ demo and the integration tests, so that all three exercise exactly the same thin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..devstack import DevStack
 from ..errors import ConfigError
+from ..logs import JsonFormatter
 from .harness import Drill, Scenario
 from .scenarios import SCENARIOS
 
@@ -57,6 +60,20 @@ def run_drill(
     history = json_out.with_name(json_out.stem + ".history.jsonl") if json_out else workdir / "history.jsonl"
     drill = Drill(chosen, stack, scale, workdir, history, log=log or (lambda _m: None))
     started = time.monotonic()
+    with _pipeline_log(workdir / "pipeline.log"):
+        report = _run(drill, chosen)
+    report["wall_seconds"] = round(time.monotonic() - started, 2)
+    if report["passed"] and not keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        report["workdir"] = str(workdir)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    return report
+
+
+def _run(drill: Drill, chosen: Scenario) -> dict[str, Any]:
     error: BaseException | None = None
     report: dict[str, Any]
     try:
@@ -73,15 +90,25 @@ def run_drill(
         env = getattr(drill, "env", None)
         problems = env.cleanup() if env is not None else []
     report["cleanup_problems"] = problems
-    report["wall_seconds"] = round(time.monotonic() - started, 2)
-    if report["passed"] and not keep_workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        report["workdir"] = str(workdir)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     return report
+
+
+@contextlib.contextmanager
+def _pipeline_log(path: Path) -> Iterator[None]:
+    """In-process loops log their retries (every outage makes many): to a file in the
+    drill's working directory, not over the drill's own output."""
+    logger = logging.getLogger("reconciler")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        handler.close()
 
 
 def _setup_failed(chosen: Scenario, error: BaseException | None) -> dict[str, Any]:

@@ -9,11 +9,33 @@ checker beyond the universal rules, and the function that injects its faults.
 from __future__ import annotations
 
 from ..harness import Scenario
-from . import regional_failover
+from . import (
+    broker_restart,
+    clock_skew,
+    duplicate_reorder,
+    network_partition,
+    poison_events,
+    postgres_crash,
+    regional_failover,
+    retention_expiry,
+    sidecar_kill9,
+    split_brain,
+    stale_backup_restore,
+)
 
 SCENARIOS: dict[str, Scenario] = {
     module.SCENARIO.name: module.SCENARIO
     for module in (
         regional_failover,
+        sidecar_kill9,
+        postgres_crash,
+        broker_restart,
+        network_partition,
+        retention_expiry,
+        stale_backup_restore,
+        clock_skew,
+        duplicate_reorder,
+        poison_events,
+        split_brain,
     )
 }

@@ -1,0 +1,118 @@
+"""poison-events: malformed and unappliable messages mixed into live topics.
+
+Into every region's topic: undecodable bytes, JSON of the wrong shape or version,
+a null value; well-formed events for a table nobody replicates and with a stamp an
+hour ahead; and a corrupt copy of the origin's next event (same origin and
+sequence, a payload its table's policy refuses), published just before the real
+one. Each must be quarantined with its reason in every destination, the real
+events around them applied, and no loop stall.
+
+The corrupt copy is made to arrive in a consumer batch of its own: a corrupt copy
+and the real event in the SAME batch make the inbox keep the first copy of the
+(origin, sequence) and drop the second as a duplicate, so the real event would be
+skipped (and replay reads Kafka the same way). That is a known limitation, not
+what this drill measures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from ...hlc import Timestamp
+from ...transport import kafka
+from ..checker import Expectations
+from ..harness import Drill, Scenario
+from ..workload import WorkloadSpec
+
+MALFORMED: tuple[bytes | None, ...] = (
+    b"not json at all", b"\x00\xff\xfe\x01 binary", b"[1, 2, 3]", b'{"v": 99, "origin": "x"}',
+    b'{"v": 1, "origin": "x", "sequence": "seven"}', b"", None,
+)
+
+
+def _event(origin: str, sequence: int, table: str, hlc: Timestamp, payload: dict[str, object]) -> bytes:
+    return json.dumps({
+        "v": 1, "origin": origin, "sequence": sequence, "id": str(uuid.uuid4()), "aggregatetype": table,
+        "aggregateid": str(payload["key"]["id"]) if isinstance(payload.get("key"), dict) else "k",  # type: ignore[index]
+        "type": f"{table}.update", "op": "update", "hlc": hlc.pack(), "prior": None, "payload": payload,
+    }).encode()
+
+
+def _quarantined(drill: Drill, region: str, reason: str) -> int:
+    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.quarantine WHERE reason = %s", (reason,)))
+
+
+def run(drill: Drill) -> None:
+    assert drill.loops is not None
+    drill.sleep(3)
+    outage = drill.outage_begin("kafka", "poison injected")
+    now = Timestamp(int(time.time() * 1000), 0)
+    rounds = max(1, round(drill.scale))
+    for _ in range(rounds):
+        for origin in drill.regions:
+            settings = drill.config.kafka_settings(origin)
+            topic = drill.config.events_topic(origin)
+            producer = kafka.producer(settings)
+            for raw in MALFORMED:
+                producer.produce(topic, value=raw, key=b"poison")
+            producer.produce(topic, key=b"poison", value=_event(
+                origin, 1, "no_such_table", now, {"key": {"id": "x"}, "values": {"id": "x"}}))
+            producer.produce(topic, key=b"poison", value=_event(
+                origin, 1, "orders", Timestamp(now.wall_ms + 3_600_000, 0), {"key": {"id": "ord-0"},
+                                                                               "values": {"status": "future"}}))
+            if producer.flush(30):
+                raise RuntimeError(f"poison not acknowledged by {topic}")
+            time.sleep(0.3)
+    drill.mark("undecodable, unknown-table and future-stamped messages published")
+    corrupt = {o: _corrupt_copy(drill, o) for o in drill.regions}
+    drill.mark("corrupt copies of next events published", sequences=corrupt)
+    drill.outage_end(outage, watch=False)
+    for region in drill.regions:
+        drill.watch(region, "poison over")
+    drill.wait_until(lambda: drill.sampler.rto() is not None, 60, "every region caught up")
+    drill.sleep(2)
+    counts = {r: {reason: _quarantined(drill, r, reason)
+                  for reason in ("malformed", "unknown_table", "clock_skew", "invalid_payload")}
+              for r in drill.regions}
+    want = {"malformed": len(MALFORMED) * rounds * 2, "unknown_table": rounds * 2, "clock_skew": rounds * 2,
+            "invalid_payload": 2}
+    drill.extra["quarantined"] = counts
+    drill.check("every_poison_quarantined_everywhere",
+                all(counts[r][k] == n for r in drill.regions for k, n in want.items()),
+                f"per destination region, quarantined {counts} (each region should hold {want}: two origins' worth)")
+
+
+def _corrupt_copy(drill: Drill, origin: str) -> int:
+    """Publish a copy of the origin's next sequence that the orders policy refuses,
+    wait until every peer quarantined it, then let the relay publish the real one."""
+    assert drill.loops is not None
+    drill.loops.stop(origin, ("relay",))
+    try:
+        last = int(drill.scalar(origin, "SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s",
+                                (origin,)))
+        peers = [p for p in drill.regions if p != origin]
+        before = {p: _quarantined(drill, p, "invalid_payload") for p in peers}
+        producer = kafka.producer(drill.config.kafka_settings(origin))
+        producer.produce(drill.config.events_topic(origin), key=b"ord-1", value=_event(
+            origin, last + 1, "orders", Timestamp(int(time.time() * 1000), 0),
+            {"key": {"id": "ord-1"}, "values": {"status": "x"}, "deltas": {"total_cents": 5}}))
+        if producer.flush(30):
+            raise RuntimeError("corrupt copy not acknowledged")
+        drill.wait_until(lambda: all(_quarantined(drill, p, "invalid_payload") > before[p] for p in peers), 30,
+                         f"peers to quarantine the corrupt copy of {origin}:{last + 1}")
+        return last + 1
+    finally:
+        drill.loops.start(origin, ("relay",))
+
+
+SCENARIO = Scenario(
+    name="poison-events",
+    summary="malformed, unknown-table, future-stamped and corrupt messages in live topics: quarantined, no stall",
+    run=run,
+    workload=lambda scale: WorkloadSpec(seconds=90 * scale),
+    expectations=Expectations(
+        quarantine_required={"malformed": 1, "unknown_table": 1, "clock_skew": 1, "invalid_payload": 1},
+        rto_limit_seconds=60),
+)
