@@ -46,7 +46,9 @@ class RegionConfig:
 
     @property
     def redacted_dsn(self) -> str:
-        return redact_dsn(self.dsn)
+        from .store.dsn import redact_dsn as redact_one_dsn  # pure string code, no driver
+
+        return redact_one_dsn(self.dsn)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,10 @@ class Config:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, safe for logs and metrics."""
+    """Free text (a log line, an error message) with URL and keyword passwords masked.
+
+    The last line of defence for text that may quote a DSN; a DSN known to be one
+    goes through ``store.dsn.redact_dsn``, which parses both libpq forms exactly."""
     # the password part stops at the first '@', '/' or space, so a URL with a port
     # followed later by an unrelated '@' is left alone
     redacted = re.sub(r"(://[^:/@\s]+:)[^@/\s]*@", r"\1***@", dsn)

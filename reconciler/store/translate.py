@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from ..config import redact_dsn
+from .dsn import redact_dsn
 from ..errors import ClockSkewError, ReconcilerError, StoreError, StoreUnavailable
 
 # SQLSTATE class (first two characters) -> (error type, retryable)
