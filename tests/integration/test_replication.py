@@ -263,3 +263,37 @@ def test_broker_restart_during_traffic_recovers_by_itself(stack: Any, tmp_path: 
         cluster.stop_all()
     assert set(rows(config, "eu-west", "orders")) == {e.key for e in written}
     assert inbox_count(config, "eu-west", "us-east") == len(written)
+
+
+def test_one_relay_per_region_and_fencing(stack: Any, tmp_path: Path) -> None:
+    """A second relay cannot take the lease while the first lives; a relay whose
+    epoch moved on is refused; a fenced region numbers nothing new."""
+    from reconciler.errors import FencedError
+    from reconciler.lifecycle import State
+    from reconciler.store import postgres as pg
+
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    first = Relay(config, "us-east")
+    first.start()
+    second = Relay(config, "us-east")
+    try:
+        with pytest.raises(FencedError, match="another relay holds"):
+            second.start()
+        with connect(config, "us-east") as conn, conn.transaction():
+            outbox.write(conn, "orders", "insert", {"id": "f1"}, values={"customer": "a", "status": "new",
+                                                                          "total_cents": 1})
+        with pg.connect(config.region("us-east").dsn) as conn:
+            pg.transition(conn, State.FENCED, "test: fenced", "test")
+        assert first.step() == 0  # fenced: committed but not numbered
+        with pg.connect(config.region("us-east").dsn) as conn:
+            pg.transition(conn, State.ACTIVE, "test: forced back", "test", force=True)
+        assert first.step() == 1
+        # a zombie whose lease epoch was superseded is refused on its next write
+        with connect(config, "us-east") as conn:
+            conn.execute("UPDATE reconciler.relay_state SET epoch = epoch + 1")
+            conn.commit()
+        with pytest.raises(FencedError, match="epoch moved on"):
+            first.step()
+    finally:
+        first.close()
+        second.close()
