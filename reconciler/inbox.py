@@ -47,7 +47,9 @@ class InboxConsumer:
     def start(self) -> None:
         settings = self.config.kafka_settings(self.region)
         kafka.ensure_topics(settings, self.topics, self.config.topic_partitions)
-        self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region)
+        # autocommit: every Applier.transaction() is then a real transaction, never a
+        # savepoint inside one that an earlier read left open
+        self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region, autocommit=True)
         self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
         self._consumer = kafka.consumer(settings, self.group_id)
         self._consumer.subscribe(self.topics)
