@@ -1,7 +1,16 @@
-"""``reconciler diff``: which rows of a table differ between two databases.
+"""``reconciler diff``: which rows of a table differ between databases.
 
-Thin by design: parse options, call :func:`reconciler.diff.diff_tables`, render.
-Exit status is the contract scripts rely on: 0 equal, 1 differences, 2 error.
+Two forms, one command:
+
+- ``--config F --table T [--regions a,b,...]``: a replicated table between the
+  regions of a config, through the maintained Merkle leaves (a full scan where the
+  leaves cannot answer, or with ``--full-scan``). The first listed region is
+  compared with each other one.
+- ``--dsn-a URL --dsn-b URL --table T --key COL``: any table of any two databases,
+  by full scan, with nothing of ours installed (and nothing of ours trusted).
+
+Thin by design: parse options, call :mod:`reconciler.diff`, render. Exit status is
+the contract scripts rely on: 0 equal, 1 differences, 2 error.
 """
 
 from __future__ import annotations
@@ -9,11 +18,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
-from .diff import ScanOptions, diff_tables, parse_key_columns
-from .errors import ReconcilerError
+from .config import Config, load_config
+from .diff import ScanOptions, diff_regions, diff_tables, parse_key_columns
+from .errors import ConfigError, ReconcilerError
 from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
 from .store.dsn import redact_dsn
 
@@ -24,20 +35,35 @@ EXIT_ERROR = 2
 #: differences listed in human output; --json always carries all that were found
 SHOWN = 50
 WIDTH = 40
+DEFAULT_CONFIG = ".dev/reconciler.yaml"
+
+#: options that belong to one form only, by parameter name (--full-scan is accepted
+#: by both: the ad hoc form always scans)
+_AD_HOC_ONLY = ("dsn_a", "dsn_b", "keys", "schema")
+_CONFIG_ONLY = ("config_path", "regions")
 
 
 @click.command("diff")
-@click.option("--dsn-a", required=True, envvar="RECONCILER_DSN_A", help="Database A (libpq URL or key=value).")
-@click.option("--dsn-b", required=True, envvar="RECONCILER_DSN_B", help="Database B.")
-@click.option("--table", required=True, help="Table (or view) name, unqualified.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"YAML config: compare TABLE between its regions (env RECONCILER_CONFIG, else {DEFAULT_CONFIG}).",
+)
+@click.option("--regions", default=None, help="Comma-separated regions; the first is compared with each other one"
+              " (default: every region in the config, in config order).")
+@click.option("--full-scan", is_flag=True, help="Hash every row instead of reading the maintained leaves.")
+@click.option("--dsn-a", default=None, envvar="RECONCILER_DSN_A", help="Ad hoc: database A (libpq URL or key=value).")
+@click.option("--dsn-b", default=None, envvar="RECONCILER_DSN_B", help="Ad hoc: database B.")
+@click.option("--table", required=True, help="Table (or, ad hoc, view) name, unqualified.")
 @click.option(
     "--key",
     "keys",
-    required=True,
     multiple=True,
-    help="Key column; repeat it or separate with commas for a composite key.",
+    help="Ad hoc: key column; repeat it or separate with commas for a composite key.",
 )
-@click.option("--schema", default="public", show_default=True, help="Schema of the table on both sides.")
+@click.option("--schema", default=None, help="Ad hoc: schema of the table on both sides  [default: public]")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 @click.option(
     "--max-differences",
@@ -51,33 +77,47 @@ WIDTH = 40
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Connections per database; more split each pass into block ranges scanned at once (PostgreSQL 14+).",
+    help="Full scan: connections per database; more split each pass into block ranges (PostgreSQL 14+).",
 )
+@click.pass_context
 def diff(
-    dsn_a: str,
-    dsn_b: str,
+    ctx: click.Context,
+    config_path: str | None,
+    regions: str | None,
+    full_scan: bool,
+    dsn_a: str | None,
+    dsn_b: str | None,
     table: str,
     keys: Sequence[str],
-    schema: str,
+    schema: str | None,
     as_json: bool,
     max_differences: int,
     jobs: int,
 ) -> None:
-    """Compare TABLE on two databases with Merkle trees computed inside PostgreSQL.
+    """Compare TABLE between regions (--config) or two databases (--dsn-a/--dsn-b).
 
-    Works on any table, with nothing of ours installed: rows are hashed and bucketed
-    by key on each server, only differing buckets are narrowed down, and only the
-    differing keys' rows are fetched. Exit status: 0 equal, 1 different, 2 error.
+    Rows are hashed and bucketed by key inside PostgreSQL; only differing buckets
+    are narrowed down and only the differing keys' rows are fetched. With --config,
+    replicated tables are compared through the Merkle leaves the triggers maintain,
+    so a large table costs reading its leaves. Exit status: 0 equal, 1 different,
+    2 error.
     """
+    options = ScanOptions(limits=WalkLimits(max_differences=max_differences), jobs=jobs)
+    ad_hoc = _ad_hoc(ctx, dsn_a, dsn_b, keys)
     try:
-        result = diff_tables(
-            dsn_a,
-            dsn_b,
-            table,
-            parse_key_columns(keys),
-            schema=schema,
-            options=ScanOptions(limits=WalkLimits(max_differences=max_differences), jobs=jobs),
-        )
+        if ad_hoc:
+            if not dsn_a or not dsn_b or not keys:
+                raise ConfigError("the ad hoc form needs --dsn-a, --dsn-b and --key")
+            result = diff_tables(dsn_a, dsn_b, table, parse_key_columns(keys), schema=schema or "public",
+                                 options=options)
+            results = [(redact_dsn(dsn_a), redact_dsn(dsn_b), result)]
+        else:
+            _refuse(ctx, _AD_HOC_ONLY, "--config (the config gives keys, schema and DSNs)")
+            config = load_config(config_path or _default_config())
+            results = [
+                (a, b, diff_regions(config, table, a, b, options=options, full_scan=full_scan))
+                for a, b in _pairs(config, regions)
+            ]
     except ReconcilerError as exc:
         # the CLI's convention: one line on stderr, JSON when --json; stdout stays empty
         if as_json:
@@ -86,12 +126,55 @@ def diff(
             click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     if as_json:
-        doc = result.to_dict()
-        doc["dsn_a"], doc["dsn_b"] = redact_dsn(dsn_a), redact_dsn(dsn_b)
+        if ad_hoc:
+            where_a, where_b, result = results[0]
+            doc = {**result.to_dict(), "dsn_a": where_a, "dsn_b": where_b}
+        else:
+            doc = regions_document(table, results)
         click.echo(json.dumps(doc, sort_keys=True, default=str))
     else:
-        click.echo(render(result, redact_dsn(dsn_a), redact_dsn(dsn_b)))
-    sys.exit(EXIT_EQUAL if result.equal else EXIT_DIFFERENT)
+        click.echo("\n\n".join(render(r, a, b) for a, b, r in results))
+    sys.exit(EXIT_EQUAL if all(r.equal for _, _, r in results) else EXIT_DIFFERENT)
+
+
+def regions_document(table: str, results: Sequence[tuple[str, str, DiffResult]]) -> dict[str, Any]:
+    """The --config form's one JSON document: every pair's result, and the verdict."""
+    pairs = [{**r.to_dict(), "region_a": a, "region_b": b} for a, b, r in results]
+    return {"table": table, "pairs": pairs, "equal": all(r.equal for _, _, r in results)}
+
+
+def _ad_hoc(ctx: click.Context, dsn_a: str | None, dsn_b: str | None, keys: Sequence[str]) -> bool:
+    """The ad hoc form unless --config/--regions say otherwise; DSNs
+    that only come from the environment do not override an explicit --config."""
+    if any(_given(ctx, name) for name in _CONFIG_ONLY):
+        return False
+    return bool(dsn_a or dsn_b or keys)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
+def _refuse(ctx: click.Context, names: Sequence[str], form: str) -> None:
+    flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
+    given = [flags[n] for n in names if _given(ctx, n)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with {form}")
+
+
+def _default_config() -> str:
+    import os  # noqa: PLC0415 - only the --config form reads the environment
+
+    return os.environ.get("RECONCILER_CONFIG") or DEFAULT_CONFIG
+
+
+def _pairs(config: Config, regions: str | None) -> list[tuple[str, str]]:
+    names = [r.strip() for r in (regions or "").split(",") if r.strip()] or list(config.regions)
+    for name in names:
+        config.region(name)  # an unknown region is a ConfigError naming the known ones
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError(f"--regions needs at least two distinct regions, got {','.join(names)}", file=config.path)
+    return [(names[0], other) for other in names[1:]]
 
 
 def render(result: DiffResult, where_a: str, where_b: str) -> str:
@@ -100,8 +183,10 @@ def render(result: DiffResult, where_a: str, where_b: str) -> str:
         f"{result.table}: a={where_a} ({result.rows_a:,} rows), b={where_b} ({result.rows_b:,} rows)",
         f"{result.buckets_compared:,} buckets compared over {result.levels} level(s),"
         f" {result.buckets_differing:,} differing; {len(result.differences):,}"
-        f"{'+' if result.truncated else ''} differing keys in {result.seconds:.2f}s",
+        f"{'+' if result.truncated else ''} differing keys in {result.seconds:.2f}s ({result.mode})",
     ]
+    if result.extra.get("fallback_reason"):
+        lines.append(f"full scan because: {result.extra['fallback_reason']}")
     if result.columns_only_in_a or result.columns_only_in_b:
         lines.append(
             "columns not compared: only in a: "

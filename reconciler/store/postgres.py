@@ -24,6 +24,7 @@ from ..errors import FencedError, LifecycleError, StoreError
 from ..hlc import Timestamp
 from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
+from .merkle_leaves import install_leaves
 from .translate import translated
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -100,6 +101,8 @@ def migrate(conn: Connection, region: str, max_offset_ms: int, tables: Iterable[
                 " policy = EXCLUDED.policy, field_rules = EXCLUDED.field_rules",
                 (table.name, table.schema, list(table.key), table.policy, json_text(dict(table.fields))),
             )
+            # in this transaction, so leaves and triggers appear together with the schema
+            install_leaves(conn, table)
     return applied
 
 
