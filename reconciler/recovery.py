@@ -26,7 +26,7 @@ from typing import Any
 from . import wire
 from .apply import Applier
 from .config import Config
-from .diff import diff_tables
+from .diff import diff_regions
 from .errors import EventError, FencedError, ReconcilerError, StoreError
 from .gaps import GapPlan, SeqRanges, Source, plan_gaps
 from .hlc import Timestamp
@@ -468,7 +468,7 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
     for name, table in config.tables.items():
         differing: set[str] = set()
         for peer in peers:
-            diff = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
+            diff = diff_regions(config, name, region, peer)
             keys = {_row_key(table.key, d.key) for d in diff.differences}
             keys -= parked.get(name, set())
             # under live traffic most differing keys are only in flight: leave those to
@@ -478,7 +478,7 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
                 repaired = _repair(config, name, sorted(keys), [region, peer])
                 done = result.repaired.setdefault(name, [])
                 done.extend(k for k in repaired if k not in done)
-                again = diff_tables(config.region(region).dsn, config.region(peer).dsn, name, table.key, table.schema)
+                again = diff_regions(config, name, region, peer)
                 left = {_row_key(table.key, d.key) for d in again.differences} - parked.get(name, set())
                 differing |= _divergent(config, name, left, region, peer)
         if differing:
