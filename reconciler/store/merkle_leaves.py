@@ -568,6 +568,17 @@ def compact_leaves(conn: Connection, table_name: str, min_rows: int = 0) -> int:
     return int(row[0]) if row else 0
 
 
+def compact_all(conn: Connection, table_names: Iterable[str], min_rows: int = COMPACT_MIN_ROWS) -> dict[str, int]:
+    """:func:`compact_leaves` for each table that has leaves (the sidecar's periodic
+    call: ``compact_all(conn, config.tables)`` every minute or so is plenty; a table
+    without leaves, say not created yet, is skipped rather than an error)."""
+    done: dict[str, int] = {}
+    for name in table_names:
+        if load_leaf_table(conn, name) is not None:
+            done[name] = compact_leaves(conn, name, min_rows)
+    return done
+
+
 # --- reading leaves for a comparison ---------------------------------------------------
 
 
@@ -927,6 +938,7 @@ __all__ = [
     "LeafTable",
     "LeavesUnusable",
     "SideStatus",
+    "compact_all",
     "compact_leaves",
     "differing_leaves",
     "install_all",

@@ -235,6 +235,9 @@ def test_compaction_keeps_every_digest(two: Config) -> None:
     assert_leaves_exact(two, A, "orders")
     with connect(two, A) as conn:
         assert ml.compact_leaves(conn, "orders") == 0  # already one row per bucket
+        assert ml.compact_all(conn, [*two.tables, "not_replicated"], min_rows=1) == {
+            "orders": 0, "inventory": 0, "payments": 0
+        }
         with pytest.raises(StoreError, match="no maintained Merkle leaves"):
             ml.compact_leaves(conn, "nope")
 
