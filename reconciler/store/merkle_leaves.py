@@ -313,25 +313,20 @@ def _guc_name(name: str) -> str:
 # --- installing ----------------------------------------------------------------------
 
 
-def _installed(conn: Connection, leaf: LeafTable, oid: int, body: str) -> bool:
-    """Function, triggers, partition and index all present as this code would make them."""
-    src = conn.execute(
-        "SELECT p.prosrc FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = 'reconciler' AND p.proname = %s",
-        (leaf.function_name,),
-    ).fetchone()
-    if src is None or src[0] != body:
-        return False
+def _maintained(conn: Connection, leaf: LeafTable, oid: int) -> str | None:
+    """Why the log may have missed writes to the table, or None when its triggers,
+    partition and index are all in place (a table dropped and created again, a
+    trigger dropped or disabled: whatever was written meanwhile went uncounted)."""
     triggers = conn.execute(
         "SELECT count(*) FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid"
         " WHERE t.tgrelid = %s::oid AND t.tgname = ANY(%s) AND t.tgenabled = 'O' AND p.proname = %s",
         (oid, list(TRIGGERS.values()), leaf.function_name),
     ).fetchone()
     if triggers is None or triggers[0] != len(TRIGGERS):
-        return False
+        return "its leaf triggers are missing or disabled"
     partition = conn.execute("SELECT to_regclass(%s)", (f"reconciler.merkle_leaf_delta_{leaf.table_id}",)).fetchone()
     if partition is None or partition[0] is None:
-        return False
+        return "its leaf log is missing"
     if leaf.index_name is not None:
         index = conn.execute(
             "SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid"
@@ -339,8 +334,19 @@ def _installed(conn: Connection, leaf: LeafTable, oid: int, body: str) -> bool:
             (oid, leaf.index_name),
         ).fetchone()
         if index is None:
-            return False
-    return True
+            return "its leaf bucket index is missing"
+    return None
+
+
+def _function_current(conn: Connection, leaf: LeafTable) -> bool:
+    """The trigger function is the one this code generates (else it is replaced;
+    the leaves stay valid as long as the hash version is the same)."""
+    src = conn.execute(
+        "SELECT p.prosrc FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = 'reconciler' AND p.proname = %s",
+        (leaf.function_name,),
+    ).fetchone()
+    return src is not None and src[0] == trigger_body(leaf)
 
 
 def _index_name(table: str, table_id: int) -> str:
@@ -377,7 +383,9 @@ def install_leaves(
         if found[1] not in ("r", "p"):
             return InstallResult(table.name, "skipped", reason=f"{where} is not a table (relkind {found[1]})")
         existing = load_leaf_table(conn, table.name)
-        if existing is not None and not rebuild and _current(conn, existing, table, bits, found[0]):
+        state = "built" if existing is None or rebuild else _state(conn, existing, table, bits, found[0])
+        if state == "kept":
+            assert existing is not None
             return InstallResult(table.name, "kept", indexed=existing.index_name is not None,
                                  seconds=clock() - started)
 
@@ -390,14 +398,8 @@ def install_leaves(
         missing = [k for k in table.key if k not in columns]
         if missing:
             raise StoreError(f"key column(s) {', '.join(missing)} not in {where}", table=where)
-        fresh = rebuild or existing is None or (
-            existing.schema_name,
-            existing.key_columns,
-            existing.columns,
-            existing.signature,
-            existing.bits,
-            existing.hash_version,
-        ) != (table.schema, tuple(table.key), columns, signature, bits, HASH_VERSION)
+        # decided again under the lock, which the table's shape cannot change behind
+        fresh = existing is None or rebuild or _state(conn, existing, table, bits, found[0]) == "built"
         if existing is None:
             row = conn.execute(
                 "INSERT INTO reconciler.merkle_leaf_table"
@@ -445,11 +447,11 @@ def install_leaves(
     )
 
 
-def _current(conn: Connection, existing: LeafTable, table: TableConfig, bits: int, oid: int) -> bool:
+def _state(conn: Connection, existing: LeafTable, table: TableConfig, bits: int, oid: int) -> str:
+    """``kept`` (nothing to do), ``updated`` (only the function is out of date) or
+    ``built`` (the leaves must be counted again from the table)."""
     shape = table_signature(conn, table.schema, table.name)
-    if shape is None:
-        return False
-    same = (
+    same = shape is not None and (
         existing.schema_name == table.schema
         and existing.key_columns == tuple(table.key)
         and existing.signature == shape[1]
@@ -457,7 +459,9 @@ def _current(conn: Connection, existing: LeafTable, table: TableConfig, bits: in
         and existing.bits == bits
         and existing.hash_version == HASH_VERSION
     )
-    return same and _installed(conn, existing, oid, trigger_body(existing))
+    if not same or _maintained(conn, existing, oid) is not None:
+        return "built"
+    return "kept" if _function_current(conn, existing) else "updated"
 
 
 def _build(conn: Connection, leaf: LeafTable, existing: LeafTable | None) -> tuple[LeafTable, int]:
@@ -628,8 +632,9 @@ def prepare_side(
                 raise LeavesUnusable(f"leaves on side {side} were hashed by another version", **context)
             oid = _relation_oid(conn, table.schema, table.name)
             assert oid is not None
-            if not _installed(conn, leaf, oid[0], trigger_body(leaf)):
-                raise LeavesUnusable(f"the leaf triggers of {where} on side {side} are missing or disabled"
+            broken = _maintained(conn, leaf, oid[0])
+            if broken:
+                raise LeavesUnusable(f"{where} on side {side} cannot be trusted to its leaves: {broken}"
                                      " (run `reconciler migrate`)", **context)
             standby_row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
             standby = bool(standby_row and standby_row[0])

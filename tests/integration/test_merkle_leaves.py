@@ -324,6 +324,51 @@ def test_stale_or_missing_leaves_fall_back_to_a_full_scan(two: Config) -> None:
     assert missing.equal
 
 
+def test_writes_the_triggers_missed_force_a_rebuild(two: Config) -> None:
+    for region in PAIR:
+        with connect(two, region) as conn:
+            conn.execute("INSERT INTO orders SELECT 'o' || g, 'c', 's', g, NULL FROM generate_series(1, 50) g")
+            conn.commit()
+    with connect(two, B) as conn:
+        conn.execute("ALTER TABLE orders DISABLE TRIGGER reconciler_merkle_leaf_upd")
+        conn.execute("UPDATE orders SET status = 'unseen' WHERE id = 'o8'")
+        conn.execute("ALTER TABLE orders ENABLE TRIGGER reconciler_merkle_leaf_upd")
+        conn.commit()
+    # the leaves missed the update: only a full scan sees it (nothing can tell that a
+    # trigger was off for a while); a rebuild counts the rows again
+    assert diff_regions(two, "orders", A, B).equal
+    assert keys_of(diff_regions(two, "orders", A, B, full_scan=True)) == {"o8": DifferenceKind.CHANGED}
+    with connect(two, B) as conn:
+        assert ml.install_leaves(conn, two.tables["orders"], rebuild=True).action == "built"
+        conn.commit()
+    assert keys_of(diff_regions(two, "orders", A, B)) == {"o8": DifferenceKind.CHANGED}
+
+    # a trigger that is off now is seen: the comparison scans, and migrate recounts
+    with connect(two, B) as conn:
+        conn.execute("ALTER TABLE orders DISABLE TRIGGER reconciler_merkle_leaf_del")
+        conn.execute("DELETE FROM orders WHERE id = 'o9'")
+        conn.commit()
+    off = diff_regions(two, "orders", A, B)
+    assert off.mode == "full-scan" and "missing or disabled" in off.extra["fallback_reason"]
+    assert keys_of(off) == {"o8": DifferenceKind.CHANGED, "o9": DifferenceKind.ONLY_IN_A}
+    migrate(two, regions=[B])
+    again = diff_regions(two, "orders", A, B)
+    assert again.mode == "maintained-leaves" and keys_of(again) == keys_of(off)
+
+    # a table dropped and created again under the same shape has none of its triggers
+    with connect(two, B) as conn:
+        conn.execute("DROP TABLE orders")
+        conn.execute("CREATE TABLE orders (id text PRIMARY KEY, customer text NOT NULL, status text NOT NULL,"
+                     " total_cents bigint NOT NULL, note text)")
+        conn.execute("INSERT INTO orders SELECT 'o' || g, 'c', 's', g, NULL FROM generate_series(1, 50) g")
+        conn.commit()
+    assert diff_regions(two, "orders", A, B).mode == "full-scan"
+    migrate(two, regions=[B])
+    assert_leaves_exact(two, B, "orders")
+    fresh = diff_regions(two, "orders", A, B)
+    assert fresh.mode == "maintained-leaves" and fresh.equal
+
+
 def test_composite_key_without_index_still_compares(stack: Any, tmp_path: Path) -> None:
     tables = {**TABLES, "ledger": {"key": ["tenant", "seq"], "policy": "lww"}}
     config = make_env(stack, tmp_path, regions=PAIR, tables=tables)
