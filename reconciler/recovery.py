@@ -119,6 +119,7 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         config.region(region)
     facts = collect_facts(config)
     retained = kafka_retention(config)
+    _reread_counters(config, facts)
     reachable = {r: f for r, f in facts.items() if f.reachable}
     origin_high = {r: f.last_sequence for r, f in reachable.items()}
     applied: dict[tuple[str, str], SeqRanges] = {}
@@ -140,6 +141,30 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
         report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
     return report
+
+
+def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
+    """Read every origin's counter and outbox again, after its peers' inboxes and Kafka.
+
+    A live origin keeps numbering while the others are read; a counter read first
+    would be below sequences a peer or Kafka then shows, and the planner would take
+    the live region for one restored from a stale backup (a false self-gap). Read
+    last, a counter is at least everything anyone had seen of it (a really stale
+    counter, after a restore, stays below the evidence, as it must), and the outbox
+    read after it holds every sequence up to it, so no recent event looks lost.
+    """
+    for region, f in facts.items():
+        if not f.reachable:
+            continue
+        try:
+            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
+                last, published = pg.relay_position(conn, region)
+                outbox = pg.outbox_ranges(conn, region)
+        except ReconcilerError:
+            continue
+        f.last_sequence = max(f.last_sequence, last)
+        f.published_through = max(f.published_through, published)
+        f.outbox = outbox
 
 
 def _hlc_span(
@@ -376,7 +401,7 @@ def _replay(
     streams = [replayer.stream(p) for p in plans]
     done = 0
     notify(Progress(region, "replay", 0, total))
-    with pg.connect(config.region(region).dsn, region=region) as conn:
+    with pg.connect(config.region(region).dsn, region=region, autocommit=True) as conn:
         applier = Applier(conn, region, config.tables, config.hlc_max_offset_ms)
         batch: list[tuple[str, Event]] = []
 
@@ -418,6 +443,17 @@ def _return_own_events(conn: pg.Connection, applier: Applier, events: list[Event
             ).fetchall()
         }
         fresh = [e for e in events if e.event_id not in known]
+        # An event the backup holds but had not numbered yet was numbered (and published,
+        # and applied by peers) before the restore: it must keep that number, or the relay
+        # would number it again and peers would apply it a second time.
+        renumber = [e for e in events if e.event_id in known]
+        if renumber:
+            conn.execute(
+                "UPDATE reconciler.outbox o SET relay_sequence = x.seq"
+                " FROM unnest(%s::uuid[], %s::bigint[]) AS x(id, seq)"
+                " WHERE o.id = x.id AND o.relay_sequence IS NULL",
+                ([e.event_id for e in renumber], [e.sequence for e in renumber]),
+            )
         applied, bad, _conflicts = applier.apply_rows(fresh)
         if bad:
             raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",
