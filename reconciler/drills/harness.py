@@ -272,6 +272,7 @@ class Drill:
         gate = report.gate.to_dict() if report.gate else None
         self.mark(f"recover finished: {report.state}", region, replayed=report.replayed,
                   own_events_returned=report.own_events_returned, gate=gate, seconds=round(report.seconds, 2))
+        self.extra.setdefault("recoveries", []).append(report.to_dict())
         return report
 
     def run_runbook(
