@@ -477,7 +477,11 @@ def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> No
     own = report.facts.get(region)
     if own and own.reachable and seen > own.last_sequence:
         with pg.connect(config.region(region).dsn, region=region) as conn:
-            pg.reserve_sequences(conn, region, seen)
+            # asked again now: a reservation above a live counter would leave numbers no
+            # event ever gets, a gap every peer would wait for forever
+            last, _ = pg.relay_position(conn, region)
+            if seen > last:
+                pg.reserve_sequences(conn, region, seen)
 
 
 # ---------------------------------------------------------------- verify and repair
