@@ -428,6 +428,13 @@ def install_leaves(
             ).format(leaf.partition, sql.Literal(table_id))
         )
         rows = 0
+        if existing is not None and existing.schema_name != leaf.schema_name:
+            # the config moved the table to another schema: the old one's triggers
+            # would keep writing into this log
+            if _relation_oid(conn, existing.schema_name, existing.table_name) is not None:
+                for name in TRIGGERS.values():
+                    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                        sql.Identifier(name), existing.relation))
         if fresh:
             leaf, rows = _build(conn, leaf, existing)
         _install_triggers(conn, leaf)
