@@ -7,11 +7,17 @@ sequence, a payload its table's policy refuses), published just before the real
 one. Each must be quarantined with its reason in every destination, the real
 events around them applied, and no loop stall.
 
-The corrupt copy is made to arrive in a consumer batch of its own: a corrupt copy
-and the real event in the SAME batch make the inbox keep the first copy of the
-(origin, sequence) and drop the second as a duplicate, so the real event would be
-skipped (and replay reads Kafka the same way). That is a known limitation, not
-what this drill measures.
+Two limitations this drill found, and steps around so that it measures the rest:
+
+- a corrupt copy and the real event in the SAME consumer batch: the inbox keeps the
+  first copy of an (origin, sequence) and drops the second as a duplicate, so the
+  real event is skipped (and replay reads Kafka the same way). The drill lets the
+  copy be quarantined before the real event is published.
+- a copy whose sequence is above the origin's relay counter makes that relay, the
+  next time it starts, take its own outbox for a stale backup (the topic "holds
+  sequences the outbox does not know") and number nothing until someone steps in.
+  The drill therefore publishes the real event itself, under the relay's lease,
+  before the relay starts again; a relay restart in that window would stall.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 import uuid
 
 from ...hlc import Timestamp
+from ...store import postgres as pg
 from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -59,8 +66,10 @@ def run(drill: Drill) -> None:
                 producer.produce(topic, value=raw, key=b"poison")
             producer.produce(topic, key=b"poison", value=_event(
                 origin, 1, "no_such_table", now, {"key": {"id": "x"}, "values": {"id": "x"}}))
+            # sequence 2, not 1: two copies of one (origin, sequence) in a batch count as
+            # a duplicate before anything else is looked at
             producer.produce(topic, key=b"poison", value=_event(
-                origin, 1, "orders", Timestamp(now.wall_ms + 3_600_000, 0), {"key": {"id": "ord-0"},
+                origin, 2, "orders", Timestamp(now.wall_ms + 3_600_000, 0), {"key": {"id": "ord-0"},
                                                                                "values": {"status": "future"}}))
             if producer.flush(30):
                 raise RuntimeError(f"poison not acknowledged by {topic}")
@@ -86,24 +95,43 @@ def run(drill: Drill) -> None:
 
 def _corrupt_copy(drill: Drill, origin: str) -> int:
     """Publish a copy of the origin's next sequence that the orders policy refuses,
-    wait until every peer quarantined it, then let the relay publish the real one."""
+    wait until every peer quarantined it, then publish the real one (see the module
+    docstring for why the drill, not a restarted relay, does that)."""
     assert drill.loops is not None
     drill.loops.stop(origin, ("relay",))
+    dsn = drill.config.region(origin).dsn
+    lease = pg.connect(dsn, autocommit=True, region=origin)
+    conn = pg.connect(dsn, region=origin)
     try:
+        epoch = pg.acquire_lease(lease, origin, "drill-poisoner")
         last = int(drill.scalar(origin, "SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s",
                                 (origin,)))
         peers = [p for p in drill.regions if p != origin]
         before = {p: _quarantined(drill, p, "invalid_payload") for p in peers}
+        topic = drill.config.events_topic(origin)
         producer = kafka.producer(drill.config.kafka_settings(origin))
-        producer.produce(drill.config.events_topic(origin), key=b"ord-1", value=_event(
+        producer.produce(topic, key=b"ord-1", value=_event(
             origin, last + 1, "orders", Timestamp(int(time.time() * 1000), 0),
             {"key": {"id": "ord-1"}, "values": {"status": "x"}, "deltas": {"total_cents": 5}}))
         if producer.flush(30):
             raise RuntimeError("corrupt copy not acknowledged")
         drill.wait_until(lambda: all(_quarantined(drill, p, "invalid_payload") > before[p] for p in peers), 30,
                          f"peers to quarantine the corrupt copy of {origin}:{last + 1}")
+        batch: list[tuple[int, bytes, bytes]] = []
+        deadline = time.monotonic() + 15
+        while not batch and time.monotonic() < deadline:
+            batch = pg.claim_messages(conn, origin, epoch, 0, 500)
+            time.sleep(0.1)
+        for _seq, key, value in batch:
+            producer.produce(topic, key=key, value=value)
+        if producer.flush(30):
+            raise RuntimeError("real events not acknowledged")
+        if batch:
+            pg.mark_published(conn, origin, epoch, batch[-1][0])
         return last + 1
     finally:
+        conn.close()
+        lease.close()
         drill.loops.start(origin, ("relay",))
 
 
