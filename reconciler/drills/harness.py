@@ -187,6 +187,8 @@ class Drill:
         return sidecar
 
     def kill_sidecar(self, region: str, sig: int = signal.SIGKILL) -> int | None:
+        if not self.sidecars[region].alive:
+            return None
         code = self.sidecars[region].kill(sig)
         self.mark(f"sidecar {signal.Signals(sig).name}", region, exit_code=code)
         return code
