@@ -45,13 +45,14 @@ from .logs import ComponentLogger, component_logger
 from .metrics import REGION_STATES, Metrics, serve
 from .peers import Heartbeat, PeerTracker, PeerView
 from .relay import Relay
-from .store import health
+from .store import health, merkle_leaves
 from .store import postgres as pg
 from .store.translate import translated
 from .transport import kafka
 
 #: how often measured gauges are refreshed from the databases
 STATS_INTERVAL_SECONDS = 2.0
+LEAF_COMPACTION_SECONDS = 60.0
 #: how long a planned stop may spend publishing what is left in the outbox
 DRAIN_SECONDS = 30.0
 #: retry after a peer's database refused a connection (its absence must not slow us down)
@@ -592,10 +593,16 @@ class Sidecar:
         peers = {p: _Reconnecting(self.config.region(p).dsn, p, retry_seconds=PEER_DB_RETRY_SECONDS, timeout=3)
                  for p in self.config.peers(self.region)}
         warned: set[str] = set()
+        compacted_at = time.monotonic()
         try:
             while not stop.is_set():
                 try:
                     self._measure(own, peers, log, warned)
+                    if time.monotonic() - compacted_at > LEAF_COMPACTION_SECONDS:
+                        # the maintained Merkle leaves are an insert-only delta log: fold it so
+                        # that reading a table's leaves stays a small GROUP BY
+                        compacted_at = time.monotonic()
+                        own.run(lambda conn: merkle_leaves.compact_all(conn, self.config.tables))
                     self.metrics.loop_succeeded("stats")
                 except ReconcilerError as exc:
                     self.metrics.loop_failed("stats")

@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
-from .dsn import redact_dsn
 from ..errors import ClockSkewError, ReconcilerError, StoreError, StoreUnavailable
+from .dsn import redact_dsn
 
 # SQLSTATE class (first two characters) -> (error type, retryable)
 _BY_CLASS: dict[str, tuple[type[StoreError], bool]] = {
