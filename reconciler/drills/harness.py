@@ -207,8 +207,8 @@ class Drill:
         except psycopg.Error:
             return None
 
-    def delivered(self) -> bool:
-        """Every outbox row relayed and applied by every peer."""
+    def _counts(self) -> dict[str, tuple[int, int, dict[str, int]]] | None:
+        """Per region: (own outbox rows, published through, {origin: inbox rows})."""
         counts: dict[str, tuple[int, int, dict[str, int]]] = {}
         try:
             for region in self.regions:
@@ -223,6 +223,14 @@ class Drill:
                     assert row is not None
                     counts[region] = (int(row[0]), int(row[1]), dict(row[2]))
         except psycopg.Error:
+            return None
+        return counts
+
+    def delivered(self) -> bool:
+        """Every outbox row relayed and applied by every peer (only ever true once the
+        writers have stopped)."""
+        counts = self._counts()
+        if counts is None:
             return False
         for origin, (written, published, _) in counts.items():
             if published != written:
@@ -246,6 +254,30 @@ class Drill:
 
     def wait_delivered(self, timeout: float, what: str = "every event delivered everywhere") -> bool:
         return self.wait_until(self.delivered, timeout, what, interval=0.3)
+
+    def wait_caught_up(self, timeout: float, what: str = "everything committed so far delivered everywhere") -> bool:
+        """Under live traffic: wait until every event committed anywhere before this
+        call is published and applied by every peer (later ones may still be in flight)."""
+        marks: dict[str, int] | None = None
+        deadline = time.monotonic() + timeout
+        while marks is None and time.monotonic() < deadline:
+            counts = self._counts()
+            marks = {r: c[0] for r, c in counts.items()} if counts else None
+            if marks is None:
+                time.sleep(0.3)
+        if marks is None:
+            self.mark(f"timed out after {timeout:.0f}s waiting for {what}")
+            return False
+        high = marks
+
+        def caught_up() -> bool:
+            counts = self._counts()
+            if counts is None:
+                return False
+            return all(counts[o][1] >= n and all(int(counts[d][2].get(o, 0)) >= n for d in counts if d != o)
+                       for o, n in high.items())
+
+        return self.wait_until(caught_up, max(1.0, deadline - time.monotonic()), what, interval=0.3)
 
     # ---------------------------------------------------------------- operator commands
 

@@ -35,7 +35,7 @@ def run(drill: Drill) -> None:
     with ClockSkew(drill, peers, max_offset * 6 // 10) as skew_peers:
         drill.mark(f"clock {max_offset * 6 // 10} ms behind its peers (inside the max offset)", fast)
         drill.sleep(3)
-    drill.wait_delivered(30, "delivery with skew inside the max offset")
+    drill.wait_caught_up(30, "delivery with skew inside the max offset")
     refused_inside = sum(_skew_quarantined(drill, p) for p in peers) + _skew_quarantined(drill, fast)
     drill.check("inside_offset_nothing_refused", refused_inside == 0 and not skew.errors + skew_peers.errors,
                 f"{refused_inside} events refused while the skew stayed inside {max_offset} ms "

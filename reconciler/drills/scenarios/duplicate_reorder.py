@@ -121,7 +121,7 @@ def run(drill: Drill) -> None:
         drill.watch(region, "bad delivery over")
     drill.wait_until(lambda: drill.sampler.rto() is not None, 60, "every region caught up")
     drill.sleep(2)
-    drill.wait_delivered(30)
+    drill.wait_caught_up(30)
     absorbed = drill.loops.counter("reconciler_events_duplicate_total")
     copies = sum(republished.values()) * 2 + sum(shuffled.values())
     drill.extra.update(shuffled=shuffled, republished=republished, duplicates_absorbed=absorbed)

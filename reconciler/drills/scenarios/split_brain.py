@@ -13,13 +13,19 @@ replicates everywhere.
 
 from __future__ import annotations
 
-from typing import Any
-
+from ...conflicts import ConflictEntry, list_conflicts
+from ...store import postgres as pg
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
 
 PAYMENTS = ("pay-split-0", "pay-split-1", "pay-split-2")
+
+
+def _open(drill: Drill, region: str) -> list[ConflictEntry]:
+    """The region's manual queue for payments (what `reconciler conflicts list` shows)."""
+    with pg.connect(drill.env.direct.region(region).dsn, region=region) as conn:
+        return list_conflicts(conn, table="payments", status="open")
 
 
 def run(drill: Drill) -> None:
@@ -28,7 +34,7 @@ def run(drill: Drill) -> None:
     for key in PAYMENTS:
         drill.workload.write(a, "payments", "insert", {"id": key},
                              values={"order_id": "ord-1", "amount_cents": 2500, "status": "authorized"})
-    drill.wait_delivered(30, "the payments at every region")
+    drill.wait_caught_up(30, "the payments at every region")
     drill.sleep(2)
     cut = [drill.outage_begin(r, "split brain") for r in (a, b)]
     drill.loops.stop(a)
@@ -41,26 +47,22 @@ def run(drill: Drill) -> None:
     drill.loops.start(b)
     for outage in cut:
         drill.outage_end(outage)
-    drill.wait_delivered(60, "delivery after the heal")
-    parked: dict[str, list[dict[str, Any]]] = {}
-    for region in drill.regions:
-        doc = drill.cli_json("conflicts", "list", "--region", region, "--table", "payments")
-        parked[region] = doc["conflicts"]
-    keys = {r: sorted(c_["key"] for c_ in entries) for r, entries in parked.items()}
+    drill.wait_caught_up(60, "delivery after the heal")
+    parked = {r: _open(drill, r) for r in drill.regions}
+    keys = {r: sorted(e.key for e in entries) for r, entries in parked.items()}
     drill.check("manual_conflicts_parked_everywhere", all(k == sorted(PAYMENTS) for k in keys.values()),
                 f"open payment conflicts per region: {keys}")
     decided = []
     for entry in parked[c]:
-        versions = [entry["local"], entry["remote"]]
-        take = max(versions, key=lambda v: v["hlc"])["origin"]
-        code, output = drill.cli("conflicts", "resolve", "--region", c, entry["conflict_id"], "--take", take,
-                                 "--by", "drill", "--reason", "split-brain drill: later version kept")
-        decided.append({"conflict": entry["conflict_id"], "key": entry["key"], "take": take, "exit_code": code})
+        take = max(entry.versions(), key=lambda v: (v.hlc, v.origin)).origin
+        code, _output = drill.cli("conflicts", "resolve", "--region", c, entry.conflict_id, "--take", take,
+                                  "--by", "drill", "--reason", "split-brain drill: later version kept")
+        decided.append({"conflict": entry.conflict_id, "key": entry.key, "take": take, "exit_code": code})
     drill.extra["resolutions"] = decided
     drill.check("operator_resolutions_accepted", bool(decided) and all(d["exit_code"] == 0 for d in decided),
                 f"{len(decided)} `reconciler conflicts resolve` from {c}: {[d['exit_code'] for d in decided]}")
-    drill.wait_delivered(60, "the resolutions at every region")
-    still = {r: len(drill.cli_json("conflicts", "list", "--region", r)["conflicts"]) for r in drill.regions}
+    drill.wait_caught_up(60, "the resolutions at every region")
+    still = {r: len(_open(drill, r)) for r in drill.regions}
     drill.check("manual_queue_empty_after_resolve", not any(still.values()),
                 f"open conflicts left per region: {still}")
     drill.sleep(1)
