@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import time
 import traceback
@@ -287,14 +286,6 @@ class Drill:
         code, output, seconds = runbook.execute(argv, timeout)
         self.mark(f"$ reconciler {' '.join(args)} -> exit {code}", seconds=round(seconds, 2))
         return code, output
-
-    def cli_json(self, *args: str, timeout: float = 120.0) -> Any:
-        """``reconciler ARGS --json`` against the drill's config, its one JSON document."""
-        argv = ("reconciler", *args, "--config", str(self.config.path), "--json")
-        code, out, err = runbook.run_cli(argv, timeout)
-        if code not in (0, 1):
-            raise RuntimeError(f"reconciler {' '.join(args)} exited {code}: {err.strip()[:300]}")
-        return json.loads(out)
 
     def recover(self, region: str) -> Any:
         """``recover()`` in-process, for scenarios where recovery must be deterministic
