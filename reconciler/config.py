@@ -53,8 +53,9 @@ class RegionConfig:
 
 @dataclass(frozen=True)
 class LifecycleConfig:
-    max_lag_events: int = 0
-    max_lag_seconds: float = 5.0
+    #: in-flight events a live consumer is still applying; 0 would never pass under traffic
+    max_lag_events: int = 500
+    max_lag_seconds: float = 10.0
     #: a sidecar that was stopped longer than this re-enters CATCHING_UP when it starts
     absence_threshold_seconds: float = 30.0
 
