@@ -31,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import Any
 
+from confluent_kafka import KafkaException
+
 from .config import Config
 from .errors import ReconcilerError, TransportError
 from .lifecycle import State
@@ -180,9 +182,17 @@ class Relay:
         backoff = 0.2
         while not stop.is_set():
             try:
-                if self._conn is None:
-                    self.start()
-                sent = self.step()
+                try:
+                    if self._conn is None:
+                        self.start()
+                    sent = self.step()
+                except KafkaException as raw:
+                    # a producer error librdkafka raises instead of reporting per message
+                    # (fatal idempotence state, for one): a new producer starts clean, and
+                    # whatever was not acknowledged is republished from published_through
+                    error = kafka.translate(raw, region=self.region, step="produce")
+                    error.retryable = True
+                    raise error from raw
                 backoff = 0.2
                 if not sent:
                     stop.wait(idle_sleep)
