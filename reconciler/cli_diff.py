@@ -6,8 +6,10 @@ Two forms, one command:
   regions of a config, through the maintained Merkle leaves (a full scan where the
   leaves cannot answer, or with ``--full-scan``). The first listed region is
   compared with each other one.
-- ``--dsn-a URL --dsn-b URL --table T --key COL``: any table of any two databases,
-  by full scan, with nothing of ours installed (and nothing of ours trusted).
+- ``--dsn-a URL --dsn-b URL --table T --key COL``: any table of any two databases.
+  With nothing of ours installed this is a full scan; where both databases carry
+  our schema and maintained leaves for the table, the leaves answer (as DESIGN.md
+  promises), and ``--full-scan`` hashes every row instead, trusting nothing of ours.
 
 Thin by design: parse options, call :mod:`reconciler.diff`, render. Exit status is
 the contract scripts rely on: 0 equal, 1 differences, 2 error.
@@ -22,8 +24,8 @@ from typing import Any
 
 import click
 
-from .config import Config, load_config
-from .diff import ScanOptions, diff_regions, diff_tables, parse_key_columns
+from .config import Config, TableConfig, load_config
+from .diff import ScanOptions, diff_regions, diff_replicated, diff_tables, parse_key_columns
 from .errors import ConfigError, ReconcilerError
 from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
 from .store.dsn import redact_dsn
@@ -38,7 +40,7 @@ WIDTH = 40
 DEFAULT_CONFIG = ".dev/reconciler.yaml"
 
 #: options that belong to one form only, by parameter name (--full-scan is accepted
-#: by both: the ad hoc form always scans)
+#: by both)
 _AD_HOC_ONLY = ("dsn_a", "dsn_b", "keys", "schema")
 _CONFIG_ONLY = ("config_path", "regions")
 
@@ -108,8 +110,14 @@ def diff(
         if ad_hoc:
             if not dsn_a or not dsn_b or not keys:
                 raise ConfigError("the ad hoc form needs --dsn-a, --dsn-b and --key")
-            result = diff_tables(dsn_a, dsn_b, table, parse_key_columns(keys), schema=schema or "public",
-                                 options=options)
+            key_columns = parse_key_columns(keys)
+            if full_scan:
+                result = diff_tables(dsn_a, dsn_b, table, key_columns, schema=schema or "public", options=options)
+            else:
+                # with our schema and leaves on both sides the leaves answer; on any other
+                # table (no schema of ours) this is the full scan, and says why
+                spec = TableConfig(name=table, key=key_columns, policy="lww", schema=schema or "public")
+                result = diff_replicated(dsn_a, dsn_b, spec, options=options)
             results = [(redact_dsn(dsn_a), redact_dsn(dsn_b), result)]
         else:
             _refuse(ctx, _AD_HOC_ONLY, "--config (the config gives keys, schema and DSNs)")
