@@ -389,11 +389,6 @@ def acquire_lease(conn: Connection, origin: str, holder: str) -> int:
     return int(epoch_row[0])
 
 
-def release_lease(conn: Connection, origin: str) -> None:
-    with translated(region=origin, step="release relay lease"):
-        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (_LEASE_LOCK_CLASS & 0x7FFFFFFF, origin))
-
-
 def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int]:
     row = conn.execute(
         "SELECT epoch, last_sequence, published_through FROM reconciler.relay_state WHERE origin = %s FOR UPDATE",
@@ -404,25 +399,16 @@ def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int]:
     return int(row[1]), int(row[2])
 
 
-def assign_sequences(conn: Connection, origin: str, epoch: int, limit: int) -> int:
-    """Number up to ``limit`` committed, unnumbered outbox rows densely, in the order
-    this transaction sees them committed. Returns how many were numbered.
-
-    A row whose transaction is still open is invisible here and simply gets a later
-    number once it commits: nothing is skipped, whatever the insertion order.
-    """
-    with translated(region=origin, step="assign sequences"), conn.transaction():
-        last, _ = _check_epoch(conn, origin, epoch)
-        rows = _number(conn, origin, last, limit, "n.seq")
-    return len(rows)
-
-
-# Numbers the next committed, unnumbered rows (see assign_sequences). The UPDATE finds
+# Numbers the next committed, unnumbered rows, densely, in the order this transaction
+# sees them committed: a row whose transaction is still open is invisible here and gets
+# a later number once it commits, so nothing is skipped. The UPDATE finds
 # the rows again by ctid, not by id: joining on id made the planner hash the whole
 # outbox for every batch (a batch cost grew with the table, relayed rows included).
-# No FOR UPDATE on the rows: only this statement ever changes an outbox row, and it
-# runs after _check_epoch locked the relay_state row, so numberings are serialised
-# anyway (the row locks cost ~40% of the statement). _number checks the result is dense.
+# No FOR UPDATE on the rows: numberings are serialised by _check_epoch's lock on the
+# relay_state row, and the only other writer of outbox rows (recovery giving a restored
+# region's own rows back their numbers) runs while the region is catching up, when the
+# relay numbers nothing (the row locks cost ~40% of the statement). _number checks the
+# result is dense.
 _NUMBER_SQL = (
     "WITH next AS ("
     "  SELECT ctid, position FROM reconciler.outbox WHERE relay_sequence IS NULL AND origin = %s"
@@ -468,7 +454,7 @@ def claim_messages(
     First the numbered events above ``after`` (and above ``published_through``) that
     are not published yet -- left by a crash, or beyond what the caller already
     holds; when there are none and ``number`` is true, up to ``limit`` committed,
-    unnumbered rows are numbered (as :func:`assign_sequences` does) and returned, in
+    unnumbered rows are numbered (see ``_NUMBER_SQL``) and returned, in
     the same transaction. Fenced by the epoch like every relay write.
     """
     with translated(region=origin, step="claim messages"), conn.transaction():
@@ -484,20 +470,6 @@ def claim_messages(
         if not rows and number:
             rows = _number(conn, origin, last, limit, _WIRE_SQL)
     return [(seq, key.encode(), value.encode()) for seq, key, value in rows]
-
-
-def unpublished(conn: Connection, origin: str, limit: int) -> list[Event]:
-    """Numbered events not yet confirmed published, in sequence order."""
-    with translated(region=origin, step="read unpublished"):
-        rows = conn.execute(
-            "SELECT o.id, o.aggregatetype, o.aggregateid, o.type, o.payload, o.hlc, o.prior_hlc, o.operation,"
-            " o.relay_sequence FROM reconciler.outbox o JOIN reconciler.relay_state r ON r.origin = o.origin"
-            " WHERE o.origin = %s AND o.relay_sequence > r.published_through"
-            " ORDER BY o.relay_sequence LIMIT %s",
-            (origin, limit),
-        ).fetchall()
-        conn.commit()
-    return [_outbox_event(origin, row) for row in rows]
 
 
 def outbox_range(conn: Connection, origin: str, low: int, high: int, limit: int) -> list[Event]:
