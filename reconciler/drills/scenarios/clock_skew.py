@@ -63,10 +63,19 @@ def run(drill: Drill) -> None:
                 f"peers' HLC at most {dragged} ms ahead of their physical time while {fast} ran {beyond} ms ahead")
     replayed = {}
     for peer in peers:
-        report = drill.recover(peer)
+        # as the sidecar and the runbook do, a recover whose gate failed is run again:
+        # under live traffic a gap analysis can race the origin's relay (see the note in
+        # chaos/README.md); three attempts bound it
+        attempts = []
+        for _attempt in range(3):
+            report = drill.recover(peer)
+            attempts.append(report.gate.to_dict() if report.gate else None)
+            if report.gate and report.gate.passed:
+                break
         replayed[peer] = report.replayed
         drill.check(f"recover_{peer}_gate_passed", bool(report.gate and report.gate.passed),
-                    f"{peer} ended {report.state} after replaying {report.replayed}")
+                    f"{peer} ended {report.state} after {len(attempts)} recover run(s) "
+                    f"(gates: {attempts}), last replaying {report.replayed}")
     drill.extra["refused"] = refused
     drill.extra["replayed"] = replayed
     drill.wait_until(lambda: drill.sampler.rto() is not None, 60, "peers caught up")
