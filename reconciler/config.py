@@ -241,8 +241,9 @@ class _Parser:
         self.only_keys(body, key, ("dsn", "metrics_address", "kafka"))
         if "dsn" not in body:
             raise self.fail(f"{key}.dsn", "is required")
-        address = body.get("metrics_address", "127.0.0.1:9400")
-        if not isinstance(address, str) or ":" not in address:
+        # may come from the environment: a container binds differently from a host
+        address = self.secret_text(body.get("metrics_address", "127.0.0.1:9400"), f"{key}.metrics_address")
+        if ":" not in address:
             raise self.fail(f"{key}.metrics_address", f"expected HOST:PORT, got {address!r}")
         return RegionConfig(
             name=name,

@@ -45,7 +45,7 @@ from .model import ConflictKind, Outcome
 
 #: Where the sidecar listens when the config says nothing. Loopback on purpose: the
 #: endpoints are unauthenticated, so exposing them is a deliberate act (a container
-#: publishes 0.0.0.0 through its own config).
+#: binds every interface through its own config, see docker-compose.yml).
 DEFAULT_ADDRESS: Final = "127.0.0.1:9400"
 
 #: The lifecycle states, in the order dashboards list them.
@@ -363,7 +363,7 @@ def parse_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port).
 
     An empty host is refused rather than read as "all interfaces": binding wide must
-    be spelled out (``0.0.0.0:9400``), never the accident of a missing host.
+    be spelled out with an explicit wildcard host, never the accident of a missing host.
     """
     text = address.strip()
     if text.startswith("["):

@@ -122,13 +122,16 @@ def test_published_ports_bind_loopback_only() -> None:
 
 
 def test_mounted_config_is_valid_and_matches_the_services() -> None:
-    config = load_config(MOUNTED_CONFIG, environ={"RECONCILER_DB_PASSWORD": "secret"})
     svc = services()
+    # the sidecar's own environment as compose gives it (the password default aside)
+    sidecar_env = {k: str(v) for k, v in svc["reconciler-us-east"]["environment"].items()}
+    config = load_config(MOUNTED_CONFIG, environ={**sidecar_env, "RECONCILER_DB_PASSWORD": "secret"})
     assert tuple(config.regions) == REGIONS
     for region in REGIONS:
         dsn = config.regions[region].dsn
         host = re.search(r"@([^:/]+)", dsn)
         assert host and host.group(1) == f"postgres-{region}"
+        assert config.regions[region].metrics_address == sidecar_env["RECONCILER_METRICS_ADDRESS"]
         assert config.regions[region].metrics_address.endswith(":9400")
         assert "RECONCILER_DB_PASSWORD" in svc[f"reconciler-{region}"]["environment"]
     bootstrap_host = config.kafka["bootstrap.servers"].split(":")[0]
