@@ -51,21 +51,20 @@ LANGUAGE sql VOLATILE AS $$
     SELECT (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16
 $$;
 
--- Stamp a local event: strictly greater than every stamp this region issued or
--- observed before, and never behind physical time. setval() is not transactional,
+-- Advance the clock to at least `floor` and return a stamp strictly greater than
+-- every stamp this region issued or observed before. setval() is not transactional,
 -- so the critical section is guarded by a session advisory lock held for
 -- microseconds (released on error too) instead of a row lock held to commit.
-CREATE FUNCTION reconciler.hlc_now() RETURNS bigint
+CREATE FUNCTION reconciler.hlc_advance(floor bigint) RETURNS bigint
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    physical bigint := reconciler.physical_hlc();
-    stamp    bigint;
+    stamp bigint;
 BEGIN
     PERFORM pg_advisory_lock(7165108711);
     BEGIN
         stamp := nextval('reconciler.hlc_clock');
-        IF stamp < physical THEN
-            stamp := physical;
+        IF stamp < floor THEN
+            stamp := floor;
             PERFORM setval('reconciler.hlc_clock', stamp);
         END IF;
     EXCEPTION WHEN OTHERS OR query_canceled THEN
@@ -77,6 +76,12 @@ BEGIN
 END
 $$;
 
+-- Stamp a local event: never behind physical time.
+CREATE FUNCTION reconciler.hlc_now() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT reconciler.hlc_advance(reconciler.physical_hlc())
+$$;
+
 -- Observe a remote stamp (Kulkarni et al. receive rule, on packed values:
 -- new = max(physical, local + 1, remote + 1)). A remote stamp more than the
 -- configured offset ahead of physical time is refused (SQLSTATE RC001) and the
@@ -86,7 +91,6 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     physical   bigint := reconciler.physical_hlc();
     max_offset integer;
-    stamp      bigint;
 BEGIN
     SELECT max_offset_ms INTO max_offset FROM reconciler.region;
     IF (remote >> 16) - (physical >> 16) > coalesce(max_offset, 1000) THEN
@@ -94,16 +98,7 @@ BEGIN
             remote, (remote >> 16) - (physical >> 16), max_offset
             USING ERRCODE = 'RC001';
     END IF;
-    PERFORM pg_advisory_lock(7165108711);
-    BEGIN
-        stamp := greatest(nextval('reconciler.hlc_clock'), remote + 1, physical);
-        PERFORM setval('reconciler.hlc_clock', stamp);
-    EXCEPTION WHEN OTHERS OR query_canceled THEN
-        PERFORM pg_advisory_unlock(7165108711);
-        RAISE;
-    END;
-    PERFORM pg_advisory_unlock(7165108711);
-    RETURN stamp;
+    RETURN reconciler.hlc_advance(greatest(remote + 1, physical));
 END
 $$;
 
