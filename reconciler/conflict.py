@@ -28,8 +28,11 @@ region's current version when its ``prior`` (the stamp the writer saw) is not th
 current stamp. The stamp alone cannot tell "concurrent" from "arrived out of
 causal order" (an older ancestor delivered after its descendant), so the audit
 trail of lww/merge may hold records for the latter too; they are harmless there.
-For ``manual`` they are parked (safe: the row is kept and an operator clears the
-entry); delivering a key's events in HLC order, as catch-up replay does, avoids them.
+``manual``, where a record means an operator's time, remembers the stamp its
+current version's writer saw, so the commonest case (a version arriving after its
+direct successor, by another origin's faster topic) is recognised and not parked;
+an older ancestor still is (safe: the row is kept and an operator clears the
+entry). Delivering a key's events in HLC order, as catch-up replay does, avoids them.
 
 Versions are ordered by ``(hlc, origin)``: the region id breaks ties between
 regions. Merge metadata stores stamps as ``[hlc.pack(), origin]``, which is JSON and
@@ -361,6 +364,19 @@ def _resolution(current: RowState | None) -> Stamp | None:
     return (int(res["hlc"]), str(res["origin"]))
 
 
+#: manual meta key: the stamp the current version's writer saw (so that version,
+#: arriving after its successor, is known to be older rather than concurrent)
+_PRIOR: Final = "prior"
+
+
+def _ancestor_of_current(current: RowState | None, event: Event) -> bool:
+    return (
+        current is not None
+        and current.meta.get(_PRIOR) == event.hlc.pack()
+        and current.wins_over(event.hlc, event.origin)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ManualPolicy:
     """Apply what is causally later, park what is concurrent, converge on RESOLVE.
@@ -371,6 +387,13 @@ class ManualPolicy:
       version to protect, so taking it loses nothing; recorded as update_missing),
       or when it deletes a row already deleted (both sides agree; the greater
       tombstone stamp is kept).
+    - A version the current one's writer saw (its stamp is the current version's
+      ``prior``, kept in ``meta["prior"]``) is older, not concurrent: it arrived
+      after its successor, typically through a faster origin's topic, and changes
+      nothing. (A prior is a stamp without its region: a concurrent write stamped
+      in another region in the same millisecond with the same logical counter
+      would pass for the seen version here; the regions that meet it in the other
+      order still park it.)
     - Anything else is concurrent: the region keeps its current row and returns a
       PARKED record. Until an operator decides, regions may hold different rows.
     - A RESOLVE overwrites the row with the chosen value and its own stamp, whatever
@@ -403,15 +426,21 @@ class ManualPolicy:
             record = _record(self.name, closes, Outcome.RESOLVED, current, event, payload, payload.conflict_id)
             return Applied(state, record)
 
+        if _ancestor_of_current(current, event):
+            # the current version's writer saw this very version and replaced it: it
+            # arrived late (another origin's topic was faster), it is not concurrent
+            return Applied(None)
         kind = classify(current, event)
         if resolution is not None and stamp < resolution:
             # the operator decided with both sides of the conflict in view and stamped
             # the decision after them; what is older is settled
             return Applied(None, _record(self.name, kind, Outcome.DISCARDED, current, event, payload) if kind else None)
 
-        carried = (
+        carried: dict[str, Any] = (
             {"resolution": dict(current.meta["resolution"])} if resolution is not None and current is not None else {}
         )
+        if event.prior is not None:
+            carried[_PRIOR] = event.prior.pack()
         if kind is None:
             if current is not None and current.wins_over(event.hlc, event.origin):
                 return Applied(None)  # an older tombstone meeting a newer one

@@ -544,10 +544,29 @@ def test_manual_resolve_then_causal_writes_apply_and_older_ones_are_settled() ->
     after = manual.apply(resolved, ev(Operation.UPDATE, "us", T(25), prior=T(20), values={"name": "next"}))
     assert after.conflict is None and after.state is not None
     assert after.state.values == {"id": 1, "name": "next"}
-    assert after.state.meta == resolved.meta  # the resolution stays on record
+    assert after.state.meta["resolution"] == resolved.meta["resolution"]  # the resolution stays on record
 
     older_resolve = ev(Operation.RESOLVE, "us", T(15), conflict_id="old", values=None)
     assert manual.apply(after.state, older_resolve) == Applied(None)
+
+
+def test_manual_version_arriving_after_its_successor_is_older_not_concurrent() -> None:
+    first = ev(Operation.INSERT, "us", T(5), values={"name": "first"})
+    second = ev(Operation.UPDATE, "eu", T(9), prior=T(5), values={"name": "second"})
+    rows = deliver(manual, [second, first])  # eu's topic delivered before us's
+    assert rows["1"].values == {"id": 1, "name": "second"}
+    assert manual.apply(rows["1"], first) == Applied(None)  # no state change, no conflict parked
+    assert rows == deliver(manual, [first, second])  # values and meta, whichever came first
+
+
+def test_manual_still_parks_a_write_its_successor_did_not_see() -> None:
+    second = ev(Operation.UPDATE, "eu", T(9), prior=T(5), values={"name": "second"})
+    current = manual.apply(None, second).state
+    assert current is not None
+    other = ev(Operation.UPDATE, "us", T(6), prior=T(2), values={"name": "other"})  # not T(5): concurrent
+    result = manual.apply(current, other)
+    assert result.state is None
+    assert result.conflict is not None and result.conflict.outcome is Outcome.PARKED
 
 
 def test_manual_resolve_to_deleted_leaves_a_tombstone() -> None:
