@@ -376,7 +376,9 @@ def plan_gaps(
       list own events O has recovered from peers since its restore.
     - ``kafka_retained[O]``: sequences of O still in Kafka.
     - ``outbox_held[(H, O)]``: sequences of O for which region H still holds the
-      payload: its outbox when ``H == O``, its inbox otherwise.
+      payload: its outbox when ``H == O``, its inbox otherwise. O's own outbox may
+      run past ``origin_high[O]`` (read after the counter, under live traffic): O
+      has those events, so they are never part of its self-gap.
 
     Regions are every name mentioned in any input. Plans are sorted by
     (origin, destination) so output is stable.
@@ -399,8 +401,12 @@ def plan_gaps(
                 if origin not in origin_high:
                     continue
                 # the origin has everything its counter ever assigned, unless it was
-                # restored from a backup taken before the events peers have seen
-                have = have | SeqRanges.span(1, origin_high[origin])
+                # restored from a backup taken before the events peers have seen; and
+                # whatever its own outbox holds, even above the counter: a live relay
+                # numbers between the two reads (counter first, so that the outbox covers
+                # it for the other destinations), and the outbox is the only place a
+                # self-gap is never sourced from, so its tail would look lost
+                have = have | SeqRanges.span(1, origin_high[origin]) | outbox_held.get((origin, origin), EMPTY)
             missing = have.missing_up_to(high)
             if not missing:
                 continue

@@ -151,7 +151,9 @@ def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
     the live region for one restored from a stale backup (a false self-gap). Read
     last, a counter is at least everything anyone had seen of it (a really stale
     counter, after a restore, stays below the evidence, as it must), and the outbox
-    read after it holds every sequence up to it, so no recent event looks lost.
+    read after it holds every sequence up to it, so no recent event looks lost. The
+    outbox may also hold a few more, numbered between the two reads; the planner
+    counts those as the origin's own, never as a self-gap nobody can fill.
     """
     for region, f in facts.items():
         if not f.reachable:

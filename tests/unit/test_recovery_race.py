@@ -1,0 +1,180 @@
+"""Gap analysis under live traffic: a relay numbering between the reads must never make
+an event look lost, and an event nobody holds must still be reported lost.
+
+The race (seen once in the clock-skew drill, reproduced on the real stack): analysis
+reads each region's relay counter, then its outbox. A live relay numbers events in
+between, so the outbox ends above the counter. The planner took the outbox's last
+sequence as evidence of how far the region got, measured the region's own
+"self-gap" from the older counter, and a self-gap is never sourced from the
+region's own outbox, so the freshly numbered events came out as lost ("2 events are
+lost (no source holds them); 2 still missing"), and recover's gate failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler import recovery
+from reconciler.config import Config, load_config
+from reconciler.gaps import SeqRanges, Source, plan_gaps
+from reconciler.store import postgres as pg
+
+REGIONS = ("ap-south", "eu-west", "us-east")
+
+
+def test_own_outbox_read_past_the_counter_is_not_a_self_gap() -> None:
+    # eu-west's counter said 1823, its outbox, read just after, already ends at 1824;
+    # Kafka (read earlier) and the peers' inboxes are behind both.
+    plans = plan_gaps(
+        origin_high={"ap-south": 1843, "eu-west": 1823, "us-east": 1843},
+        applied={
+            ("eu-west", "ap-south"): SeqRanges.span(1, 1704),
+            ("eu-west", "us-east"): SeqRanges.span(1, 1690),
+            ("ap-south", "eu-west"): SeqRanges.span(1, 1717),
+            ("us-east", "eu-west"): SeqRanges.span(1, 1714),
+        },
+        kafka_retained={"eu-west": SeqRanges.span(1, 1753), "ap-south": SeqRanges.span(1, 1735),
+                        "us-east": SeqRanges.span(1, 1807)},
+        outbox_held={
+            ("eu-west", "eu-west"): SeqRanges.span(1, 1824),
+            ("ap-south", "ap-south"): SeqRanges.span(1, 1843),
+            ("us-east", "us-east"): SeqRanges.span(1, 1843),
+            ("ap-south", "eu-west"): SeqRanges.span(1, 1704),
+            ("us-east", "eu-west"): SeqRanges.span(1, 1690),
+        },
+    )
+    assert [p for p in plans if p.gap.origin == p.gap.destination] == []
+    assert sum(p.lost.count() for p in plans) == 0
+    # the peers still get eu-west's new tail, from its outbox where Kafka has not got it yet
+    to_ap_south = next(p for p in plans if (p.gap.origin, p.gap.destination) == ("eu-west", "ap-south"))
+    assert to_ap_south.gap.ranges == SeqRanges.span(1705, 1824)
+    assert to_ap_south.ranges_from(Source.PEER_OUTBOX) == SeqRanges.span(1754, 1824)
+
+
+def test_events_nobody_holds_are_still_lost_for_a_restored_origin() -> None:
+    # a: restored from a backup ending at 100 (its outbox holds 1..100 plus 120, a row
+    # the backup had not numbered, given back its number); b applied up to 105, Kafka
+    # retains 108..110 and 120 is in a's outbox: 106..107 and 111..119 are held by
+    # nobody, and only those are lost.
+    plans = plan_gaps(
+        origin_high={"a": 100, "b": 50},
+        applied={("a", "b"): SeqRanges.span(1, 105)},
+        kafka_retained={"a": SeqRanges.span(108, 110)},
+        outbox_held={("a", "a"): SeqRanges([(1, 100), 120]), ("b", "a"): SeqRanges.span(1, 105),
+                     ("b", "b"): SeqRanges.span(1, 50)},
+    )
+    own = next(p for p in plans if (p.gap.origin, p.gap.destination) == ("a", "a"))
+    assert own.gap.ranges == SeqRanges([(101, 119)])
+    assert own.lost == SeqRanges([(106, 107), (111, 119)])
+    assert own.ranges_from(Source.PEER_INBOX) == SeqRanges.span(101, 105)
+    assert own.ranges_from(Source.KAFKA) == SeqRanges.span(108, 110)
+
+
+# ------------------------------------------------------------ analyze_gaps, I/O simulated
+
+
+class _Region:
+    """One region's database as analysis sees it: a relay counter, a densely numbered
+    outbox, and what it applied of its peers."""
+
+    def __init__(self, name: str, numbered: int) -> None:
+        self.name = name
+        self.last_sequence = numbered
+        self.inbox: dict[str, list[tuple[int, int]]] = {}
+
+    def number(self, count: int) -> None:
+        # the relay numbers rows and moves its counter in one transaction
+        self.last_sequence += count
+
+
+class _World:
+    """The three regions, and a relay that runs whenever analysis has just read a
+    counter: exactly the interleaving counter read -> relay numbers -> outbox read."""
+
+    def __init__(self) -> None:
+        self.regions = {r: _Region(r, 500) for r in REGIONS}
+        for dest in REGIONS:
+            self.regions[dest].inbox = {o: [(1, 480)] for o in REGIONS if o != dest}
+        self.published = {r: 490 for r in REGIONS}
+        self.connected: list[str] = []
+
+    @contextmanager
+    def connect(self, _dsn: str, *, region: str, **_kw: Any) -> Iterator[str]:
+        self.connected.append(region)
+        yield region
+
+    def relay_position(self, conn: str, origin: str) -> tuple[int, int]:
+        region = self.regions[conn]
+        position = (region.last_sequence, self.published[origin])
+        region.number(2)
+        return position
+
+    def inbox_ranges(self, conn: str) -> dict[str, list[tuple[int, int]]]:
+        return {o: list(r) for o, r in self.regions[conn].inbox.items()}
+
+    def outbox_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
+        return [(1, self.regions[origin].last_sequence)]
+
+    def retained(self, _config: Config) -> dict[str, tuple[int, int] | None]:
+        return {o: (1, self.published[o]) for o in REGIONS}
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Config]:
+    doc = {
+        "kafka": {"bootstrap.servers": "127.0.0.1:1"},
+        "regions": {r: {"dsn": f"postgresql://u@127.0.0.1:{i + 1}/db"} for i, r in enumerate(REGIONS)},
+        "tables": {"orders": {"key": ["id"], "policy": "lww"}},
+    }
+    path = tmp_path / "reconciler.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    sim = _World()
+    monkeypatch.setattr(pg, "connect", sim.connect)
+    monkeypatch.setattr(pg, "relay_position", sim.relay_position)
+    monkeypatch.setattr(pg, "inbox_ranges", sim.inbox_ranges)
+    monkeypatch.setattr(pg, "outbox_ranges", sim.outbox_ranges)
+    monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
+    monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
+    return sim, load_config(path)
+
+
+def test_analysis_under_a_relay_numbering_between_its_reads_reports_nothing_lost(
+    world: tuple[_World, Config],
+) -> None:
+    sim, config = world
+    for region in REGIONS:
+        report = recovery.analyze_gaps(config, region)
+        assert report.lost_events == 0, report.to_dict()
+        assert [p for p in report.plans if p.gap.origin == p.gap.destination] == []
+        # the peers' in-flight tails are all still planned, from Kafka and the origins' outboxes
+        for plan in report.plans:
+            assert plan.gap.ranges.last == report.facts[plan.gap.origin].outbox[-1][1]
+    assert set(sim.connected) == set(REGIONS)
+
+
+def test_analysis_still_reports_a_hole_nobody_holds(
+    world: tuple[_World, Config], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sim, config = world
+    # no peer applied 200..201 of us-east, Kafka retains only from 300 and us-east's
+    # own outbox lost them too: no source anywhere, whatever the relays do meanwhile
+    for dest in ("eu-west", "ap-south"):
+        sim.regions[dest].inbox["us-east"] = [(1, 199), (202, 480)]
+    outbox_ranges, retained = sim.outbox_ranges, sim.retained
+
+    def outbox_without_the_hole(conn: str, origin: str) -> list[tuple[int, int]]:
+        ranges = outbox_ranges(conn, origin)
+        return [(1, 199), (202, ranges[0][1])] if origin == "us-east" else ranges
+
+    monkeypatch.setattr(pg, "outbox_ranges", outbox_without_the_hole)
+    monkeypatch.setattr(recovery, "kafka_retention", lambda c: {**retained(c), "us-east": (300, 490)})
+    report = recovery.analyze_gaps(config, "eu-west")
+    lost = {(p.gap.origin, p.gap.destination): p.lost for p in report.plans if p.lost}
+    assert lost == {("us-east", "eu-west"): SeqRanges.span(200, 201)}
+    assert report.lost_events == 2
