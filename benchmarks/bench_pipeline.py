@@ -1,5 +1,6 @@
 """Usage: .venv/bin/python benchmarks/bench_pipeline.py [--events 50000 | --quick] [--repeat 3]
                                                     [--dev-dir .dev] [--out benchmarks/results/pipeline.json]
+                                                    [--relay-batch N] [--apply-batch N]
                                                     [--no-e2e] [--check] [--keep]
 
 `make bench` runs it with no arguments while the local stack is up (``reconciler dev
@@ -59,7 +60,7 @@ import yaml
 
 from reconciler import wire
 from reconciler.apply import Applier
-from reconciler.config import Config, load_config
+from reconciler.config import DEFAULT_APPLY_BATCH, DEFAULT_RELAY_BATCH, Config, load_config
 from reconciler.devstack import DevStack
 from reconciler.hlc import Timestamp
 from reconciler.inbox import InboxConsumer
@@ -145,7 +146,7 @@ class Envs:
         self.databases: list[tuple[str, str]] = []  # (server dsn, database)
         self.prefixes: list[str] = []
 
-    def make(self, batch: int) -> Config:
+    def make(self, relay_batch: int, apply_batch: int) -> Config:
         tag = "bench" + uuid.uuid4().hex[:10]
         docs = {}
         for i, region in enumerate(self.regions):
@@ -164,7 +165,7 @@ class Envs:
                 "inventory": {"key": ["sku"], "policy": "merge", "fields": {"stock": "counter", "tags": "set"}},
                 "payments": {"key": ["id"], "policy": "manual"},
             },
-            "batch": {"relay": batch, "apply": batch},
+            "batch": {"relay": relay_batch, "apply": apply_batch},
         }
         path = self.workdir / f"{tag}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -551,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=50_000)
     p.add_argument("--quick", action="store_true", help="5,000 events (CI smoke)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1000, help="relay and apply batch size (the config default)")
+    p.add_argument("--relay-batch", type=int, default=DEFAULT_RELAY_BATCH, help="relay step size (config default)")
+    p.add_argument("--apply-batch", type=int, default=DEFAULT_APPLY_BATCH,
+                   help="apply transaction size, also the ceiling's (config default)")
     p.add_argument("--dev-dir", default=os.environ.get("RECONCILER_DEV_DIR", ".dev"))
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end figure")
     p.add_argument("--check", action="store_true", help="exit 1 when a ratio is under its target")
@@ -565,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the pipeline benchmark needs a stack with at least two regions")
     origin, dest = stack.regions[0], stack.regions[1]
     env_info = environment(stack, stack.dsn(dest))
-    log(f"pipeline benchmark: {n:,} events, {args.repeat} rounds, batch {args.batch}, "
+    log(f"pipeline benchmark: {n:,} events, {args.repeat} rounds, relay batch {args.relay_batch}, "
+        f"apply batch {args.apply_batch}, "
         f"{origin} -> {dest}, {env_info['cpus']} cpus")
 
     events = make_events(n, origin)
@@ -584,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.repeat):
                 log(f"round {rnd + 1}/{args.repeat}")
                 detail: dict[str, Any] = {"round": rnd + 1}
-                config = envs.make(args.batch)
+                config = envs.make(args.relay_batch, args.apply_batch)
                 ours_first = rnd % 2 == 0
                 for what in ("relay", "ceiling") if ours_first else ("ceiling", "relay"):
                     if what == "relay":
@@ -607,16 +611,17 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         detail["apply_ceiling"] = {}
                         for name, method in methods if ours_first else methods[::-1]:
-                            seconds = bench_insert_ceiling(ceiling_dsn, rows, args.batch, method)
+                            seconds = bench_insert_ceiling(ceiling_dsn, rows, args.apply_batch, method)
                             raw[name].append(n / seconds)
                             detail["apply_ceiling"][name] = {"seconds": seconds, "events_per_s": n / seconds}
                             log(f"  raw upsert     {n / seconds:>10,.0f} ev/s  ({name})")
-                seconds = bench_apply_floor(envs.make(args.batch), dest, decoded, args.batch)
+                seconds = bench_apply_floor(envs.make(args.relay_batch, args.apply_batch), dest, decoded,
+                                            args.apply_batch)
                 detail["apply_floor"] = {"seconds": seconds, "events_per_s": n / seconds}
                 runs["apply_floor"].append(n / seconds)
                 log(f"  write floor    {n / seconds:>10,.0f} ev/s  (apply's own row writes alone)")
                 if not args.no_e2e:
-                    detail["e2e"] = bench_e2e(envs.make(args.batch), origin, dest, events)
+                    detail["e2e"] = bench_e2e(envs.make(args.relay_batch, args.apply_batch), origin, dest, events)
                     runs["e2e"].append(detail["e2e"]["events_per_s"])
                     log(f"  end-to-end     {detail['e2e']['events_per_s']:>10,.0f} ev/s")
                 details.append(detail)
@@ -659,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "events": n,
         "rounds": args.repeat,
-        "batch_size": args.batch,
+        "batch_size": {"relay": args.relay_batch, "apply": args.apply_batch},
         "regions": {"origin": origin, "destination": dest},
         "workload": {
             "table": "orders (lww)",
@@ -675,9 +680,9 @@ def main(argv: list[str] | None = None) -> int:
             "relay_ceiling": "raw confluent_kafka Producer from reconciler.transport.kafka.producer (idempotent,"
                              " acks=all, linger.ms=5), the N messages the relay published (same keys and bytes),"
                              " produce all then one flush, fresh topic, same broker",
-            "apply": f"Applier.apply_remote on pre-decoded events, batches of {args.batch}, fresh database",
+            "apply": f"Applier.apply_remote on pre-decoded events, batches of {args.apply_batch}, fresh database",
             "apply_ceiling": f"fastest of RAW_METHODS: raw INSERT INTO orders ... ON CONFLICT (id) DO UPDATE,"
-                             f" batches of {args.batch}, one transaction each, fresh database, same server",
+                             f" batches of {args.apply_batch}, one transaction each, fresh database, same server",
             "apply_floor": "pg.insert_inbox + pg.write_states with precomputed states: apply's writes alone",
             "e2e": "relay in its own process + InboxConsumer of the destination in this one, from go to the"
                    " last event applied and its offset committed",

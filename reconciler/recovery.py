@@ -177,14 +177,19 @@ def _hlc_span(
     holders = [origin] if origin in reachable and origin != plan.gap.destination else []
     holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
     for holder in holders:
-        table, column = ("outbox", "relay_sequence") if holder == origin else ("inbox", "sequence")
+        # the origin numbered its events in outbox_sequence; a peer keeps them in its inbox
+        events = (
+            "reconciler.outbox_sequence t JOIN reconciler.outbox o ON o.position = t.position"
+            if holder == origin else "reconciler.inbox t"
+        )
+        sequence = "relay_sequence" if holder == origin else "sequence"
         ranges = plan.gap.ranges.to_list()
         try:
             with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn, translated(step="hlc span"):
                 row = conn.execute(
-                    f"SELECT min(hlc), max(hlc) FROM reconciler.{table} t"  # noqa: S608 - fixed names above
+                    f"SELECT min(hlc), max(hlc) FROM {events}"  # noqa: S608 - fixed names above
                     " JOIN jsonb_to_recordset(%s::jsonb) AS r(lo bigint, hi bigint)"
-                    f" ON t.{column} BETWEEN r.lo AND r.hi"
+                    f" ON t.{sequence} BETWEEN r.lo AND r.hi"
                     " WHERE t.origin = %s",
                     (json.dumps([{"lo": lo, "hi": hi} for lo, hi in ranges]), origin),
                 ).fetchone()
@@ -449,13 +454,7 @@ def _return_own_events(conn: pg.Connection, applier: Applier, events: list[Event
         # and applied by peers) before the restore: it must keep that number, or the relay
         # would number it again and peers would apply it a second time.
         renumber = [e for e in events if e.event_id in known]
-        if renumber:
-            conn.execute(
-                "UPDATE reconciler.outbox o SET relay_sequence = x.seq"
-                " FROM unnest(%s::uuid[], %s::bigint[]) AS x(id, seq)"
-                " WHERE o.id = x.id AND o.relay_sequence IS NULL",
-                ([e.event_id for e in renumber], [e.sequence for e in renumber]),
-            )
+        pg.give_back_numbers(conn, applier.region, renumber)
         applied, bad, _conflicts = applier.apply_rows(fresh)
         if bad:
             raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",

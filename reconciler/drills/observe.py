@@ -42,7 +42,7 @@ def read_snapshot(config: Config, region: str) -> RegionSnapshot:
                 CommittedEvent(str(i), o, seq, t, k, op, int(h), None if p is None else int(p), payload)
                 for i, o, seq, t, k, op, h, p, payload in conn.execute(
                     "SELECT id::text, origin, relay_sequence, aggregatetype, aggregateid, operation, hlc, prior_hlc,"
-                    " payload FROM reconciler.outbox WHERE origin = %s", (region,))
+                    " payload FROM reconciler.outbox_numbered WHERE origin = %s", (region,))
             )
             inbox = tuple(InboxEntry(o, int(s), str(e)) for o, s, e in conn.execute(
                 "SELECT origin, sequence, event_id::text FROM reconciler.inbox"))

@@ -78,10 +78,13 @@ def outbox_backlog(conn: Connection, origin: str) -> OutboxBacklog:
     with translated(step="measure outbox backlog", region=origin):
         row = conn.execute(
             "SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(o.created_at)), 0)"
-            " FROM reconciler.outbox o LEFT JOIN reconciler.relay_state r ON r.origin = o.origin"
-            " WHERE o.origin = %s"
-            "   AND (o.relay_sequence IS NULL OR o.relay_sequence > coalesce(r.published_through, 0))",
-            (origin,),
+            " FROM (SELECT position FROM reconciler.outbox_pending WHERE origin = %(origin)s"
+            "       UNION ALL"
+            "       SELECT position FROM reconciler.outbox_sequence WHERE origin = %(origin)s AND relay_sequence >"
+            "        (SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state"
+            "         WHERE origin = %(origin)s)) b"
+            " JOIN reconciler.outbox o ON o.position = b.position",
+            {"origin": origin},
         ).fetchone()
         conn.commit()
     assert row is not None
@@ -118,8 +121,8 @@ def event_age(conn: Connection, origin: str, sequence: int) -> float | None:
     database), or None when it does not hold it (pruned, or not numbered yet)."""
     with translated(step="read event age", region=origin):
         row = conn.execute(
-            "SELECT extract(epoch FROM clock_timestamp() - created_at) FROM reconciler.outbox"
-            " WHERE origin = %s AND relay_sequence = %s",
+            "SELECT extract(epoch FROM clock_timestamp() - o.created_at) FROM reconciler.outbox_sequence s"
+            " JOIN reconciler.outbox o ON o.position = s.position WHERE s.origin = %s AND s.relay_sequence = %s",
             (origin, sequence),
         ).fetchone()
         conn.commit()

@@ -399,33 +399,42 @@ def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int]:
     return int(row[1]), int(row[2])
 
 
-# Numbers the next committed, unnumbered rows, densely, in the order this transaction
-# sees them committed: a row whose transaction is still open is invisible here and gets
-# a later number once it commits, so nothing is skipped. The UPDATE finds
-# the rows again by ctid, not by id: joining on id made the planner hash the whole
-# outbox for every batch (a batch cost grew with the table, relayed rows included).
-# No FOR UPDATE on the rows: numberings are serialised by _check_epoch's lock on the
-# relay_state row, and the only other writer of outbox rows (recovery giving a restored
-# region's own rows back their numbers) runs while the region is catching up, when the
-# relay numbers nothing (the row locks cost ~40% of the statement). _number checks the
-# result is dense.
+# An outbox row with its number, found by position: the outbox row of each sequence
+# row. LATERAL ... OFFSET 0 keeps it one index probe per row: as a plain join the
+# planner hashed the whole outbox for every batch (a batch cost grew with the table).
+_OUTBOX_OF = (
+    " JOIN LATERAL (SELECT * FROM reconciler.outbox x WHERE x.position = s.position OFFSET 0) o ON true"
+)
+
+# Numbers the oldest pending rows (migration 005: an outbox insert queues its rows'
+# positions in outbox_pending) densely, in position order, by moving them from the
+# queue to outbox_sequence. A row whose transaction is still open is invisible here
+# and is numbered once it commits, by a later batch: nothing is skipped. Numberings
+# are serialised by _check_epoch's lock on the relay_state row; the only other
+# taker of pending rows (recovery giving a restored region's rows back their
+# numbers) runs while the region is catching up, when the relay numbers nothing.
+# _number checks the result is dense.
 _NUMBER_SQL = (
-    "WITH next AS ("
-    "  SELECT ctid, position FROM reconciler.outbox WHERE relay_sequence IS NULL AND origin = %s"
-    "  ORDER BY position LIMIT %s),"
-    " numbered AS (SELECT ctid, %s + row_number() OVER (ORDER BY position) AS seq FROM next)"
-    " UPDATE reconciler.outbox o SET relay_sequence = n.seq FROM numbered n WHERE o.ctid = n.ctid"
-    " RETURNING {returning}"
+    "WITH taken AS ("
+    "  DELETE FROM reconciler.outbox_pending p WHERE p.position IN ("
+    "   SELECT position FROM reconciler.outbox_pending WHERE origin = %(origin)s ORDER BY position LIMIT %(limit)s)"
+    "  RETURNING p.position),"
+    " s AS (INSERT INTO reconciler.outbox_sequence (origin, relay_sequence, position)"
+    "  SELECT %(origin)s, %(last)s + row_number() OVER (ORDER BY position), position FROM taken"
+    "  RETURNING relay_sequence, position)"
+    " SELECT {returning} FROM s" + _OUTBOX_OF
 )
 
 
 def _number(conn: Connection, origin: str, last: int, limit: int, returning: str) -> list[Any]:
-    """Number up to ``limit`` rows after ``last`` (inside the caller's transaction,
-    after _check_epoch); rows of ``returning`` (sequence first), in sequence order."""
-    rows = sorted(conn.execute(_NUMBER_SQL.format(returning=returning), (origin, limit, last)).fetchall())
+    """Number up to ``limit`` pending rows after ``last`` (inside the caller's
+    transaction, after _check_epoch); rows of ``returning`` (sequence first), in
+    sequence order."""
+    rows = sorted(conn.execute(
+        _NUMBER_SQL.format(returning=returning), {"origin": origin, "limit": limit, "last": last}
+    ).fetchall())
     if rows:
         if rows[0][0] != last + 1 or rows[-1][0] != last + len(rows):
-            # a row changed under the statement (nothing else should ever update the outbox)
             raise StoreError("outbox numbering was not dense; retrying", retryable=True, region=origin,
                              first=rows[0][0], last=rows[-1][0], numbered=len(rows))
         conn.execute(
@@ -440,7 +449,7 @@ def _number(conn: Connection, origin: str, last: int, limit: int, returning: str
 # (json_build_object writes text directly: a third cheaper than building a jsonb first).
 # Keep the two in step (tests/integration/test_relay_wire.py decodes one against the other).
 _WIRE_SQL = (
-    "o.relay_sequence, o.aggregateid, json_build_object('v', 1, 'origin', o.origin, 'sequence', o.relay_sequence,"
+    "s.relay_sequence, o.aggregateid, json_build_object('v', 1, 'origin', o.origin, 'sequence', s.relay_sequence,"
     " 'id', o.id, 'aggregatetype', o.aggregatetype, 'aggregateid', o.aggregateid, 'type', o.type,"
     " 'op', o.operation, 'hlc', o.hlc, 'prior', o.prior_hlc, 'payload', o.payload)::text"
 )
@@ -453,9 +462,9 @@ def claim_messages(
 
     First the numbered events above ``after`` (and above ``published_through``) that
     are not published yet -- left by a crash, or beyond what the caller already
-    holds; when there are none and ``number`` is true, up to ``limit`` committed,
-    unnumbered rows are numbered (see ``_NUMBER_SQL``) and returned, in
-    the same transaction. Fenced by the epoch like every relay write.
+    holds; when there are none and ``number`` is true, up to ``limit`` pending rows
+    are numbered (see ``_NUMBER_SQL``) and returned, in the same transaction.
+    Fenced by the epoch like every relay write.
     """
     with translated(region=origin, step="claim messages"), conn.transaction():
         last, published = _check_epoch(conn, origin, epoch)
@@ -463,8 +472,8 @@ def claim_messages(
         rows: list[tuple[int, str, str]] = []
         if last > after:
             rows = conn.execute(
-                f"SELECT {_WIRE_SQL} FROM reconciler.outbox o WHERE o.origin = %s AND o.relay_sequence > %s"
-                " ORDER BY o.relay_sequence LIMIT %s",
+                f"SELECT {_WIRE_SQL} FROM reconciler.outbox_sequence s{_OUTBOX_OF}"
+                " WHERE s.origin = %s AND s.relay_sequence > %s ORDER BY s.relay_sequence LIMIT %s",
                 (origin, after, limit),
             ).fetchall()
         if not rows and number:
@@ -476,9 +485,9 @@ def outbox_range(conn: Connection, origin: str, low: int, high: int, limit: int)
     """Relayed events of ``origin`` with sequence in [low, high], for replay to a peer."""
     with translated(region=origin, step="read outbox range"):
         rows = conn.execute(
-            "SELECT id, aggregatetype, aggregateid, type, payload, hlc, prior_hlc, operation, relay_sequence"
-            " FROM reconciler.outbox WHERE origin = %s AND relay_sequence BETWEEN %s AND %s"
-            " ORDER BY relay_sequence LIMIT %s",
+            "SELECT o.id, o.aggregatetype, o.aggregateid, o.type, o.payload, o.hlc, o.prior_hlc, o.operation,"
+            f" s.relay_sequence FROM reconciler.outbox_sequence s{_OUTBOX_OF}"
+            " WHERE s.origin = %s AND s.relay_sequence BETWEEN %s AND %s ORDER BY s.relay_sequence LIMIT %s",
             (origin, low, high, limit),
         ).fetchall()
     return [_outbox_event(origin, row) for row in rows]
@@ -607,7 +616,9 @@ def outbox_ranges(conn: Connection, origin: str) -> list[tuple[int, int]]:
         rows = conn.execute(
             "SELECT min(relay_sequence), max(relay_sequence) FROM ("
             "  SELECT relay_sequence, relay_sequence - row_number() OVER (ORDER BY relay_sequence) AS g"
-            "  FROM reconciler.outbox WHERE origin = %s AND relay_sequence IS NOT NULL) s GROUP BY g ORDER BY 1",
+            "  FROM reconciler.outbox_sequence q WHERE origin = %s"
+            "   AND EXISTS (SELECT 1 FROM reconciler.outbox o WHERE o.position = q.position)) s"
+            " GROUP BY g ORDER BY 1",
             (origin,),
         ).fetchall()
         conn.commit()
@@ -648,18 +659,18 @@ def restore_own_events(conn: Connection, events: Sequence[Event]) -> None:
             "id": e.event_id, "aggregatetype": e.table, "aggregateid": e.key, "type": e.event_type,
             "payload": e.payload, "origin": e.origin, "hlc": e.hlc.pack(),
             "prior_hlc": e.prior.pack() if e.prior else None, "operation": e.operation.value,
-            "relay_sequence": e.sequence,
         }
         for e in events
     ]
     conn.execute(
         "INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, prior_hlc,"
-        " operation, relay_sequence) SELECT x.id, x.aggregatetype, x.aggregateid, x.type, x.payload, x.origin,"
-        " x.hlc, x.prior_hlc, x.operation, x.relay_sequence FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid,"
+        " operation) SELECT x.id, x.aggregatetype, x.aggregateid, x.type, x.payload, x.origin,"
+        " x.hlc, x.prior_hlc, x.operation FROM jsonb_to_recordset(%s::jsonb) AS x(id uuid,"
         " aggregatetype text, aggregateid text, type text, payload jsonb, origin text, hlc bigint, prior_hlc bigint,"
-        " operation text, relay_sequence bigint) ON CONFLICT DO NOTHING",
+        " operation text) ON CONFLICT DO NOTHING",
         (json_text(rows),),
     )
+    give_back_numbers(conn, origin, events)
     high = max(e.sequence or 0 for e in events)
     conn.execute(
         "INSERT INTO reconciler.relay_state (origin, last_sequence, published_through) VALUES (%s, %s, %s)"
@@ -667,6 +678,25 @@ def restore_own_events(conn: Connection, events: Sequence[Event]) -> None:
         " last_sequence = greatest(reconciler.relay_state.last_sequence, EXCLUDED.last_sequence),"
         " published_through = greatest(reconciler.relay_state.published_through, EXCLUDED.published_through)",
         (origin, high, high),
+    )
+
+
+def give_back_numbers(conn: Connection, origin: str, events: Sequence[Event]) -> None:
+    """Number the pending outbox rows of ``events`` with the events' own sequences:
+    numbers the region gave them before it was restored from a stale backup, which
+    peers already applied. Rows already numbered keep their number; a row is taken
+    off the queue only once it holds its number, so none is left unnumbered."""
+    if not events:
+        return
+    conn.execute(
+        "WITH given AS ("
+        "  SELECT o.position, x.seq FROM unnest(%s::uuid[], %s::bigint[]) AS x(id, seq)"
+        "  JOIN reconciler.outbox o ON o.id = x.id"
+        "  WHERE EXISTS (SELECT 1 FROM reconciler.outbox_pending p WHERE p.position = o.position)),"
+        " numbered AS (INSERT INTO reconciler.outbox_sequence (origin, relay_sequence, position)"
+        "  SELECT %s, seq, position FROM given ON CONFLICT DO NOTHING RETURNING position)"
+        " DELETE FROM reconciler.outbox_pending p USING numbered n WHERE p.position = n.position",
+        ([e.event_id for e in events], [e.sequence for e in events], origin),
     )
 
 

@@ -152,7 +152,7 @@ def test_late_commit_is_never_skipped(stack: Any, tmp_path: Path) -> None:
         assert relay.step() == 1
         with connect(config, "us-east") as conn:
             numbered = dict(conn.execute(
-                "SELECT aggregateid, relay_sequence FROM reconciler.outbox ORDER BY position").fetchall())
+                "SELECT aggregateid, relay_sequence FROM reconciler.outbox_numbered ORDER BY position").fetchall())
             assert list(conn.execute("SELECT aggregateid FROM reconciler.outbox ORDER BY position")) == [
                 ("slow",), ("fast",)]
         assert numbered == {"fast": 1, "slow": 2}
@@ -170,20 +170,23 @@ def test_late_commit_is_never_skipped(stack: Any, tmp_path: Path) -> None:
 
 
 def test_relay_sigkill_mid_batch_loses_nothing_applies_nothing_twice(stack: Any, tmp_path: Path) -> None:
-    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"), batch={"relay": 50, "apply": 200})
+    # small relay batches and many events: the relay must still be mid-way when it is killed
+    total = 6000
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"), batch={"relay": 20, "apply": 200})
     with connect(config, "us-east") as conn:
-        for i in range(3000):
+        for start in range(0, total, 100):
             with conn.transaction():
-                outbox.write(conn, "orders", "insert", {"id": f"k{i}"},
-                             values={"customer": "x", "status": "new", "total_cents": i})
+                for i in range(start, start + 100):
+                    outbox.write(conn, "orders", "insert", {"id": f"k{i}"},
+                                 values={"customer": "x", "status": "new", "total_cents": i})
     sidecar = SidecarProcess(config, "us-east", tmp_path / "us-east.log")
     kills = 0
     for _ in range(3):
         sidecar.start()
         wait_until(lambda: scalar(config, "us-east", "SELECT coalesce(max(last_sequence),0) FROM "
-                                  "reconciler.relay_state") > 0, 30, "relay started numbering")
+                                  "reconciler.relay_state") > 0, 30, "relay started numbering", interval=0.02)
         published = scalar(config, "us-east", "SELECT published_through FROM reconciler.relay_state")
-        if published >= 3000:
+        if published >= total:
             sidecar.stop()
             break
         sidecar.kill()
@@ -193,15 +196,16 @@ def test_relay_sigkill_mid_batch_loses_nothing_applies_nothing_twice(stack: Any,
     cluster = Cluster(config)
     cluster.start("eu-west", ("inbox",))
     try:
-        wait_until(lambda: inbox_count(config, "eu-west", "us-east") == 3000, 120, "all 3000 events applied")
+        wait_until(lambda: inbox_count(config, "eu-west", "us-east") == total, 120, "every event applied")
         assert sidecar.stop() == 0
     finally:
         cluster.stop_all()
-    assert len(rows(config, "eu-west", "orders")) == 3000
-    assert scalar(config, "us-east", "SELECT published_through FROM reconciler.relay_state") == 3000
+    assert len(rows(config, "eu-west", "orders")) == total
+    assert scalar(config, "us-east", "SELECT published_through FROM reconciler.relay_state") == total
     dense = scalar(config, "us-east", "SELECT count(DISTINCT relay_sequence) = max(relay_sequence) "
-                   "FROM reconciler.outbox")
+                   "AND count(relay_sequence) = count(*) FROM reconciler.outbox_numbered")
     assert dense
+    assert scalar(config, "us-east", "SELECT count(*) FROM reconciler.outbox_pending") == 0
 
 
 def test_poison_message_is_quarantined_and_later_messages_apply(stack: Any, tmp_path: Path) -> None:
