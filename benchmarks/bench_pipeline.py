@@ -16,15 +16,17 @@ same database server, in one run:
   every acknowledgement, mark published: all timed). Ceiling: the raw confluent-kafka
   Producer built with the relay's own settings (enable.idempotence=true, acks=all,
   same linger/batch) producing the same N encoded messages (same keys, same sizes) to
-  a fresh topic, one flush at the end.
+  a fresh topic, one flush at the end. Floor: ``pg.claim_messages`` alone numbering and
+  reading the N events, nothing produced (the database side the relay cannot avoid).
 - apply: the same N events, decoded by ``reconciler.wire.decode`` beforehand, applied
-  with ``Applier.apply_remote`` in batches of the configured size (1000), one
+  with ``Applier.apply_remote`` in batches of the configured size (``--apply-batch``), one
   transaction each, into a fresh region database. Ceiling: the same rows written with
   raw batched ``INSERT INTO orders ... ON CONFLICT (id) DO UPDATE`` in batches of the
   same size, one transaction each, into another fresh database on the same server.
   Several raw ways are timed (psycopg 3 executemany, which pipelines; one INSERT from
   binary arrays through unnest; one INSERT from a jsonb recordset; COPY into a temp
-  table then one INSERT ... SELECT); the fastest is the ceiling.
+  table then one INSERT ... SELECT); the fastest is the ceiling. Floor: apply's own row
+  writes alone (inbox, business row, row_meta), the states computed beforehand.
 - end-to-end (bonus): outbox -> Kafka -> the other region's rows: the relay in its own
   process (as in a sidecar of the origin), the destination's ``InboxConsumer`` in this
   one, timed from "go" until the last event is applied and its offset committed.
@@ -284,6 +286,25 @@ def bench_relay(config: Config, origin: str, events: Sequence[Event]) -> dict[st
     if on_topic != n:
         raise RuntimeError(f"relay topic holds {on_topic} messages, expected {n}")
     return {"seconds": elapsed, "events": n, "events_per_s": n / elapsed, "steps": steps}
+
+
+def bench_relay_floor(config: Config, origin: str, events: Sequence[Event]) -> float:
+    """Seconds for the relay's database side alone: ``pg.claim_messages`` numbering
+    and reading every event (server-built messages) in steps of the relay's size,
+    nothing produced. What the outbox costs before Kafka: the relay can approach
+    it, not beat it."""
+    dsn = config.region(origin).dsn
+    prefill_outbox(dsn, events)
+    with pg.connect(dsn) as conn, pg.connect(dsn, autocommit=True) as lease:
+        epoch = pg.acquire_lease(lease, origin, "bench-floor")
+        started = time.perf_counter()
+        after = 0
+        while after < len(events):
+            claimed = pg.claim_messages(conn, origin, epoch, after, config.relay_batch_size)
+            if not claimed:
+                raise RuntimeError(f"relay floor numbered {after} of {len(events)} events")
+            after = claimed[-1][0]
+        return time.perf_counter() - started
 
 
 def bench_producer_ceiling(config: Config, origin: str, messages: Sequence[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -578,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [tuple(e.payload["values"][c] for c in ORDER_COLUMNS) for e in events]
     payload_sizes = [len(json.dumps(e.payload, separators=(",", ":"))) for e in events]
 
-    runs: dict[str, list[float]] = {"relay": [], "relay_ceiling": [], "apply": [], "apply_floor": [], "e2e": []}
+    runs: dict[str, list[float]] = {"relay": [], "relay_ceiling": [], "relay_floor": [], "apply": [],
+                                    "apply_floor": [], "e2e": []}
     raw: dict[str, list[float]] = {name: [] for name in RAW_METHODS}
     details: list[dict[str, Any]] = []
     relayed: list[tuple[bytes, bytes]] | None = None
@@ -601,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
                         detail["relay_ceiling"] = bench_producer_ceiling(config, origin, relayed or messages)
                         runs["relay_ceiling"].append(detail["relay_ceiling"]["events_per_s"])
                         log(f"  raw producer   {detail['relay_ceiling']['events_per_s']:>10,.0f} ev/s")
+                seconds = bench_relay_floor(envs.make(args.relay_batch, args.apply_batch), origin, events)
+                detail["relay_floor"] = {"seconds": seconds, "events_per_s": n / seconds}
+                runs["relay_floor"].append(n / seconds)
+                log(f"  relay floor    {n / seconds:>10,.0f} ev/s  (number + read alone, no Kafka)")
                 ceiling_dsn = envs.plain(dest)
                 methods = list(RAW_METHODS.items())
                 for what in ("apply", "ceiling") if ours_first else ("ceiling", "apply"):
@@ -652,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("relay", "apply"):
         print(f"{k:<10}{medians[k]:>12,.0f}{medians[k + '_ceiling']:>14,.0f}{ratios[k]:>8.2f}  "
               f">= {TARGET} {'PASS' if passed[k] else 'FAIL'}    ({', '.join(f'{r:.2f}' for r in round_ratios[k])})")
+    print(f"{'floor':<10}{medians['relay_floor']:>12,.0f}{medians['relay_ceiling']:>14,.0f}"
+          f"{medians['relay_floor'] / medians['relay_ceiling']:>8.2f}  (relay's database side alone: number + read)")
     print(f"{'floor':<10}{medians['apply_floor']:>12,.0f}{medians['apply_ceiling']:>14,.0f}"
           f"{medians['apply_floor'] / medians['apply_ceiling']:>8.2f}  (apply's writes alone: inbox+orders+row_meta)")
     if "e2e" in medians:
@@ -683,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             "apply": f"Applier.apply_remote on pre-decoded events, batches of {args.apply_batch}, fresh database",
             "apply_ceiling": f"fastest of RAW_METHODS: raw INSERT INTO orders ... ON CONFLICT (id) DO UPDATE,"
                              f" batches of {args.apply_batch}, one transaction each, fresh database, same server",
+            "relay_floor": "pg.claim_messages until all N are numbered and read, nothing produced: the relay's"
+                           " database side alone",
             "apply_floor": "pg.insert_inbox + pg.write_states with precomputed states: apply's writes alone",
             "e2e": "relay in its own process + InboxConsumer of the destination in this one, from go to the"
                    " last event applied and its offset committed",
@@ -695,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "per_round_ratios": round_ratios,
         "per_round_ratio_medians": {k: median(v) for k, v in round_ratios.items()},
+        "relay_database_floor_ratio": medians["relay_floor"] / medians["relay_ceiling"],
         "apply_write_floor_ratio": medians["apply_floor"] / medians["apply_ceiling"],
         "targets": {"relay": TARGET, "apply": TARGET},
         "passed": passed,
