@@ -32,13 +32,24 @@ _BY_CLASS: dict[str, tuple[type[StoreError], bool]] = {
 
 CLOCK_SKEW_SQLSTATE = "RC001"
 
+# What to do about an error, where the cause is usually ours rather than the server's
+_ADVICE: dict[str, str] = {
+    # the shared lock table: every key of an apply batch holds an advisory lock until commit
+    "53200": "each key of an apply batch holds a lock until its transaction ends: lower batch.apply,"
+             " or raise the server's max_locks_per_transaction",
+}
+
 
 def translate(exc: BaseException, **context: Any) -> ReconcilerError:
     if "dsn" in context and isinstance(context["dsn"], str):
         context["dsn"] = redact_dsn(context["dsn"])
     if isinstance(exc, psycopg.Error):
         sqlstate = exc.sqlstate or ""
-        detail = (exc.diag.message_primary if exc.diag else None) or str(exc).strip().splitlines()[0]
+        detail = (exc.diag.message_primary if exc.diag else None) or _first_line(exc)
+        hint = exc.diag.message_hint if exc.diag else None
+        for extra in (hint, _ADVICE.get(sqlstate)):
+            if extra:
+                detail = f"{detail} ({extra.rstrip('.')})"
         if sqlstate == CLOCK_SKEW_SQLSTATE:
             return ClockSkewError(detail, **context)
         if isinstance(exc, psycopg.OperationalError) and not sqlstate:

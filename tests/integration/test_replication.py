@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,12 @@ import psycopg
 import pytest
 
 from reconciler import outbox
+from reconciler.apply import Applier
 from reconciler.errors import ReconcilerError
 from reconciler.hlc import Timestamp
-from reconciler.model import Event
+from reconciler.model import Event, Operation
 from reconciler.relay import Relay
+from reconciler.store import postgres as pg
 from reconciler.transport import kafka
 
 from .pipeline import (
@@ -301,3 +305,27 @@ def test_one_relay_per_region_and_fencing(stack: Any, tmp_path: Path) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_an_apply_batch_too_big_for_the_lock_table_fails_whole_and_says_why(stack: Any, tmp_path: Path) -> None:
+    """Every key of a batch holds a lock until commit; a batch beyond the server's lock
+    table must fail as a whole, with the setting to change, and lose nothing."""
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    wall = int(time.time() * 1000) - 1000
+    events = [
+        Event(origin="us-east", event_id=str(uuid.uuid4()), table="orders", key=f"k{i}",
+              operation=Operation.INSERT, hlc=Timestamp(wall, i), sequence=i + 1,
+              payload={"key": {"id": f"k{i}"}, "values": {"customer": "c", "status": "new", "total_cents": i}})
+        for i in range(40_000)  # far beyond the 6,400 locks of a default server (64 x 100 connections)
+    ]
+    with pg.connect(config.region("eu-west").dsn, region="eu-west") as conn:
+        applier = Applier(conn, "eu-west", config.tables, config.hlc_max_offset_ms)
+        with pytest.raises(ReconcilerError) as caught:
+            applier.apply_remote(events)
+        assert caught.value.context.get("sqlstate") == "53200"
+        assert "batch.apply" in str(caught.value) and caught.value.retryable
+        assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.inbox") == 0
+        for start in range(0, 2000, 1000):  # the same events, in batches the table holds
+            report = applier.apply_remote(events[start:start + 1000])
+            assert len(report.applied) == 1000
+    assert scalar(config, "eu-west", "SELECT count(*) FROM public.orders") == 2000
