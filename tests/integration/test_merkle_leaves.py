@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from reconciler import merkle, outbox
+from reconciler.cli import main as cli_main
 from reconciler.cli_diff import diff as diff_command
 from reconciler.config import Config
 from reconciler.diff import diff_regions
@@ -338,10 +339,16 @@ def test_writes_the_triggers_missed_force_a_rebuild(two: Config) -> None:
     # trigger was off for a while); a rebuild counts the rows again
     assert diff_regions(two, "orders", A, B).equal
     assert keys_of(diff_regions(two, "orders", A, B, full_scan=True)) == {"o8": DifferenceKind.CHANGED}
-    with connect(two, B) as conn:
-        assert ml.install_leaves(conn, two.tables["orders"], rebuild=True).action == "built"
-        conn.commit()
+    result = CliRunner().invoke(cli_main, ["migrate", "--config", str(two.path), "--region", B,
+                                           "--rebuild-leaves", "--table", "orders", "--json"])
+    assert result.exit_code == 0, result.output
+    rebuilt = json.loads(result.output)["leaves_rebuilt"]
+    assert [(r["table"], r["action"], r["rows"]) for r in rebuilt[B]] == [("orders", "built", 50)]
+    assert A not in rebuilt
     assert keys_of(diff_regions(two, "orders", A, B)) == {"o8": DifferenceKind.CHANGED}
+    unknown = CliRunner().invoke(cli_main, ["migrate", "--config", str(two.path), "--rebuild-leaves",
+                                            "--table", "ordres"])
+    assert unknown.exit_code != 0 and "ordres" in unknown.output
 
     # a trigger that is off now is seen: the comparison scans, and migrate recounts
     with connect(two, B) as conn:
