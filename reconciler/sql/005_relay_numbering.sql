@@ -17,6 +17,9 @@
 -- committed late by a transaction that started early is numbered by the next
 -- batch, never skipped. outbox_numbered shows every outbox row with its relay
 -- sequence (NULL while pending), for people and ad hoc queries.
+--
+-- Upgrading copies one narrow row per existing outbox row, in the migration's
+-- transaction: writers to the outbox wait until it commits.
 
 CREATE TABLE reconciler.outbox_pending (
     position    bigint  PRIMARY KEY,
