@@ -44,9 +44,22 @@ DROP INDEX reconciler.outbox_unrelayed;
 DROP INDEX reconciler.outbox_origin_sequence;
 ALTER TABLE reconciler.outbox DROP COLUMN relay_sequence;
 
+-- Also refuses, with the writer's transaction, a row that names another region as
+-- its origin: the relay publishes only this region's events, so such a row would
+-- wait forever unnoticed (a service configured with the wrong region id).
 CREATE FUNCTION reconciler.outbox_queue() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    here text;
+    stranger text;
 BEGIN
+    SELECT region_id INTO here FROM reconciler.region;
+    SELECT origin INTO stranger FROM new_rows WHERE origin <> here LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'outbox row with origin % inserted in region %''s database', stranger, here
+            USING ERRCODE = 'RC002',
+                  HINT = 'an outbox holds only its own region''s events: set origin to reconciler.region.region_id';
+    END IF;
     INSERT INTO reconciler.outbox_pending (position, origin) SELECT position, origin FROM new_rows;
     RETURN NULL;
 END

@@ -9,7 +9,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from reconciler.errors import StoreError
 from reconciler.store import postgres as pg
+from reconciler.store.translate import translated
 
 from .pipeline import admin_dsn
 
@@ -68,3 +70,21 @@ def test_a_relaying_database_at_version_4_upgrades_with_its_numbers(
         conn.commit()
         claimed = pg.claim_messages(conn, "us-east", epoch, after=5, limit=10)
         assert [(seq, key) for seq, key, _ in claimed] == [(6, b"k5")]
+
+
+def test_an_outbox_row_of_another_region_is_refused_with_its_insert(fresh_dsn: str) -> None:
+    with pg.connect(fresh_dsn) as conn:
+        pg.migrate(conn, "us-east", 1000, [])
+        conn.commit()
+        insert = (
+            "INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, operation)"
+            " VALUES (%s, 'orders', 'k1', 'orders.insert', '{}', %s, 1000, 'insert')"
+        )
+        with pytest.raises(StoreError) as refused:
+            with translated(step="service write"), conn.transaction():
+                conn.execute(insert, (str(uuid.uuid4()), "eu-west"))
+        assert refused.value.context["sqlstate"] == "RC002"
+        assert "eu-west" in str(refused.value) and "region_id" in str(refused.value)
+        conn.execute(insert, (str(uuid.uuid4()), "us-east"))
+        conn.commit()
+        assert conn.execute("SELECT origin FROM reconciler.outbox_pending").fetchall() == [("us-east",)]
