@@ -444,6 +444,47 @@ def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None
         sys.exit(EXIT_FOUND)
 
 
+@main.command()
+@config_option
+@click.option("--region", required=True, help="The region whose inbox and outbox are pruned.")
+@click.option("--keep-hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Keep events younger than this (default: retention.keep_hours).")
+@click.option("--dry-run", is_flag=True, help="Count what would go and delete nothing.")
+@json_option
+@handle_errors
+def prune(config_path: str, region: str, keep_hours: float | None, dry_run: bool, as_json: bool) -> None:
+    """Delete relayed and applied events older than the retention window.
+
+    Per origin only a gap-free prefix of the inbox goes (the region remembers it was
+    applied, so a late duplicate is still recognised); from the outbox only events
+    already published. The sidecar does this every retention.interval_seconds.
+    """
+    from .prune import prune_region
+
+    result = prune_region(load(config_path), region, keep_hours=keep_hours, dry_run=dry_run)
+    doc = {"region": region, "enabled": result is not None, **(result.to_dict() if result else {})}
+    if as_json:
+        print_json(doc)
+        return
+    if result is None:
+        click.echo(f"region {region}: retention.keep_hours is null, events are kept forever (nothing pruned)")
+        return
+    verb = "would prune" if dry_run else "pruned"
+    click.echo(f"region {region}: {verb} events stamped before {result.cutoff} "
+               f"({_iso(result.cutoff.wall_ms)})")
+    click.echo(f"  outbox: {result.outbox_rows} relayed events"
+               + (f" (sequences up to {result.outbox_through})" if result.outbox_through else ""))
+    click.echo(f"  inbox:  {result.inbox_rows} applied events")
+    for origin, (before, after) in sorted(result.inbox_floors.items()):
+        click.echo(f"    from {origin}: everything up to sequence {after} applied (was {before})")
+
+
+def _iso(wall_ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
 def _print_recovery(doc: dict[str, Any]) -> None:
     title = "recover plan (dry run, nothing changed)" if doc["dry_run"] else "recover"
     click.echo(f"{title}: region {doc['region']}, state {doc['state']} (epoch {doc['epoch']})")

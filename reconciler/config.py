@@ -67,6 +67,22 @@ class HeartbeatConfig:
     failed_after_seconds: float = 15.0
 
 
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long this region keeps events it relayed (outbox) or applied (inbox).
+
+    Kept events are the safety net for a peer restored from a stale backup and for a
+    region whose Kafka retention ran out while it was down; pruning bounds the tables.
+    ``keep_hours`` must therefore outlast the oldest backup one would restore and the
+    longest outage one would replay; ``None`` keeps every event forever.
+    """
+
+    keep_hours: float | None = 168.0
+    interval_seconds: float = 300.0
+    #: events deleted per transaction: apply waits for each one, so keep it short
+    batch: int = 10000
+
+
 #: a relay step has fixed costs (two commits, a flush round trip): 5000 rows per step
 #: relayed 1.4x the events per second of 1000 (benchmarks/bench_pipeline.py); under
 #: a light load steps are small anyway, whatever the limit
@@ -87,6 +103,7 @@ class Config:
     apply_batch_size: int = DEFAULT_APPLY_BATCH
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def region(self, name: str) -> RegionConfig:
         try:
@@ -208,7 +225,7 @@ class _Parser:
             top,
             "",
             ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
-             "heartbeat"),
+             "heartbeat", "retention"),
         )
         regions_raw = self.mapping(top.get("regions"), "regions")
         if len(regions_raw) < 2:
@@ -238,6 +255,7 @@ class _Parser:
             apply_batch_size=self.positive_number(batch.get("apply", DEFAULT_APPLY_BATCH), "batch.apply", True) or 1,
             lifecycle=self.lifecycle(top.get("lifecycle")),
             heartbeat=self.heartbeat(top.get("heartbeat")),
+            retention=self.retention(top.get("retention")),
         )
 
     def region(self, name: Any, spec: Any) -> RegionConfig:
@@ -313,3 +331,19 @@ class _Parser:
         if not values["interval_seconds"] < values["suspect_after_seconds"] < values["failed_after_seconds"]:
             raise self.fail("heartbeat", "expected interval_seconds < suspect_after_seconds < failed_after_seconds")
         return HeartbeatConfig(**values)
+
+    def retention(self, raw: Any) -> RetentionConfig:
+        body = self.mapping(raw, "retention")
+        self.only_keys(body, "retention", ("keep_hours", "interval_seconds", "batch"))
+        defaults = RetentionConfig()
+        keep = body.get("keep_hours", defaults.keep_hours)
+        if keep is not None:
+            keep = float(self.positive_number(keep, "retention.keep_hours"))
+            if keep <= 0:
+                raise self.fail("retention.keep_hours", "must be above 0 (null keeps every event)")
+        interval = float(self.positive_number(
+            body.get("interval_seconds", defaults.interval_seconds), "retention.interval_seconds"))
+        batch = self.positive_number(body.get("batch", defaults.batch), "retention.batch", True)
+        if interval <= 0 or batch <= 0:
+            raise self.fail("retention", "interval_seconds and batch must be above 0")
+        return RetentionConfig(keep_hours=keep, interval_seconds=interval, batch=batch)

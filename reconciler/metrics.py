@@ -66,7 +66,12 @@ QUARANTINE_REASONS: Final[tuple[str, ...]] = (
 REPLAY_SOURCES: Final[tuple[str, ...]] = ("kafka", "peer_outbox", "peer_inbox")
 
 #: The sidecar's loops, as named on ``reconciler_loop_*`` metrics.
-COMPONENTS: Final[tuple[str, ...]] = ("relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle", "stats")
+COMPONENTS: Final[tuple[str, ...]] = (
+    "relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle", "stats", "retention",
+)
+
+#: Where pruned events were kept (retention).
+PRUNED_STORES: Final[tuple[str, ...]] = ("inbox", "outbox")
 
 CONFLICT_KINDS: Final[tuple[str, ...]] = tuple(k.value for k in ConflictKind)
 CONFLICT_OUTCOMES: Final[tuple[str, ...]] = tuple(o.value for o in Outcome)
@@ -143,6 +148,8 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Age of the oldest unresolved parked conflict; 0 when the queue is empty."),
     MetricSpec("reconciler_merkle_divergent_buckets", "gauge", ("table", "peer"),
                "Merkle buckets whose hash differs from the peer's at the last comparison."),
+    MetricSpec("reconciler_events_pruned_total", "counter", ("store",),
+               "Events older than retention.keep_hours deleted from this region's inbox or outbox."),
     MetricSpec("reconciler_loop_errors_total", "counter", ("component",),
                "Errors raised by one of the sidecar's loops (each is retried or fails the loop)."),
     MetricSpec("reconciler_loop_last_success_timestamp_seconds", "gauge", ("component",),
@@ -219,6 +226,7 @@ class Metrics:
     manual_queue_depth: Gauge
     manual_queue_oldest_age_seconds: Gauge
     merkle_divergent_buckets: Gauge
+    events_pruned: Counter
     loop_errors: Counter
     loop_last_success_timestamp_seconds: Gauge
 
@@ -276,6 +284,8 @@ class Metrics:
             self.region_state.labels(state=state).set(0)
         for component in COMPONENTS:
             self.loop_errors.labels(component=component)
+        for store in PRUNED_STORES:
+            self.events_pruned.labels(store=store)
         for peer in peers:
             for state in REGION_STATES:
                 self.peer_state.labels(peer=peer, state=state).set(0)

@@ -35,6 +35,7 @@ from .logs import component_logger
 from .metrics import Metrics
 from .model import Event, RowState
 from .store import postgres as pg
+from .store import retention
 from .store.translate import translated
 from .transport import kafka
 
@@ -48,8 +49,17 @@ class RegionFacts:
     error: str | None = None
     last_sequence: int = 0
     published_through: int = 0
+    #: applied sequences per origin, pruned ones included
     inbox: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: per origin, applied up to here with the rows pruned: applied, but not servable
+    inbox_floors: dict[str, int] = field(default_factory=dict)
     outbox: list[tuple[int, int]] = field(default_factory=list)
+
+    def inbox_held(self, origin: str) -> SeqRanges:
+        """Sequences of ``origin`` whose payload this region still has."""
+        applied = SeqRanges(self.inbox.get(origin, []))
+        floor = self.inbox_floors.get(origin, 0)
+        return applied - SeqRanges.span(1, floor) if floor else applied
 
 
 @dataclass
@@ -99,9 +109,12 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
         try:
             with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
                 last, published = pg.relay_position(conn, region)
+                inbox = pg.inbox_ranges(conn)
                 facts[region] = RegionFacts(
                     region=region, reachable=True, last_sequence=last, published_through=published,
-                    inbox=pg.inbox_ranges(conn), outbox=pg.outbox_ranges(conn, region),
+                    # floors read after the ranges: a floor raised in between only makes
+                    # this region claim fewer payloads than it has, never more
+                    inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
                 )
         except ReconcilerError as exc:
             facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
@@ -128,7 +141,7 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         held[(dest, dest)] = SeqRanges(f.outbox)
         for origin, ranges in f.inbox.items():
             applied[(origin, dest)] = SeqRanges(ranges)
-            held[(dest, origin)] = SeqRanges(ranges)
+            held[(dest, origin)] = f.inbox_held(origin)
     kafka_ranges = {o: SeqRanges.span(*r) for o, r in retained.items() if r}
     plans = [
         p for p in plan_gaps(origin_high, applied, kafka_ranges, held)
@@ -581,15 +594,23 @@ def _divergent(config: Config, table: str, keys: set[str], a: str, b: str) -> se
     """
     if not keys:
         return set()
-    views = [_key_view(config, table, sorted(keys), r) for r in (a, b)]
-    return {k for k in keys
-            if views[0][0].get(k, ()) == views[1][0].get(k, ()) and views[0][1].get(k) != views[1][1].get(k)}
+    (events_a, rows_a, horizon_a), (events_b, rows_b, horizon_b) = (
+        _key_view(config, table, sorted(keys), r) for r in (a, b))
+    # events below either region's retention horizon may be pruned on one side only:
+    # compare what both still keep
+    horizon = max(horizon_a, horizon_b)
+
+    def kept(events: dict[str, tuple[tuple[int, str], ...]], key: str) -> tuple[str, ...]:
+        return tuple(sorted(e for hlc, e in events.get(key, ()) if hlc >= horizon))
+
+    return {k for k in keys if kept(events_a, k) == kept(events_b, k) and rows_a.get(k) != rows_b.get(k)}
 
 
 def _key_view(
     config: Config, table: str, keys: list[str], region: str,
-) -> tuple[dict[str, tuple[str, ...]], dict[str, Any]]:
-    """({key: ids of the events applied to it}, {key: its business row}) in one snapshot."""
+) -> tuple[dict[str, tuple[tuple[int, str], ...]], dict[str, Any], int]:
+    """({key: (hlc, id) of the events applied to it}, {key: its business row}, the
+    region's retention horizon), in one snapshot."""
     from psycopg import IsolationLevel, sql
 
     spec = config.tables[table]
@@ -598,22 +619,23 @@ def _key_view(
     with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="verify keys"):
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         with conn.transaction():
-            events: dict[str, tuple[str, ...]] = {
-                k: tuple(ids) for k, ids in conn.execute(
-                    "SELECT k, array_agg(e ORDER BY e) FROM ("
-                    " SELECT row_key AS k, event_id::text AS e FROM reconciler.inbox"
-                    "  WHERE table_name = %s AND row_key = ANY(%s)"
-                    " UNION ALL SELECT aggregateid, id::text FROM reconciler.outbox"
-                    "  WHERE aggregatetype = %s AND aggregateid = ANY(%s)) x GROUP BY k",
-                    (table, keys, table, keys)).fetchall()
-            }
+            events: dict[str, tuple[tuple[int, str], ...]] = {}
+            for k, hlc, e in conn.execute(
+                "SELECT row_key, hlc, event_id::text FROM reconciler.inbox"
+                " WHERE table_name = %s AND row_key = ANY(%s)"
+                " UNION ALL SELECT aggregateid, hlc, id::text FROM reconciler.outbox"
+                " WHERE aggregatetype = %s AND aggregateid = ANY(%s)",
+                (table, keys, table, keys)).fetchall():
+                events[k] = (*events.get(k, ()), (int(hlc), e))
+            row = conn.execute("SELECT horizon_hlc FROM reconciler.retention_state").fetchone()
+            horizon = int(row[0]) if row else 0
             rows: dict[str, Any] = {}
             for key in keys:
                 values = [key] if len(spec.key) == 1 else [str(v) for v in json.loads(key)]
                 row = conn.execute(sql.SQL("SELECT to_jsonb(t) FROM {t} t WHERE ").format(t=ident) + match,
                                    values).fetchone()
                 rows[key] = row[0] if row else None
-    return events, rows
+    return events, rows, horizon
 
 
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> None:

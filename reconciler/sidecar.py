@@ -11,7 +11,9 @@ Loops (``reconciler_loop_*{component=...}`` names them):
 - ``replay``     runs catch-up (:func:`reconciler.recovery.recover`) while the region is
   CATCHING_UP, with backoff; a FENCED region waits for an operator;
 - ``heartbeat``  tells peers this region is alive and judges theirs (:mod:`reconciler.peers`);
-- ``stats``      measures backlog, lag, gaps, queues from the databases every few seconds.
+- ``stats``      measures backlog, lag, gaps, queues from the databases every few seconds;
+- ``retention``  prunes relayed and applied events older than ``retention.keep_hours``
+  (:mod:`reconciler.prune`).
 
 Stopping. SIGTERM/SIGINT drain: ``/readyz`` turns 503 at once, the inbox finishes and
 commits its batch, the relay keeps publishing until every outbox row committed so far
@@ -44,6 +46,7 @@ from .lifecycle import RegionStatus, State, needs_catch_up
 from .logs import ComponentLogger, component_logger
 from .metrics import REGION_STATES, Metrics, serve
 from .peers import Heartbeat, PeerTracker, PeerView
+from .prune import prune_region
 from .relay import Relay
 from .store import health, merkle_leaves
 from .store import postgres as pg
@@ -198,6 +201,7 @@ class Sidecar:
                 "heartbeat": self._heartbeat_loop,
                 "stats": self._stats_loop,
                 "replay": self._recovery_loop,
+                "retention": self._retention_loop,
             }
             self._threads = {name: self._loop(name, body) for name, body in bodies.items()}
             while not self.stop.wait(0.5):
@@ -585,6 +589,26 @@ class Sidecar:
             last[peer] = view.liveness
 
     # ------------------------------------------------------------------ measurements
+
+    def _retention_loop(self, stop: threading.Event) -> None:
+        """Prune events older than retention.keep_hours every retention.interval_seconds.
+
+        The first pass waits one interval, so a sidecar restarting in a loop does not
+        prune in a loop; a pass stops between batches when the sidecar drains.
+        """
+        if self.config.retention.keep_hours is None:
+            return
+        log = component_logger("retention", self.region)
+        self._loggers.append(log)
+        while not stop.wait(self.config.retention.interval_seconds):
+            try:
+                result = prune_region(self.config, self.region, metrics=self.metrics, stop=stop.is_set)
+                self.metrics.loop_succeeded("retention")
+                if result is not None and (result.inbox_rows or result.outbox_rows):
+                    log.info("pruned old events", extra={"fields": result.to_dict()})
+            except ReconcilerError as exc:
+                self.metrics.loop_failed("retention")
+                log.warning("pruning failed; retrying next interval", extra={"fields": exc.to_dict()})
 
     def _stats_loop(self, stop: threading.Event) -> None:
         log = component_logger("stats", self.region)

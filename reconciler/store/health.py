@@ -92,12 +92,15 @@ def outbox_backlog(conn: Connection, origin: str) -> OutboxBacklog:
 
 
 def inbox_progress(conn: Connection) -> dict[str, InboxProgress]:
-    """Per origin: how many events were applied, the highest sequence, the last apply time."""
+    """Per origin: how many events were applied, the highest sequence, the last apply time
+    (pruned events included: everything up to an origin's floor was applied)."""
     with translated(step="measure inbox progress"):
         rows = conn.execute(
-            "SELECT origin, count(*), max(sequence), max(applied_at),"
-            " extract(epoch FROM clock_timestamp() - max(applied_at))"
-            " FROM reconciler.inbox GROUP BY origin"
+            "SELECT origin, sum(n), max(high), max(last), extract(epoch FROM clock_timestamp() - max(last)) FROM ("
+            "  SELECT origin, count(*) AS n, max(sequence) AS high, max(applied_at) AS last"
+            "  FROM reconciler.inbox GROUP BY origin"
+            "  UNION ALL SELECT origin, through, through, last_applied_at FROM reconciler.inbox_floor) p"
+            " GROUP BY origin"
         ).fetchall()
         conn.commit()
     return {

@@ -30,6 +30,9 @@ from .translate import translated
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 _LEASE_LOCK_CLASS = 7165108712  # advisory lock namespace for relay/replay leases
+#: advisory lock: shared around every inbox insert, exclusive while pruning moves an
+#: origin's floor (see reconciler.store.retention)
+INBOX_FLOOR_LOCK = 7165108714
 
 
 def connect(dsn: str, *, autocommit: bool = False, region: str | None = None, timeout: int = 5) -> Connection:
@@ -261,12 +264,17 @@ def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, in
         }
         for e in events
     ]
+    # Taken before the insert's snapshot: a floor raised by pruning is visible to the
+    # insert, so an event whose inbox row was just pruned is still a duplicate.
+    conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (INBOX_FLOOR_LOCK,))
     new = conn.execute(
         "INSERT INTO reconciler.inbox (origin, sequence, event_id, hlc, prior_hlc, table_name, row_key,"
         " operation, type, payload)"
         " SELECT x.origin, x.sequence, x.event_id, x.hlc, x.prior_hlc, x.table_name, x.row_key, x.operation,"
         " x.type, x.payload FROM jsonb_to_recordset(%s::jsonb) AS x(origin text, sequence bigint, event_id uuid,"
         " hlc bigint, prior_hlc bigint, table_name text, row_key text, operation text, type text, payload jsonb)"
+        " LEFT JOIN reconciler.inbox_floor f ON f.origin = x.origin"
+        " WHERE x.sequence > coalesce(f.through, 0)"
         " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence",
         (json_text(rows),),
     ).fetchall()
@@ -596,17 +604,23 @@ def mark_alive(conn: Connection, clean_stop: bool = False) -> None:
 
 def inbox_ranges(conn: Connection) -> dict[str, list[tuple[int, int]]]:
     """Applied sequences per origin as islands (gaps-and-islands in SQL, so a region
-    that applied millions of events ships a few ranges)."""
+    that applied millions of events ships a few ranges), pruned ones included: an
+    origin's floor (migration 006) is the run 1..floor."""
     with translated(step="inbox ranges"):
         rows = conn.execute(
-            "SELECT origin, min(sequence), max(sequence) FROM ("
+            "SELECT origin, 1, through FROM reconciler.inbox_floor UNION ALL"
+            " SELECT origin, min(sequence), max(sequence) FROM ("
             "  SELECT origin, sequence, sequence - row_number() OVER (PARTITION BY origin ORDER BY sequence) AS g"
-            "  FROM reconciler.inbox) s GROUP BY origin, g ORDER BY origin, 2"
+            "  FROM reconciler.inbox) s GROUP BY origin, g ORDER BY 1, 2"
         ).fetchall()
         conn.commit()
     out: dict[str, list[tuple[int, int]]] = {}
     for origin, lo, hi in rows:
-        out.setdefault(origin, []).append((int(lo), int(hi)))
+        ranges = out.setdefault(origin, [])
+        if ranges and ranges[-1][1] + 1 >= lo:  # the floor and the island just above it are one run
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], int(hi)))
+        else:
+            ranges.append((int(lo), int(hi)))
     return out
 
 

@@ -54,6 +54,10 @@ def test_example_config_documents_every_key_and_loads() -> None:
         ({"hlc": {"max_offset_ms": -5}}, "hlc.max_offset_ms"),
         ({"hlc": {"max_ofset_ms": 5}}, "hlc.max_ofset_ms"),
         ({"heartbeat": {"suspect_after_seconds": 50}}, "heartbeat"),
+        ({"retention": {"keep_hours": 0}}, "retention.keep_hours"),
+        ({"retention": {"keep_hours": "7d"}}, "retention.keep_hours"),
+        ({"retention": {"batch": 0}}, "retention"),
+        ({"retention": {"keep_days": 7}}, "retention.keep_days"),
         ({"kafka": {}}, "kafka.bootstrap.servers"),
     ],
 )
@@ -63,6 +67,13 @@ def test_errors_name_the_key_and_the_file(tmp_path: Path, patch: dict[str, objec
         load_config(path)
     assert caught.value.context["key"] == key
     assert str(path) in str(caught.value)
+
+
+def test_retention_defaults_to_a_week_and_null_keeps_everything(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, BASE)).retention
+    assert (default.keep_hours, default.interval_seconds, default.batch) == (168.0, 300.0, 10000)
+    forever = load_config(write(tmp_path, {**BASE, "retention": {"keep_hours": None, "batch": 50}})).retention
+    assert forever.keep_hours is None and forever.batch == 50
 
 
 def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:

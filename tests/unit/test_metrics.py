@@ -29,7 +29,7 @@ from reconciler.metrics import (
 
 ALLOWED_LABELS = {
     "region", "origin", "destination", "table", "kind", "outcome", "state", "component",
-    "reason", "peer", "from_state", "to_state", "version", "source",
+    "reason", "peer", "from_state", "to_state", "version", "source", "store",
 }
 # Labels that prometheus_client adds on its own to histogram samples.
 GENERATED_LABELS = {"le"}
@@ -76,6 +76,7 @@ def busy_metrics() -> Metrics:
     m.manual_queue_depth.labels(table="orders").set(1)
     m.manual_queue_oldest_age_seconds.set(60)
     m.merkle_divergent_buckets.labels(table="orders", peer="eu-west").set(0)
+    m.events_pruned.labels(store="inbox").inc(3)
     m.loop_succeeded("relay", now=1_700_000_000.0)
     m.loop_failed("inbox")
     return m

@@ -24,6 +24,7 @@ from reconciler import recovery
 from reconciler.config import Config, load_config
 from reconciler.gaps import SeqRanges, Source, plan_gaps
 from reconciler.store import postgres as pg
+from reconciler.store import retention
 
 REGIONS = ("ap-south", "eu-west", "us-east")
 
@@ -121,6 +122,9 @@ class _World:
     def outbox_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
         return [(1, self.regions[origin].last_sequence)]
 
+    def inbox_floors(self, conn: str) -> dict[str, int]:
+        return {}
+
     def retained(self, _config: Config) -> dict[str, tuple[int, int] | None]:
         return {o: (1, self.published[o]) for o in REGIONS}
 
@@ -139,6 +143,7 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(pg, "relay_position", sim.relay_position)
     monkeypatch.setattr(pg, "inbox_ranges", sim.inbox_ranges)
     monkeypatch.setattr(pg, "outbox_ranges", sim.outbox_ranges)
+    monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
     monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
     monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
     return sim, load_config(path)
@@ -178,3 +183,21 @@ def test_analysis_still_reports_a_hole_nobody_holds(
     lost = {(p.gap.origin, p.gap.destination): p.lost for p in report.plans if p.lost}
     assert lost == {("us-east", "eu-west"): SeqRanges.span(200, 201)}
     assert report.lost_events == 2
+
+
+def test_a_pruned_prefix_counts_as_applied_but_is_served_by_nobody() -> None:
+    """After pruning, a region's floor says "applied" for gap analysis, but its rows are
+    gone: routing a peer's missing events to it would replay nothing."""
+    facts = recovery.RegionFacts("eu-west", True, inbox={"us-east": [(1, 700), (705, 900)]},
+                                 inbox_floors={"us-east": 600})
+    assert facts.inbox_held("us-east") == SeqRanges([(601, 700), (705, 900)])
+    assert facts.inbox_held("ap-south") == SeqRanges()
+    applied = {("us-east", "eu-west"): SeqRanges(facts.inbox["us-east"]),
+               ("us-east", "ap-south"): SeqRanges([(1, 100)])}
+    held = {("eu-west", "us-east"): facts.inbox_held("us-east")}
+    plans = {(p.gap.origin, p.gap.destination): p for p in plan_gaps({}, applied, {}, held)}
+    # eu-west's own hole stays a hole; ap-south's missing 101..600 are nowhere, 601..700 from eu-west
+    assert plans[("us-east", "eu-west")].gap.ranges == SeqRanges([(701, 704)])
+    ap = plans[("us-east", "ap-south")]
+    assert ap.lost == SeqRanges([(101, 600), (701, 704)])
+    assert ap.ranges_from(Source.PEER_INBOX) == SeqRanges([(601, 700), (705, 900)])
