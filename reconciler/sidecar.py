@@ -597,6 +597,7 @@ class Sidecar:
         prune in a loop; a pass stops between batches when the sidecar drains.
         """
         if self.config.retention.keep_hours is None:
+            stop.wait()  # alive all the same: /healthz wants every loop running
             return
         log = component_logger("retention", self.region)
         self._loggers.append(log)

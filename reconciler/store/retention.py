@@ -8,7 +8,8 @@ duplicate (:func:`reconciler.store.postgres.insert_inbox`) and gap analysis coun
 those sequences as applied. A hole stops the floor; what lies above it stays.
 
 Outbox: this region's own rows that are relayed (at or below ``published_through``)
-and older than the cutoff go, with their sequence rows. The relay's counter lives
+and older than the cutoff go, with their sequence rows, oldest first up to the
+first younger one. The relay's counter lives
 in ``relay_state`` and is untouched, so numbering carries on and gap analysis never
 mistakes a pruned prefix for a stale backup.
 
@@ -62,14 +63,6 @@ def inbox_floors(conn: Connection) -> dict[str, int]:
     return {str(origin): int(through) for origin, through in rows}
 
 
-def horizon(conn: Connection) -> int:
-    """Packed HLC below which this region may have pruned events (0: it never pruned)."""
-    with translated(step="read retention horizon"):
-        row = conn.execute("SELECT horizon_hlc FROM reconciler.retention_state").fetchone()
-        conn.commit()
-    return int(row[0]) if row else 0
-
-
 # The end of the gap-free run of old rows just above the floor, among the next
 # `limit` rows: a running AND over "the n-th row is floor + n and older than the
 # cutoff" stays true exactly up to the first hole or young row.
@@ -112,12 +105,19 @@ def _prune_inbox_batch(conn: Connection, origin: str, cutoff: int, limit: int, d
     return floor, through, count
 
 
+# The oldest relayed rows up to the first one that is not old enough. Sequence
+# order is nearly stamp order, so stopping there bounds a pass to `limit` rows
+# instead of scanning every kept row for a rare old straggler (it goes once the
+# rows before it have aged). A sequence row whose outbox row is gone goes too.
 _OUTBOX_DOOMED = (
-    "doomed AS (SELECT s.relay_sequence, s.position FROM reconciler.outbox_sequence s"
-    "  JOIN reconciler.relay_state r ON r.origin = s.origin"
-    "  JOIN reconciler.outbox o ON o.position = s.position"
-    "  WHERE s.origin = %(region)s AND s.relay_sequence <= r.published_through AND o.hlc < %(cutoff)s"
-    "  ORDER BY s.relay_sequence LIMIT %(limit)s)"
+    "doomed AS (SELECT relay_sequence, position FROM ("
+    "  SELECT s.relay_sequence, s.position,"
+    "   bool_and(coalesce(o.hlc < %(cutoff)s, true)) OVER (ORDER BY s.relay_sequence) AS old"
+    "  FROM (SELECT relay_sequence, position FROM reconciler.outbox_sequence"
+    "   WHERE origin = %(region)s AND relay_sequence <= ("
+    "    SELECT published_through FROM reconciler.relay_state WHERE origin = %(region)s)"
+    "   ORDER BY relay_sequence LIMIT %(limit)s) s"
+    "  LEFT JOIN reconciler.outbox o ON o.position = s.position) w WHERE old)"
 )
 
 
