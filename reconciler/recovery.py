@@ -96,7 +96,7 @@ class GapReport:
             "lost_events": self.lost_events,
             "regions": {
                 r: {"reachable": f.reachable, "error": f.error, "last_sequence": f.last_sequence,
-                    "published_through": f.published_through}
+                    "published_through": f.published_through, "inbox_floors": dict(sorted(f.inbox_floors.items()))}
                 for r, f in self.facts.items()
             },
             "kafka_retained": {o: list(r) if r else None for o, r in self.retained.items()},

@@ -91,6 +91,7 @@ def test_pruned_inbox_prefix_stays_applied_and_a_hole_stops_it(stack: Any, tmp_p
     report = recovery.analyze_gaps(config, dest)
     gap = next(p for p in report.plans if p.gap.origin == origin)
     assert gap.gap.ranges.to_list() == [[8, 8]] and report.lost_events == 0
+    assert report.to_dict()["regions"][dest]["inbox_floors"] == {origin: 7}
 
     assert [e.sequence for e in _apply(config, dest, [hole]).applied] == [8]
     assert _prune(config, dest, FAR_FUTURE, batch=1000).inbox_floors == {origin: (7, 20)}
