@@ -168,17 +168,18 @@ class Applier:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.region}")
         return self._executor
 
-    def _lock_and_load(self, events: Sequence[Event]) -> dict[str, dict[str, RowState]]:
+    def _lock_and_load(self, events: Sequence[Event]) -> dict[str, list[pg.StateRow]]:
         """Lock every key of ``events`` (one sorted order, so batches never deadlock) and
-        load the current states of their rows, per table."""
+        load the current states of their rows, per table, still encoded (decoded by
+        _decide, on the worker thread when there is one)."""
         keys: dict[str, set[str]] = defaultdict(set)
         for event in events:
             keys[event.table].add(event.key)
         pg.lock_keys(self.conn, ((e.table, e.key) for e in events))
-        return {table: pg.load_states(self.conn, table, sorted(table_keys))
+        return {table: pg.load_state_rows(self.conn, table, sorted(table_keys))
                 for table, table_keys in sorted(keys.items())}
 
-    def _decide(self, events: Sequence[Event], loaded: Mapping[str, Mapping[str, RowState]]) -> _Decision:
+    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[pg.StateRow]]) -> _Decision:
         """The policies' decisions for ``events`` over the ``loaded`` states (not
         modified), and the encoded writes. Pure: no I/O, safe on the worker thread."""
         by_table: dict[str, list[Event]] = defaultdict(list)
@@ -187,7 +188,7 @@ class Applier:
         decision = _Decision()
         for table, table_events in sorted(by_table.items()):
             policy = self._policies[table]
-            states = dict(loaded.get(table, {}))
+            states = pg.states_from_rows(loaded.get(table, ()))
             changed: dict[str, RowState] = {}
             for event in sorted(table_events, key=lambda e: (e.hlc, e.origin)):
                 try:

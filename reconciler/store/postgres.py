@@ -232,13 +232,28 @@ def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
 
 
 def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:
-    rows = conn.execute(
-        "SELECT row_key, hlc, origin, deleted, meta, row_values FROM reconciler.row_meta"
+    return states_from_rows(load_state_rows(conn, table, keys))
+
+
+#: a row_meta row as load_state_rows returns it, JSON still text
+StateRow = tuple[str, int, str, bool, str, str]
+
+
+def load_state_rows(conn: Connection, table: str, keys: Sequence[str]) -> list[StateRow]:
+    """The I/O half of load_states: row_meta rows with their JSON as text, so the
+    decoding (states_from_rows, pure) can run where the caller has time for it."""
+    return conn.execute(
+        "SELECT row_key, hlc, origin, deleted, meta::text, row_values::text FROM reconciler.row_meta"
         " WHERE table_name = %s AND row_key = ANY(%s)",
         (table, list(keys)),
     ).fetchall()
+
+
+def states_from_rows(rows: Iterable[StateRow]) -> dict[str, RowState]:
+    loads = json.loads  # what psycopg's jsonb loader would have called on the same text
     return {
-        key: RowState(values=values, hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted, meta=meta)
+        key: RowState(values=loads(values), hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted,
+                      meta=loads(meta))
         for key, hlc, origin, deleted, meta, values in rows
     }
 
