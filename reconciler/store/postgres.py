@@ -485,18 +485,6 @@ _WIRE_SQL = (
 )
 
 
-# For the rest of a claim's transaction, read in index order. Every statement of a
-# claim wants the oldest rows of one origin in key order (outbox_pending by position,
-# outbox_sequence by (origin, relay_sequence)), a prefix of an index; without fresh
-# statistics (a queue that filled faster than autovacuum analyses it) the planner
-# guessed the origin filter kept 0.5% of the rows and chose a full scan and a sort of
-# the whole queue for every batch instead (measured: 10-20 ms of each 5,000-row
-# numbering). SET LOCAL: undone when the transaction ends, whatever else it does.
-_INDEX_ORDER_SQL = (
-    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
-)
-
-
 def claim_messages(
     conn: Connection, origin: str, epoch: int, after: int, limit: int, number: bool = True
 ) -> list[tuple[int, bytes, bytes]]:
@@ -508,10 +496,7 @@ def claim_messages(
     are numbered (see ``_NUMBER_SQL``) and returned, in the same transaction.
     Fenced by the epoch like every relay write.
     """
-    owns_transaction = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with translated(region=origin, step="claim messages"), conn.transaction():
-        if owns_transaction:  # never change the plans of a caller's enclosing transaction
-            conn.execute(_INDEX_ORDER_SQL)
         last, published = _check_epoch(conn, origin, epoch)
         after = max(after, published)
         rows: list[tuple[int, str, str]] = []
