@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,7 @@ class Applier:
         self._policies: dict[str, ConflictPolicy] = {
             name: policy_for(t.policy, t.fields) for name, t in self.tables.items()
         }
+        self._executor: ThreadPoolExecutor | None = None
 
     def writer(self, table: str) -> pg.TableWriter:
         if table not in self._writers:
@@ -109,12 +111,29 @@ class Applier:
             else:
                 candidates.append(event)
         with translated(region=self.region, step="apply batch"), self.conn.transaction():
-            new = pg.insert_inbox(self.conn, candidates)
+            # Keys locked and states loaded first (for every candidate), then the inbox
+            # insert runs on the server while the policies decide on a worker thread
+            # (pure Python over the loaded states; psycopg releases the GIL while it
+            # waits). The decision assumed every candidate new; when the inbox says some
+            # were already applied, it is taken again for the new ones only, from the
+            # same states (still locked, so still current).
+            loaded = self._lock_and_load(candidates)
+            speculative = self._pool().submit(self._decide, candidates, loaded) if candidates else None
+            try:
+                new = pg.insert_inbox(self.conn, candidates)
+            except BaseException:
+                if speculative is not None:
+                    wait((speculative,))  # never leave it running past the transaction
+                raise
+            decision = speculative.result() if speculative is not None else None
             fresh = [e for e in candidates if (e.origin, e.sequence) in new]
             for event in candidates:
                 if (event.origin, event.sequence) not in new:
                     report.duplicates[event.origin] += 1
-            applied, bad, conflicts = self.apply_rows(fresh)
+            if decision is None or len(fresh) != len(candidates):
+                decision = self._decide(fresh, loaded)
+            self._write(decision)
+            applied, bad, conflicts = decision.applied, decision.bad, decision.conflicts
             if bad:
                 # an event its policy refused must stay a gap (replayable once fixed), not count as applied
                 self.conn.execute(
@@ -140,33 +159,66 @@ class Applier:
         policies converge in any order; this order just makes the audit trail read
         naturally).
         """
+        decision = self._decide(events, self._lock_and_load(events))
+        self._write(decision)
+        return decision.applied, decision.bad, decision.conflicts
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.region}")
+        return self._executor
+
+    def _lock_and_load(self, events: Sequence[Event]) -> dict[str, list[pg.StateRow]]:
+        """Lock every key of ``events`` (one sorted order, so batches never deadlock) and
+        load the current states of their rows, per table, still encoded (decoded by
+        _decide, on the worker thread when there is one)."""
+        keys: dict[str, set[str]] = defaultdict(set)
+        for event in events:
+            keys[event.table].add(event.key)
+        pg.lock_keys(self.conn, ((e.table, e.key) for e in events))
+        return {table: pg.load_state_rows(self.conn, table, sorted(table_keys))
+                for table, table_keys in sorted(keys.items())}
+
+    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[pg.StateRow]]) -> _Decision:
+        """The policies' decisions for ``events`` over the ``loaded`` states (not
+        modified), and the encoded writes. Pure: no I/O, safe on the worker thread."""
         by_table: dict[str, list[Event]] = defaultdict(list)
         for event in events:
             by_table[event.table].append(event)
-        pg.lock_keys(self.conn, ((e.table, e.key) for e in events))
-        applied: list[Event] = []
-        bad: list[tuple[Event, EventError]] = []
-        conflicts: list[ConflictRecord] = []
+        decision = _Decision()
         for table, table_events in sorted(by_table.items()):
             policy = self._policies[table]
-            states = pg.load_states(self.conn, table, sorted({e.key for e in table_events}))
+            states = pg.states_from_rows(loaded.get(table, ()))
             changed: dict[str, RowState] = {}
             for event in sorted(table_events, key=lambda e: (e.hlc, e.origin)):
                 try:
                     outcome = policy.apply(states.get(event.key), event)
                 except EventError as err:
-                    bad.append((event, err))
+                    decision.bad.append((event, err))
                     continue
-                applied.append(event)
+                decision.applied.append(event)
                 if outcome.conflict is not None:
-                    conflicts.append(outcome.conflict)
+                    decision.conflicts.append(outcome.conflict)
                 if outcome.state is not None:
                     states[event.key] = outcome.state
                     changed[event.key] = outcome.state
+            decision.writes.append((table, changed))
+        return decision
+
+    def _write(self, decision: _Decision) -> None:
+        for table, changed in decision.writes:
             pg.write_states(self.conn, self.writer(table), changed)
-        pg.record_conflicts(self.conn, conflicts)
-        pg.record_resolutions(self.conn, applied)
-        return applied, bad, conflicts
+        pg.record_conflicts(self.conn, decision.conflicts)
+        pg.record_resolutions(self.conn, decision.applied)
+
+
+@dataclass
+class _Decision:
+    applied: list[Event] = field(default_factory=list)
+    bad: list[tuple[Event, EventError]] = field(default_factory=list)
+    conflicts: list[ConflictRecord] = field(default_factory=list)
+    #: (table, the states to write), in table order
+    writes: list[tuple[str, dict[str, RowState]]] = field(default_factory=list)
 
 
 def _rejection(event: Event, reason: str, detail: str) -> dict[str, Any]:

@@ -152,7 +152,37 @@ def _element(event: Event, column: str, value: object) -> object:
     raise _bad(event, "set elements must be strings or finite numbers", column=column, element=repr(value))
 
 
+#: members of the commonest payload (a whole-row INSERT/UPDATE), parsed by the fast path
+_PLAIN_MEMBERS: Final = frozenset(("key", "values"))
+_PLAIN_OPERATIONS: Final = (Operation.INSERT, Operation.UPDATE)
+
+
 def _parse(event: Event) -> _Payload:
+    """Check a payload once; the same checks, errors and result for every input.
+
+    The commonest payload -- an INSERT or UPDATE made of plain dicts with only
+    ``key`` and ``values`` -- is recognised with exact-type tests first and built
+    directly; anything else (or anything the fast tests cannot vouch for) takes the
+    full path below, so a bad payload gets exactly the error it always got.
+    """
+    payload = event.payload
+    if (
+        type(payload) is dict
+        and event.operation in _PLAIN_OPERATIONS
+        and payload.keys() <= _PLAIN_MEMBERS
+        and (event.prior is None or event.prior < event.hlc)
+    ):
+        key = payload.get("key")
+        values = payload.get("values")
+        if (
+            type(key) is dict and key and all(type(c) is str for c in key)
+            and (values is None or (type(values) is dict and all(type(c) is str for c in values)))
+        ):
+            return _Payload(dict(key), dict(values) if values is not None else {}, {}, {}, {})
+    return _parse_checked(event)
+
+
+def _parse_checked(event: Event) -> _Payload:
     payload = event.payload
     if not isinstance(payload, Mapping):
         raise _bad(event, "payload must be a JSON object")

@@ -42,8 +42,12 @@ def connect(dsn: str, *, autocommit: bool = False, region: str | None = None, ti
     return conn
 
 
+#: one encoder for every document sent to the server (compact; str() for uuids, dates, decimals)
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+    return _encode(value)
 
 
 def key_lock_id(table: str, key: str) -> int:
@@ -146,6 +150,9 @@ class TableWriter:
     columns: tuple[str, ...]
     upsert: sql.Composed
     delete: sql.Composed
+    #: write_states' one statement (row_meta, business upsert, business delete from one
+    #: document), by (any live row, any deleted row)
+    write: Mapping[tuple[bool, bool], sql.Composed]
 
     @classmethod
     def build(cls, conn: Connection, table: TableConfig) -> TableWriter:
@@ -182,7 +189,42 @@ class TableWriter:
         delete = sql.SQL(
             "DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS d WHERE {match}"
         ).format(t=target, match=match)
-        return cls(table=table, columns=columns, upsert=upsert, delete=delete)
+        # One document (a JSON array of [row_key, hlc, origin, deleted, meta, row_values,
+        # key_values]) feeds the writes of write_states, so the live values are encoded
+        # and parsed once. Arrays, not objects: no key names repeated per row, a third
+        # less to encode and parse. Each key appears once (live xor deleted), so the
+        # data-modifying CTEs touch disjoint rows; the business table's statement
+        # triggers (Merkle leaves) see the upsert and the delete as with two statements.
+        # Three shapes, so a batch with no deletes fires no (empty) delete triggers.
+        source = sql.SQL(
+            "WITH x AS MATERIALIZED (SELECT e->>0 AS row_key, (e->>1)::bigint AS hlc, e->>2 AS origin,"
+            " (e->>3)::boolean AS deleted, e->4 AS meta, e->5 AS row_values, e->6 AS key_values"
+            " FROM jsonb_array_elements(%s::jsonb) AS e),"
+            " meta_written AS (INSERT INTO reconciler.row_meta"
+            "  (table_name, row_key, hlc, origin, deleted, meta, row_values)"
+            "  SELECT %s, x.row_key, x.hlc, x.origin, x.deleted, x.meta, x.row_values FROM x"
+            "  ON CONFLICT (table_name, row_key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin,"
+            "  deleted = EXCLUDED.deleted, meta = EXCLUDED.meta, row_values = EXCLUDED.row_values)"
+        )
+        upserted = sql.SQL(
+            ", upserted AS (INSERT INTO {t} ({cols}) SELECT {rcols} FROM x,"
+            "  jsonb_populate_record(NULL::{t}, x.row_values) AS r WHERE NOT x.deleted"
+            "  ON CONFLICT ({keys}) {action})"
+        ).format(
+            t=target, cols=cols, keys=keys, action=on_conflict,
+            rcols=sql.SQL(", ").join(sql.SQL("r.{c}").format(c=sql.Identifier(c)) for c in columns),
+        )
+        deleted = sql.SQL(
+            ", deleted AS (DELETE FROM {t} AS t USING x, jsonb_populate_record(NULL::{t}, x.key_values) AS d"
+            "  WHERE x.deleted AND {match})"
+        ).format(t=target, match=match)
+        tail = sql.SQL(" SELECT 1")
+        write = {
+            (True, False): source + upserted + tail,
+            (False, True): source + deleted + tail,
+            (True, True): source + upserted + deleted + tail,
+        }
+        return cls(table=table, columns=columns, upsert=upsert, delete=delete, write=write)
 
 
 def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
@@ -193,47 +235,44 @@ def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
 
 
 def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:
-    rows = conn.execute(
-        "SELECT row_key, hlc, origin, deleted, meta, row_values FROM reconciler.row_meta"
+    return states_from_rows(load_state_rows(conn, table, keys))
+
+
+#: a row_meta row as load_state_rows returns it, JSON still text
+StateRow = tuple[str, int, str, bool, str, str]
+
+
+def load_state_rows(conn: Connection, table: str, keys: Sequence[str]) -> list[StateRow]:
+    """The I/O half of load_states: row_meta rows with their JSON as text, so the
+    decoding (states_from_rows, pure) can run where the caller has time for it."""
+    return conn.execute(
+        "SELECT row_key, hlc, origin, deleted, meta::text, row_values::text FROM reconciler.row_meta"
         " WHERE table_name = %s AND row_key = ANY(%s)",
         (table, list(keys)),
     ).fetchall()
+
+
+def states_from_rows(rows: Iterable[StateRow]) -> dict[str, RowState]:
+    loads = json.loads  # what psycopg's jsonb loader would have called on the same text
     return {
-        key: RowState(values=values, hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted, meta=meta)
+        key: RowState(values=loads(values), hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted,
+                      meta=loads(meta))
         for key, hlc, origin, deleted, meta, values in rows
     }
 
 
 def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, RowState]) -> None:
-    """Make the business table and the metadata say what ``states`` say."""
+    """Make the business table and the metadata say what ``states`` say (one statement)."""
     if not states:
         return
-    live = [dict(s.values) for s in states.values() if not s.deleted]
-    gone = [_key_record(writer.table, key, s) for key, s in states.items() if s.deleted]
-    if live:
-        conn.execute(writer.upsert, (json_text(live),))
-    if gone:
-        conn.execute(writer.delete, (json_text(gone),))
-    meta_rows = [
-        {
-            "row_key": key,
-            "hlc": s.hlc.pack(),
-            "origin": s.origin,
-            "deleted": s.deleted,
-            "meta": s.meta,
-            "row_values": s.values,
-        }
+    table = writer.table
+    doc = [
+        (key, s.hlc.pack(), s.origin, True, s.meta, s.values, _key_record(table, key, s)) if s.deleted
+        else (key, s.hlc.pack(), s.origin, False, s.meta, s.values, None)
         for key, s in states.items()
     ]
-    conn.execute(
-        "INSERT INTO reconciler.row_meta (table_name, row_key, hlc, origin, deleted, meta, row_values)"
-        " SELECT %s, x.row_key, x.hlc, x.origin, x.deleted, x.meta, x.row_values"
-        " FROM jsonb_to_recordset(%s::jsonb)"
-        "   AS x(row_key text, hlc bigint, origin text, deleted boolean, meta jsonb, row_values jsonb)"
-        " ON CONFLICT (table_name, row_key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin,"
-        " deleted = EXCLUDED.deleted, meta = EXCLUDED.meta, row_values = EXCLUDED.row_values",
-        (writer.table.name, json_text(meta_rows)),
-    )
+    shape = (any(not row[3] for row in doc), any(row[3] for row in doc))
+    conn.execute(writer.write[shape], (_encode(doc), table.name))
 
 
 def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]:
@@ -249,34 +288,25 @@ def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, in
     """Record events as applied; returns the (origin, sequence) pairs that were new."""
     if not events:
         return set()
-    rows = [
-        {
-            "origin": e.origin,
-            "sequence": e.sequence,
-            "event_id": e.event_id,
-            "hlc": e.hlc.pack(),
-            "prior_hlc": e.prior.pack() if e.prior else None,
-            "table_name": e.table,
-            "row_key": e.key,
-            "operation": e.operation.value,
-            "type": e.event_type,
-            "payload": e.payload,
-        }
+    # one JSON array of arrays (no key names repeated per row: a third less to encode
+    # and parse than objects through jsonb_to_recordset, measured)
+    doc = _encode([
+        (e.origin, e.sequence, e.event_id, e.hlc.pack(), e.prior.pack() if e.prior else None, e.table, e.key,
+         e.operation.value, e.event_type, e.payload)
         for e in events
-    ]
+    ])
     # Taken before the insert's snapshot: a floor raised by pruning is visible to the
     # insert, so an event whose inbox row was just pruned is still a duplicate.
     conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (INBOX_FLOOR_LOCK,))
     new = conn.execute(
         "INSERT INTO reconciler.inbox (origin, sequence, event_id, hlc, prior_hlc, table_name, row_key,"
         " operation, type, payload)"
-        " SELECT x.origin, x.sequence, x.event_id, x.hlc, x.prior_hlc, x.table_name, x.row_key, x.operation,"
-        " x.type, x.payload FROM jsonb_to_recordset(%s::jsonb) AS x(origin text, sequence bigint, event_id uuid,"
-        " hlc bigint, prior_hlc bigint, table_name text, row_key text, operation text, type text, payload jsonb)"
-        " LEFT JOIN reconciler.inbox_floor f ON f.origin = x.origin"
-        " WHERE x.sequence > coalesce(f.through, 0)"
+        " SELECT e->>0, (e->>1)::bigint, (e->>2)::uuid, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6, e->>7,"
+        " e->>8, e->9 FROM jsonb_array_elements(%s::jsonb) AS e"
+        " LEFT JOIN reconciler.inbox_floor f ON f.origin = e->>0"
+        " WHERE (e->>1)::bigint > coalesce(f.through, 0)"
         " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence",
-        (json_text(rows),),
+        (doc,),
     ).fetchall()
     return {(o, s) for o, s in new}
 

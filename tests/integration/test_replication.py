@@ -329,3 +329,33 @@ def test_an_apply_batch_too_big_for_the_lock_table_fails_whole_and_says_why(stac
             report = applier.apply_remote(events[start:start + 1000])
             assert len(report.applied) == 1000
     assert scalar(config, "eu-west", "SELECT count(*) FROM public.orders") == 2000
+
+
+def test_a_batch_mixing_applied_and_new_events_counts_each_delta_once(stack: Any, tmp_path: Path) -> None:
+    """apply_remote decides for every candidate while the inbox insert runs; when the
+    inbox finds some already applied, the decision must be taken again for the new
+    ones only (a counter must not add a redelivered delta twice)."""
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    wall = int(time.time() * 1000) - 1000
+    events = [
+        Event(origin="us-east", event_id=str(uuid.uuid4()), table="inventory", key=f"s{i % 3}",
+              operation=Operation.UPDATE, hlc=Timestamp(wall, i), sequence=i + 1,
+              payload={"key": {"sku": f"s{i % 3}"}, "deltas": {"stock": 1}, "set_add": {"tags": [f"t{i}"]}})
+        for i in range(30)
+    ]
+    with pg.connect(config.region("eu-west").dsn, region="eu-west") as conn:
+        applier = Applier(conn, "eu-west", config.tables, config.hlc_max_offset_ms)
+        first = applier.apply_remote(events[:20:2])  # 10 events, every other one
+        assert len(first.applied) == 10
+        mixed = applier.apply_remote(list(reversed(events[:20])) + events[20:])  # 10 again + 20 new
+        assert len(mixed.applied) == 20 and sum(mixed.duplicates.values()) == 10
+        again = applier.apply_remote(events)
+        assert not again.applied and sum(again.duplicates.values()) == 30
+    stock = dict(scalar_rows(config, "eu-west", "SELECT sku, stock FROM public.inventory"))
+    assert stock == {"s0": 10, "s1": 10, "s2": 10}
+    assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.inbox") == 30
+
+
+def scalar_rows(config: Any, region: str, query: str) -> list[tuple[Any, ...]]:
+    with connect(config, region) as conn:
+        return conn.execute(query).fetchall()
