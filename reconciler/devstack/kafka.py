@@ -170,8 +170,15 @@ class KafkaLibs:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, base64url without padding (22 chars)."""
-    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, base64url without padding (22 chars).
+
+    Never one starting with "-" (1 in 64 would): the storage tool's argument parser
+    takes such a value for an option, and formatting fails.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 class KafkaBroker:
@@ -329,10 +336,10 @@ class KafkaBroker:
             self._classpath(),
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            self.cluster_id(),
-            "-c",
-            str(self.server_properties),
+            # the "=" forms: a value starting with "-" (an id kept from an older run)
+            # is still a value, not an option
+            f"--cluster-id={self.cluster_id()}",
+            f"--config={self.server_properties}",
         ]
         try:
             result = subprocess.run(

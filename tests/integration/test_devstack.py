@@ -155,3 +155,13 @@ def test_missing_binaries_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tm
         kafka.find_java()
     with pytest.raises(DevStackError, match="apt-get install -y maven"):
         kafka.find_maven()
+
+
+def test_storage_formats_with_a_cluster_id_that_starts_with_a_dash(stack: DevStack, tmp_path: Path) -> None:
+    """A kept id starting with "-" (earlier versions generated one in 64) is a value, not an option."""
+    broker = kafka.KafkaBroker(tmp_path / "kafka", tmp_path / "logs", 1, stack.libs)
+    broker.write_config()
+    broker.cluster_id_file.write_text("-AECAwQFBgcICQoLDA0ODw\n")
+    broker.format(kafka.find_java())
+    assert broker.formatted
+    assert "cluster.id=-AECAwQFBgcICQoLDA0ODw" in (broker.data_dir / "meta.properties").read_text()
