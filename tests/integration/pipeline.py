@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import yaml
 
+from reconciler import outbox
 from reconciler.config import Config, load_config
 from reconciler.inbox import InboxConsumer
 from reconciler.provision import migrate
@@ -74,6 +75,15 @@ def rows(config: Config, region: str, table: str) -> dict[str, dict[str, Any]]:
     with connect(config, region) as conn:
         found = conn.execute(f"SELECT {key}::text, to_jsonb(t) FROM public.{table} t").fetchall()
     return {k: v for k, v in found}
+
+
+def write_orders(config: Config, region: str, count: int, prefix: str) -> None:
+    """``count`` orders ``<prefix>0``.. written through the outbox, one transaction each."""
+    with connect(config, region) as conn:
+        for i in range(count):
+            with conn.transaction():
+                outbox.write(conn, "orders", "insert", {"id": f"{prefix}{i}"},
+                             values={"customer": region, "status": "new", "total_cents": i})
 
 
 def scalar(config: Config, region: str, query: str, params: Any = None) -> Any:

@@ -17,17 +17,20 @@ from reconciler.recovery import analyze_gaps, recover
 from reconciler.store import postgres as pg
 from reconciler.transport import kafka
 
-from .pipeline import Cluster, connect, fully_delivered, inbox_count, make_env, outbox_count, rows, scalar, wait_until
+from .pipeline import (
+    Cluster,
+    connect,
+    fully_delivered,
+    inbox_count,
+    make_env,
+    outbox_count,
+    rows,
+    scalar,
+    wait_until,
+    write_orders,
+)
 
 DOWN = "ap-south"
-
-
-def write_orders(config: Config, region: str, prefix: str, count: int) -> None:
-    with connect(config, region) as conn:
-        for i in range(count):
-            with conn.transaction():
-                outbox.write(conn, "orders", "insert", {"id": f"{prefix}{i}"},
-                             values={"customer": region, "status": "new", "total_cents": i})
 
 
 def update_orders(config: Config, region: str, keys: list[str], status: str) -> None:
@@ -78,7 +81,7 @@ def outage(stack: Any, config: Config, cluster: Cluster, writes: int) -> None:
     stack.stop_postgres(DOWN, mode="immediate")
     try:
         for region in config.peers(DOWN):
-            write_orders(config, region, f"{region}-during-", writes)
+            write_orders(config, region, writes, f"{region}-during-")
         update_orders(config, "us-east", [f"us-east-before-{i}" for i in range(0, 50, 5)], "paid-during-outage")
         wait_until(lambda: all(
             inbox_count(config, d, o) == outbox_count(config, o)
@@ -93,7 +96,7 @@ def test_region_database_down_then_recovered_from_kafka(stack: Any, tmp_path: Pa
     cluster.start_all()
     try:
         for region in config.regions:
-            write_orders(config, region, f"{region}-before-", 50)
+            write_orders(config, region, 50, f"{region}-before-")
         wait_until(lambda: fully_delivered(config), 60, "initial replication")
         outage(stack, config, cluster, writes=300)
         plan = analyze_gaps(config, DOWN)
@@ -122,7 +125,7 @@ def test_kafka_retention_expired_replays_from_peer_outbox(stack: Any, tmp_path: 
     cluster = Cluster(config)
     cluster.start_all()
     try:
-        write_orders(config, "us-east", "us-east-before-", 50)
+        write_orders(config, "us-east", 50, "us-east-before-")
         wait_until(lambda: fully_delivered(config), 60, "initial replication")
         outage(stack, config, cluster, writes=200)
         expire_topic(config, "us-east")
@@ -145,11 +148,11 @@ def test_stale_backup_restore_gets_own_lost_events_back(stack: Any, tmp_path: Pa
     cluster = Cluster(config)
     cluster.start_all()
     try:
-        write_orders(config, DOWN, "old-", 30)
+        write_orders(config, DOWN, 30, "old-")
         wait_until(lambda: fully_delivered(config), 60, "initial replication")
         backup = stack.backup_postgres(DOWN, "stale")
-        write_orders(config, DOWN, "lost-", 40)  # acknowledged after the backup: the restore loses them
-        write_orders(config, "us-east", "peer-", 20)
+        write_orders(config, DOWN, 40, "lost-")  # acknowledged after the backup: the restore loses them
+        write_orders(config, "us-east", 20, "peer-")
         wait_until(lambda: fully_delivered(config), 60, "replication before the disaster")
         cluster.stop(DOWN)
         time.sleep(0.5)
@@ -166,7 +169,7 @@ def test_stale_backup_restore_gets_own_lost_events_back(stack: Any, tmp_path: Pa
         assert outbox_count(config, DOWN) == 70
         # a new write must not reuse a sequence number the peers already applied
         cluster.start_all()
-        write_orders(config, DOWN, "after-", 5)
+        write_orders(config, DOWN, 5, "after-")
         wait_until(lambda: fully_delivered(config), 60, "replication after the restore")
         cluster.check()
     finally:
@@ -181,7 +184,7 @@ def test_recover_killed_three_times_ends_like_an_uninterrupted_run(stack: Any, t
     cluster = Cluster(config)
     cluster.start_all()
     try:
-        write_orders(config, "us-east", "us-east-before-", 50)
+        write_orders(config, "us-east", 50, "us-east-before-")
         wait_until(lambda: fully_delivered(config), 30, "initial replication")
         outage(stack, config, cluster, writes=2000)
     finally:
@@ -222,7 +225,7 @@ def test_divergence_injected_directly_is_found_by_merkle_and_repaired(stack: Any
     cluster = Cluster(config)
     cluster.start_all()
     try:
-        write_orders(config, "us-east", "k", 300)
+        write_orders(config, "us-east", 300, "k")
         wait_until(lambda: fully_delivered(config), 60, "replication")
     finally:
         cluster.stop_all()

@@ -16,7 +16,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from reconciler import outbox, recovery
+from reconciler import recovery
 from reconciler.apply import Applier
 from reconciler.cli import main
 from reconciler.config import Config
@@ -28,17 +28,9 @@ from reconciler.sidecar import Sidecar
 from reconciler.store import health, retention
 from reconciler.store import postgres as pg
 
-from .pipeline import connect, make_env, scalar, wait_until
+from .pipeline import make_env, scalar, wait_until, write_orders
 
 FAR_FUTURE = Timestamp(2**46, 0)  # the year 4200: every event is older
-
-
-def _write(config: Config, region: str, count: int, tag: str) -> None:
-    with connect(config, region) as conn:
-        for i in range(count):
-            with conn.transaction():
-                outbox.write(conn, "orders", "insert", {"id": f"{tag}-{i}"},
-                             values={"customer": region, "status": "new", "total_cents": i})
 
 
 def _relay_all(config: Config, region: str) -> None:
@@ -69,7 +61,7 @@ def _apply(config: Config, region: str, events: list[Event]) -> Any:
 def test_pruned_inbox_prefix_stays_applied_and_a_hole_stops_it(stack: Any, tmp_path: Path) -> None:
     config = make_env(stack, tmp_path)
     origin, dest = list(config.regions)[:2]
-    _write(config, origin, 20, "p")
+    write_orders(config, origin, 20, "p-")
     _relay_all(config, origin)
     events = _published(config, origin)
     assert [e.sequence for e in events] == list(range(1, 21))
@@ -98,7 +90,7 @@ def test_pruned_inbox_prefix_stays_applied_and_a_hole_stops_it(stack: Any, tmp_p
     assert scalar(config, dest, "SELECT count(*) FROM reconciler.inbox") == 0
     assert [p for p in recovery.analyze_gaps(config, dest).plans if p.gap.origin == origin] == []
 
-    _write(config, origin, 1, "late")  # a new event above the floor applies as usual
+    write_orders(config, origin, 1, "late-")  # a new event above the floor applies as usual
     _relay_all(config, origin)
     assert [e.sequence for e in _apply(config, dest, _published(config, origin)[-1:]).applied] == [21]
 
@@ -106,10 +98,10 @@ def test_pruned_inbox_prefix_stays_applied_and_a_hole_stops_it(stack: Any, tmp_p
 def test_only_relayed_old_outbox_rows_go_and_numbering_stays_dense(stack: Any, tmp_path: Path) -> None:
     config = make_env(stack, tmp_path)
     origin = list(config.regions)[0]
-    _write(config, origin, 10, "old")
+    write_orders(config, origin, 10, "old-")
     _relay_all(config, origin)
     cutoff = _published(config, origin)[6].hlc  # events 1..6 are older than the 7th
-    _write(config, origin, 5, "unrelayed")
+    write_orders(config, origin, 5, "unrelayed-")
 
     result = _prune(config, origin, cutoff, batch=4)
     assert (result.outbox_rows, result.outbox_through) == (6, 6)
@@ -130,7 +122,7 @@ def test_only_relayed_old_outbox_rows_go_and_numbering_stays_dense(stack: Any, t
 def test_pruning_under_apply_and_redelivery_never_applies_twice(stack: Any, tmp_path: Path) -> None:
     config = make_env(stack, tmp_path)
     origin, dest = list(config.regions)[:2]
-    _write(config, origin, 300, "c")
+    write_orders(config, origin, 300, "c-")
     _relay_all(config, origin)
     events = _published(config, origin)
     done = threading.Event()
@@ -166,7 +158,7 @@ def test_pruning_under_apply_and_redelivery_never_applies_twice(stack: Any, tmp_
 def test_prune_cli_dry_run_and_json(stack: Any, tmp_path: Path) -> None:
     config = make_env(stack, tmp_path)
     origin, dest = list(config.regions)[:2]
-    _write(config, origin, 4, "cli")
+    write_orders(config, origin, 4, "cli-")
     _relay_all(config, origin)
     _apply(config, dest, _published(config, origin))
     time.sleep(0.05)  # the events' stamps are now strictly older than "now minus 36 ms"
@@ -194,7 +186,7 @@ def test_prune_cli_dry_run_and_json(stack: Any, tmp_path: Path) -> None:
 def test_the_sidecar_prunes_on_its_interval_and_counts_it(stack: Any, tmp_path: Path) -> None:
     config = make_env(stack, tmp_path, retention={"keep_hours": 0.00001, "interval_seconds": 0.2, "batch": 2})
     origin, dest = list(config.regions)[:2]
-    _write(config, origin, 5, "side")
+    write_orders(config, origin, 5, "side-")
     _relay_all(config, origin)
     _apply(config, dest, _published(config, origin))
     sidecar = Sidecar(config, dest)

@@ -35,7 +35,17 @@ from reconciler.sidecar import Sidecar
 from reconciler.store import postgres as pg
 from reconciler.store.postgres import key_lock_id
 
-from .pipeline import SidecarProcess, connect, fully_delivered, inbox_count, make_env, outbox_count, rows, scalar
+from .pipeline import (
+    SidecarProcess,
+    connect,
+    fully_delivered,
+    inbox_count,
+    make_env,
+    outbox_count,
+    rows,
+    scalar,
+    write_orders,
+)
 
 FAST_HEARTBEATS = {"interval_seconds": 0.5, "suspect_after_seconds": 2, "failed_after_seconds": 4}
 
@@ -103,14 +113,6 @@ def eventually(predicate: Callable[[], Any], timeout: float, what: str, interval
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def write_orders(config: Config, region: str, count: int, prefix: str) -> None:
-    with connect(config, region) as conn:
-        for i in range(count):
-            with conn.transaction():
-                outbox.write(conn, "orders", "insert", {"id": f"{prefix}{i}"},
-                             values={"customer": region, "status": "new", "total_cents": i})
 
 
 def region_state(config: Config, region: str) -> RegionStatus:
