@@ -149,7 +149,6 @@ class TableWriter:
     table: TableConfig
     columns: tuple[str, ...]
     upsert: sql.Composed
-    delete: sql.Composed
     #: write_states' one statement (row_meta, business upsert, business delete from one
     #: document), by (any live row, any deleted row)
     write: Mapping[tuple[bool, bool], sql.Composed]
@@ -186,9 +185,6 @@ class TableWriter:
         match = sql.SQL(" AND ").join(
             sql.SQL("t.{k} = d.{k}").format(k=sql.Identifier(k)) for k in table.key
         )
-        delete = sql.SQL(
-            "DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS d WHERE {match}"
-        ).format(t=target, match=match)
         # One document (a JSON array of [row_key, hlc, origin, deleted, meta, row_values,
         # key_values]) feeds the writes of write_states, so the live values are encoded
         # and parsed once. Arrays, not objects: no key names repeated per row, a third
@@ -224,7 +220,7 @@ class TableWriter:
             (False, True): source + deleted + tail,
             (True, True): source + upserted + deleted + tail,
         }
-        return cls(table=table, columns=columns, upsert=upsert, delete=delete, write=write)
+        return cls(table=table, columns=columns, upsert=upsert, write=write)
 
 
 def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
