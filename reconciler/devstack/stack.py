@@ -34,7 +34,6 @@ from .postgres import PostgresServer, RunAs, find_bindir, prepare_base, remove_b
 DEFAULT_REGIONS: tuple[str, ...] = ("us-east", "eu-west", "ap-south")
 DEFAULT_PG_BASE_PORT = 54321
 DEFAULT_KAFKA_PORT = 19092
-METRICS_BASE_PORT = 9401
 STATE_VERSION = 1
 
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -145,7 +144,8 @@ class DevStack:
         return f"postgresql://postgres@127.0.0.1:{self.pg_port(region)}/reconciler"
 
     def metrics_address(self, region: str) -> str:
-        return f"127.0.0.1:{METRICS_BASE_PORT + self._index(region)}"
+        # beside the broker's ports, so stacks started with other ports never share one
+        return f"127.0.0.1:{self.kafka_port + 10 + self._index(region)}"
 
     def _index(self, region: str) -> int:
         try:

@@ -25,6 +25,7 @@ import yaml
 
 from reconciler import outbox
 from reconciler.config import Config, load_config
+from reconciler.drills.env import free_port
 from reconciler.inbox import InboxConsumer
 from reconciler.provision import migrate
 from reconciler.relay import Relay
@@ -49,7 +50,7 @@ def make_env(stack: Any, tmp_path: Path, regions: tuple[str, ...] | None = None,
         base = stack.dsn(region)
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{tag}"')
-        region_docs[region] = {"dsn": admin_dsn(base, tag), "metrics_address": f"127.0.0.1:{19500 + i}"}
+        region_docs[region] = {"dsn": admin_dsn(base, tag), "metrics_address": f"127.0.0.1:{free_port()}"}
     doc: dict[str, Any] = {
         "topic_prefix": tag,
         "hlc": {"max_offset_ms": 1000},
