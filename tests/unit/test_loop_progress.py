@@ -87,7 +87,10 @@ def quick_idle_stamps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_loop_is_stamped_when_it_starts_so_one_that_never_succeeds_still_ages() -> None:
     sidecar = make_sidecar(RetentionConfig())
-    thread = sidecar._loop("stats", lambda stop: stop.wait())
+    def never_completes(stop: threading.Event) -> None:
+        stop.wait()
+
+    thread = sidecar._loop("stats", never_completes)
     try:
         wait_for(lambda: stamp(sidecar, "stats") is not None, "the start stamp")
         assert abs((stamp(sidecar, "stats") or 0) - time.time()) < 5
