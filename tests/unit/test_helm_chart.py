@@ -340,6 +340,12 @@ def test_service_monitor_scrapes_every_region_ready_or_not_as_job_reconciler(obj
     # alerts.yml's liveness alerts select job="reconciler"
     assert 'job="reconciler"' in ALERTS.read_text()
     assert {"action": "replace", "targetLabel": "job", "replacement": "reconciler"} in endpoint["relabelings"]
+    # `up` gets the region from the pod label; the samples keep the one the sidecar stamps
+    pod_label = "reconciler.io/region"
+    assert pod_label in deployment(objects, REGIONS[0])["spec"]["template"]["metadata"]["labels"]
+    meta = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", pod_label)
+    assert {"action": "replace", "sourceLabels": [meta], "targetLabel": "region"} in endpoint["relabelings"]
+    assert endpoint["honorLabels"] is True
 
 
 def test_monitoring_objects_only_where_the_operator_api_exists(tmp_path: Path) -> None:
