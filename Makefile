@@ -1,7 +1,8 @@
 # reconciler — build, local stack, tests.
 #
-#   make test    (re)install .venv if pyproject.toml changed, binaries if missing, local stack
-#                up (PostgreSQL per region + Kafka), the whole test suite, stack down.
+#   make test    (re)install .venv if pyproject.toml changed, binaries if missing (helm: built
+#                once with Go), local stack up (PostgreSQL per region + Kafka), the whole
+#                test suite, stack down.
 #   make demo    same set-up, then the regional-failover demo, stack down.
 #   make unit    unit tests only, no stack.          make lint   ruff + mypy.
 #   make bench   same set-up, then every benchmarks/bench_*.py, stack down.
