@@ -352,3 +352,40 @@ def test_monitoring_objects_only_where_the_operator_api_exists(tmp_path: Path) -
     kinds = {o["kind"] for o in render(tmp_path)}
     assert "Deployment" in kinds
     assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+
+
+# ---------------------------------------------------------------- migrations
+
+
+def test_migrate_runs_as_a_hook_before_the_sidecars_with_a_config_that_loads(
+    objects: list[dict[str, Any]], tmp_path: Path,
+) -> None:
+    (job,) = of_kind(objects, "Job")
+    hooks = set(job["metadata"]["annotations"]["helm.sh/hook"].split(","))
+    assert hooks == {"pre-install", "pre-upgrade"}
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "migrate"
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"]
+    # its ConfigMap is a hook too (pre-install hooks run before the release's objects)
+    # and is created first
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_name = volumes["config"]["configMap"]["name"]
+    (config_map,) = [m for m in of_kind(objects, "ConfigMap") if m["metadata"]["name"] == config_name]
+    annotations = config_map["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == hooks
+    assert int(annotations["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    # every file: value resolves to a mounted Secret, and the config loads
+    files = {f"{SECRET_DIR}/{item['path']}" for source in volumes["secrets"]["projected"]["sources"]
+             for item in source["secret"]["items"]}
+    text = config_map["data"]["reconciler.yaml"]
+    for path in re.findall(rf"file:({SECRET_DIR}/\S+)", text):
+        assert path in files, f"migrate's config reads {path}, which no Secret is mounted at"
+        local = tmp_path / path.removeprefix(SECRET_DIR + "/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("postgresql://app@db/app\n")
+    config_file = tmp_path / "reconciler.yaml"
+    config_file.write_text(text.replace(f"file:{SECRET_DIR}/", f"file:{tmp_path}/"))
+    environ = {e["name"]: e["value"] for e in c["env"]}
+    config = load_config(config_file, environ=environ)
+    assert set(config.regions) == set(REGIONS)
