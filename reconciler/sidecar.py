@@ -789,7 +789,7 @@ class _ControlLink:
             return
         settings = self.config.kafka_settings(self.region)
         hb = self.config.heartbeat
-        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions)
+        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions, region=self.region)
         # a heartbeat that cannot be delivered in time is worthless: let it expire
         # rather than arrive late and make a silent region look alive
         timeout_ms = str(int(max(1000.0, hb.suspect_after_seconds * 1000)))
