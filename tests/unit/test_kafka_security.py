@@ -163,3 +163,11 @@ def test_dev_config_names_passwords_by_file_never_inline(tmp_path: Path) -> None
     # the default stays PLAINTEXT, without users
     plain = DevStack(tmp_path / "plain", ("us-east", "eu-west"), 40000, 40100).config_text()
     assert "sasl" not in plain and "kafka_admin" not in plain
+
+
+def test_security_doc_shows_every_binding_the_code_grants() -> None:
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "security.md").read_text()
+    for acl in ks.region_acls("reconciler", "us-east"):
+        assert acl.kafka_acls_args() in doc, f"docs/security.md lacks: {acl.kafka_acls_args()}"
+    assert "(docs/security.md)" in (root / "README.md").read_text()
