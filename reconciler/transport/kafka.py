@@ -63,7 +63,8 @@ _LOGIN_FAILED = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAIL
 
 def principal(settings: Mapping[str, str] | None) -> str:
     """The principal the broker sees for ``settings``, as its ACLs name it (never a secret)."""
-    settings = settings or {}
+    if settings is None:
+        return "this client's principal"
     user = settings.get("sasl.username")
     if user:
         return f"User:{user}"
