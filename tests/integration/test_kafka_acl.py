@@ -51,8 +51,8 @@ def broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         pytest.fail("the session stack has no Kafka jars; run `reconciler dev up` first", pytrace=False)
     root = tmp_path_factory.mktemp("kafka-acl")
     secure = KafkaBroker(root / "kafka", root / "logs", _free_pair(), stack.libs, heap_mb=384, auth="scram")
-    secure.start(find_java())
     try:
+        secure.start(find_java())
         secure.wait_ready(Deadline(90))
         yield secure
     finally:
