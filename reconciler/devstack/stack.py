@@ -42,9 +42,14 @@ Progress = Callable[[str], None]
 
 
 def _default_pom() -> Path:
-    """The repository's pom.xml: next to the package in an editable install, else cwd."""
-    beside_package = Path(__file__).resolve().parents[2] / "pom.xml"
-    return beside_package if beside_package.exists() else Path.cwd() / "pom.xml"
+    """The pom.xml the package carries (installed from a wheel) or its checkout's, else cwd's."""
+    from ..errors import ConfigError
+    from ..resources import data_path
+
+    try:
+        return data_path("pom.xml")
+    except ConfigError:
+        return Path.cwd() / "pom.xml"
 
 
 def _check_port(name: str, port: int) -> None:
