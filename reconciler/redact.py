@@ -53,6 +53,8 @@ _KEYED_SECRET = re.compile(
 # starts a password: "postgresql://u@h" is a scheme and a user, not user "postgresql"
 _USERINFO = re.compile(r"""(?P<head>(?:[A-Za-z][A-Za-z0-9+.\-]*:/{0,3})?[^\s/:@'"=]*:)(?P<pw>(?!//)[^\s'"]*)@""")
 
+_JSON_LITERAL = re.compile(r"^(?:-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null)$")
+
 _lock = threading.Lock()
 _registered: set[str] = set()
 _forms: tuple[str, ...] = ()
@@ -117,6 +119,8 @@ def _mask_userinfo(match: re.Match[str]) -> str:
 
 def _mask_keyed(match: re.Match[str]) -> str:
     value = match.group("value")
+    if match.group("q") == '"' and _JSON_LITERAL.match(value):
+        return match.group(0)  # a number or true/false/null in a JSON document: no secret, and JSON stays JSON
     quote_char = value[0] if value[:1] in ("'", '"') else ""
     # keep the quotes of a quoted value so a JSON document stays JSON
     return match.group("key") + quote_char + MASK + (quote_char if len(value) > 1 and value[-1] == quote_char else "")

@@ -120,3 +120,9 @@ def test_config_secrets_in_every_form_are_registered(tmp_path: Path, monkeypatch
     for secret in ("V6@Load-pw", "V6%40Load-pw", "SslLoad-pw", "EnvKafka-pw", "FileKafka-pw"):
         assert secret not in redact.scrub(f"text with {secret} in it")
     assert redact.safe_kafka_settings(config.kafka_settings("us-east"))["sasl.password"] == redact.MASK
+
+
+def test_json_literals_under_secret_looking_keys_stay_json() -> None:
+    doc = {"password_rotations": 3, "secret_set": True, "sasl.password": "Lit-secret"}
+    scrubbed = json.loads(redact.scrub(json.dumps(doc)))
+    assert scrubbed == {"password_rotations": 3, "secret_set": True, "sasl.password": redact.MASK}
