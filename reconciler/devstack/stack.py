@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import DevStackError
+from ..errors import ConfigError, DevStackError
+from ..resources import data_path
 from ._process import Deadline
 from .kafka import KafkaBroker, KafkaLibs, find_java, find_maven, pom_kafka_version
 from .postgres import PostgresServer, RunAs, find_bindir, prepare_base, remove_base, server_identity
@@ -43,9 +44,6 @@ Progress = Callable[[str], None]
 
 def _default_pom() -> Path:
     """The pom.xml the package carries (installed from a wheel) or its checkout's, else cwd's."""
-    from ..errors import ConfigError
-    from ..resources import data_path
-
     try:
         return data_path("pom.xml")
     except ConfigError:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..resources import CHECKOUT, PACKAGED
 
 #: the config path every runbook uses in its examples
 RUNBOOK_CONFIG = "/etc/reconciler/reconciler.yaml"
@@ -119,8 +120,6 @@ def region_mapping(failed: str, survivors: Sequence[str]) -> dict[str, str]:
 
 def find_runbook(name: str, start: Path | None = None) -> Path:
     """``runbooks/<name>``: the installed package's, the checkout's it runs from, or the cwd's."""
-    from ..resources import CHECKOUT, PACKAGED
-
     candidates = [PACKAGED / "runbooks" / name, CHECKOUT / "runbooks" / name, Path.cwd() / "runbooks" / name]
     if start is not None:
         candidates.insert(0, start / name)

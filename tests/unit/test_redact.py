@@ -126,3 +126,12 @@ def test_json_literals_under_secret_looking_keys_stay_json() -> None:
     doc = {"password_rotations": 3, "secret_set": True, "sasl.password": "Lit-secret"}
     scrubbed = json.loads(redact.scrub(json.dumps(doc)))
     assert scrubbed == {"password_rotations": 3, "secret_set": True, "sasl.password": redact.MASK}
+
+
+def test_the_config_modules_named_kafka_secrets_are_all_recognised() -> None:
+    from reconciler.config import SECRET_KAFKA_KEYS
+
+    for key in (*SECRET_KAFKA_KEYS, "sasl.oauthbearer.config", "sasl.jaas.config", "ssl.key.pem"):
+        assert redact.is_secret_kafka_key(key), key
+    for key in ("bootstrap.servers", "sasl.username", "security.protocol", "ssl.ca.location"):
+        assert not redact.is_secret_kafka_key(key), key
