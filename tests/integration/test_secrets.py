@@ -245,7 +245,9 @@ def test_a_malformed_dsn_is_refused_at_load_naming_region_key_and_file(planted: 
 
 def test_every_command_with_a_malformed_dsn_prints_no_secret(planted: Planted) -> None:
     found = {}
-    for ran in run_all(planted, commands(planted.bad["typo-slash"])):
+    config = planted.bad["typo-slash"]
+    argvs = [*commands(config), ["run", "--region", "us-east", "--config", str(config)]]
+    for ran in run_all(planted, argvs):
         assert ran.returncode == 2, (ran.args, ran.output)
         if hit := leaks(ran.output):
             found[" ".join(ran.args)] = (hit, ran.output[-2000:])
