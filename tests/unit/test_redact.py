@@ -15,6 +15,13 @@ from reconciler.errors import ConfigError, StoreError
 from reconciler.store.dsn import redact_dsn
 
 
+@pytest.fixture(autouse=True)
+def empty_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets other tests registered (a DSN password "secret") would mask words here."""
+    monkeypatch.setattr(redact, "_registered", set())
+    monkeypatch.setattr(redact, "_forms", ())
+
+
 def test_a_registered_secret_is_masked_in_every_quoted_form() -> None:
     secret = 'Reg"is/te@red 1'
     redact.register([secret])
