@@ -42,8 +42,11 @@ _SECRET_KAFKA_KEY = re.compile(r"password|secret|jaas|oauthbearer\.config|token|
 
 # the names that mark a value as a secret in free text (key=value, key: value, "key": "value")
 _SECRET_WORD = r"[A-Za-z0-9_.\-]*(?:password|passwd|secret|jaas\.config|oauthbearer\.config)[A-Za-z0-9_.\-]*"
+# Both patterns only start where a token starts (the lookbehinds): tried at every
+# character, a long run without spaces would cost quadratic time, and these run on
+# every error and log line, whatever text a peer or a driver put in it.
 _KEYED_SECRET = re.compile(
-    rf"""(?P<key>(?P<q>["']?){_SECRET_WORD}(?P=q)\s*[=:]\s*)"""
+    rf"""(?<![A-Za-z0-9_.\-])(?P<key>(?P<q>["']?){_SECRET_WORD}(?P=q)\s*[=:]\s*)"""
     r"""(?P<value>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|'[^'"\n]*|[^\s,;&}\]"']+)""",
     re.IGNORECASE,
 )
@@ -51,7 +54,12 @@ _KEYED_SECRET = re.compile(
 # "postgresql:/u:pw@h" is not a URL to any parser); the password runs to the last
 # '@' before a space or quote, as an unencoded '@' in a password is common. "//" never
 # starts a password: "postgresql://u@h" is a scheme and a user, not user "postgresql"
-_USERINFO = re.compile(r"""(?P<head>(?:[A-Za-z][A-Za-z0-9+.\-]*:/{0,3})?[^\s/:@'"=]*:)(?P<pw>(?!//)[^\s'"]*)@""")
+# starts "=a:b=a:b..." each scan ahead, so user and password are bounded: an
+# unregistered password of more than 256 characters is not recognised by its shape.
+_USERINFO = re.compile(
+    r"""(?<![^\s'"=,;(\[{<])(?P<head>(?:[A-Za-z][A-Za-z0-9+.\-]*:/{0,3})?[^\s/:@'"=]{0,256}:)"""
+    r"""(?P<pw>(?!//)[^\s'"]{0,256})@"""
+)
 
 _JSON_LITERAL = re.compile(r"^(?:-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null)$")
 

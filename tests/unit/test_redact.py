@@ -142,3 +142,14 @@ def test_the_config_modules_named_kafka_secrets_are_all_recognised() -> None:
         assert redact.is_secret_kafka_key(key), key
     for key in ("bootstrap.servers", "sasl.username", "security.protocol", "ssl.ca.location"):
         assert not redact.is_secret_kafka_key(key), key
+
+
+@pytest.mark.parametrize("text", ["a:" * 20000, "a:b" * 20000, "=a:b" * 10000 + "@", "x" * 40000, "a.b-" * 20000])
+def test_scrubbing_adversarial_text_takes_linear_time(text: str) -> None:
+    # every error and log line is scrubbed, whatever a peer put in it: a quadratic
+    # pattern took 40 s on the first of these and would stall the inbox
+    import time
+
+    started = time.perf_counter()
+    redact.scrub(text)
+    assert time.perf_counter() - started < 5
