@@ -53,8 +53,8 @@ all: test
 
 venv: $(STAMP)
 
-# Reinstall only when pyproject.toml is newer than the last successful install.
-$(STAMP): pyproject.toml
+# Reinstall only when pyproject.toml or constraints.txt is newer than the last successful install.
+$(STAMP): pyproject.toml constraints.txt
 	@if [ ! -x "$(PY)" ]; then \
 		if [ -z "$(PYTHON)" ]; then \
 			echo "error: need Python >= 3.11 on PATH (apt-get install -y python3 python3-venv)" >&2; exit 1; \
@@ -62,7 +62,9 @@ $(STAMP): pyproject.toml
 		echo "creating $(VENV) with $(PYTHON)"; \
 		"$(PYTHON)" -m venv "$(VENV)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	@# the distribution was called "reconciler" before; both would claim the package and the command
+	@if $(PY) -m pip show -q reconciler >/dev/null 2>&1; then $(PY) -m pip uninstall -y -q reconciler; fi
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
 	@touch $@
 
 binaries: postgres-bin prometheus-bin java-bin

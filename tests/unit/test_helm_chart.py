@@ -217,7 +217,9 @@ def test_rendered_config_loads_and_takes_every_secret_from_a_mounted_file(
         for path, (secret, key) in files.items():
             local = tmp_path / region / path.removeprefix(SECRET_DIR + "/")
             local.parent.mkdir(parents=True, exist_ok=True)
-            planted[path] = f"{secret}/{key}"
+            # a DSN must parse when the config loads: each file holds a valid one naming its Secret
+            planted[path] = (f"postgresql://app:pw@{secret}/{key}" if "/dsn/" in path
+                             else f"{secret}/{key}")
             local.write_text(planted[path] + "\n")
         config_file = tmp_path / region / "reconciler.yaml"
         config_file.write_text(text.replace(f"file:{SECRET_DIR}/", f"file:{tmp_path / region}/"))
@@ -226,7 +228,8 @@ def test_rendered_config_loads_and_takes_every_secret_from_a_mounted_file(
         by_region = {r["name"]: r for r in VALUES["regions"]}
         for name, spec in config.regions.items():
             ref = by_region[name]["dsnSecret"]
-            assert spec.dsn == f"{ref['name']}/{ref['key']}", f"{region}: {name}'s DSN is not its Secret"
+            assert spec.dsn == f"postgresql://app:pw@{ref['name']}/{ref['key']}", \
+                f"{region}: {name}'s DSN is not its Secret"
             assert spec.metrics_address == env(objects, region)["RECONCILER_METRICS_ADDRESS"]
         settings = config.kafka_settings(region)
         assert settings["ssl.key.password"] == "kafka-tls/key-password"
