@@ -165,7 +165,8 @@ def _sequence_of(value: bytes | None) -> int | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     seq = doc.get("sequence") if isinstance(doc, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    # a sequence no database can store is poison too, not evidence of a retained event
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
 
 
 def _assigned_consumer(settings: Mapping[str, str]) -> Consumer:

@@ -1,0 +1,112 @@
+"""Events that decode but cannot be applied, forged origins and future stamps, on a
+live topic: quarantined with their reason and event id while every loop keeps going
+(issue 11: "one bad message stops replication to every peer"; issue 14: trust
+boundaries)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from reconciler.hlc import Timestamp
+from reconciler.transport import kafka
+
+from .pipeline import Cluster, connect, make_env, rows, scalar, wait_until, write_orders
+
+
+def _message(origin: str, sequence: int, key: str, values: dict[str, Any], *, table: str = "orders",
+             op: str = "insert", hlc: Timestamp | None = None, prior: int | None = None) -> tuple[str, bytes]:
+    """A message in the wire format of reconciler.wire (model.Event.to_wire)."""
+    event_id = str(uuid.uuid4())
+    stamp = hlc or Timestamp(int(time.time() * 1000), 0)
+    key_col = "sku" if table == "inventory" else "id"
+    doc = {
+        "v": 1, "origin": origin, "sequence": sequence, "id": event_id, "aggregatetype": table,
+        "aggregateid": key, "type": f"{table}.{op}", "op": op, "hlc": stamp.pack(), "prior": prior,
+        "payload": {"key": {key_col: key}, "values": {key_col: key, **values}},
+    }
+    return event_id, json.dumps(doc).encode()
+
+
+def _produce(config: Any, topic_origin: str, messages: list[bytes]) -> None:
+    producer = kafka.producer(config.kafka_settings(topic_origin))
+    for raw in messages:
+        producer.produce(config.events_topic(topic_origin), value=raw, key=b"poison")
+    assert producer.flush(30) == 0
+
+
+def _quarantine(config: Any, region: str) -> list[tuple[Any, ...]]:
+    with connect(config, region) as conn:
+        return conn.execute(
+            "SELECT event_id::text, reason, detail, origin, sequence, settled_at FROM reconciler.quarantine"
+            " ORDER BY id").fetchall()
+
+
+def test_unappliable_events_are_quarantined_and_the_inbox_keeps_going(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path)
+    peers = ("eu-west", "ap-south")
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        # the relays have started (and looked at their topics) before the poison arrives
+        write_orders(config, "us-east", 1, "warm-")
+        wait_until(lambda: all("warm-0" in rows(config, p, "orders") for p in peers), 60, "the warm-up write")
+        # sequence 2: the next real event of us-east gets it too, after the poison
+        huge_id, huge = _message("us-east", 2**63, "huge", {"customer": "x", "status": "new", "total_cents": 1})
+        text_id, text = _message("us-east", 2, "text", {"customer": "x", "status": "new", "total_cents": "abc"})
+        range_id, out_of_range = _message("us-east", 3, "big", {"customer": "x", "status": "new",
+                                                                "total_cents": 2**70})
+        null_id, null = _message("us-east", 4, "nul", {"status": "new", "total_cents": 1})  # customer NOT NULL
+        _produce(config, "us-east", [huge, text, out_of_range, null])
+        write_orders(config, "us-east", 20, "after-")
+        wanted = {f"after-{i}" for i in range(20)}
+        wait_until(lambda: all(wanted <= set(rows(config, p, "orders")) for p in peers), 60,
+                   "both peers to apply the 20 writes after the poison")
+        cluster.check()  # no inbox loop died
+        for peer in peers:
+            assert not {"huge", "text", "big", "nul"} & set(rows(config, peer, "orders"))
+            found = {q[0]: q for q in _quarantine(config, peer)}
+            assert set(found) == {huge_id, text_id, range_id, null_id}, found
+            assert found[huge_id][1] == "malformed" and "out of range" in found[huge_id][2]
+            assert found[huge_id][4] is None  # a sequence no bigint holds is kept in the raw message only
+            assert found[text_id][1] == "apply_failed" and "22P02" in found[text_id][2]
+            assert found[range_id][1] == "apply_failed" and "22003" in found[range_id][2]
+            assert found[null_id][1] == "apply_failed" and "23502" in found[null_id][2]
+            # every real event applied exactly once, in spite of the poison sharing its sequences
+            assert scalar(config, peer, "SELECT count(*) FROM reconciler.inbox WHERE origin = 'us-east'") == 21
+            assert scalar(config, peer, "SELECT count(*) = count(DISTINCT sequence) FROM reconciler.inbox") is True
+        # the loops are still running: one more write goes through
+        write_orders(config, "us-east", 1, "later-")
+        wait_until(lambda: all("later-0" in rows(config, p, "orders") for p in peers), 30, "a later write")
+        cluster.check()
+    finally:
+        cluster.stop_all()
+
+
+def test_a_message_claiming_another_origin_is_quarantined_and_the_real_event_applies(
+    stack: Any, tmp_path: Path
+) -> None:
+    config = make_env(stack, tmp_path)
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        write_orders(config, "eu-west", 1, "warm-")
+        wait_until(lambda: "warm-0" in rows(config, "us-east", "orders"), 60, "the warm-up write")
+        # on us-east's topic, an event claiming eu-west's origin and its next sequence
+        forged_id, forged = _message("eu-west", 2, "forged", {"customer": "x", "status": "new", "total_cents": 1})
+        _produce(config, "us-east", [forged])
+        wait_until(lambda: any(q[0] == forged_id for q in _quarantine(config, "ap-south")), 30,
+                   "the forged event quarantined")
+        write_orders(config, "eu-west", 1, "real-")  # eu-west's real sequence 2
+        wait_until(lambda: all("real-0" in rows(config, r, "orders") for r in ("us-east", "ap-south")), 30,
+                   "eu-west's real event 2 applied in spite of the forged one")
+        cluster.check()
+        for region in ("eu-west", "ap-south"):
+            assert "forged" not in rows(config, region, "orders")
+            entry = next(q for q in _quarantine(config, region) if q[0] == forged_id)
+            assert entry[1] == "origin_mismatch" and config.events_topic("us-east") in entry[2]
+    finally:
+        cluster.stop_all()
