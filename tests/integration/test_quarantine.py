@@ -11,7 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from reconciler import wire
+from reconciler.apply import Applier
 from reconciler.hlc import Timestamp
+from reconciler.store import postgres as pg
 from reconciler.transport import kafka
 
 from .pipeline import Cluster, connect, make_env, rows, scalar, wait_until, write_orders
@@ -39,10 +42,13 @@ def _produce(config: Any, topic_origin: str, messages: list[bytes]) -> None:
 
 
 def _quarantine(config: Any, region: str) -> list[tuple[Any, ...]]:
+    """(event id, reason, detail, origin, sequence, settled) per entry; the id read from
+    the kept raw message, so that the same helper reads a schema without settlement."""
     with connect(config, region) as conn:
-        return conn.execute(
-            "SELECT event_id::text, reason, detail, origin, sequence, settled_at FROM reconciler.quarantine"
+        found = conn.execute(
+            "SELECT raw, reason, detail, origin, sequence, to_jsonb(q) ->> 'settled_at' FROM reconciler.quarantine q"
             " ORDER BY id").fetchall()
+    return [(json.loads(bytes(raw))["id"], *rest) for raw, *rest in found]
 
 
 def test_unappliable_events_are_quarantined_and_the_inbox_keeps_going(stack: Any, tmp_path: Path) -> None:
@@ -110,3 +116,59 @@ def test_a_message_claiming_another_origin_is_quarantined_and_the_real_event_app
             assert entry[1] == "origin_mismatch" and config.events_topic("us-east") in entry[2]
     finally:
         cluster.stop_all()
+
+
+def _db_now_ms(config: Any, region: str) -> int:
+    return int(scalar(config, region, "SELECT reconciler.physical_hlc() >> 16"))
+
+
+def test_a_future_stamped_event_is_held_then_applied_and_no_loop_stops(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, hlc={"max_offset_ms": 500})
+    peers = ("us-east", "eu-west")
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        write_orders(config, "us-east", 1, "warm-")
+        wait_until(lambda: "warm-0" in rows(config, "eu-west", "orders"), 60, "the warm-up write")
+        ahead_ms = 4000
+        stamp = Timestamp(_db_now_ms(config, "ap-south") + ahead_ms, 0)
+        future_id, future = _message("ap-south", 1, "future", {"customer": "x", "status": "new", "total_cents": 1},
+                                     hlc=stamp)
+        _produce(config, "ap-south", [future])
+        wait_until(lambda: all(any(q[0] == future_id for q in _quarantine(config, p)) for p in peers), 30,
+                   "the future-stamped event held")
+        for peer in peers:
+            entry = next(q for q in _quarantine(config, peer) if q[0] == future_id)
+            assert entry[1] == "clock_skew" and entry[5] is None  # held, not settled
+            assert "future" not in rows(config, peer, "orders")
+        # meanwhile the loops keep applying
+        write_orders(config, "us-east", 3, "meanwhile-")
+        wait_until(lambda: "meanwhile-2" in rows(config, "eu-west", "orders"), 30, "writes while one is held")
+        # applied once its stamp is no longer too far ahead of the database's clock
+        wait_until(lambda: all("future" in rows(config, p, "orders") for p in peers), ahead_ms / 1000 + 30,
+                   "the held event applied when allowed")
+        cluster.check()
+        for peer in peers:
+            assert _db_now_ms(config, peer) >= stamp.wall_ms - 500  # applied only once it was allowed
+            entry = next(q for q in _quarantine(config, peer) if q[0] == future_id)
+            assert entry[5] is not None  # settled
+            assert scalar(config, peer, "SELECT settlement || ':' || settled_by FROM reconciler.quarantine"
+                          " WHERE event_id = %s", (future_id,)) == "applied:inbox"
+            assert scalar(config, peer, "SELECT count(*) FROM reconciler.inbox WHERE origin = 'ap-south'") == 1
+    finally:
+        cluster.stop_all()
+
+
+def test_python_and_sql_judge_skew_against_one_clock_and_limit(stack: Any, tmp_path: Path) -> None:
+    """The apply path's check and SQL hlc_observe agree: a config whose max offset
+    differs from the one `migrate` stored must not let an event through the first
+    check only to fail the second (RC001, which used to stop the inbox)."""
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"), hlc={"max_offset_ms": 500})
+    with pg.connect(config.region("eu-west").dsn, autocommit=True) as conn:
+        applier = Applier(conn, "eu-west", config.tables, 60_000)  # a config changed since migrate
+        stamp = Timestamp(_db_now_ms(config, "eu-west") + 5_000, 0)
+        _id, raw = _message("us-east", 1, "ahead", {"customer": "x", "status": "new", "total_cents": 1}, hlc=stamp)
+        report = applier.apply_remote([wire.decode(raw)])
+    assert not report.applied
+    assert [q["reason"] for q in report.quarantined] == ["clock_skew"]
+    assert "ahead" not in rows(config, "eu-west", "orders")
