@@ -175,7 +175,7 @@ class Applier:
             key = event_key(event)
             entry = held.get(key)
             if entry is not None and key not in retrying:
-                if entry.reason != "clock_skew":
+                if entry.discarded or entry.reason != "clock_skew":
                     report.refused.append(event)
                     continue
                 retrying[key] = entry.id  # a held future stamp met again: try it now

@@ -32,6 +32,8 @@ _REFUSED = (
 class OpenEntry:
     id: int
     reason: str
+    #: settled by an operator's discard: never applied, never quarantined again
+    discarded: bool = False
 
 
 def clean_text(value: Any) -> str | None:
@@ -71,20 +73,37 @@ def insert(conn: Any, items: Sequence[Mapping[str, Any]]) -> None:
 
 
 def open_entries(conn: Any, events: Iterable[Event]) -> dict[tuple[str, int, str], OpenEntry]:
-    """Open entries of ``events`` by (origin, sequence, event id). Forged copies
-    (origin_mismatch) are left out: they say nothing about the real event."""
+    """Open or discarded entries of ``events`` by (origin, sequence, event id). Forged
+    copies (origin_mismatch) are left out: they say nothing about the real event."""
     pairs = [(e.origin, e.sequence) for e in events if e.sequence is not None]
     if not pairs:
         return {}
     rows = conn.execute(
-        "SELECT q.origin, q.sequence, q.event_id::text, q.id, q.reason FROM reconciler.quarantine q"
+        "SELECT q.origin, q.sequence, q.event_id::text, q.id, q.reason, q.settled_at IS NOT NULL"
+        " FROM reconciler.quarantine q"
         " JOIN unnest(%s::text[], %s::bigint[]) AS c(origin, sequence)"
         "  ON q.origin = c.origin AND q.sequence = c.sequence"
-        " WHERE q.settled_at IS NULL AND q.event_id IS NOT NULL AND q.reason <> 'origin_mismatch'"
-        " ORDER BY q.id",
+        " WHERE (q.settled_at IS NULL OR q.settlement = 'discarded') AND q.event_id IS NOT NULL"
+        " AND q.reason <> 'origin_mismatch' ORDER BY q.id",
         ([o for o, _ in pairs], [s for _, s in pairs]),
     ).fetchall()
-    return {(o, int(s), e): OpenEntry(int(i), str(r)) for o, s, e, i, r in rows}
+    return {(o, int(s), e): OpenEntry(int(i), str(r), bool(d)) for o, s, e, i, r, d in rows}
+
+
+def discarded(conn: Any) -> dict[str, list[tuple[int, int]]]:
+    """Per origin, the sequences an operator gave up here (discarded entries): settled,
+    so gap analysis counts them as done rather than missing. A discarded forged copy
+    (origin_mismatch) settles nothing of the origin it claimed."""
+    with translated(step="read discarded events"):
+        rows = conn.execute(
+            "SELECT DISTINCT origin, sequence FROM reconciler.quarantine WHERE settlement = 'discarded'"
+            " AND origin IS NOT NULL AND sequence IS NOT NULL AND reason <> 'origin_mismatch' ORDER BY 1, 2"
+        ).fetchall()
+        conn.commit()
+    out: dict[str, list[tuple[int, int]]] = {}
+    for origin, sequence in rows:
+        out.setdefault(str(origin), []).append((int(sequence), int(sequence)))
+    return out
 
 
 def clock(conn: Any) -> tuple[int, int]:

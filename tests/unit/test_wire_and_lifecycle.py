@@ -85,6 +85,13 @@ def test_gate_passes_only_when_everything_agrees() -> None:
     assert gate(GateInput(0, 0, 0, 0.0, {}, parked_keys=7), 0, 5.0).passed  # parked keys never block
 
 
+def test_refused_events_are_missing_for_the_gate_even_with_no_gap_or_lag() -> None:
+    """A quarantined or held event is missing, never in flight: within the lag limit
+    and with no hole, the gate still refuses until it is settled."""
+    decision = gate(GateInput(0, 0, 1, 0.0, refused_events=1), 10, 5.0)
+    assert not decision.passed and any("1 events refused" in r for r in decision.reasons), decision
+
+
 def test_transitions() -> None:
     check_transition(State.ACTIVE, State.FENCED)
     check_transition(State.CATCHING_UP, State.VERIFYING)
