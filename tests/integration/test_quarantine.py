@@ -11,10 +11,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from reconciler import wire
+from click.testing import CliRunner
+
+from reconciler import outbox, wire
 from reconciler.apply import Applier
+from reconciler.cli import main
 from reconciler.hlc import Timestamp
 from reconciler.store import postgres as pg
+from reconciler.store import quarantine as quarantine_store
 from reconciler.transport import kafka
 
 from .pipeline import Cluster, connect, make_env, rows, scalar, wait_until, write_orders
@@ -172,3 +176,101 @@ def test_python_and_sql_judge_skew_against_one_clock_and_limit(stack: Any, tmp_p
     assert not report.applied
     assert [q["reason"] for q in report.quarantined] == ["clock_skew"]
     assert "ahead" not in rows(config, "eu-west", "orders")
+
+
+def _cli(config: Any, *args: str) -> tuple[int, Any]:
+    result = CliRunner().invoke(main, [*args, "--config", str(config.path), "--json"])
+    try:
+        doc = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        doc = result.output
+    return result.exit_code, doc
+
+
+def _order(config: Any, region: str, key: str, total: int) -> None:
+    with connect(config, region) as conn, conn.transaction():
+        outbox.write(conn, "orders", "insert", {"id": key}, values={"customer": "c", "status": "new",
+                                                                    "total_cents": total})
+
+
+def test_refused_events_are_missing_until_an_operator_settles_them(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    with connect(config, "eu-west") as conn:  # eu-west's copy of the table refuses big orders
+        conn.execute("ALTER TABLE public.orders ADD CONSTRAINT small CHECK (total_cents < 1000)")
+        conn.commit()
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        for key, total in (("a", 5), ("big", 5000), ("b", 7)):
+            _order(config, "us-east", key, total)
+        wait_until(lambda: {"a", "b"} <= set(rows(config, "eu-west", "orders")), 60, "the good orders")
+        wait_until(lambda: bool(_quarantine(config, "eu-west")), 30, "the big order refused")
+        cluster.check()
+    finally:
+        cluster.stop_all()
+    big_id = scalar(config, "us-east", "SELECT id::text FROM reconciler.outbox WHERE aggregateid = 'big'")
+    [entry] = _quarantine(config, "eu-west")
+    assert entry[0] == big_id and entry[1] == "apply_failed" and "23514" in entry[2]
+    entry_id = int(scalar(config, "eu-west", "SELECT id FROM reconciler.quarantine"))
+
+    # gaps: refused, with the event id and the reason; exit 1
+    code, doc = _cli(config, "gaps")
+    assert code == 1, doc
+    [refused] = doc["refused"]["eu-west"]
+    assert (refused["event_id"], refused["reason"], refused["origin"], refused["sequence"]) == (
+        big_id, "apply_failed", "us-east", 2)
+    text = CliRunner().invoke(main, ["gaps", "--config", str(config.path)]).output
+    assert "REFUSED" in text and big_id in text
+    with connect(config, "eu-west") as conn:
+        assert quarantine_store.refused_counts(conn) == {("us-east", "apply_failed"): 1}
+
+    # recover: reports it, does not quarantine it again, and the gate refuses
+    code, doc = _cli(config, "recover", "--region", "eu-west")
+    assert code == 1 and not doc["gate"]["passed"], doc
+    assert any("refused" in r for r in doc["gate"]["reasons"])
+    assert [r["event_id"] for r in doc["refused"]] == [big_id]
+    assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.quarantine") == 1
+
+    # retry before the cause is fixed: still refused, kept open, audited
+    code, doc = _cli(config, "quarantine", "retry", str(entry_id), "--yes", "--by", "alice")
+    assert code == 1 and doc["results"][0]["outcome"] == "still_refused", doc
+    with connect(config, "eu-west") as conn:
+        conn.execute("ALTER TABLE public.orders DROP CONSTRAINT small")
+        conn.commit()
+    code, doc = _cli(config, "quarantine", "retry", str(entry_id), "--yes", "--by", "alice")
+    assert code == 0 and doc["results"][0]["outcome"] == "applied", doc
+    assert rows(config, "eu-west", "orders")["big"]["total_cents"] == 5000
+    code, doc = _cli(config, "quarantine", "show", str(entry_id))
+    assert doc["status"] == "applied" and doc["settled"]["by"] == "alice"
+    assert [(a["action"], a["actor"]) for a in doc["audit"]] == [("retry", "alice"), ("retry", "alice")]
+    code, doc = _cli(config, "gaps")
+    assert code == 0 and doc["total_refused"] == 0 and doc["total_missing"] == 0, doc
+
+    # discard: reason required, then settled; gaps and the gate stop counting it
+    with connect(config, "eu-west") as conn:  # again, for new rows only
+        conn.execute("ALTER TABLE public.orders ADD CONSTRAINT small CHECK (total_cents < 1000) NOT VALID")
+        conn.commit()
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        _order(config, "us-east", "huge", 9000)
+        _order(config, "us-east", "c", 8)
+        wait_until(lambda: "c" in rows(config, "eu-west", "orders"), 60, "the order after the refused one")
+        wait_until(lambda: len(_quarantine(config, "eu-west")) == 2, 30, "the huge order refused")
+    finally:
+        cluster.stop_all()
+    second = int(scalar(config, "eu-west", "SELECT max(id) FROM reconciler.quarantine"))
+    result = CliRunner().invoke(main, ["quarantine", "discard", str(second), "--yes", "--config", str(config.path),
+                                       "--region", "eu-west"])
+    assert result.exit_code == 2 and "--reason" in result.output  # the audit trail needs a reason
+    code, doc = _cli(config, "gaps", "--region", "eu-west")
+    assert code == 1 and doc["total_refused"] == 1
+    code, doc = _cli(config, "quarantine", "discard", str(second), "--yes", "--region", "eu-west", "--by", "bob",
+                     "--reason", "TICKET-7: order cancelled at the source")
+    assert code == 0 and doc["entries"][0]["status"] == "discarded", doc
+    code, doc = _cli(config, "gaps", "--region", "eu-west")
+    assert code == 0 and doc["total_refused"] == 0 and doc["total_missing"] == 0, doc
+    code, doc = _cli(config, "recover", "--region", "eu-west")
+    assert code == 0 and doc["gate"]["passed"] and doc["state"] == "ACTIVE", doc
+    assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.quarantine") == 2  # kept, not re-added
+    assert "huge" not in rows(config, "eu-west", "orders")
