@@ -355,7 +355,8 @@ def quarantine_list(config_path: str, region: str | None, limit: int, status: st
         print_json({"region": name, "count": len(found), "entries": [q.to_dict() for q in found]})
         return
     if not found:
-        click.echo(f"region {name}: no quarantine entries" + ("" if status == "all" else f" ({status})"))
+        click.echo(f"region {name}: quarantine is empty" if status == "all"
+                   else f"region {name}: no {status} quarantine entries")
         return
     click.echo(f"region {name}: {len(found)} quarantined event{'s' if len(found) != 1 else ''} (newest first)")
     _table(
