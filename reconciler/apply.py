@@ -70,7 +70,8 @@ EventKey = tuple[str, int, str]
 
 
 def event_key(event: Event) -> EventKey:
-    return (event.origin, event.sequence or 0, event.event_id)
+    # the database's spelling of a uuid (a message may spell it in capitals)
+    return (event.origin, event.sequence or 0, event.event_id.lower())
 
 
 def refused_by_database(exc: ReconcilerError) -> bool:
@@ -166,9 +167,12 @@ class Applier:
                 quarantine.append(_rejection(event, "other", "an event of this region came back as remote"))
             else:
                 candidates.append(event)
-        with translated(region=self.region, step="apply checks"), self.conn.transaction():
-            db_now, db_max_offset = quarantine_store.clock(self.conn)
-            held = quarantine_store.open_entries(self.conn, candidates)
+        with translated(region=self.region, step="apply checks"):
+            if self.conn.autocommit:
+                db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
+            else:  # never leave a caller's session idle in a transaction this opened
+                with self.conn.transaction():
+                    db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
         now, max_offset = (self.now_ms(), self.max_offset_ms) if self.now_ms is not None else (db_now, db_max_offset)
         kept: list[Event] = []
         for event in candidates:
@@ -254,7 +258,7 @@ class Applier:
             if applied:
                 pg.observe_hlc(self.conn, max(e.hlc for e in applied))
             self._keep(quarantine, retrying, actor, action)
-            refused_now = {(q["origin"], q["sequence"], q["event_id"]) for q in quarantine}
+            refused_now = {(q["origin"], q["sequence"], str(q["event_id"]).lower()) for q in quarantine}
             settled = [entry for key, entry in retrying.items()
                        if key in {event_key(e) for e in candidates} and key not in refused_now]
             quarantine_store.settle(self.conn, settled, "applied", actor, "applied on retry", action)
@@ -270,7 +274,7 @@ class Applier:
         entry kept open with its new reason."""
         fresh = []
         for item in quarantine:
-            entry = retrying.get((item["origin"], item["sequence"], item["event_id"]))
+            entry = retrying.get((item["origin"], item["sequence"], str(item["event_id"]).lower()))
             if entry is None:
                 fresh.append(item)
             else:

@@ -72,22 +72,26 @@ def insert(conn: Any, items: Sequence[Mapping[str, Any]]) -> None:
         )
 
 
-def open_entries(conn: Any, events: Iterable[Event]) -> dict[tuple[str, int, str], OpenEntry]:
-    """Open or discarded entries of ``events`` by (origin, sequence, event id). Forged
-    copies (origin_mismatch) are left out: they say nothing about the real event."""
+def apply_checks(conn: Any, events: Iterable[Event]) -> tuple[int, int, dict[tuple[str, int, str], OpenEntry]]:
+    """What the apply path checks before it writes, in one statement: this database's
+    physical time in ms and the max offset `migrate` stored (the one clock and limit
+    every skew judgement uses, SQL ``hlc_observe`` included), and the open or
+    discarded quarantine entries of ``events`` by (origin, sequence, event id).
+    Forged copies (origin_mismatch) are left out: they say nothing about the real
+    event."""
     pairs = [(e.origin, e.sequence) for e in events if e.sequence is not None]
-    if not pairs:
-        return {}
-    rows = conn.execute(
-        "SELECT q.origin, q.sequence, q.event_id::text, q.id, q.reason, q.settled_at IS NOT NULL"
-        " FROM reconciler.quarantine q"
-        " JOIN unnest(%s::text[], %s::bigint[]) AS c(origin, sequence)"
-        "  ON q.origin = c.origin AND q.sequence = c.sequence"
-        " WHERE (q.settled_at IS NULL OR q.settlement = 'discarded') AND q.event_id IS NOT NULL"
-        " AND q.reason <> 'origin_mismatch' ORDER BY q.id",
+    row = conn.execute(
+        "SELECT reconciler.physical_hlc() >> 16, (SELECT max_offset_ms FROM reconciler.region),"
+        " (SELECT coalesce(jsonb_agg(jsonb_build_array(q.origin, q.sequence, q.event_id, q.id, q.reason,"
+        "   q.settled_at IS NOT NULL) ORDER BY q.id), '[]')"
+        "  FROM reconciler.quarantine q JOIN unnest(%s::text[], %s::bigint[]) AS c(origin, sequence)"
+        "   ON q.origin = c.origin AND q.sequence = c.sequence"
+        "  WHERE (q.settled_at IS NULL OR q.settlement = 'discarded') AND q.event_id IS NOT NULL"
+        "  AND q.reason <> 'origin_mismatch')",
         ([o for o, _ in pairs], [s for _, s in pairs]),
-    ).fetchall()
-    return {(o, int(s), e): OpenEntry(int(i), str(r), bool(d)) for o, s, e, i, r, d in rows}
+    ).fetchone()
+    entries = {(o, int(s), e): OpenEntry(int(i), str(r), bool(d)) for o, s, e, i, r, d in row[2]}
+    return int(row[0]), int(row[1] or 0), entries
 
 
 def discarded(conn: Any) -> dict[str, list[tuple[int, int]]]:
@@ -104,17 +108,6 @@ def discarded(conn: Any) -> dict[str, list[tuple[int, int]]]:
     for origin, sequence in rows:
         out.setdefault(str(origin), []).append((int(sequence), int(sequence)))
     return out
-
-
-def clock(conn: Any) -> tuple[int, int]:
-    """(this database's physical time in ms, the max offset `migrate` stored): the one
-    clock and limit every skew judgement uses, the SQL ``hlc_observe`` included."""
-    row = conn.execute(
-        "SELECT reconciler.physical_hlc() >> 16, max_offset_ms FROM reconciler.region"
-    ).fetchone()
-    if row is None:
-        return 0, 0
-    return int(row[0]), int(row[1])
 
 
 def still_refused(conn: Any, entry_id: int, reason: str, detail: str, actor: str, action: str) -> None:
