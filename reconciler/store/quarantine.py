@@ -91,7 +91,7 @@ def apply_checks(conn: Any, events: Iterable[Event]) -> tuple[int, int, dict[tup
         ([o for o, _ in pairs], [s for _, s in pairs]),
     ).fetchone()
     entries = {(o, int(s), e): OpenEntry(int(i), str(r), bool(d)) for o, s, e, i, r, d in row[2]}
-    return int(row[0]), int(row[1] or 0), entries
+    return int(row[0]), int(row[1] if row[1] is not None else 1000), entries  # 1000: as hlc_observe
 
 
 def discarded(conn: Any) -> dict[str, list[tuple[int, int]]]:
