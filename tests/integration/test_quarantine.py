@@ -17,6 +17,7 @@ from reconciler import outbox, wire
 from reconciler.apply import Applier
 from reconciler.cli import main
 from reconciler.hlc import Timestamp
+from reconciler.model import Event, Operation
 from reconciler.store import postgres as pg
 from reconciler.store import quarantine as quarantine_store
 from reconciler.transport import kafka
@@ -274,3 +275,41 @@ def test_refused_events_are_missing_until_an_operator_settles_them(stack: Any, t
     assert code == 0 and doc["gate"]["passed"] and doc["state"] == "ACTIVE", doc
     assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.quarantine") == 2  # kept, not re-added
     assert "huge" not in rows(config, "eu-west", "orders")
+
+
+def test_a_merge_row_left_without_a_not_null_column_after_a_tombstone_is_quarantined(
+    stack: Any, tmp_path: Path
+) -> None:
+    """inventory is a merge table; with its lww column `name` NOT NULL, an update
+    concurrent with a delete revives the row without the name it had before the
+    tombstone (null). The database refuses it (23502): that event alone is
+    quarantined, the rest of the batch applied."""
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west", "ap-south"))
+    with connect(config, "eu-west") as conn:
+        conn.execute("ALTER TABLE public.inventory ALTER COLUMN name SET NOT NULL")
+        conn.commit()
+    now = _db_now_ms(config, "eu-west")
+
+    def event(origin: str, seq: int, sku: str, op: str, hlc: int, values: dict[str, Any],
+              deltas: dict[str, Any] | None = None) -> Any:
+        payload: dict[str, Any] = {"key": {"sku": sku}, "values": {"sku": sku, **values}}
+        if deltas:
+            payload["deltas"] = deltas
+        return Event(origin=origin, event_id=str(uuid.uuid4()), table="inventory", key=sku,
+                     operation=Operation(op), hlc=Timestamp(now - 1000 + hlc, 0), sequence=seq,
+                     event_type=f"inventory.{op}", payload=payload, prior=None)
+
+    batch = [
+        event("us-east", 1, "kept", "insert", 1, {"name": "ok", "stock": 1, "tags": []}),
+        event("us-east", 2, "x", "insert", 10, {"name": "n", "stock": 5, "tags": []}),
+        event("ap-south", 1, "x", "delete", 20, {}),
+        event("us-east", 3, "x", "update", 30, {}, deltas={"stock": 1}),
+        event("us-east", 4, "also", "insert", 40, {"name": "fine", "stock": 2, "tags": []}),
+    ]
+    with pg.connect(config.region("eu-west").dsn, autocommit=True) as conn:
+        report = Applier(conn, "eu-west", config.tables, config.hlc_max_offset_ms).apply_remote(batch)
+    assert [q["reason"] for q in report.quarantined] == ["apply_failed"], report.quarantined
+    assert "23502" in report.quarantined[0]["detail"] and report.quarantined[0]["event_id"] == batch[3].event_id
+    assert {e.event_id for e in report.applied} == {e.event_id for i, e in enumerate(batch) if i != 3}
+    assert set(rows(config, "eu-west", "inventory")) == {"kept", "also"}  # x deleted; its revival refused
+    assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.inbox") == 4
