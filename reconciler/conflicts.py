@@ -351,7 +351,8 @@ class QuarantineEntry:
 
     ``status``: ``refused`` (open and missing: gaps, the gate and the metrics count
     it), ``superseded`` (open, but this region applied its (origin, sequence)
-    anyway), ``applied`` or ``discarded`` (settled).
+    anyway), ``unidentified`` (open, bytes naming no event: no sequence, no event
+    id), ``applied`` or ``discarded`` (settled).
     """
 
     id: int
@@ -377,7 +378,9 @@ class QuarantineEntry:
     def status(self) -> str:
         if self.settlement:
             return self.settlement
-        return "refused" if self.refused else "superseded"
+        if self.refused:
+            return "refused"
+        return "unidentified" if self.sequence is None and self.event_id is None else "superseded"
 
     def raw_preview(self) -> str | None:
         if self.raw is None:

@@ -20,9 +20,13 @@ from .translate import translated
 #: the largest value of a PostgreSQL bigint (sequences, HLC stamps)
 MAX_BIGINT = 2**63 - 1
 
-#: an entry is refused while it is open and its (origin, sequence) is not applied here
+#: an entry is refused while it is open, names an event (a sequence or an event id:
+#: bytes that name none, a segment-roll marker say, are no event anybody misses; a
+#: corrupted real event still leaves its sequence a hole in the inbox, which gap
+#: analysis reports) and its (origin, sequence) is not applied here
 _REFUSED = (
-    "q.settled_at IS NULL AND NOT (q.sequence IS NOT NULL AND ("
+    "q.settled_at IS NULL AND (q.sequence IS NOT NULL OR q.event_id IS NOT NULL)"
+    " AND NOT (q.sequence IS NOT NULL AND ("
     " EXISTS (SELECT 1 FROM reconciler.inbox i WHERE i.origin = q.origin AND i.sequence = q.sequence)"
     " OR q.sequence <= coalesce((SELECT f.through FROM reconciler.inbox_floor f WHERE f.origin = q.origin), 0)))"
 )
