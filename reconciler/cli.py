@@ -507,9 +507,14 @@ def _print_gaps(doc: dict[str, Any]) -> None:
         label = " (stale backup: the origin lost its own events)" if gap["stale_backup"] else ""
         click.echo(f"{gap['origin']} -> {gap['destination']}: {gap['count']} missing, "
                    f"HLC {gap['hlc_min']} .. {gap['hlc_max']}{label}")
+        refused = [e["sequence"] for e in doc.get("refused", {}).get(gap["destination"], [])
+                   if e["origin"] == gap["origin"] and e["sequence"] is not None]
         for part in gap["parts"]:
             where = part["source"] + (f" ({part['holder']})" if part["holder"] else "")
             marker = "  !! DATA LOSS" if part["source"] == "nowhere" else ""
+            held_back = sum(1 for seq in refused if part["lo"] <= seq <= part["hi"])
+            if held_back:
+                marker += f"  ({held_back} REFUSED here: not replayed until settled)"
             click.echo(f"    seq {part['lo']}..{part['hi']}  {part['count']:>8}  from {where}{marker}")
 
 
