@@ -636,6 +636,10 @@ class Sidecar:
             except ReconcilerError as exc:
                 self.metrics.loop_failed("merkle")
                 log.warning("anti-entropy pass failed; retrying next interval", extra={"fields": exc.to_dict()})
+            except Exception as exc:  # noqa: BLE001 - a comparison must never stop replication
+                self.metrics.loop_failed("merkle")
+                log.error("anti-entropy pass failed unexpectedly; retrying next interval",
+                          extra={"fields": {"error": repr(exc)[:500]}})
 
     def _stats_loop(self, stop: threading.Event) -> None:
         log = component_logger("stats", self.region)
