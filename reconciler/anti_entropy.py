@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .store import postgres as pg
 from .store.translate import translated
 from .verify import (
+    bounds,
     check_leaves,
     compare_table,
     parked_keys,
@@ -43,7 +44,6 @@ from .verify import (
     rebuild_leaves,
     repair_keys,
     wall_ms,
-    watermark,
 )
 
 
@@ -84,19 +84,19 @@ class AntiEntropy:
         result = PassResult(full_scan=full)
         peers = reachable_peers(self.config, self.region)
         parked = parked_keys(self.config, [self.region, *peers])
-        allowance = self.config.lifecycle.max_lag_seconds
         for table in self.config.tables:
             for peer in peers:
                 by_scan = full or (table, peer) in self.sticky
-                found = compare_table(self.config, table, self.region, peer, mark=watermark(self.now_ms(), allowance),
+                mark, ceiling = bounds(self.config, self.now_ms())
+                found = compare_table(self.config, table, self.region, peer, mark=mark, ceiling=ceiling,
                                       parked=parked.get(table, set()), full_scan=by_scan)
                 if found.divergent and self.settings.repair:
                     fixed = repair_keys(self.config, table, list(found.divergent), [self.region, peer],
                                         targets=[self.region], copy_unmanaged=False)
                     self._audit_repair(table, peer, fixed.repaired, fixed.unmanaged, result)
                     if fixed.repaired:
-                        found = compare_table(self.config, table, self.region, peer,
-                                              mark=watermark(self.now_ms(), allowance),
+                        mark, ceiling = bounds(self.config, self.now_ms())
+                        found = compare_table(self.config, table, self.region, peer, mark=mark, ceiling=ceiling,
                                               parked=parked.get(table, set()), full_scan=by_scan)
                 if by_scan:
                     if found.root.equal:

@@ -16,6 +16,10 @@ events, is divergent. Keys parked in the manual queue (on either side) are left 
 too. Comparing the roots over the remaining rows then amounts to "no divergent key":
 the differing keys are what the Merkle walk narrows the roots' difference to.
 
+An event stamped further ahead of now than ``hlc.max_offset_ms`` (a skewed clock) is
+never in flight either: waiting for the watermark to pass it could take forever, so
+a key it alone explains is divergent.
+
 Why not "the lowest HLC every region has applied everything below": a quarantined or
 refused event would hold that watermark back for good and excuse every later
 difference, and computing it needs every origin reachable; the lag allowance needs
@@ -55,6 +59,13 @@ MAX_NAMED_KEYS = 100
 def watermark(now_ms: int, allowance_seconds: float) -> Timestamp:
     """The HLC as of which two regions must agree: now minus the lag allowance."""
     return Timestamp(max(0, now_ms - int(allowance_seconds * 1000)), 0)
+
+
+def bounds(config: Config, now_ms: int) -> tuple[Timestamp, Timestamp]:
+    """(watermark, ceiling): an event is in flight only when stamped above the first
+    and at most the second (now plus the clock offset the HLC tolerates)."""
+    ceiling = Timestamp.carried(now_ms + config.hlc_max_offset_ms, 0)
+    return watermark(now_ms, config.lifecycle.max_lag_seconds), ceiling
 
 
 def wall_ms() -> int:
@@ -186,15 +197,19 @@ def key_view(config: Config, table: str, keys: list[str], region: str) -> KeyVie
     return KeyView(events, rows, horizon)
 
 
-def judge_keys(a: KeyView, b: KeyView, keys: Iterable[str], mark: Timestamp) -> tuple[set[str], set[str]]:
+def judge_keys(
+    a: KeyView, b: KeyView, keys: Iterable[str], mark: Timestamp, ceiling: Timestamp | None = None,
+) -> tuple[set[str], set[str]]:
     """(divergent, in flight) among ``keys``; keys whose rows now agree are neither.
 
     In flight: some event one side applied and the other has not, and every such
-    event stamped above ``mark``. Everything else that differs is divergent.
+    event stamped above ``mark`` (and not above ``ceiling``, the future). Everything
+    else that differs is divergent.
     """
     # events below either region's retention horizon may be pruned on one side only
     horizon = max(a.horizon, b.horizon)
     packed = mark.pack()
+    top = ceiling.pack() if ceiling is not None else None
     divergent: set[str] = set()
     in_flight: set[str] = set()
     for key in keys:
@@ -203,7 +218,8 @@ def judge_keys(a: KeyView, b: KeyView, keys: Iterable[str], mark: Timestamp) -> 
         ea = {e for e in a.events.get(key, ()) if e[0] >= horizon}
         eb = {e for e in b.events.get(key, ()) if e[0] >= horizon}
         differing = ea ^ eb
-        if differing and min(hlc for hlc, _ in differing) > packed:
+        stamps = [hlc for hlc, _ in differing]
+        if stamps and min(stamps) > packed and (top is None or max(stamps) <= top):
             in_flight.add(key)
         else:
             divergent.add(key)
@@ -228,6 +244,7 @@ def compare_table(
     peer: str,
     *,
     mark: Timestamp,
+    ceiling: Timestamp | None = None,
     parked: set[str] | frozenset[str] = frozenset(),
     full_scan: bool = False,
 ) -> TableComparison:
@@ -251,7 +268,7 @@ def compare_table(
     if candidates:
         ordered = sorted(candidates)
         divergent, in_flight = judge_keys(
-            key_view(config, table, ordered, region), key_view(config, table, ordered, peer), ordered, mark)
+            key_view(config, table, ordered, region), key_view(config, table, ordered, peer), ordered, mark, ceiling)
     buckets = 0
     if divergent:
         with pg.connect(config.region(region).dsn, region=region) as conn:
@@ -430,7 +447,6 @@ def verify_and_repair(
     peers = reachable_peers(config, region)
     parked = parked_keys(config, [region, *peers])
     out = Verification({}, {}, {}, [])
-    allowance = config.lifecycle.max_lag_seconds
     for name in config.tables:
         stale = check_leaves(config, name, region).stale_buckets
         if stale and repair:
@@ -438,13 +454,15 @@ def verify_and_repair(
             out.leaves_rebuilt[name] = len(stale)
         differing: set[str] = set()
         for peer in peers:
-            found = compare_table(config, name, region, peer, mark=watermark(now_ms(), allowance),
+            mark, ceiling = bounds(config, now_ms())
+            found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
                                   parked=parked.get(name, set()))
             if found.divergent and repair:
                 done = out.repaired.setdefault(name, [])
                 fixed = repair_keys(config, name, list(found.divergent), [region, peer])
                 done.extend(k for k in fixed.repaired if k not in done)
-                found = compare_table(config, name, region, peer, mark=watermark(now_ms(), allowance),
+                mark, ceiling = bounds(config, now_ms())
+                found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
                                       parked=parked.get(name, set()))
             differing.update(found.divergent)
             out.roots.append(found.root)

@@ -72,6 +72,14 @@ def test_a_key_is_in_flight_only_when_every_differing_event_is_above_the_waterma
     assert divergent == {"k2", "k3", "k5"}
 
 
+def test_an_event_from_the_future_is_never_in_flight() -> None:
+    future = Timestamp(5_000_000, 0).pack()
+    a = view({"k": ((future, "e1"),)}, {"k": 2})
+    b = view({}, {"k": 1})
+    assert judge_keys(a, b, ["k"], MARK, Timestamp(1_001_000, 0)) == ({"k"}, set())
+    assert judge_keys(a, b, ["k"], MARK, Timestamp(6_000_000, 0)) == (set(), {"k"})
+
+
 def test_watermark_is_now_minus_the_lag_allowance() -> None:
     assert watermark(10_000, 2.5) == Timestamp(7_500, 0)
     assert watermark(1_000, 5) == Timestamp(0, 0)
