@@ -12,9 +12,13 @@ is older than the gate tolerates for lag, so it is missing (or quarantined, or
 refused), never in flight. A differing key is left out of the comparison only when
 every event that one side has and the other lacks is stamped above the watermark;
 any other differing key, including one whose two regions applied exactly the same
-events, is divergent. Keys parked in the manual queue (on either side) are left out
-too. Comparing the roots over the remaining rows then amounts to "no divergent key":
-the differing keys are what the Merkle walk narrows the roots' difference to.
+events, is divergent. One exception to the age rule: an event its origin has not
+published yet (still unnumbered or unacknowledged in its outbox) is on its way
+whatever its age -- a region out of ACTIVE relays nothing, so its own writes made
+during catch-up would otherwise hold the gate shut for good. Keys parked in the
+manual queue (on either side) are left out too. Comparing the roots over the
+remaining rows then amounts to "no divergent key": the differing keys are what the
+Merkle walk narrows the roots' difference to.
 
 An event stamped further ahead of now than ``hlc.max_offset_ms`` (a skewed clock) is
 never in flight either: waiting for the watermark to pass it could take forever, so
@@ -174,6 +178,9 @@ class KeyView:
     rows: dict[str, Any]
     #: events below this HLC may have been pruned
     horizon: int
+    #: this region's own events not yet published to Kafka: no peer can have them
+    #: before this region's relay runs, which it does only while ACTIVE
+    pending: frozenset[str] = frozenset()
 
 
 def key_view(config: Config, table: str, keys: list[str], region: str) -> KeyView:
@@ -184,17 +191,24 @@ def key_view(config: Config, table: str, keys: list[str], region: str) -> KeyVie
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         with conn.transaction():
             events: dict[str, tuple[tuple[int, str], ...]] = {}
-            for k, hlc, e in conn.execute(
-                "SELECT row_key, hlc, event_id::text FROM reconciler.inbox"
+            pending: set[str] = set()
+            for k, hlc, e, unpublished in conn.execute(
+                "SELECT row_key, hlc, event_id::text, false FROM reconciler.inbox"
                 " WHERE table_name = %s AND row_key = ANY(%s)"
-                " UNION ALL SELECT aggregateid, hlc, id::text FROM reconciler.outbox"
-                " WHERE aggregatetype = %s AND aggregateid = ANY(%s)",
+                " UNION ALL SELECT o.aggregateid, o.hlc, o.id::text,"
+                " s.relay_sequence IS NULL OR s.relay_sequence > coalesce(r.published_through, 0)"
+                " FROM reconciler.outbox o"
+                " LEFT JOIN reconciler.outbox_sequence s ON s.position = o.position"
+                " LEFT JOIN reconciler.relay_state r ON r.origin = o.origin"
+                " WHERE o.aggregatetype = %s AND o.aggregateid = ANY(%s)",
                 (table, keys, table, keys)).fetchall():
                 events[k] = (*events.get(k, ()), (int(hlc), e))
+                if unpublished:
+                    pending.add(e)
             row = conn.execute("SELECT horizon_hlc FROM reconciler.retention_state").fetchone()
             horizon = int(row[0]) if row else 0
             rows = _rows_by_key(conn, spec, keys)
-    return KeyView(events, rows, horizon)
+    return KeyView(events, rows, horizon, frozenset(pending))
 
 
 def judge_keys(
@@ -203,8 +217,8 @@ def judge_keys(
     """(divergent, in flight) among ``keys``; keys whose rows now agree are neither.
 
     In flight: some event one side applied and the other has not, and every such
-    event stamped above ``mark`` (and not above ``ceiling``, the future). Everything
-    else that differs is divergent.
+    event either not yet published by its origin or stamped above ``mark`` (and not
+    above ``ceiling``, the future). Everything else that differs is divergent.
     """
     # events below either region's retention horizon may be pruned on one side only
     horizon = max(a.horizon, b.horizon)
@@ -218,8 +232,10 @@ def judge_keys(
         ea = {e for e in a.events.get(key, ()) if e[0] >= horizon}
         eb = {e for e in b.events.get(key, ()) if e[0] >= horizon}
         differing = ea ^ eb
-        stamps = [hlc for hlc, _ in differing]
-        if stamps and min(stamps) > packed and (top is None or max(stamps) <= top):
+        # an event its origin has not published yet is on its way whatever its age: a
+        # region out of ACTIVE relays nothing until the gate lets it back
+        stamps = [hlc for hlc, e in differing if e not in a.pending and e not in b.pending]
+        if differing and all(packed < hlc and (top is None or hlc <= top) for hlc in stamps):
             in_flight.add(key)
         else:
             divergent.add(key)

@@ -80,6 +80,14 @@ def test_an_event_from_the_future_is_never_in_flight() -> None:
     assert judge_keys(a, b, ["k"], MARK, Timestamp(6_000_000, 0)) == (set(), {"k"})
 
 
+def test_an_old_event_its_origin_has_not_published_is_in_flight() -> None:
+    a = KeyView({"k": ((OLD, "own"),)}, {"k": 2}, 0, frozenset({"own"}))
+    b = view({}, {"k": 1})
+    assert judge_keys(a, b, ["k"], MARK) == (set(), {"k"})
+    published = view({"k": ((OLD, "own"),)}, {"k": 2})
+    assert judge_keys(published, b, ["k"], MARK) == ({"k"}, set())
+
+
 def test_watermark_is_now_minus_the_lag_allowance() -> None:
     assert watermark(10_000, 2.5) == Timestamp(7_500, 0)
     assert watermark(1_000, 5) == Timestamp(0, 0)
