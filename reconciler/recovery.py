@@ -54,6 +54,9 @@ class RegionFacts:
     #: per origin, applied up to here with the rows pruned: applied, but not servable
     inbox_floors: dict[str, int] = field(default_factory=dict)
     outbox: list[tuple[int, int]] = field(default_factory=list)
+    #: own sequences this region accounts for (numbered rows and pruned prefix), never
+    #: inferred from its counter; None: not read (an older caller), the counter stands in
+    own: list[tuple[int, int]] | None = None
 
     def inbox_held(self, origin: str) -> SeqRanges:
         """Sequences of ``origin`` whose payload this region still has."""
@@ -115,6 +118,7 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
                     # floors read after the ranges: a floor raised in between only makes
                     # this region claim fewer payloads than it has, never more
                     inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
+                    own=pg.own_ranges(conn, region),
                 )
         except ReconcilerError as exc:
             facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
@@ -143,8 +147,9 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
             applied[(origin, dest)] = SeqRanges(ranges)
             held[(dest, origin)] = f.inbox_held(origin)
     kafka_ranges = {o: SeqRanges.span(*r) for o, r in retained.items() if r}
+    own_held = {r: SeqRanges(f.own) for r, f in reachable.items() if f.own is not None}
     plans = [
-        p for p in plan_gaps(origin_high, applied, kafka_ranges, held)
+        p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
         if p.gap.destination in reachable and (region is None or p.gap.destination == region)
     ]
     report = GapReport(plans=plans, facts=facts, retained=retained)
@@ -175,11 +180,13 @@ def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
             with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
                 last, published = pg.relay_position(conn, region)
                 outbox = pg.outbox_ranges(conn, region)
+                own = pg.own_ranges(conn, region)
         except ReconcilerError:
             continue
         f.last_sequence = max(f.last_sequence, last)
         f.published_through = max(f.published_through, published)
         f.outbox = outbox
+        f.own = own
 
 
 def _hlc_span(
