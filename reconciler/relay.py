@@ -34,7 +34,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from .config import Config
-from .errors import ReconcilerError, TransportError
+from .errors import LifecycleError, ReconcilerError, TransportError
 from .lifecycle import State
 from .logs import component_logger
 from .metrics import Metrics
@@ -62,6 +62,9 @@ class Relay:
         self._next: Future[list[tuple[int, bytes, bytes]]] | None = None
         #: highest sequence this relay has read (published or in hand): the next claim starts above it
         self._read_through = 0
+        #: the database as this relay last saw it, kept across reconnects: a database that
+        #: comes back older than this was restored under the relay (see pg.DatabaseMark)
+        self._seen: pg.DatabaseMark | None = None
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
@@ -70,6 +73,15 @@ class Relay:
         self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
         self.log.bind(epoch=self.epoch)
         self._conn = pg.connect(dsn, region=self.region)
+        # before anything is numbered on this connection: is this still the database we
+        # numbered on, and does nobody hold numbers it does not know? (re-asked on every
+        # reconnect, since a restore is a reconnect)
+        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        behind = mark.behind(self._seen) if self._seen is not None else []
+        self._seen = mark
+        self._stale, self._stale_checked_at = False, None
+        if behind:
+            self._restored("database restored under the relay: " + "; ".join(behind))
         self._producer = kafka.producer(self.config.kafka_settings(self.region))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
         self._read_through = 0
@@ -123,7 +135,9 @@ class Relay:
                 + (f" (first: {first})" if first else ""),
                 retryable=True, region=self.region, topic=self.topic,
             )
-        pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
+        lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
+        if self._seen is not None:
+            self._seen = self._seen.advanced(lsn, batch[-1][0], batch[-1][0])
         if self.metrics is not None:
             self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
@@ -157,13 +171,32 @@ class Relay:
         if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
             self._stale_checked_at = now
             retained = kafka.retained_sequences(self.config.kafka_settings(self.region), self.topic)
+            peers = pg.peers_seen_through({p: self.config.region(p).dsn for p in self.config.peers(self.region)},
+                                          self.region)
             last, _ = pg.relay_position(self._conn, self.region)
-            self._stale = bool(retained and retained[1] > last)
-            if self._stale:
-                self.log.error("outbox is behind its own topic (stale backup?): not numbering new events; "
-                               "run `reconciler recover`",
-                               extra={"fields": {"outbox_last_sequence": last, "topic_last_sequence": retained}})
+            evidence = max([retained[1] if retained else 0, *peers.values()])
+            was_stale, self._stale = self._stale, evidence > last
+            if self._stale and not was_stale:
+                self._restored(f"outbox counter {last} is behind sequences its topic or peers hold "
+                               f"(topic {list(retained) if retained else None}, peers {peers})")
         return not self._stale
+
+    def _restored(self, reason: str) -> None:
+        """This database lost numbers peers already hold (restored from a backup): number
+        nothing until ``recover`` has brought the region's own events back, and send the
+        region to catch-up so that it does (the sidecar runs it; an operator may too)."""
+        assert self._conn is not None
+        self.log.error(reason + "; not numbering new events until `reconciler recover` has run",
+                       extra={"fields": {"reason": reason}})
+        if self.metrics is not None:
+            self.metrics.loop_failed("relay")
+        status = pg.region_status(self._conn)
+        if status.state in (State.ACTIVE, State.SUSPECT, State.VERIFYING):
+            try:
+                pg.transition(self._conn, State.CATCHING_UP, reason[:500], actor="relay",
+                              expected_epoch=status.epoch)
+            except LifecycleError:
+                pass  # someone moved the lifecycle meanwhile (fenced, or already catching up)
 
     def _send(self, key: bytes, value: bytes, callback: Any) -> None:
         while True:

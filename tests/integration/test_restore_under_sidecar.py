@@ -91,6 +91,12 @@ def test_restore_under_a_running_sidecar_loses_nothing_and_applies_nothing_twice
     for sidecar in running:
         assert sidecar.error is None and sidecar.thread.is_alive(), sidecar.error
 
+    # the relay recognised the restore itself, before numbering anything on it
+    with connect(config, RESTORED) as conn:
+        log = conn.execute("SELECT to_state, reason, actor FROM reconciler.lifecycle_log ORDER BY id").fetchall()
+    assert any(actor == "relay" and state == "CATCHING_UP" and "restored" in reason
+               for state, reason, actor in log), log
+
     # the 20 new orders reached the peers; the 100 relayed before the restore are back home
     for region in config.regions:
         have = set(rows(config, region, "orders"))
