@@ -6,12 +6,20 @@ One relay per region holds the lease (advisory lock + epoch, see
 1. number the committed, unnumbered outbox rows densely (durable before publish,
    so a republished event carries the same (origin, sequence) and the inbox can
    drop the duplicate);
-2. publish every numbered-but-unpublished event with the idempotent producer
-   (acks=all) and wait for every acknowledgement;
+2. publish every numbered-but-unpublished event in one Kafka transaction of the
+   idempotent producer (acks=all) and commit it; the transactional id is the
+   region's, so the next lease holder's producer fences this one at the broker
+   (a zombie relay that lost the lease appends nothing consumers read);
 3. record the highest sequence acknowledged.
 
 A crash between 2 and 3 republishes; nothing is skipped and the inbox absorbs
 the duplicates.
+
+Before it numbers anything on a (re)connected database, the relay checks that the
+database is not older than the one it numbered on (restored from a backup under
+it, see ``pg.DatabaseMark``) and that neither its topic nor its peers hold numbers
+its counter does not know. Either sends the region to CATCHING_UP, and nothing is
+numbered until ``recover`` has returned the region's own lost events.
 
 While one batch is produced and acknowledged, a helper thread numbers and reads
 the next one (1 for the next batch overlaps 2 for this one): the database and the
@@ -34,7 +42,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from .config import Config
-from .errors import LifecycleError, ReconcilerError, TransportError
+from .errors import FencedError, LifecycleError, ReconcilerError, TransportError
 from .lifecycle import State
 from .logs import component_logger
 from .metrics import Metrics
@@ -82,7 +90,10 @@ class Relay:
         self._stale, self._stale_checked_at = False, None
         if behind:
             self._restored("database restored under the relay: " + "; ".join(behind))
-        self._producer = kafka.producer(self.config.kafka_settings(self.region))
+        # one transactional id per region (its topic): taking it fences any older relay's
+        # producer at the broker, so a zombie that lost the lease cannot append any more
+        self._producer = kafka.transactional_producer(self.config.kafka_settings(self.region),
+                                                      f"reconciler-relay.{self.topic}")
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
         self._read_through = 0
         self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
@@ -93,7 +104,10 @@ class Relay:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._producer is not None:
-            self._producer.flush(10)
+            try:
+                self._producer.flush(10)
+            except KafkaException:
+                pass  # a fenced producer: nothing of it may reach the topic anyway
         for conn in (self._conn, self._lease_conn):
             if conn is not None:
                 try:
@@ -120,19 +134,31 @@ class Relay:
                 failures.append(err)
 
         try:
+            # one transaction per batch: committed as a whole, or aborted and invisible to
+            # the inbox (read_committed) -- also when a newer relay fenced this producer
+            self._producer.begin_transaction()
             for _sequence, key, value in batch:
                 self._send(key, value, delivered)
-            remaining = self._producer.flush(30)
+            if failures:
+                raise TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
+                                     retryable=True, region=self.region, topic=self.topic)
+            self._producer.commit_transaction(30)
+        except KafkaException as raw:
+            self._drop_read_ahead()
+            self._abort()
+            error = kafka.translate(raw, region=self.region, topic=self.topic, step="publish transaction")
+            if not isinstance(error, FencedError):
+                error.retryable = True  # a new producer starts clean; the batch is republished
+            raise error from raw
         except BaseException:
             self._drop_read_ahead()
+            self._abort()
             raise
         wait_for([self._next])  # the connection is the read-ahead's until it is done; its error surfaces next step
-        if failures or remaining:
+        if failures:
             self._drop_read_ahead()
-            first = failures[0] if failures else None
             raise TransportError(
-                f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
-                + (f" (first: {first})" if first else ""),
+                f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
                 retryable=True, region=self.region, topic=self.topic,
             )
         lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
@@ -142,6 +168,14 @@ class Relay:
             self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(batch)
+
+    def _abort(self) -> None:
+        """Abort the open transaction, if the producer still can (a fenced or fatal one
+        cannot: the broker aborts it when the next relay takes the id)."""
+        try:
+            self._producer.abort_transaction(10)
+        except KafkaException:
+            pass
 
     def _drop_read_ahead(self) -> None:
         """After a failed publish: forget the batch read ahead, so that the next step

@@ -23,7 +23,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from ..errors import ReconcilerError, TransportError, TransportUnavailable
+from ..errors import FencedError, ReconcilerError, TransportError, TransportUnavailable
 
 # error codes after which a retry (same call, later) can succeed
 _RETRYABLE = {
@@ -48,7 +48,13 @@ _RETRYABLE = {
 _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
 
 _PRODUCER_REQUIRED = {"enable.idempotence": "true", "acks": "all"}
-_CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false"}
+# read_committed: what a relay fenced off (a zombie that lost its lease) appended in an
+# aborted transaction is never delivered
+_CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false",
+                      "isolation.level": "read_committed"}
+#: a newer producer with the same transactional id took over: the one that gets it is a zombie
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+           KafkaError.TRANSACTION_COORDINATOR_FENCED}
 _SECRET_HINTS = ("password", "secret", "sasl.jaas", "token")
 
 
@@ -59,6 +65,8 @@ def translate(error: KafkaError | KafkaException | Exception, **context: Any) ->
         message = f"Kafka error {kerr.name()}: {kerr.str()}"
         if code in _UNREACHABLE:
             return TransportUnavailable(message, **context)
+        if code in _FENCED:
+            return FencedError(message + " (a newer relay's producer fenced this one)", **context)
         return TransportError(message, retryable=code in _RETRYABLE or kerr.retriable(), **context)
     return TransportError(f"{type(error).__name__}: {error}", **context)
 
@@ -87,6 +95,22 @@ def producer(settings: Mapping[str, str], **overrides: str) -> Producer:
         return Producer(conf)
     except KafkaException as exc:
         raise translate(exc, role="producer") from exc
+
+
+def transactional_producer(settings: Mapping[str, str], transactional_id: str, timeout: float = 30.0,
+                           **overrides: str) -> Producer:
+    """A producer that appends only inside transactions, under ``transactional_id``.
+
+    ``init_transactions`` bumps the id's producer epoch at the broker: any older producer
+    with the same id (a relay that lost its lease but still runs) is fenced from then
+    on, and its open transaction is aborted, so read_committed consumers never see it.
+    """
+    made = producer(settings, **{"transactional.id": transactional_id, **overrides})
+    try:
+        made.init_transactions(timeout)
+    except KafkaException as exc:
+        raise translate(exc, role="producer", transactional_id=transactional_id, step="init transactions") from exc
+    return made
 
 
 def consumer(settings: Mapping[str, str], group_id: str, **overrides: str) -> Consumer:
