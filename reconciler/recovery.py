@@ -130,6 +130,16 @@ def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
     return {o: kafka.retained_sequences(settings, config.events_topic(o)) for o in config.regions}
 
 
+def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
+    """Which of ``wanted`` (per origin) each origin's topic really holds, read from where
+    each range starts: between the first and the last retained sequence there can be
+    holes (an aborted batch of a fenced relay, compaction), and a hole routed to Kafka
+    would be replayed from there forever, never from a peer that has it."""
+    settings = config.kafka_settings(next(iter(config.regions)))
+    return {o: SeqRanges(kafka.retained_ranges(settings, config.events_topic(o), r.ranges))
+            for o, r in wanted.items() if r}
+
+
 def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
     """Every (origin, destination) gap, each range tagged with where to replay it from."""
     if region is not None:
@@ -152,6 +162,20 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
         if p.gap.destination in reachable and (region is None or p.gap.destination == region)
     ]
+    # the bounds said Kafka; ask it which of those it really has, then plan again
+    asked: dict[str, SeqRanges] = {}
+    for plan in plans:
+        asked[plan.gap.origin] = asked.get(plan.gap.origin, SeqRanges()) | plan.ranges_from(Source.KAFKA)
+    if any(asked.values()):
+        verified = kafka_held(config, asked)
+        for origin, span in list(kafka_ranges.items()):
+            # what was not asked about keeps its bounds (it routes nothing); the last
+            # retained sequence was read, so it stays evidence of the origin's high-water
+            kafka_ranges[origin] = (span - asked.get(origin, SeqRanges())) | verified.get(origin, SeqRanges())
+        plans = [
+            p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
+            if p.gap.destination in reachable and (region is None or p.gap.destination == region)
+        ]
     report = GapReport(plans=plans, facts=facts, retained=retained)
     for plan in plans:
         pair = (plan.gap.origin, plan.gap.destination)
@@ -292,7 +316,7 @@ class _Replayer:
         settings = self.config.kafka_settings(origin)
         seen: set[int] = set()
         for batch in kafka.read_sequences(settings, self.config.events_topic(origin), lambda s: lo <= s <= hi,
-                                          batch=self.batch):
+                                          batch=self.batch, from_sequence=lo):
             for value, _partition, offset in batch:
                 try:
                     event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)

@@ -149,6 +149,7 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(pg, "own_ranges", sim.own_ranges)
     monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
     monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
+    monkeypatch.setattr(recovery, "kafka_held", lambda _c, wanted: dict(wanted))
     monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
     return sim, load_config(path)
 
@@ -238,3 +239,22 @@ def test_a_counter_raised_past_unreturned_own_events_hides_none_of_them(
     assert report.lost_events == 49
     gate_input = recovery._gate_input(config, "us-east", report, recovery.RecoveryReport("us-east", False, {}))
     assert gate_input.lost_events == 49 and gate_input.gap_events >= 119
+
+
+def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
+    world: tuple[_World, Config], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka's bounds for us-east are 1..490, but 300..309 were a fenced relay's aborted
+    batch (republished later elsewhere in the log, or never): read, they are not there."""
+    sim, config = world
+    sim.regions["eu-west"].inbox["us-east"] = [(1, 299)]
+
+    def held(_config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
+        return {o: r - SeqRanges.span(300, 309) if o == "us-east" else r for o, r in wanted.items()}
+
+    monkeypatch.setattr(recovery, "kafka_held", held)
+    report = recovery.analyze_gaps(config, "eu-west")
+    plan = next(p for p in report.plans if (p.gap.origin, p.gap.destination) == ("us-east", "eu-west"))
+    assert not plan.ranges_from(Source.KAFKA) & SeqRanges.span(300, 309)
+    assert not SeqRanges.span(300, 309) - (plan.ranges_from(Source.PEER_OUTBOX) | plan.ranges_from(Source.PEER_INBOX))
+    assert plan.lost == SeqRanges()
