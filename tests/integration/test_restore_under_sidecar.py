@@ -76,6 +76,15 @@ def test_restore_under_a_running_sidecar_loses_nothing_and_applies_nothing_twice
     stack.restore_postgres(RESTORED, backup)  # the sidecars keep running
     _write_when_up(config, RESTORED, 20, "new-")
 
+    # the relay recognises the restore by itself, before numbering anything on it
+    def relay_sent_to_catch_up() -> bool:
+        with connect(config, RESTORED) as conn:
+            log = conn.execute("SELECT to_state, reason, actor FROM reconciler.lifecycle_log").fetchall()
+        return any(actor == "relay" and state == "CATCHING_UP" and "restored" in reason
+                   for state, reason, actor in log)
+
+    wait_until(relay_sent_to_catch_up, 30, "the relay sending the restored region to catch-up")
+
     # the runbook: recover the region (the sidecar may already be doing it: then wait for it)
     deadline = time.monotonic() + 120
     report = None
@@ -90,12 +99,6 @@ def test_restore_under_a_running_sidecar_loses_nothing_and_applies_nothing_twice
     wait_until(lambda: fully_delivered(config), 90, "replication after recovery")
     for sidecar in running:
         assert sidecar.error is None and sidecar.thread.is_alive(), sidecar.error
-
-    # the relay recognised the restore itself, before numbering anything on it
-    with connect(config, RESTORED) as conn:
-        log = conn.execute("SELECT to_state, reason, actor FROM reconciler.lifecycle_log ORDER BY id").fetchall()
-    assert any(actor == "relay" and state == "CATCHING_UP" and "restored" in reason
-               for state, reason, actor in log), log
 
     # the 20 new orders reached the peers; the 100 relayed before the restore are back home
     for region in config.regions:
