@@ -34,12 +34,12 @@ def _restores_recognised(drill: Drill, region: str) -> int:
 
 def run(drill: Drill) -> None:
     region = drill.regions[2]
-    drill.sleep(3)
+    drill.sleep(2)
     for round_ in range(1, ROUNDS + 1):
         backup = drill.stack.backup_postgres(region, f"under-sidecar-{round_}")
         drill.mark("base backup taken", region, round=round_)
         try:
-            drill.sleep(3)  # the region keeps acknowledging writes after the backup
+            drill.sleep(2)  # the region keeps acknowledging writes after the backup
             drill.workload.route(region, None)
             drill.wait_until(lambda: _relayed_everywhere(drill, region), 30, f"{region}'s writes at its peers")
             lost = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
@@ -57,7 +57,7 @@ def run(drill: Drill) -> None:
             active = drill.wait_until(lambda: drill.state(region) == "ACTIVE", 90, f"{region} ACTIVE again")
             drill.check(f"restore_{round_}_caught_up", active,
                         f"{region} is {drill.state(region)} after the sidecar's own catch-up")
-            drill.sleep(2)
+            drill.sleep(1)
         finally:
             shutil.rmtree(backup, ignore_errors=True)
     drill.sleep(2)  # new writes after the last restore: their numbers must be new ones
