@@ -49,7 +49,7 @@ def run(drill: Drill) -> None:
             kept = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
             drill.mark("restored", region, outbox_before=lost, outbox_after=kept, round=round_)
             drill.outage_end(outage)
-            recognised = drill.wait_until(lambda: _restores_recognised(drill, region) >= round_, 30,
+            recognised = drill.wait_until(lambda n=round_: _restores_recognised(drill, region) >= n, 30,
                                           f"{region}'s relay recognising restore {round_}")
             drill.check(f"restore_{round_}_recognised", recognised,
                         f"restore {round_} took {lost - kept} own events from the outbox; the relay "
