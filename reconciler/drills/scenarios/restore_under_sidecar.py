@@ -18,6 +18,7 @@ restore exist nowhere any more, which is outside the guarantee.
 from __future__ import annotations
 
 import shutil
+from functools import partial
 
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -30,6 +31,10 @@ ROUNDS = 2
 def _restores_recognised(drill: Drill, region: str) -> int:
     return int(drill.scalar(region, "SELECT count(*) FROM reconciler.lifecycle_log"
                                     " WHERE actor = 'relay' AND to_state = 'CATCHING_UP'"))
+
+
+def _recognised_at_least(drill: Drill, region: str, count: int) -> bool:
+    return _restores_recognised(drill, region) >= count
 
 
 def run(drill: Drill) -> None:
@@ -49,7 +54,7 @@ def run(drill: Drill) -> None:
             kept = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
             drill.mark("restored", region, outbox_before=lost, outbox_after=kept, round=round_)
             drill.outage_end(outage)
-            recognised = drill.wait_until(lambda n=round_: _restores_recognised(drill, region) >= n, 30,
+            recognised = drill.wait_until(partial(_recognised_at_least, drill, region, round_), 30,
                                           f"{region}'s relay recognising restore {round_}")
             drill.check(f"restore_{round_}_recognised", recognised,
                         f"restore {round_} took {lost - kept} own events from the outbox; the relay "
