@@ -73,6 +73,7 @@ class Relay:
         #: the database as this relay last saw it, kept across reconnects: a database that
         #: comes back older than this was restored under the relay (see pg.DatabaseMark)
         self._seen: pg.DatabaseMark | None = None
+        self._mark_read_at = 0.0
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
@@ -123,6 +124,7 @@ class Relay:
         ahead, self._next = self._next, None
         batch = (ahead.result() if ahead is not None else None) or self._claim()
         if not batch:
+            self._refresh_mark()
             return 0
         self._read_through = batch[-1][0]
         assert self._pool is not None
@@ -168,6 +170,16 @@ class Relay:
             self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(batch)
+
+    def _refresh_mark(self) -> None:
+        """While idle, keep the remembered WAL position current (about once a second):
+        a restore to a backup taken during a quiet spell must still show as going back."""
+        now = time.monotonic()
+        if self._seen is None or self._conn is None or now - self._mark_read_at < 1.0:
+            return
+        self._mark_read_at = now
+        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        self._seen = self._seen.advanced(mark.lsn, mark.last_sequence, mark.published_through)
 
     def _abort(self) -> None:
         """Abort the open transaction, if the producer still can (a fenced or fatal one

@@ -115,3 +115,35 @@ def test_restore_under_a_running_sidecar_loses_nothing_and_applies_nothing_twice
     reference = rows(config, "us-east", "orders")
     for region in config.peers("us-east"):
         assert rows(config, region, "orders") == reference, f"orders differ between us-east and {region}"
+
+
+def test_a_restore_during_a_quiet_spell_is_recognised_by_the_wal_position(stack: Any, tmp_path: Path) -> None:
+    """Nothing of its own numbered since the backup, so the relay's counters did not move;
+    but the database did (here: rows outside the pipeline, as peer events applied after
+    the backup would be), and the restore takes that away. An idle relay keeps the WAL
+    position it remembers current, so the restore still shows as going back."""
+    from reconciler.relay import Relay
+
+    config = make_env(stack, tmp_path, regions=("us-east", RESTORED))
+    write_orders(config, RESTORED, 5, "a-")
+    relay = Relay(config, RESTORED)
+    relay.start()
+    try:
+        assert relay.step() == 5
+        backup = stack.backup_postgres(RESTORED, "quiet")
+        with connect(config, RESTORED) as conn:
+            conn.execute("CREATE TABLE after_backup AS SELECT generate_series(1, 20000) AS n")
+            conn.commit()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert relay.step() == 0  # idle
+            time.sleep(0.2)
+        relay.close()
+        stack.restore_postgres(RESTORED, backup)
+        relay.start()
+        assert relay.step() == 0
+        assert scalar(config, RESTORED, "SELECT state FROM reconciler.region") == "CATCHING_UP"
+        reason = scalar(config, RESTORED, "SELECT reason FROM reconciler.lifecycle_log WHERE actor = 'relay'")
+        assert "WAL position went back" in str(reason), reason
+    finally:
+        relay.close()
