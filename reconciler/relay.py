@@ -87,10 +87,11 @@ class Relay:
         # reconnect, since a restore is a reconnect)
         mark = pg.database_mark(self._conn, self.region, self.epoch)
         behind = mark.behind(self._seen) if self._seen is not None else []
-        self._seen = mark
         self._stale, self._stale_checked_at = False, None
         if behind:
             self._restored("database restored under the relay: " + "; ".join(behind))
+        # remembered only once acted on: a failure above is retried with the same evidence
+        self._seen = mark
         # one transactional id per region (its topic): taking it fences any older relay's
         # producer at the broker, so a zombie that lost the lease cannot append any more
         self._producer = kafka.transactional_producer(self.config.kafka_settings(self.region),
@@ -221,10 +222,11 @@ class Relay:
                                           self.region)
             last, _ = pg.relay_position(self._conn, self.region)
             evidence = max([retained[1] if retained else 0, *peers.values()])
-            was_stale, self._stale = self._stale, evidence > last
-            if self._stale and not was_stale:
+            stale = evidence > last
+            if stale and not self._stale:
                 self._restored(f"outbox counter {last} is behind sequences its topic or peers hold "
                                f"(topic {list(retained) if retained else None}, peers {peers})")
+            self._stale = stale
         return not self._stale
 
     def _restored(self, reason: str) -> None:
