@@ -37,6 +37,10 @@ def _recognised_at_least(drill: Drill, region: str, count: int) -> bool:
     return _restores_recognised(drill, region) >= count
 
 
+def _acknowledged_above(drill: Drill, region: str, count: int) -> bool:
+    return drill.workload.acknowledged()[region] > count
+
+
 def run(drill: Drill) -> None:
     region = drill.regions[2]
     drill.sleep(2)
@@ -51,6 +55,7 @@ def run(drill: Drill) -> None:
             outage = drill.outage_begin(region, "restore under the running sidecar")
             drill.stack.restore_postgres(region, backup)
             drill.workload.route(region, region)  # its users write the moment the database answers
+            acked = drill.workload.acknowledged()[region]
             kept = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
             drill.mark("restored", region, outbox_before=lost, outbox_after=kept, round=round_)
             drill.outage_end(outage)
@@ -59,6 +64,11 @@ def run(drill: Drill) -> None:
             drill.check(f"restore_{round_}_recognised", recognised,
                         f"restore {round_} took {lost - kept} own events from the outbox; the relay "
                         f"{'sent' if recognised else 'did NOT send'} the region to catch-up by itself")
+            wrote = drill.wait_until(partial(_acknowledged_above, drill, region, acked + 5), 30,
+                                     f"{region}'s users writing after restore {round_}")
+            drill.check(f"restore_{round_}_users_wrote", wrote,
+                        f"{drill.workload.acknowledged()[region] - acked} writes acknowledged in {region} "
+                        f"since restore {round_}")
             active = drill.wait_until(lambda: drill.state(region) == "ACTIVE", 90, f"{region} ACTIVE again")
             drill.check(f"restore_{round_}_caught_up", active,
                         f"{region} is {drill.state(region)} after the sidecar's own catch-up")
@@ -73,6 +83,8 @@ SCENARIO = Scenario(
     summary="restore a region's database from a base backup under its running sidecar, users writing at once; twice",
     run=run,
     pipeline="sidecars",
-    workload=lambda scale: WorkloadSpec(rate=6.0, seconds=90 * scale),
+    # a time budget well beyond the drill: restores of a loaded server can take half a minute,
+    # and the users must still be writing when the last restore ends
+    workload=lambda scale: WorkloadSpec(rate=6.0, seconds=300 * scale),
     expectations=Expectations(rto_limit_seconds=90),
 )

@@ -129,6 +129,6 @@ SCENARIO = Scenario(
     name="stale-restore-recover-kill",
     summary="restore a region from a stale backup; SIGKILL recover while it returns own events; run it again",
     run=run,
-    workload=lambda scale: WorkloadSpec(rate=10.0, seconds=90 * scale),
+    workload=lambda scale: WorkloadSpec(rate=10.0, seconds=300 * scale),  # stopped by the drill's end
     expectations=Expectations(rto_limit_seconds=90),
 )
