@@ -17,10 +17,12 @@ from . import (
     poison_events,
     postgres_crash,
     regional_failover,
+    restore_under_sidecar,
     retention_expiry,
     sidecar_kill9,
     split_brain,
     stale_backup_restore,
+    stale_restore_recover_kill,
 )
 
 SCENARIOS: dict[str, Scenario] = {
@@ -37,5 +39,7 @@ SCENARIOS: dict[str, Scenario] = {
         duplicate_reorder,
         poison_events,
         split_brain,
+        stale_restore_recover_kill,
+        restore_under_sidecar,
     )
 }
