@@ -22,6 +22,7 @@ from reconciler.config import Config
 from reconciler.errors import FencedError, TransportError
 from reconciler.relay import Relay
 from reconciler.store import postgres as pg
+from reconciler.transport import kafka
 
 from .pipeline import connect, make_env, published_through
 
@@ -99,7 +100,10 @@ class FailingCommit:
         if self.fail_next:
             self.fail_next = False
             self.real.flush(timeout)  # the records reached the broker, in a transaction never committed
-            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "publish not acknowledged (test)"))
+            # as the transport's producer reports it: translated, a retry can help
+            raise kafka.translate_producer(
+                KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "publish not acknowledged (test)")),
+                step="commit transaction")
         self.real.commit_transaction(timeout)
 
 
