@@ -130,16 +130,30 @@ class Workload:
 
     def write(self, region: str, table: str, op: str, key: dict[str, Any], **kwargs: Any) -> Event:
         """One scenario-directed write, recorded once its commit returned."""
+        attempt = _Attempt()
         with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
-            with conn.transaction():
-                event = outbox.write(conn, table, op, key, **kwargs)
-        self._record(event, "drill")
+            try:
+                with conn.transaction():
+                    event = attempt.write(conn, table, op, key, **kwargs)
+            except (psycopg.Error, OSError):
+                self._record_in_doubt(attempt, "drill")
+                raise
+        self._record(attempt, "drill")
         return event
 
-    def _record(self, event: Event, writer: str) -> None:
-        self.history.append(WriteRecord.of_event(event, time.time(), writer))
+    def _record(self, attempt: _Attempt, writer: str) -> None:
+        assert attempt.event is not None
+        self.history.append(WriteRecord.of_event(attempt.event, time.time(), writer, key=attempt.key,
+                                                 requested=attempt.values))
         with self._lock:
-            self.acked[event.origin] += 1
+            self.acked[attempt.event.origin] += 1
+
+    def _record_in_doubt(self, attempt: _Attempt, writer: str) -> None:
+        """The write was built but its COMMIT failed: it may have committed. The
+        checker counts it only if some region holds its event."""
+        if attempt.event is not None:
+            self.history.append(WriteRecord.of_event(attempt.event, time.time(), writer, key=attempt.key,
+                                                     requested=attempt.values, acknowledged=False))
 
     # ---------------------------------------------------------------- one writer
 
@@ -163,13 +177,15 @@ class Workload:
                 if conn is not None and (connected_to != target or conn.closed or conn.broken):
                     _close(conn)
                     conn = None
+                attempt = _Attempt()
                 try:
                     if conn is None:
                         conn = psycopg.connect(self.dsns[target], connect_timeout=2)
                         connected_to = target
-                    event = self._one_write(conn, stats, rnd, n, own_payments)
+                    self._one_write(conn, attempt, stats, rnd, n, own_payments)
                 except (psycopg.Error, ReconcilerError, OSError) as exc:
-                    # unacknowledged: nothing recorded; a dead connection is reopened
+                    # unacknowledged: recorded only as in doubt; a dead connection is reopened
+                    self._record_in_doubt(attempt, stats.name)
                     stats.failed += 1
                     kind = _failure_kind(exc)
                     stats.failures[kind] += 1
@@ -184,7 +200,7 @@ class Workload:
                 n += 1
                 stats.acknowledged += 1
                 stats.by_target[target] += 1
-                self._record(event, stats.name)
+                self._record(attempt, stats.name)
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -195,7 +211,7 @@ class Workload:
             _close(conn)
 
     def _one_write(
-        self, conn: psycopg.Connection[Any], stats: WriterStats, rnd: random.Random, n: int,
+        self, conn: psycopg.Connection[Any], attempt: _Attempt, stats: WriterStats, rnd: random.Random, n: int,
         own_payments: list[str],
     ) -> Event:
         spec = self.spec
@@ -203,18 +219,16 @@ class Workload:
         with conn.transaction():
             if pick < spec.mix[0]:
                 key = f"ord-{rnd.randrange(spec.order_keys)}"
-                found = conn.execute(
-                    "SELECT deleted FROM reconciler.row_meta WHERE table_name = 'orders' AND row_key = %s", (key,)
-                ).fetchone()
-                live = found is not None and not found[0]
+                # the client looks at its own table, as a service would, not at replication metadata
+                live = conn.execute("SELECT 1 FROM orders WHERE id = %s", (key,)).fetchone() is not None
                 values = {"status": rnd.choice(ORDER_STATUSES), "total_cents": rnd.randint(100, 50_000),
                           "note": f"{stats.name}#{n}"}
                 if not live:
-                    return outbox.write(conn, "orders", "insert", {"id": key},
+                    return attempt.write(conn, "orders", "insert", {"id": key},
                                         values={"customer": f"cust-{stats.home}", **values})
                 if rnd.random() < spec.order_delete_ratio:
-                    return outbox.write(conn, "orders", "delete", {"id": key})
-                return outbox.write(conn, "orders", "update", {"id": key}, values=values)
+                    return attempt.write(conn, "orders", "delete", {"id": key})
+                return attempt.write(conn, "orders", "update", {"id": key}, values=values)
             if pick < spec.mix[0] + spec.mix[1] and spec.skus:
                 sku = f"sku-{rnd.randrange(spec.skus)}"
                 kwargs: dict[str, Any] = {"deltas": {"stock": rnd.choice((-3, -2, -1, 1, 2, 5))}}
@@ -223,21 +237,38 @@ class Workload:
                     kwargs["set_add"] = {"tags": [rnd.choice(TAGS)]}
                 elif roll < 0.45:
                     kwargs["set_remove"] = {"tags": [rnd.choice(TAGS)]}
-                return outbox.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
+                return attempt.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
             if spec.shared_payments and rnd.random() < spec.shared_payment_ratio:
                 key = f"pay-shared-{rnd.randrange(spec.shared_payments)}"
                 values = {"status": rnd.choice(PAYMENT_STATUSES), "amount_cents": rnd.randint(1, 9999)}
-                return outbox.write(conn, "payments", "update", {"id": key}, values=values)
+                return attempt.write(conn, "payments", "update", {"id": key}, values=values)
             if own_payments and rnd.random() < 0.4:
                 key = rnd.choice(own_payments)
-                return outbox.write(conn, "payments", "update", {"id": key},
+                return attempt.write(conn, "payments", "update", {"id": key},
                                     values={"status": rnd.choice(PAYMENT_STATUSES)})
             key = f"pay-{stats.name.replace('/', '-')}-{n}"
-            event = outbox.write(conn, "payments", "insert", {"id": key},
+            event = attempt.write(conn, "payments", "insert", {"id": key},
                                  values={"order_id": f"ord-{rnd.randrange(max(1, spec.order_keys))}",
                                          "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
         own_payments.append(key)  # only once committed: an uncommitted insert is no payment
         return event
+
+
+class _Attempt:
+    """One write as its client made it: what it asked for, and the event it got back
+    (before the commit, so that a commit whose outcome is unknown is still known)."""
+
+    def __init__(self) -> None:
+        self.event: Event | None = None
+        self.key: dict[str, Any] = {}
+        self.values: dict[str, Any] | None = None
+
+    def write(self, conn: psycopg.Connection[Any], table: str, op: str, key: dict[str, Any],
+              **kwargs: Any) -> Event:
+        self.key = dict(key)
+        self.values = dict(kwargs.get("values") or {})
+        self.event = outbox.write(conn, table, op, key, **kwargs)
+        return self.event
 
 
 def _failure_kind(exc: BaseException) -> str:
