@@ -15,20 +15,24 @@ What is proved, and how:
   own events as remote ones, inbox rows per origin equal to that origin's relayed
   outbox rows, and counters equal to the sum of every committed delta (a double
   apply of a delta cannot hide there);
-- **regions converged**: ``diff_tables`` finds no differing key between any pair
-  and the Merkle roots (sum of row hashes, row count) agree, keys parked in the
-  manual queue excepted (and listed);
+- **regions converged**: the checker's own comparison of the rows every region
+  holds, keys its manual model says an operator must still decide excepted (and
+  listed); ``diff_tables`` and the Merkle roots are judged against that comparison
+  (they are code under test, not the oracle);
 - **conflicts accounted for**: every key written concurrently in two regions has a
-  record in ``reconciler.conflicts`` somewhere (decided by its policy, or parked /
-  resolved for manual tables), and no lww/merge conflict waits for an operator;
-- **oracles**: lww rows are the greatest ``(hlc, origin)`` committed write; merge
-  counters are sums and set columns follow add-wins observed-remove; manual keys
-  that never conflicted hold their last write.
+  record in ``reconciler.conflicts`` somewhere, every undecided manual key is
+  parked in every region and no other manual key is, and no lww/merge conflict
+  waits for an operator;
+- **models**: every row is what the checker's own models in
+  :mod:`reconciler.drills.oracle` say (lww, per-field merge with counters and a
+  last-writer-wins element set, manual). This module and its helpers import
+  nothing of the implementation and read no replication metadata; a unit test
+  keeps it so.
 
-"Committed" means acknowledged (the history) plus in-doubt: rows found in an
-origin's outbox that the client never saw acknowledged (a commit whose reply was
-lost to a crash) and operator resolutions. The oracles must use them, since they
-are real writes; the loss check uses only what was acknowledged.
+"Committed" means acknowledged (the history) plus in-doubt attempts that a region
+holds (their content from the client's own record) plus events only an outbox
+knows (operator resolutions, writers outside the workload). The models must use
+them, since they are real writes; the loss check uses only what was acknowledged.
 """
 
 from __future__ import annotations
