@@ -242,10 +242,13 @@ class DrillRun:
     passed_checks: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    #: the drill's report (its history beside it), kept under the run's directory
+    report: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"drill": self.drill, "passed": self.passed, "failed_checks": self.failed_checks,
-                "passed_checks": self.passed_checks, "seconds": round(self.seconds, 1), "error": self.error}
+                "passed_checks": self.passed_checks, "seconds": round(self.seconds, 1), "error": self.error,
+                "report": self.report}
 
 
 Runner = Callable[[str, Path, Path], DrillRun]
@@ -257,6 +260,7 @@ def drill_runner(dev_dir: Path, scale: float, timeout: float) -> Runner:
     ``python -m`` puts the working directory first on sys.path)."""
 
     def run(name: str, root: Path, out_dir: Path) -> DrillRun:
+        out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / f"{name}.json"
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
         argv = [sys.executable, "-m", "reconciler.cli", "drill", name, "--dev-dir", str(dev_dir.resolve()),
@@ -277,7 +281,7 @@ def drill_runner(dev_dir: Path, scale: float, timeout: float) -> Runner:
         checks = report.get("checks", [])
         return DrillRun(name, bool(report.get("passed")),
                         [c["name"] for c in checks if not c.get("passed")],
-                        [c["name"] for c in checks if c.get("passed")], seconds)
+                        [c["name"] for c in checks if c.get("passed")], seconds, report=str(out))
 
     return run
 
@@ -307,7 +311,7 @@ def run_mutants(
             runs = []
             for name in wanted:
                 log(f"self-test: {name} on the unmutated code")
-                runs.append(runner(name, root, root))
+                runs.append(runner(name, root, base / "reports" / "unmutated"))
                 log(f"  {'passed' if runs[-1].passed else 'FAILED ' + str(runs[-1].failed_checks)}")
             doc["self_test"] = {"passed": all(r.passed for r in runs), "drills": [r.to_dict() for r in runs]}
             if not doc["self_test"]["passed"]:
@@ -319,7 +323,7 @@ def run_mutants(
             caught_by = None
             for name in drills or mutant.drills:
                 log(f"{mutant.name}: {name}")
-                run = runner(name, root, root)
+                run = runner(name, root, base / "reports" / mutant.name)
                 runs.append(run)
                 log(f"  {'survived' if run.passed else 'caught: ' + ', '.join(run.failed_checks)}")
                 if not run.passed:

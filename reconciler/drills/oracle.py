@@ -111,45 +111,61 @@ def _by_key(writes: Iterable[Write]) -> dict[str, list[Write]]:
 # ---------------------------------------------------------------- whole rows
 
 
-def whole_rows(writes: Sequence[Write]) -> dict[str, dict[str, Any] | None]:
-    """Event id -> the whole row a write of an lww/manual table stands for (None:
-    it removes the row). An update is the row its writer saw, changed."""
+Row = dict[str, Any] | None
+
+#: most candidate rows kept per write (ties on a prior multiply them)
+_MAX_CANDIDATES = 8
+
+
+def whole_rows(writes: Sequence[Write]) -> dict[str, tuple[Row, ...]]:
+    """Event id -> the whole rows a write of an lww/manual table may stand for (None:
+    it removes the row). An update is the row its writer saw, changed.
+
+    Usually one row. A ``prior`` is an HLC without its region, so when two regions
+    stamped versions of the key with the same HLC the history cannot say which one
+    the writer saw: each is a candidate, and the checker accepts any of them.
+    """
     by_stamp: dict[tuple[str, int], list[Write]] = defaultdict(list)
     for w in writes:
         by_stamp[(w.key, w.hlc)].append(w)
-    memo: dict[str, dict[str, Any] | None] = {}
-
-    def row(w: Write, depth: int = 0) -> dict[str, Any] | None:
-        if w.event_id in memo:
-            return memo[w.event_id]
-        if w.removes_row:
-            result: dict[str, Any] | None = None
-        elif w.op == "update" and w.prior is not None and depth < 10_000:
-            seen = [s for s in by_stamp.get((w.key, w.prior), []) if s is not w and s.hlc < w.hlc]
-            # two regions stamping one key with one HLC is possible; prefer the one
-            # that leaves a row (an update is refused on a deleted row)
-            seen.sort(key=lambda s: (not s.removes_row, s.origin))
-            base = row(seen[-1], depth + 1) if seen else None
-            result = {**(base or {}), **dict(w.key_values or {}), **dict(w.values or {})}
-        else:
-            result = {**dict(w.key_values or {}), **dict(w.values or {})}
-        memo[w.event_id] = result
-        return result
-
+    memo: dict[str, tuple[Row, ...]] = {}
+    # in stamp order, so that the version an update saw is always decided first
     for w in sorted(writes, key=lambda x: x.stamp):
-        row(w)
+        if w.removes_row:
+            memo[w.event_id] = (None,)
+            continue
+        own = {**dict(w.key_values or {}), **dict(w.values or {})}
+        if w.op != "update" or w.prior is None:
+            memo[w.event_id] = (own,)
+            continue
+        # an update is refused on a deleted row, so only versions that leave a row count
+        seen = [s for s in by_stamp.get((w.key, w.prior), []) if s.hlc < w.hlc and not s.removes_row]
+        rows: list[Row] = []
+        for version in seen:
+            for base in memo.get(version.event_id, ()):
+                row = {**(base or {}), **own}
+                if row not in rows and len(rows) < _MAX_CANDIDATES:
+                    rows.append(row)
+        memo[w.event_id] = tuple(rows) or (own,)
     return memo
 
 
-def lww_model(writes: Iterable[Write]) -> dict[str, dict[str, Any] | None]:
-    """Per key, the whole row of its greatest ``(hlc, origin)`` write (None: absent)."""
+def lww_candidates(writes: Iterable[Write]) -> dict[str, tuple[Row, ...]]:
+    """Per key, the rows its greatest ``(hlc, origin)`` write may stand for (usually
+    one; (None,): the key is absent)."""
     chosen = list(writes)
     rows = whole_rows(chosen)
-    out: dict[str, dict[str, Any] | None] = {}
+    out: dict[str, tuple[Row, ...]] = {}
     for key, group in _by_key(chosen).items():
         winner = max(group, key=lambda w: w.stamp)
-        out[key] = visible(rows[winner.event_id])
+        out[key] = tuple(visible(r) for r in rows[winner.event_id])
     return out
+
+
+def lww_model(writes: Iterable[Write]) -> dict[str, Row]:
+    """Per key, the whole row of its greatest ``(hlc, origin)`` write (None: absent);
+    the first candidate when a tie on a prior leaves several."""
+    return {key: rows[0] for key, rows in lww_candidates(writes).items()}
 
 
 # ---------------------------------------------------------------- merge
@@ -264,8 +280,8 @@ class ManualKey:
 
     #: the versions nothing superseded, greatest stamp first
     heads: tuple[Write, ...]
-    #: every head's whole row (None: the head removes the row)
-    rows: tuple[dict[str, Any] | None, ...]
+    #: every row a head may stand for (None: the head removes the row); see whole_rows
+    rows: tuple[Row, ...]
 
     @property
     def conflicted(self) -> bool:
@@ -273,8 +289,8 @@ class ManualKey:
         return len(self.heads) > 1 and not all(h.removes_row and h.op == "delete" for h in self.heads)
 
     @property
-    def row(self) -> dict[str, Any] | None:
-        """The one row every region must hold, when not conflicted."""
+    def row(self) -> Row:
+        """The row every region must hold, when not conflicted (the first candidate)."""
         return self.rows[0] if self.rows else None
 
 
@@ -293,7 +309,10 @@ def manual_model(writes: Iterable[Write]) -> dict[str, ManualKey]:
                 continue  # the operator decided after it
             heads.append(v)
         heads.sort(key=lambda w: w.stamp, reverse=True)
-        out[key] = ManualKey(tuple(heads), tuple(visible(whole[h.event_id]) for h in heads))
+        rows: list[Row] = []
+        for h in heads:
+            rows += [visible(r) for r in whole[h.event_id] if visible(r) not in rows]
+        out[key] = ManualKey(tuple(heads), tuple(rows))
     return out
 
 

@@ -108,6 +108,19 @@ def test_lww_an_update_changes_the_row_its_writer_saw() -> None:
     assert lww_model([writes[0], writes[3]]) == {"k": {"id": "k", "v": 5, "n": "first"}}
 
 
+def test_lww_an_update_whose_prior_names_two_tied_versions_may_stand_on_either() -> None:
+    """A prior is an HLC without a region: with two versions stamped alike the history
+    cannot tell which one the writer saw, so both rows are accepted."""
+    writes = [
+        w("x", A, "k", "insert", 100, values={"id": "k", "c": "from-a", "v": 0}),
+        w("y", B, "k", "insert", 100, values={"id": "k", "c": "from-b", "v": 0}),
+        w("u", C, "k", "update", 120, 100, values={"v": 1}),
+    ]
+    assert oracle.lww_candidates(writes) == {"k": ({"id": "k", "c": "from-a", "v": 1},
+                                                   {"id": "k", "c": "from-b", "v": 1})}
+    assert lww_model(writes[:2]) == {"k": {"id": "k", "c": "from-b", "v": 0}}, "without the update: b wins the tie"
+
+
 def test_lww_a_delete_wins_by_stamp_like_any_write() -> None:
     writes = [
         w("i", A, "k", "insert", 100, values={"id": "k", "v": 0}),
