@@ -444,6 +444,14 @@ def _sorted_set(value: Any) -> Any:
     return sorted(value, key=element_text) if isinstance(value, list) else value
 
 
+def _set_view(row: Mapping[str, Any] | None, sets: set[str]) -> dict[str, Any] | None:
+    """A merge row with its set columns sorted, and empty ones left out (a set column
+    nobody ever touched may read as NULL or as an empty array)."""
+    if row is None:
+        return None
+    return {c: _sorted_set(v) if c in sets else v for c, v in row.items() if not (c in sets and v in (None, []))}
+
+
 def _merge_expected(writes: Sequence[Write], spec: TableSpec) -> dict[str, dict[str, Any] | None]:
     return merge_model([w for w in writes if w.table == spec.name], spec.fields, spec.key)
 
@@ -494,8 +502,8 @@ def _sets(writes: Sequence[Write], snapshots: Mapping[str, RegionSnapshot], tabl
                     continue
                 for column in sets:
                     compared += 1
-                    have = _sorted_set(got.get(column))
-                    should = _sorted_set(want.get(column, []))
+                    have = _sorted_set(got.get(column) or [])
+                    should = _sorted_set(want.get(column) or [])
                     if have != should:
                         wrong.append(f"{region} {name}.{column}[{key}] = {have}, the element-set model says "
                                      f"{should}")
@@ -520,11 +528,7 @@ def _merge_rows(
         for region, snap in sorted(snapshots.items()):
             rows = _rows(snap, name)
             for key in sorted(set(expected) | set(rows)):
-                want, got = expected.get(key), visible(rows.get(key))
-                if want is not None:
-                    want = {c: _sorted_set(v) if c in sets else v for c, v in want.items()}
-                if got is not None:
-                    got = {c: _sorted_set(v) if c in sets else v for c, v in got.items()}
+                want, got = _set_view(expected.get(key), sets), _set_view(visible(rows.get(key)), sets)
                 if got != want:
                     wrong.append(f"{region} {name}[{key}] = {got}, the merge model says {want}")
     detail = (f"{total} merge rows equal the per-field model in every region" if not wrong

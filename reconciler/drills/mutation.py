@@ -295,16 +295,19 @@ def _which_runs_prove_source(root: Path) -> str:
 
 def run_mutants(
     mutants: Sequence[Mutant], runner: Runner, *, drills: Sequence[str] | None = None, self_test: bool = True,
-    workdir: Path | None = None, log: Callable[[str], None] = lambda _m: None,
+    workdir: Path | None = None, log: Callable[[str], None] = lambda _m: None, package: Path = PACKAGE,
 ) -> dict[str, Any]:
     """Self-test, then every mutant in turn; returns the JSON document."""
     base = Path(tempfile.mkdtemp(prefix="reconciler-mutation-", dir=workdir))
     results: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"workdir": str(base), "self_test": None, "mutants": results}
     try:
+        # one snapshot of the package, taken now: every copy below comes from it, so
+        # editing the worktree during a run cannot mix versions into it
+        source = copy_package(base / "snapshot", source=package) / "reconciler"
         if self_test:
             wanted = sorted({d for m in mutants for d in (drills or m.drills)})
-            root = copy_package(base / "unmutated")
+            root = copy_package(base / "unmutated", source=source)
             imported = _which_runs_prove_source(root)
             if not imported.startswith(str(root)):
                 raise PatchError(f"the drill process would import {imported}, not the copy under {root}")
@@ -318,7 +321,7 @@ def run_mutants(
                 doc["score"] = None
                 return doc
         for mutant in mutants:
-            root = copy_package(base / mutant.name, mutant)
+            root = copy_package(base / mutant.name, mutant, source=source)
             runs = []
             caught_by = None
             for name in drills or mutant.drills:

@@ -290,3 +290,40 @@ def test_in_doubt_attempts_count_only_when_a_region_holds_them() -> None:
     assert ids == ["p0", "p1"]
     # the attempt's content is the client's record, not the outbox payload (empty here)
     assert committed_writes([acked], held, [doubt], TABLES)[1].values == {"s": "maybe"}
+
+
+def test_rows_the_implementation_built_wrongly_are_caught_where_the_old_checker_looked_away() -> None:
+    """Two things the checker used to take from the implementation: an update's whole
+    row (the outbox payload, filled in by the code under test) and merge columns
+    other than counters and sets. Both are now predicted from what clients asked."""
+    tables = {"orders": TableSpec("orders", ("id",), "lww"),
+              "inventory": TableSpec("inventory", ("sku",), "merge", {"stock": "counter", "tags": "set"})}
+    hist = [
+        WriteRecord("o1", A, "orders", "o", "insert", 100, None, {"id": "o", "customer": "c1", "status": "new"}),
+        WriteRecord("o2", B, "orders", "o", "update", 110, 100, {"status": "paid"}),  # as the client asked
+        WriteRecord("i1", A, "inventory", "s", "insert", 100, None, {"sku": "s", "name": "n1", "stock": 5}),
+        WriteRecord("i2", B, "inventory", "s", "update", 110, 100, {"name": "n2"}, deltas={"stock": 1}),
+    ]
+
+    def snaps(order: dict[str, Any], item: dict[str, Any]) -> dict[str, RegionSnapshot]:
+        out = {}
+        for region in (A, B):
+            own = [r for r in hist if r.region == region]
+            other = [r for r in hist if r.region != region]
+            out[region] = RegionSnapshot(
+                region, "ACTIVE",
+                outbox=tuple(CommittedEvent(r.event_id, region, i + 1, r.table, r.key, r.op, r.hlc, r.prior, {})
+                             for i, r in enumerate(own)),
+                inbox=tuple(InboxEntry(r.region, [x for x in other].index(r) + 1, r.event_id) for r in other),
+                rows={"orders": {"o": order}, "inventory": {"s": item}})
+        return out
+
+    order = {"id": "o", "customer": "c1", "status": "paid"}
+    item = {"sku": "s", "name": "n2", "stock": 6, "tags": None}
+    assert _failed(check(hist, snaps(order, item), [], tables, NO_RTO)) == set()
+    # the update filled from nothing (customer lost), the same everywhere
+    v = check(hist, snaps({"id": "o", "status": "paid"}, item), [], tables, NO_RTO)
+    assert _failed(v) == {"lww_oracle"}
+    # a merge lww column that kept the older write, the same everywhere
+    v = check(hist, snaps(order, {**item, "name": "n1"}), [], tables, NO_RTO)
+    assert _failed(v) == {"merge_oracle"}
