@@ -103,6 +103,7 @@ class Drill:
             self.loops = LoopCluster(self.config)
             self.loops.start_all()
         self.workload.seed()
+        self.extra["tied_order"] = self.workload.tied  # the lww tie-break, exercised on purpose
         if not self.wait_delivered(60, "seed rows delivered to every region"):
             raise RuntimeError("the pipeline did not deliver the seed rows within 60s")
         self.mark("workload started")

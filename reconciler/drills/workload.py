@@ -31,6 +31,9 @@ from ..model import Event
 from .history import HistoryWriter, WriteRecord
 
 TAGS = ("new", "sale", "clearance", "gift", "eco", "bulk")
+
+#: the advisory lock around the HLC's setval (reconciler/sql/001_foundation.sql)
+_HLC_LOCK = 7165108711
 ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
 PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
 
@@ -53,6 +56,8 @@ class WorkloadSpec:
     mix: tuple[float, float, float] = (0.5, 0.35, 0.15)
     order_delete_ratio: float = 0.05
     seed: int = 7
+    #: seed one order written by two regions with the same HLC stamp (see Workload.seed_tie)
+    tie: bool = True
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Workload:
         self._lock = threading.Lock()
         self.acked: Counter[str] = Counter()
         self.started_at: float | None = None
+        #: the order key two regions wrote with one stamp, once seed_tie managed it
+        self.tied: str | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -98,6 +105,47 @@ class Workload:
         for i in range(self.spec.shared_payments):
             self.write(first, "payments", "insert", {"id": f"pay-shared-{i}"},
                        values={"order_id": f"ord-{i}", "amount_cents": 1000 + i, "status": "authorized"})
+        if self.spec.tie:
+            self.seed_tie()
+
+    def seed_tie(self, attempts: int = 5) -> bool:
+        """Two regions insert one order with the very same HLC stamp, so that every drill
+        exercises last-writer-wins' tie-break by region id (equal stamps are rare by
+        chance). Both clocks are moved to one value a little ahead of physical time
+        (forward only, as the clock-skew drill does), then both regions insert the key
+        at once, before either can have seen the other's write. Returns whether the
+        stamps came out equal (a clock ticking in between spoils an attempt; the
+        writes stand all the same, on keys the writers never touch)."""
+        if len(self.regions) < 2:
+            return False
+        pair = self.regions[:2]
+        for attempt in range(attempts):
+            key = f"ord-tie-{attempt}"
+            conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5, autocommit=True) for r in pair}
+            try:
+                ahead = 0
+                for conn in conns.values():
+                    row = conn.execute(
+                        "SELECT greatest((SELECT last_value FROM reconciler.hlc_clock),"
+                        " (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16)").fetchone()
+                    assert row is not None
+                    ahead = max(ahead, int(row[0]))
+                target = ahead + (300 << 16)  # 300 ms ahead: well inside any max offset
+                for conn in conns.values():
+                    conn.execute("SELECT pg_advisory_lock(%s)", (_HLC_LOCK,))
+                    try:
+                        conn.execute("SELECT setval('reconciler.hlc_clock', greatest(%s,"
+                                     " (SELECT last_value FROM reconciler.hlc_clock)))", (target,))
+                    finally:
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (_HLC_LOCK,))
+            finally:
+                for conn in conns.values():
+                    conn.close()
+            events = self._insert_together(pair, key)
+            if len(events) == len(pair) and len({e.hlc for e in events.values()}) == 1:
+                self.tied = key
+                return True
+        return False
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -140,6 +188,37 @@ class Workload:
                 raise
         self._record(attempt, "drill")
         return event
+
+    def _insert_together(self, regions: list[str], key: str) -> dict[str, Event]:
+        """Each region inserts ``key`` at the same moment (connections opened first)."""
+        events: dict[str, Event] = {}
+        conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5) for r in regions}
+        barrier = threading.Barrier(len(regions))
+
+        def insert(region: str) -> None:
+            attempt = _Attempt()
+            barrier.wait(10)
+            try:
+                with conns[region].transaction():
+                    attempt.write(conns[region], "orders", "insert", {"id": key}, values={
+                        "customer": f"cust-{region}", "status": "new", "total_cents": 100, "note": f"tie@{region}"})
+            except (psycopg.Error, OSError):
+                self._record_in_doubt(attempt, "drill")
+                return
+            self._record(attempt, "drill")
+            assert attempt.event is not None
+            events[region] = attempt.event
+
+        threads = [threading.Thread(target=insert, args=(r,), name=f"tie-{r}") for r in regions]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        finally:
+            for conn in conns.values():
+                conn.close()
+        return events
 
     def _record(self, attempt: _Attempt, writer: str) -> None:
         assert attempt.event is not None
