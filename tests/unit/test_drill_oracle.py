@@ -279,6 +279,12 @@ def test_the_checker_holds_manual_tables_to_the_model() -> None:
     stale = {A: _snap(A, {"p": row_a}, parked, ordered), B: _snap(B, {"p": row_b}, (), ordered)}
     assert {"manual_oracle", "conflicts_accounted", "regions_converged"} <= _failed(
         check(ordered, stale, [], TABLES, NO_RTO))
+    # parked needlessly but every region holds the right row: a drill may tolerate that, and it is noted
+    settled = {A: _snap(A, {"p": row_b}, parked, ordered), B: _snap(B, {"p": row_b}, (), ordered)}
+    assert _failed(check(ordered, settled, [], TABLES, NO_RTO)) == {"conflicts_accounted"}
+    tolerant = check(ordered, settled, [], TABLES, Expectations(rto_expected=False, needless_parking_ok=True))
+    assert tolerant.passed
+    assert "tolerated" in next(c.detail for c in tolerant.checks if c.name == "conflicts_accounted")
 
 
 def test_in_doubt_attempts_count_only_when_a_region_holds_them() -> None:
