@@ -141,8 +141,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "gaps-self-hole-hidden", "gaps.py",
-        "                have = have | SeqRanges.span(1, origin_high[origin])"
-        " | outbox_held.get((origin, origin), EMPTY)\n",
+        "                have = have | claimed | outbox_held.get((origin, origin), EMPTY)\n",
         "                have = SeqRanges.span(1, high)\n",
         "gap analysis: a region's own lost events (stale backup) are never reported as a hole",
         ("stale-backup-restore",),

@@ -178,13 +178,17 @@ class Workload:
         with self._lock:
             return Counter(self.acked)
 
-    def write(self, region: str, table: str, op: str, key: dict[str, Any], **kwargs: Any) -> Event:
-        """One scenario-directed write, recorded once its commit returned."""
+    def write(self, region: str, table: str, op: str, key: dict[str, Any], *, hold_seconds: float = 0.0,
+              **kwargs: Any) -> Event:
+        """One scenario-directed write, recorded once its commit returned; ``hold_seconds``
+        keeps its transaction open that long after the write (stamped early, committed late)."""
         attempt = _Attempt()
         with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
             try:
                 with conn.transaction():
                     event = attempt.write(conn, table, op, key, **kwargs)
+                    if hold_seconds:
+                        time.sleep(hold_seconds)
             except (psycopg.Error, OSError):
                 self._record_in_doubt(attempt, "drill")
                 raise

@@ -28,7 +28,6 @@ import time
 import psycopg
 import yaml
 
-from ... import outbox
 from ...model import Event
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -42,13 +41,8 @@ def _own_rows(drill: Drill, region: str) -> int:
 
 def _late_commit(drill: Drill, region: str, hold: float) -> Event:
     """One order stamped now and committed ``hold`` seconds later (acknowledged then)."""
-    with psycopg.connect(drill.env.direct.region(region).dsn, connect_timeout=3) as conn:
-        with conn.transaction():
-            event = outbox.write(conn, "orders", "insert", {"id": "late-commit"},
-                                 values={"customer": region, "status": "new", "total_cents": 1})
-            time.sleep(hold)
-    drill.workload._record(event, "drill-late-commit")
-    return event
+    return drill.workload.write(region, "orders", "insert", {"id": "late-commit"},
+                                values={"customer": region, "status": "new", "total_cents": 1}, hold_seconds=hold)
 
 
 def _unreturned_under_counter(drill: Drill, region: str) -> int:
