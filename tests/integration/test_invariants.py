@@ -19,6 +19,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from confluent_kafka import TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler import outbox
 from reconciler.cli import main
@@ -27,6 +28,7 @@ from reconciler.errors import ConfigError
 from reconciler.invariants import violation_id
 from reconciler.model import Event
 from reconciler.provision import migrate
+from reconciler.sidecar import Sidecar, _Reconnecting
 from reconciler.transport import kafka
 
 from .pipeline import TABLES, Cluster, connect, fully_delivered, make_env, scalar, wait_until
@@ -98,6 +100,23 @@ def compensation_messages(config: Config, expected: int) -> list[dict[str, Any]]
         consumer.close()
 
 
+def open_metric(config: Config, region: str) -> dict[str, float]:
+    """reconciler_invariant_violations_open{table="inventory"} per invariant, as the sidecar's
+    stats measurement sets it."""
+    car = Sidecar(config, region)
+    own = _Reconnecting(config.region(region).dsn, region, retry_seconds=1.0)
+    try:
+        car._measure(own, {}, car.log, set())
+    finally:
+        own.close()
+    return {
+        sample.labels["invariant"]: sample.value
+        for family in text_string_to_metric_families(car.metrics.render().decode())
+        if family.name == "reconciler_invariant_violations_open"
+        for sample in family.samples if sample.labels["table"] == "inventory"
+    }
+
+
 @pytest.fixture
 def env2(stack: Any, tmp_path: Path) -> Any:
     tables = {**TABLES, "inventory": {**TABLES["inventory"], "invariants": INVENTORY_INVARIANTS}}
@@ -160,6 +179,9 @@ def test_oversell_in_a_partition_is_recorded_once_per_region_and_compensated_onc
 
     shown = cli_json(config, "violations", "show", vid, "--region", B)
     assert shown["status"] == "open" and shown["resolution"] is None
+    status = json.loads(CliRunner().invoke(main, ["status", "--config", str(config.path), "--json"]).stdout)
+    assert {r: status["regions"][r]["violations_open"] for r in (A, B)} == {A: {"inventory": 1}, B: {"inventory": 1}}
+    assert open_metric(config, A) == {"stock_not_negative": 1.0, "priced": 0.0}
 
     refused = cli(config, "violations", "resolve", vid, "--by", "alice", "--yes")
     assert refused.exit_code == 2, "a resolution without a reason is refused"
@@ -174,6 +196,7 @@ def test_oversell_in_a_partition_is_recorded_once_per_region_and_compensated_onc
         assert shown["resolution"]["reason"] == "orders o7, o8 cancelled"
     again = cli(config, "violations", "resolve", vid, "--reason", "twice", "--yes")
     assert again.exit_code == 2 and "already resolved" in again.stderr
+    assert open_metric(config, B) == {"stock_not_negative": 0.0, "priced": 0.0}
 
 
 def test_a_violation_closes_itself_when_the_invariant_holds_again(env2: Any) -> None:
