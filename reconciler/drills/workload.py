@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,22 @@ class Workload:
                 event = outbox.write(conn, table, op, key, **kwargs)
         self._record(event, "drill")
         return event
+
+    def write_together(
+        self, region: str, body: Callable[[psycopg.Connection[Any]], list[Event]], writer: str = "drill",
+    ) -> list[Event]:
+        """Several writes in one transaction (a purchase: the stock and the order), each
+        recorded once the commit returned; ``body`` may write nothing."""
+        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
+            with conn.transaction():
+                events = body(conn)
+        self.record(events, writer)
+        return events
+
+    def record(self, events: Iterable[Event], writer: str) -> None:
+        """Writes committed by someone else in the drill (a saga), for the checker's history."""
+        for event in events:
+            self._record(event, writer)
 
     def _record(self, event: Event, writer: str) -> None:
         self.history.append(WriteRecord.of_event(event, time.time(), writer))
