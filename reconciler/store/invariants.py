@@ -123,17 +123,8 @@ def check_invariants(conn: Connection, table: TableConfig, keys: Iterable[str]) 
         return []
     names = list(table.invariants)
     with translated(table=table.name, step="check invariants"):
-        doc = _json([(k, _key_values(table, k)) for k in wanted])
         failing: dict[tuple[str, str], Mapping[str, Any]] = {}
-        try:
-            with conn.transaction():  # a savepoint: the apply it belongs to must survive a bad value
-                evaluated = conn.execute(_evaluate_statement(table), (doc,)).fetchall()
-        except psycopg.DataError as exc:
-            # An expression that fails on some row (a division by zero, a bad cast) is the
-            # operator's to fix; stopping replication over it would be worse than not checking.
-            _log.warning("invariants of %s could not be evaluated on %d keys: %s", table.name, len(wanted),
-                         (exc.diag.message_primary if exc.diag else None) or type(exc).__name__)
-            return []
+        evaluated, unchecked = _evaluate(conn, table, wanted)
         for row in evaluated:
             key, row_doc, verdicts = row[0], row[1], row[2:]
             for name, holds in zip(names, verdicts, strict=True):
@@ -146,7 +137,8 @@ def check_invariants(conn: Connection, table: TableConfig, keys: Iterable[str]) 
                 (table.name, wanted),
             ).fetchall()
         }
-        cleared = sorted(already_open - failing.keys())
+        # a row its invariants failed to evaluate on is not known to hold: left as it was
+        cleared = sorted((k, n) for k, n in already_open - failing.keys() if k not in unchecked)
         if cleared:
             conn.execute(
                 "UPDATE reconciler.violations SET status = 'resolved', resolved_by = %s, resolved_at = now(),"
@@ -186,6 +178,37 @@ def check_invariants(conn: Connection, table: TableConfig, keys: Iterable[str]) 
             )
             recorded.append(violation)
     return recorded
+
+
+def _evaluate(conn: Connection, table: TableConfig, keys: Sequence[str]) -> tuple[list[tuple[Any, ...]], set[str]]:
+    """(key, row, verdict per invariant) for the keys whose row exists, and the keys
+    that could not be checked.
+
+    An expression that fails on some row (a division by zero, a bad cast) is the
+    operator's to fix, and stopping replication over it would be worse than not
+    checking that row: the batch is evaluated again key by key, each in its own
+    savepoint, and only the rows it fails on go unchecked (logged)."""
+    statement = _evaluate_statement(table)
+
+    def attempt(subset: Sequence[str]) -> list[tuple[Any, ...]]:
+        doc = _json([(k, _key_values(table, k)) for k in subset])
+        with conn.transaction():  # a savepoint: the write it belongs to must survive an error here
+            return conn.execute(statement, (doc,)).fetchall()
+
+    try:
+        return attempt(keys), set()
+    except psycopg.DataError:
+        pass
+    rows: list[tuple[Any, ...]] = []
+    unchecked: set[str] = set()
+    for key in keys:
+        try:
+            rows.extend(attempt([key]))
+        except psycopg.DataError as exc:
+            unchecked.add(key)
+            _log.warning("invariants of %s not checked on key %s: %s", table.name, key,
+                         (exc.diag.message_primary if exc.diag else None) or type(exc).__name__)
+    return rows, unchecked
 
 
 def _contributions(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, list[Contribution]]:

@@ -239,3 +239,26 @@ def test_migrate_refuses_a_bad_invariant_on_a_migrated_database_and_changes_noth
         kept = scalar(config, region, "SELECT invariants FROM reconciler.replicated_table WHERE table_name = %s",
                       ("inventory",))
         assert kept == INVENTORY_INVARIANTS, "the refused migrate left the catalogue as it was"
+
+
+def test_an_invariant_failing_on_a_value_does_not_stop_replication(stack: Any, tmp_path: Path) -> None:
+    """100 / stock divides by zero on an empty shelf: that row goes unchecked (a warning),
+    but the write commits and the peer applies it, and the other rows are still checked."""
+    tables = {**TABLES, "inventory": {**TABLES["inventory"], "invariants": {"fragile": "100 / stock > 0"}}}
+    config = make_env(stack, tmp_path, regions=(A, B), tables=tables)
+    cluster = Cluster(config)
+    try:
+        write(config, A, "insert", "empty", values={"name": "empty shelf", "stock": 0, "tags": []})
+        write(config, A, "insert", "negative", values={"name": "owed", "stock": -2, "tags": []})
+        heal(config, cluster)
+        for region in (A, B):
+            assert stock(config, region, "empty") == 0
+            assert [v["key"] for v in violations(config, region)] == ["negative"]
+        # back to 0: not evaluable, so not known to hold: the violation stays open
+        write(config, A, "update", "negative", deltas={"stock": 2})
+        heal(config, cluster)
+        for region in (A, B):
+            assert stock(config, region, "negative") == 0
+            assert [v["key"] for v in violations(config, region)] == ["negative"]
+    finally:
+        cluster.stop_all()
