@@ -675,24 +675,29 @@ def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id:
         click.confirm(f"resolve violation {violation_id} in {', '.join(chosen)} as {actor}?", abort=True, err=True)
     outcome: dict[str, str] = {}
     for name in chosen:
-        with pg.connect(config.region(name).dsn, region=name) as conn, translated(region=name, step="resolve"):
-            require_schema(conn)
-            done = resolve_violation(conn, violation_id, actor, reason)
-            if done is not None:
-                outcome[name] = "resolved"
-            else:
-                found = conn.execute("SELECT status FROM reconciler.violations WHERE violation_id = %s",
-                                     (violation_id,)).fetchone()
-                outcome[name] = "not recorded" if found is None else f"already {found[0]}"
+        try:
+            with pg.connect(config.region(name).dsn, region=name) as conn, translated(region=name, step="resolve"):
+                require_schema(conn)
+                done = resolve_violation(conn, violation_id, actor, reason)
+                if done is not None:
+                    outcome[name] = "resolved"
+                else:
+                    found = conn.execute("SELECT status FROM reconciler.violations WHERE violation_id = %s",
+                                         (violation_id,)).fetchone()
+                    outcome[name] = "not recorded" if found is None else f"already {found[0]}"
+        except ReconcilerError as exc:  # one region down must not hide what was done in the others
+            outcome[name] = f"not reached: {exc.message}"
     if "resolved" not in outcome.values():
         states = "; ".join(f"{r}: {state}" for r, state in outcome.items())
         raise ReconcilerError(f"no open violation {violation_id} ({states})", violation_id=violation_id,
                               retryable=False)
     if as_json:
         print_json({"violation_id": violation_id, "by": actor, "reason": reason, "regions": outcome})
-        return
-    for name, state in outcome.items():
-        click.echo(f"{name}: {state}")
+    else:
+        for name, state in outcome.items():
+            click.echo(f"{name}: {state}")
+    if any(state.startswith("not reached") for state in outcome.values()):
+        sys.exit(EXIT_FOUND)  # resolve again later for the regions not reached
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import psycopg.conninfo
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -24,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler import outbox
 from reconciler.cli import main
 from reconciler.config import Config, load_config
+from reconciler.drills.env import free_port
 from reconciler.errors import ConfigError
 from reconciler.invariants import violation_id
 from reconciler.model import Event
@@ -98,6 +101,11 @@ def compensation_messages(config: Config, expected: int) -> list[dict[str, Any]]
         return found
     finally:
         consumer.close()
+
+
+def stack_port(config: Config, region: str) -> int:
+    port = psycopg.conninfo.conninfo_to_dict(config.region(region).dsn).get("port")
+    return int(str(port))
 
 
 def open_metric(config: Config, region: str) -> dict[str, float]:
@@ -266,3 +274,22 @@ def test_an_invariant_failing_on_a_value_does_not_stop_replication(stack: Any, t
             assert [v["key"] for v in violations(config, region)] == ["negative"]
     finally:
         cluster.stop_all()
+
+
+def test_resolve_reports_a_region_it_could_not_reach_and_can_be_run_again(env2: Any, tmp_path: Path) -> None:
+    config, cluster = env2
+    write(config, A, "insert", "sku-3", values={"name": "owed", "stock": -1, "tags": []})  # a local write is checked
+    heal(config, cluster)
+    (vid,) = {v["violation_id"] for r in (A, B) for v in violations(config, r)}
+    doc = yaml.safe_load(config.path.read_text())
+    doc["regions"][B]["dsn"] = doc["regions"][B]["dsn"].replace(
+        f":{stack_port(config, B)}/", f":{free_port()}/")
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(yaml.safe_dump(doc))
+    partial = CliRunner().invoke(main, ["violations", "resolve", vid, "--config", str(cut), "--reason", "refunded",
+                                        "--by", "bob", "--yes", "--json"])
+    assert partial.exit_code == 1, partial.output
+    regions = json.loads(partial.stdout)["regions"]
+    assert regions[A] == "resolved" and regions[B].startswith("not reached")
+    again = cli_json(config, "violations", "resolve", vid, "--reason", "refunded", "--by", "bob", "--yes")
+    assert again["regions"] == {A: "already resolved", B: "resolved"}
