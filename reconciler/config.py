@@ -118,6 +118,8 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    #: overlaid on ``kafka`` for `migrate` only: the principal allowed to create topics
+    kafka_admin: Mapping[str, str] = field(default_factory=dict)
     #: where compensation events for invariant violations are published (None: <topic_prefix>.compensation)
     compensation_topic_name: str | None = None
 
@@ -151,6 +153,14 @@ class Config:
         merged = dict(self.kafka)
         merged.update(self.region(region).kafka)
         return merged
+
+    def admin_kafka_settings(self) -> dict[str, str]:
+        """What `migrate` creates topics with: ``kafka`` overlaid by ``kafka_admin``,
+        or, without that section, the first region's settings (its principal must
+        then be allowed to create topics, or the topics must exist already)."""
+        if not self.kafka_admin:
+            return self.kafka_settings(next(iter(self.regions)))
+        return {**self.kafka, **self.kafka_admin}
 
     def peers(self, region: str) -> list[str]:
         return [r for r in self.regions if r != region]
@@ -290,7 +300,7 @@ class _Parser:
             top,
             "",
             ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
-             "heartbeat", "retention", "compensation"),
+             "heartbeat", "retention", "kafka_admin", "compensation"),
         )
         regions_raw = self.mapping(top.get("regions"), "regions")
         if len(regions_raw) < 2:
@@ -321,6 +331,7 @@ class _Parser:
             lifecycle=self.lifecycle(top.get("lifecycle")),
             heartbeat=self.heartbeat(top.get("heartbeat")),
             retention=self.retention(top.get("retention")),
+            kafka_admin=self.kafka_properties(top.get("kafka_admin"), "kafka_admin"),
             compensation_topic_name=self.compensation(top.get("compensation")),
         )
 

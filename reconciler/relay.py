@@ -31,8 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import Any
 
-from confluent_kafka import KafkaException
-
 from .config import Config
 from .errors import ReconcilerError, TransportError
 from .lifecycle import State
@@ -71,7 +69,7 @@ class Relay:
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
         kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic, self.config.compensation_topic],
-                            self.config.topic_partitions)
+                            self.config.topic_partitions, region=self.region)
         self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
         self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
         self.log.bind(epoch=self.epoch)
@@ -124,6 +122,10 @@ class Relay:
         if failures or remaining:
             self._drop_read_ahead()
             first = failures[0] if failures else None
+            if first is not None and kafka.is_access_error(first):
+                # ACLs or credentials: retrying would spin forever without an operator
+                raise kafka.translate(first, settings=self.config.kafka_settings(self.region),
+                                      region=self.region, topic=self.topic)
             raise TransportError(
                 f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
                 + (f" (first: {first})" if first else ""),
@@ -227,17 +229,11 @@ class Relay:
         backoff = 0.2
         while not stop.is_set():
             try:
-                try:
-                    if self._conn is None:
-                        self.start()
-                    sent = self.step()
-                except KafkaException as raw:
-                    # a producer error librdkafka raises instead of reporting per message
-                    # (fatal idempotence state, for one): a new producer starts clean, and
-                    # whatever was not acknowledged is republished from published_through
-                    error = kafka.translate(raw, region=self.region, step="produce")
-                    error.retryable = True
-                    raise error from raw
+                if self._conn is None:
+                    self.start()
+                # producer errors arrive translated (kafka.EventProducer), retryable when a
+                # new producer can succeed
+                sent = self.step()
                 backoff = 0.2
                 if not sent:
                     stop.wait(idle_sleep)

@@ -51,6 +51,7 @@ from .relay import Relay
 from .store import health, merkle_leaves
 from .store import invariants as store_invariants
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store.translate import translated
 from .transport import kafka
 
@@ -701,6 +702,7 @@ class Sidecar:
             m.manual_queue_depth.labels(table=table).set(depth)
         m.manual_queue_oldest_age_seconds.set(queue.oldest_age_seconds)
         m.quarantine_events.set(health.quarantined(conn))
+        m.set_refused(quarantine_store.refused_counts(conn), self.config.regions)
         open_violations = store_invariants.open_counts(conn)
         for table_name, table_config in self.config.tables.items():
             for invariant in table_config.invariants:  # 0 published too: the alert's series exists from start
@@ -795,7 +797,7 @@ class _ControlLink:
             return
         settings = self.config.kafka_settings(self.region)
         hb = self.config.heartbeat
-        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions)
+        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions, region=self.region)
         # a heartbeat that cannot be delivered in time is worthless: let it expire
         # rather than arrive late and make a silent region look alive
         timeout_ms = str(int(max(1000.0, hb.suspect_after_seconds * 1000)))
