@@ -54,6 +54,6 @@ def migrate(
                 conn.commit()
                 report.leaves_rebuilt.setdefault(region, []).append(asdict(result))
     settings = config.admin_kafka_settings()
-    topics = [config.events_topic(r) for r in config.regions] + [config.control_topic]
+    topics = [config.events_topic(r) for r in config.regions] + [config.control_topic, config.compensation_topic]
     report.topics_created = kafka.ensure_topics(settings, topics, config.topic_partitions)
     return report

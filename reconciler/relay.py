@@ -45,7 +45,11 @@ from .lifecycle import State
 from .logs import component_logger
 from .metrics import Metrics
 from .store import postgres as pg
+from .store.invariants import mark_compensations_published, pending_compensations
 from .transport import kafka
+
+#: how often the relay looks for compensation events to publish (an indexed, usually empty, query)
+COMPENSATION_POLL_SECONDS = 0.5
 
 
 class Relay:
@@ -72,11 +76,12 @@ class Relay:
         #: comes back older than this was restored under the relay (see pg.DatabaseMark)
         self._seen: pg.DatabaseMark | None = None
         self._mark_read_at = 0.0
+        self._compensations_due = 0.0
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
-        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic], self.config.topic_partitions,
-                            region=self.region)
+        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic, self.config.compensation_topic],
+                            self.config.topic_partitions, region=self.region)
         self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
         self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
         self.log.bind(epoch=self.epoch)
@@ -125,7 +130,7 @@ class Relay:
         batch = (ahead.result() if ahead is not None else None) or self._claim()
         if not batch:
             self._refresh_mark()
-            return 0
+            return self._publish_compensations()
         self._read_through = batch[-1][0]
         assert self._pool is not None
         self._next = self._pool.submit(self._claim)  # the next batch, while this one is in flight
@@ -174,10 +179,57 @@ class Relay:
         lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
         if self._seen is not None:
             self._seen = self._seen.advanced(lsn, batch[-1][0], batch[-1][0])
+        self._publish_compensations()
         if self.metrics is not None:
             self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(batch)
+
+    def _publish_compensations(self) -> int:
+        """Publish the compensation events recorded by invariant checks (see
+        docs/compensation-events.md) to the compensation topic, keyed by their id.
+
+        Not through the events topic: its dense per-origin sequences are what peers
+        detect gaps with, and these events are for services, not for replication.
+        Marked published only once acknowledged, so a crash republishes (same id)
+        rather than loses. Called while the connection is free of the read-ahead."""
+        assert self._conn is not None and self._producer is not None
+        now = time.monotonic()
+        if now < self._compensations_due:
+            return 0
+        self._compensations_due = now + COMPENSATION_POLL_SECONDS
+        pending = pending_compensations(self._conn, self.config.relay_batch_size)
+        if not pending:
+            return 0
+        topic = self.config.compensation_topic
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        # the relay's producer is transactional (it fences zombies): these go in their own
+        # transaction, committed only when every one is acknowledged
+        try:
+            self._producer.begin_transaction()
+            for ident, payload in pending:
+                while True:
+                    try:
+                        self._producer.produce(topic, value=payload.encode(), key=ident.encode(),
+                                               on_delivery=delivered)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+            self._producer.commit_transaction(30)
+        except ReconcilerError:
+            self._abort()
+            raise
+        if failures:
+            raise TransportError(f"compensation events not acknowledged: {len(failures)} failed (first: "
+                                 f"{failures[0]})", retryable=True, region=self.region, topic=topic)
+        mark_compensations_published(self._conn, [ident for ident, _ in pending])
+        self._compensations_due = 0.0  # more may be waiting
+        return len(pending)
 
     def _refresh_mark(self) -> None:
         """While idle, keep the remembered WAL position current (about once a second):

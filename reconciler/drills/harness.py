@@ -49,6 +49,8 @@ class Scenario:
     proxied: tuple[int, ...] = ()
     #: how long the pipeline may take to deliver everything once the writers stop
     quiesce_seconds: float = 45.0
+    #: config keys this scenario sets on top of the drill's (e.g. table invariants)
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Drill:
 
     def setup(self) -> None:
         proxied = tuple(self.stack.regions[i] for i in self.scenario.proxied)
-        self.env = DrillEnv.create(self.stack, self.workdir, proxied=proxied)
+        self.env = DrillEnv.create(self.stack, self.workdir, proxied=proxied, **self.scenario.config)
         self._history = HistoryWriter(self.history_path)
         spec = self.scenario.workload(self.scale)
         self.workload = Workload({r: self.env.direct.region(r).dsn for r in self.env.regions}, self._history, spec)

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,24 @@ class Workload:
                 raise
         self._record(attempt, "drill")
         return event
+
+    def write_together(
+        self, region: str, body: Callable[[psycopg.Connection[Any]], list[Event]], writer: str = "drill",
+    ) -> list[Event]:
+        """Several writes in one transaction (a purchase: the stock and the order), each
+        recorded once the commit returned; ``body`` may write nothing."""
+        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
+            with conn.transaction():
+                events = body(conn)
+        self.record(events, writer)
+        return events
+
+    def record(self, events: Iterable[Event], writer: str) -> None:
+        """Writes committed by someone else in the drill (a saga), for the checker's history."""
+        for event in events:
+            self.history.append(WriteRecord.of_event(event, time.time(), writer))
+            with self._lock:
+                self.acked[event.origin] += 1
 
     def _insert_together(self, regions: list[str], key: str) -> dict[str, Event]:
         """Each region inserts ``key`` at the same moment (connections opened first)."""

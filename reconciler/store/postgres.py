@@ -25,6 +25,7 @@ from ..hlc import Timestamp
 from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
 from . import quarantine as quarantine_store
+from .invariants import check_invariants, validate_invariants
 from .merkle_leaves import install_leaves
 from .translate import translated
 
@@ -111,6 +112,9 @@ def migrate(conn: Connection, region: str, max_offset_ms: int, tables: Iterable[
             )
             # in this transaction, so leaves and triggers appear together with the schema
             install_leaves(conn, table)
+            validate_invariants(conn, table)  # a bad expression fails the whole migrate, naming it
+            conn.execute("UPDATE reconciler.replicated_table SET invariants = %s::jsonb WHERE table_name = %s",
+                         (json_text(dict(table.invariants)), table.name))
     return applied
 
 
@@ -133,11 +137,13 @@ def region_id(conn: Connection) -> str:
 def replicated_tables(conn: Connection) -> dict[str, TableConfig]:
     with translated(step="replicated_tables"):
         rows = conn.execute(
-            "SELECT table_name, schema_name, key_columns, policy, field_rules FROM reconciler.replicated_table"
+            "SELECT table_name, schema_name, key_columns, policy, field_rules, invariants"
+            " FROM reconciler.replicated_table"
         ).fetchall()
     return {
-        name: TableConfig(name=name, key=tuple(keys), policy=policy, fields=dict(rules), schema=schema)
-        for name, schema, keys, policy, rules in rows
+        name: TableConfig(name=name, key=tuple(keys), policy=policy, fields=dict(rules), schema=schema,
+                          invariants=dict(invariants))
+        for name, schema, keys, policy, rules, invariants in rows
     }
 
 
@@ -270,6 +276,8 @@ def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, Row
     ]
     shape = (any(not row[3] for row in doc), any(row[3] for row in doc))
     conn.execute(writer.write[shape], (_encode(doc), table.name))
+    # every writer (apply, replay, repair, a service's outbox.write) passes here, in its transaction
+    check_invariants(conn, table, states)
 
 
 def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]:

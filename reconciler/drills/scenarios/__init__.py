@@ -13,6 +13,7 @@ from . import (
     broker_restart,
     clock_skew,
     duplicate_reorder,
+    flash_sale,
     network_partition,
     poison_events,
     postgres_crash,
@@ -41,5 +42,6 @@ SCENARIOS: dict[str, Scenario] = {
         split_brain,
         stale_restore_recover_kill,
         restore_under_sidecar,
+        flash_sale,
     )
 }
