@@ -22,6 +22,9 @@ from .errors import ConfigError
 
 POLICIES = ("lww", "merge", "manual")
 FIELD_RULES = ("lww", "counter", "set", "max", "min")
+#: how a table's writes become events: triggers in the database capture every client's
+#: writes (trigger), or the service writes its outbox rows itself (explicit)
+CAPTURE_MODES = ("trigger", "explicit")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -35,6 +38,7 @@ class TableConfig:
     policy: str
     fields: Mapping[str, str] = field(default_factory=dict)
     schema: str = "public"
+    capture: str = "trigger"
 
 
 @dataclass(frozen=True)
@@ -281,7 +285,7 @@ class _Parser:
         key = f"tables.{name}"
         self.identifier(name, key)
         body = self.mapping(spec, key)
-        self.only_keys(body, key, ("key", "policy", "fields", "schema"))
+        self.only_keys(body, key, ("key", "policy", "fields", "schema", "capture"))
         key_cols = body.get("key")
         if isinstance(key_cols, str):
             key_cols = [key_cols]
@@ -303,7 +307,10 @@ class _Parser:
                 raise self.fail(f"{key}.fields.{column}", "a key column cannot have a merge rule")
             rules[column] = rule
         schema = self.identifier(body.get("schema", "public"), f"{key}.schema")
-        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema)
+        capture = body.get("capture", "trigger")
+        if capture not in CAPTURE_MODES:
+            raise self.fail(f"{key}.capture", f"{capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema, capture=capture)
 
     def lifecycle(self, raw: Any) -> LifecycleConfig:
         body = self.mapping(raw, "lifecycle")

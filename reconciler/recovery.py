@@ -650,6 +650,7 @@ def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, targe
                           key_values).fetchone()
     with pg.connect(config.region(target).dsn, region=target) as dst, translated(region=target, step="repair"), \
             dst.transaction():
+        dst.execute("SELECT set_config('reconciler.capture', 'off', true)")  # a repair, not a new write
         dst.execute(sql.SQL("DELETE FROM {t} WHERE ").format(t=ident) + match, key_values)
         if row is not None:
             writer = pg.TableWriter.build(dst, spec)
