@@ -388,7 +388,7 @@ BEGIN
             SELECT coalesce(sum((p.value #>> '{}')::numeric), 0) INTO total FROM jsonb_each(entry -> 'by_origin') p;
             v := CASE WHEN total = trunc(total) THEN to_jsonb(trunc(total)) ELSE to_jsonb(total::float8) END;
         ELSIF entry ->> 'rule' = 'set' THEN
-            SELECT coalesce(jsonb_agg(x.e ORDER BY jsonb_typeof(x.e) DESC,
+            SELECT coalesce(jsonb_agg(x.e ORDER BY jsonb_typeof(x.e),
                                       CASE WHEN jsonb_typeof(x.e) = 'number' THEN (x.e #>> '{}')::numeric END,
                                       (x.e #>> '{}') COLLATE "C"), '[]')
             INTO v
@@ -471,7 +471,7 @@ BEGIN
                         RAISE EXCEPTION 'reconciler capture: set column %.% must hold a JSON array, got %',
                             p_table, col, n USING ERRCODE = 'RC003';
                     END IF;
-                    SELECT jsonb_agg(x.e ORDER BY jsonb_typeof(x.e) DESC,
+                    SELECT jsonb_agg(x.e ORDER BY jsonb_typeof(x.e),
                                      CASE WHEN jsonb_typeof(x.e) = 'number' THEN (x.e #>> '{}')::numeric END,
                                      (x.e #>> '{}') COLLATE "C") INTO agg
                         FROM (SELECT DISTINCT ON (reconciler.capture_elem_key(a.value)) a.value AS e
@@ -482,7 +482,7 @@ BEGIN
                     IF agg IS NOT NULL THEN
                         adds := adds || jsonb_build_object(col, agg);
                     END IF;
-                    SELECT jsonb_agg(x.e ORDER BY jsonb_typeof(x.e) DESC,
+                    SELECT jsonb_agg(x.e ORDER BY jsonb_typeof(x.e),
                                      CASE WHEN jsonb_typeof(x.e) = 'number' THEN (x.e #>> '{}')::numeric END,
                                      (x.e #>> '{}') COLLATE "C") INTO agg
                         FROM (SELECT DISTINCT ON (reconciler.capture_elem_key(a.value)) a.value AS e
