@@ -271,3 +271,57 @@ def test_tables_capture_cannot_work_on_are_refused_naming_table_and_column(stack
             install_capture(conn, cases[0][0])
         assert uninstall_capture(conn, cases[0][0]).action == "absent"
         conn.rollback()
+
+
+def test_a_client_update_waiting_on_a_key_reconciler_holds_does_not_deadlock(stack: Any, tmp_path: Path) -> None:
+    """reconciler's writers lock a captured row before the key's advisory lock, the order a
+    client's UPDATE takes them in (row first, then the trigger's advisory lock); in the other
+    order the two would deadlock and PostgreSQL would abort one of them."""
+    import threading
+
+    from reconciler.store import postgres as pg
+
+    config = make_env(stack, tmp_path)
+    region = next(iter(config.regions))
+    with connect(config, region) as conn:
+        conn.execute("INSERT INTO orders VALUES ('k', 'c', 'new', 1, NULL)")
+        conn.commit()
+    holder = connect(config, region)
+    client = connect(config, region)
+    try:
+        pid = client.execute("SELECT pg_backend_pid()").fetchone()[0]
+        client.commit()
+        pg.lock_keys(holder, [("orders", "k")])  # what apply and outbox.write do first
+        failures: list[BaseException] = []
+
+        def update() -> None:
+            try:
+                client.execute("SET deadlock_timeout = '200ms'")
+                client.execute("UPDATE orders SET status = 'from-client' WHERE id = 'k'")
+                client.commit()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+                client.rollback()
+
+        thread = threading.Thread(target=update)
+        thread.start()
+        with connect(config, region) as watcher:
+            from .pipeline import wait_until
+
+            wait_until(lambda: watcher.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == ("Lock",),
+                10, "the client's UPDATE waiting for the key")
+        holder.execute("SET deadlock_timeout = '200ms'")
+        outbox.write(holder, "orders", "update", {"id": "k"}, values={"status": "from-reconciler"})
+        holder.commit()
+        thread.join(30)
+        assert not failures, failures
+        with connect(config, region) as conn:
+            assert _current(conn, "orders", "k")["status"] == "from-client"
+            (first, second) = conn.execute(
+                "SELECT hlc, prior_hlc FROM reconciler.outbox WHERE operation = 'update' ORDER BY position"
+            ).fetchall()
+            assert second[1] == first[0]  # the client's write saw reconciler's
+    finally:
+        holder.close()
+        client.close()
