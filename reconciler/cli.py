@@ -108,13 +108,15 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
             else:
                 click.echo(f"{region}: leaves of {leaf['table']} counted again from {leaf['rows']:,} rows"
                            f" in {leaf['seconds']:.1f}s")
-        for done in report.capture.get(region, []):
-            if done["action"] == "installed":
-                click.echo(f"{region}: capture on {done['table']}: triggers {', '.join(done['triggers'])}"
-                           f" ({done['rows_registered']:,} existing rows registered; held {done['lock']}"
-                           f" for {done['seconds']:.2f}s)")
-            elif done["action"] == "removed":
-                click.echo(f"{region}: capture removed from {done['table']} (held {done['lock']})")
+        for cap in report.capture.get(region, []):
+            triggers = cap["triggers"]
+            assert isinstance(triggers, list)
+            if cap["action"] == "installed":
+                click.echo(f"{region}: capture on {cap['table']}: triggers {', '.join(triggers)}"
+                           f" ({cap['rows_registered']:,} existing rows registered; held {cap['lock']}"
+                           f" for {cap['seconds']:.2f}s)")
+            elif cap["action"] == "removed":
+                click.echo(f"{region}: capture removed from {cap['table']} (held {cap['lock']})")
     if report.topics_created:
         click.echo(f"topics created: {', '.join(report.topics_created)}")
 

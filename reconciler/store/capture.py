@@ -134,11 +134,14 @@ def lock_sql(table: TableConfig, columns: dict[str, tuple[str, str]]) -> str:
         where = sql.SQL("t.{} = ANY($1::text[]::{}[])").format(sql.Identifier(column), sql.SQL(columns[column][1]))
     else:
         casts = sql.SQL(", ").join(
-            sql.SQL("(x.j ->> {})::{}").format(sql.Literal(i), sql.SQL(columns[c][1])) for i, c in enumerate(table.key)
+            sql.SQL("(x.j ->> {})::{}").format(sql.Literal(i), sql.SQL(columns[c][1]))
+            for i, c in enumerate(table.key)
         )
-        where = sql.SQL("({}) IN (SELECT {} FROM unnest($1::text[]) AS u(k), LATERAL (SELECT u.k::jsonb AS j) x)").format(
-            order, casts)
-    return sql.SQL("SELECT 1 FROM {} AS t WHERE {} ORDER BY {} FOR UPDATE OF t").format(rel, where, order).as_string(None)
+        where = sql.SQL(
+            "({}) IN (SELECT {} FROM unnest($1::text[]) AS u(k), LATERAL (SELECT u.k::jsonb AS j) x)"
+        ).format(order, casts)
+    statement = sql.SQL("SELECT 1 FROM {} AS t WHERE {} ORDER BY {} FOR UPDATE OF t").format(rel, where, order)
+    return statement.as_string(None)
 
 
 def install_capture(

@@ -230,7 +230,8 @@ def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
     # locks, the order a client's captured UPDATE takes them in (migration 009)
     keys = sorted(set(pairs))
     if keys:
-        conn.execute("SELECT reconciler.lock_keys(%s::text[], %s::text[])", ([t for t, _ in keys], [k for _, k in keys]))
+        conn.execute("SELECT reconciler.lock_keys(%s::text[], %s::text[])",
+                     ([t for t, _ in keys], [k for _, k in keys]))
 
 
 def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:

@@ -97,8 +97,8 @@ PGBENCH_SCRIPT = """\\set k random(1, {orders})
 \\set v random(1, 1000000000)
 BEGIN;
 UPDATE inventory SET stock = stock - 1 WHERE sku = 'sku-1';
-INSERT INTO orders (id, customer, status, total_cents) VALUES ('o-' || :k, 'pgbench', 'pgb-' || :client_id || '-' || :v, :v)
-  ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, total_cents = EXCLUDED.total_cents;
+INSERT INTO orders (id, customer, status, total_cents)
+  VALUES ('o-' || :k, 'pgbench', 'pgb-' || :client_id || '-' || :v, :v) ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, total_cents = EXCLUDED.total_cents;
 DELETE FROM orders WHERE id = 'o-' || :d AND :d % 4 = 0;
 END;
 """
@@ -110,10 +110,9 @@ def _jdbc_url(dsn: str) -> str:
 
 
 def _rows(config: Any, region: str, table: str) -> dict[str, Any]:
+    key = config.tables[table].key[0]
     with connect(config, region) as conn:
-        return {k: v for k, v in conn.execute(f"SELECT id_text, doc FROM (SELECT (to_jsonb(t) ->> '"
-                                              f"{config.tables[table].key[0]}') AS id_text, to_jsonb(t) AS doc"
-                                              f" FROM public.{table} t) s").fetchall()}
+        return dict(conn.execute(f"SELECT to_jsonb(t) ->> '{key}', to_jsonb(t) FROM public.{table} t").fetchall())
 
 
 def test_psql_pgbench_and_java_in_three_regions_converge_to_the_oracle(
@@ -231,8 +230,8 @@ def test_the_relayed_event_of_a_psql_write_is_what_a_peer_applies(stack: Any, tm
     """A captured write crosses Kafka like a helper's: same wire document, applied by peers."""
     config = make_env(stack, tmp_path)
     regions = list(config.regions)
-    done = subprocess.run(["psql", "-X", "-q", "-c",
-                           "INSERT INTO orders VALUES ('via-psql', 'c', 'new', 7, NULL)", config.region(regions[0]).dsn],
+    statement = "INSERT INTO orders VALUES ('via-psql', 'c', 'new', 7, NULL)"
+    done = subprocess.run(["psql", "-X", "-q", "-c", statement, config.region(regions[0]).dsn],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     cluster = Cluster(config)
