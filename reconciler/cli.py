@@ -115,6 +115,8 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
                 click.echo(f"{region}: capture on {cap['table']}: triggers {', '.join(triggers)}"
                            f" ({cap['rows_registered']:,} existing rows registered; held {cap['lock']}"
                            f" for {cap['seconds']:.2f}s)")
+            elif cap["action"] == "skipped":
+                click.echo(f"{region}: capture on {cap['table']} not installed: {cap['reason']}")
             elif cap["action"] == "removed":
                 click.echo(f"{region}: capture removed from {cap['table']} (held {cap['lock']})")
     if report.topics_created:

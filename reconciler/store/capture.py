@@ -152,6 +152,9 @@ def install_capture(
     where = f"{table.schema}.{table.name}"
     rel = sql.Identifier(table.schema, table.name)
     with translated(table=where, step="install capture"), conn.transaction():
+        if _columns(conn, table) is None:
+            # as for the Merkle leaves: the next migrate installs it once the table exists
+            return CaptureResult(table.name, "skipped", reason=f"{where} does not exist yet")
         columns = check_table(conn, table)
         conn.execute(sql.SQL("LOCK TABLE {} IN " + LOCK_MODE + " MODE").format(rel))
         columns = check_table(conn, table)  # again under the lock: the shape cannot change from here on

@@ -98,7 +98,8 @@ PGBENCH_SCRIPT = """\\set k random(1, {orders})
 BEGIN;
 UPDATE inventory SET stock = stock - 1 WHERE sku = 'sku-1';
 INSERT INTO orders (id, customer, status, total_cents)
-  VALUES ('o-' || :k, 'pgbench', 'pgb-' || :client_id || '-' || :v, :v) ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, total_cents = EXCLUDED.total_cents;
+  VALUES ('o-' || :k, 'pgbench', 'pgb-' || :client_id || '-' || :v, :v)
+  ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, total_cents = EXCLUDED.total_cents;
 DELETE FROM orders WHERE id = 'o-' || :d AND :d % 4 = 0;
 END;
 """
