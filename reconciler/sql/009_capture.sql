@@ -405,11 +405,13 @@ BEGIN
 END
 $$;
 
--- One captured change of one row: what reconciler.outbox.write does for it.
+-- One captured change of one row: what reconciler.outbox.write does for it. Called
+-- by capture_row, whose owner's rights and pinned search_path it runs with (no SET
+-- clause of its own: each one costs a save and restore of settings per row).
 CREATE FUNCTION reconciler.capture_write(
     p_table text, p_policy text, p_keys text[], p_rules jsonb, p_op text, p_old jsonb, p_new jsonb,
     p_schema text, p_relname text
-) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     row_j jsonb := coalesce(p_new, p_old);
     key_obj jsonb;

@@ -206,6 +206,12 @@ def test_reconciler_own_writes_are_not_captured_again(stack: Any, tmp_path: Path
             conn.execute("INSERT INTO orders VALUES ('raw', 'c', 's', 2, NULL)")
         events = conn.execute("SELECT aggregateid FROM reconciler.outbox ORDER BY position").fetchall()
         assert [e[0] for e in events] == ["own", "raw"]
+        # the advisory lock a trigger takes is the one Python's key_lock_id names
+        from reconciler.store.postgres import key_lock_id
+
+        for key in ("own", "ключ", '["a",1]'):
+            sql_id = conn.execute("SELECT reconciler.key_lock_id('orders', %s)", (key,)).fetchone()[0]
+            assert sql_id == key_lock_id("orders", key)
         assert conn.execute("SELECT current_setting('reconciler.capture', true)").fetchone()[0] in (None, "")
 
 
@@ -325,3 +331,23 @@ def test_a_client_update_waiting_on_a_key_reconciler_holds_does_not_deadlock(sta
     finally:
         holder.close()
         client.close()
+
+
+def test_key_and_element_text_are_spelled_as_python_spells_them(stack: Any, tmp_path: Path) -> None:
+    from reconciler.model import encode_key
+
+    config = make_env(stack, tmp_path)
+    samples: list[Any] = ["plain", 'q"uote\\back', "tab\there\nnl\x01\x7f", "café", "😀 emoji", "", 0, -17, 2**40]
+    with connect(config, next(iter(config.regions))) as conn:
+        for a in samples:
+            for b in (1, "x", a):
+                row = {"a": a, "b": b, "other": "ignored"}
+                got = conn.execute("SELECT reconciler.capture_key_text(%s::jsonb, '{a,b}')",
+                                   (json.dumps(row),)).fetchone()[0]
+                assert got == encode_key(row, ("a", "b")), row
+            if not isinstance(a, int):
+                single = conn.execute("SELECT reconciler.capture_key_text(%s::jsonb, '{a}')",
+                                      (json.dumps({"a": a}),)).fetchone()[0]
+                assert single == encode_key({"a": a}, ("a",))
+            element = conn.execute("SELECT reconciler.capture_elem_key(%s::jsonb)", (json.dumps(a),)).fetchone()[0]
+            assert element == json.dumps(a, separators=(",", ":"))
