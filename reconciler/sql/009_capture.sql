@@ -570,6 +570,11 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     keys text[] := TG_ARGV[2]::text[];
     rules jsonb := TG_ARGV[3]::jsonb;
+    -- TG_TABLE_* are of type name, whose collation is "C": passed as they are they
+    -- would make "C" the collation of every text comparison in capture_write, and
+    -- row_meta's primary key (default collation) could not serve its lookups
+    schema_name text := TG_TABLE_SCHEMA::text COLLATE "default";
+    table_name text := TG_TABLE_NAME::text COLLATE "default";
     old_j jsonb;
     new_j jsonb;
 BEGIN
@@ -578,22 +583,22 @@ BEGIN
     END IF;
     IF TG_OP = 'INSERT' THEN
         PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, to_jsonb(NEW),
-                                         TG_TABLE_SCHEMA, TG_TABLE_NAME);
+                                         schema_name, table_name);
     ELSIF TG_OP = 'DELETE' THEN
         PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', to_jsonb(OLD), NULL,
-                                         TG_TABLE_SCHEMA, TG_TABLE_NAME);
+                                         schema_name, table_name);
     ELSE
         old_j := to_jsonb(OLD);
         new_j := to_jsonb(NEW);
         IF reconciler.capture_key_text(old_j, keys) IS DISTINCT FROM reconciler.capture_key_text(new_j, keys) THEN
             -- a key change is the old row deleted and a new one inserted
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', old_j, NULL,
-                                             TG_TABLE_SCHEMA, TG_TABLE_NAME);
+                                             schema_name, table_name);
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, new_j,
-                                             TG_TABLE_SCHEMA, TG_TABLE_NAME);
+                                             schema_name, table_name);
         ELSE
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'update', old_j, new_j,
-                                             TG_TABLE_SCHEMA, TG_TABLE_NAME);
+                                             schema_name, table_name);
         END IF;
     END IF;
     RETURN NULL;
