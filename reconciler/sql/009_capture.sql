@@ -39,6 +39,21 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT ('x' || substr(md5(p_table || '/' || p_key), 1, 16))::bit(64)::bigint
 $$;
 
+-- Reserve n consecutive stamps, returning the first: after every stamp issued or
+-- observed before, never behind physical time. One clock step for a whole captured
+-- statement instead of one per row (hlc_advance's lock and subtransaction).
+CREATE FUNCTION reconciler.hlc_reserve(n integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    first bigint := reconciler.hlc_advance(reconciler.physical_hlc());
+BEGIN
+    IF n > 1 THEN
+        PERFORM reconciler.hlc_advance(first + n - 1);
+    END IF;
+    RETURN first;
+END
+$$;
+
 -- Lock the business rows (captured tables) and then the advisory locks of a set of keys.
 CREATE FUNCTION reconciler.lock_keys(p_tables text[], p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -573,8 +588,8 @@ DECLARE
     -- TG_TABLE_* are of type name, whose collation is "C": passed as they are they
     -- would make "C" the collation of every text comparison in capture_write, and
     -- row_meta's primary key (default collation) could not serve its lookups
-    schema_name text := TG_TABLE_SCHEMA::text COLLATE "default";
-    table_name text := TG_TABLE_NAME::text COLLATE "default";
+    rel_schema text := TG_TABLE_SCHEMA::text COLLATE "default";
+    rel_name text := TG_TABLE_NAME::text COLLATE "default";
     old_j jsonb;
     new_j jsonb;
 BEGIN
@@ -583,22 +598,22 @@ BEGIN
     END IF;
     IF TG_OP = 'INSERT' THEN
         PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, to_jsonb(NEW),
-                                         schema_name, table_name);
+                                         rel_schema, rel_name);
     ELSIF TG_OP = 'DELETE' THEN
         PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', to_jsonb(OLD), NULL,
-                                         schema_name, table_name);
+                                         rel_schema, rel_name);
     ELSE
         old_j := to_jsonb(OLD);
         new_j := to_jsonb(NEW);
         IF reconciler.capture_key_text(old_j, keys) IS DISTINCT FROM reconciler.capture_key_text(new_j, keys) THEN
             -- a key change is the old row deleted and a new one inserted
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', old_j, NULL,
-                                             schema_name, table_name);
+                                             rel_schema, rel_name);
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, new_j,
-                                             schema_name, table_name);
+                                             rel_schema, rel_name);
         ELSE
             PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'update', old_j, new_j,
-                                             schema_name, table_name);
+                                             rel_schema, rel_name);
         END IF;
     END IF;
     RETURN NULL;
@@ -636,5 +651,103 @@ BEGIN
     RAISE EXCEPTION 'TRUNCATE of replicated table %.% would not reach the other regions', TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING ERRCODE = 'RC003',
               HINT = 'DELETE the rows instead, or SET LOCAL reconciler.capture = off to empty this region''s copy only';
+END
+$$;
+
+-- The capture triggers proper: AFTER INSERT / UPDATE / DELETE, once per statement,
+-- with the statement's rows in transition tables. A multi-row statement (or COPY)
+-- is captured in a handful of set-based statements on lww and manual tables: the
+-- key locks in one sorted pass, the current metadata in one join, the metadata and
+-- the outbox rows in one insert each. Merge tables decide row by row
+-- (capture_write), since their metadata is built column by column.
+-- An UPDATE's old and new rows are paired by key: a row whose key changed is a
+-- delete of the old key and an insert of the new one.
+CREATE FUNCTION reconciler.capture_statement() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tname text := TG_ARGV[0];
+    policy text := TG_ARGV[1];
+    keys text[] := TG_ARGV[2]::text[];
+    rules jsonb := TG_ARGV[3]::jsonb;
+    -- TG_TABLE_* are of type name (collation "C"); see capture_row
+    rel_schema text := TG_TABLE_SCHEMA::text COLLATE "default";
+    rel_name text := TG_TABLE_NAME::text COLLATE "default";
+    changes jsonb;
+    chg record;
+    region text;
+    base bigint;
+BEGIN
+    IF current_setting('reconciler.capture', true) = 'off' THEN
+        RETURN NULL;
+    END IF;
+    -- [key text, operation, old row, new row] per change, deletes first, then by key
+    IF TG_OP = 'INSERT' THEN
+        SELECT jsonb_agg(jsonb_build_array(c.k, 'insert', NULL, c.j) ORDER BY c.k) INTO changes
+        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM new_rows r) c;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT jsonb_agg(jsonb_build_array(c.k, 'delete', c.j, NULL) ORDER BY c.k) INTO changes
+        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM old_rows r) c;
+    ELSE
+        SELECT jsonb_agg(jsonb_build_array(coalesce(n.k, o.k),
+                                           CASE WHEN o.k IS NULL THEN 'insert' WHEN n.k IS NULL THEN 'delete'
+                                                ELSE 'update' END, o.j, n.j)
+                         ORDER BY (n.k IS NOT NULL), (o.k IS NULL), coalesce(n.k, o.k)) INTO changes
+        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM old_rows r) o
+        FULL JOIN (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM new_rows r) n
+            ON n.k = o.k;
+    END IF;
+    IF changes IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- merge tables decide column by column, row by row; a statement of a few rows
+    -- costs less row by row too (the set-based statements below are planned per call)
+    IF policy = 'merge' OR jsonb_array_length(changes) < 8 THEN
+        FOR chg IN SELECT e ->> 0 AS k, e ->> 1 AS op, e -> 2 AS old_j, e -> 3 AS new_j
+                  FROM jsonb_array_elements(changes) AS e LOOP
+            PERFORM reconciler.capture_write(tname, policy, keys, rules, chg.op,
+                                             CASE WHEN jsonb_typeof(chg.old_j) = 'object' THEN chg.old_j END,
+                                             CASE WHEN jsonb_typeof(chg.new_j) = 'object' THEN chg.new_j END,
+                                             rel_schema, rel_name);
+        END LOOP;
+        RETURN NULL;
+    END IF;
+
+    PERFORM pg_advisory_xact_lock(s.x) FROM (
+        SELECT DISTINCT reconciler.key_lock_id(tname, e ->> 0) AS x FROM jsonb_array_elements(changes) AS e ORDER BY 1
+    ) s;
+    SELECT region_id INTO region FROM reconciler.region;
+    base := reconciler.hlc_reserve(jsonb_array_length(changes));
+    WITH ch AS MATERIALIZED (
+        SELECT e.ordinality AS n, e.value ->> 0 AS k, e.value ->> 1 AS op, e.value -> 3 AS new_j,
+               (SELECT jsonb_object_agg(c, coalesce(nullif(e.value -> 3, 'null'), e.value -> 2) -> c)
+                FROM unnest(keys) AS c) AS key_obj
+        FROM jsonb_array_elements(changes) WITH ORDINALITY AS e
+    ), ev AS MATERIALIZED (
+        SELECT ch.n, ch.k, ch.op, ch.new_j, ch.key_obj, m.hlc AS prior, m.meta AS cur_meta,
+               base + ch.n - 1 AS stamp
+        -- one primary-key probe per change (OFFSET 0 keeps the planner from hashing all of row_meta)
+        FROM ch LEFT JOIN LATERAL (SELECT x.hlc, x.meta FROM reconciler.row_meta x
+                                   WHERE x.table_name = tname AND x.row_key = ch.k OFFSET 0) m ON true
+        ORDER BY ch.n
+    ), meta_written AS (
+        INSERT INTO reconciler.row_meta AS m (table_name, row_key, hlc, origin, deleted, meta, row_values)
+        SELECT tname, ev.k, ev.stamp, region, ev.op = 'delete',
+               CASE WHEN policy = 'manual' THEN
+                   CASE WHEN jsonb_typeof(ev.cur_meta -> 'resolution') = 'object'
+                        THEN jsonb_build_object('resolution', ev.cur_meta -> 'resolution') ELSE '{}'::jsonb END
+                   || CASE WHEN ev.prior IS NOT NULL THEN jsonb_build_object('prior', ev.prior) ELSE '{}'::jsonb END
+               ELSE '{}'::jsonb END,
+               CASE WHEN ev.op = 'delete' THEN '{}'::jsonb ELSE ev.new_j END
+        FROM ev
+        ON CONFLICT (table_name, row_key) DO UPDATE SET hlc = EXCLUDED.hlc, origin = EXCLUDED.origin,
+            deleted = EXCLUDED.deleted, meta = EXCLUDED.meta, row_values = EXCLUDED.row_values
+    )
+    INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, prior_hlc, operation)
+    SELECT gen_random_uuid(), tname, ev.k, tname || '.' || ev.op,
+           jsonb_build_object('key', ev.key_obj)
+           || CASE WHEN ev.op = 'delete' THEN '{}'::jsonb ELSE jsonb_build_object('values', ev.new_j) END,
+           region, ev.stamp, ev.prior, ev.op
+    FROM ev ORDER BY ev.n;
+    RETURN NULL;
 END
 $$;

@@ -12,10 +12,11 @@ Installing on a table, in the caller's transaction:
 - registers rows that have no metadata yet (a table that held data before it was
   replicated) at the stamp ``(0, "")``: the same in every region holding the same
   row, so the first captured change of such a row is causally after it everywhere;
-- creates the triggers: ``zz_reconciler_capture`` (AFTER INSERT/UPDATE/DELETE, per
-  row), ``zz_reconciler_capture_lock`` (BEFORE INSERT, per row: the key lock of a
-  new row) and ``zz_reconciler_capture_truncate`` (refuses TRUNCATE). Named to sort
-  after a service's own triggers, so capture sees the row those triggers produced.
+- creates the triggers: ``zz_reconciler_capture_ins``/``_upd``/``_del`` (AFTER each
+  statement, reading its rows from transition tables), ``zz_reconciler_capture_lock``
+  (BEFORE INSERT, per row: the key lock of a new row) and
+  ``zz_reconciler_capture_truncate`` (refuses TRUNCATE). Named to sort after a
+  service's own triggers, so capture sees the rows those triggers produced.
 """
 
 from __future__ import annotations
@@ -36,10 +37,22 @@ from .translate import translated
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 TRIGGERS: Final = {
-    "capture": "zz_reconciler_capture",
+    "INSERT": "zz_reconciler_capture_ins",
+    "UPDATE": "zz_reconciler_capture_upd",
+    "DELETE": "zz_reconciler_capture_del",
     "lock": "zz_reconciler_capture_lock",
     "truncate": "zz_reconciler_capture_truncate",
 }
+
+#: the transition tables each statement trigger reads
+_TRANSITIONS: Final = {
+    "INSERT": "REFERENCING NEW TABLE AS new_rows",
+    "UPDATE": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "DELETE": "REFERENCING OLD TABLE AS old_rows",
+}
+
+#: triggers of an earlier version of this module, removed when found
+_RETIRED: Final = ("zz_reconciler_capture",)
 
 #: the lock a table is held in while capture is installed or removed
 LOCK_MODE: Final = "SHARE ROW EXCLUSIVE"
@@ -168,12 +181,20 @@ def install_capture(
             ).format(rel),
             (table.name, keys),
         ).rowcount
+        if registered > 0:
+            # the captured writes look keys up in row_meta; plans made from a stale size
+            # (a table that held nothing when last analysed) would scan it instead
+            conn.execute("ANALYZE reconciler.row_meta")
         args = sql.SQL(", ").join(map(sql.Literal, (table.name, table.policy, keys, rules)))
         for name in TRIGGERS.values():
             conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), rel))
-        conn.execute(sql.SQL(
-            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW"
-            " EXECUTE FUNCTION reconciler.capture_row({})").format(sql.Identifier(TRIGGERS["capture"]), rel, args))
+        for name in _RETIRED:
+            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), rel))
+        for event, transitions in _TRANSITIONS.items():
+            conn.execute(sql.SQL(
+                "CREATE TRIGGER {} AFTER {} ON {} {} FOR EACH STATEMENT"
+                " EXECUTE FUNCTION reconciler.capture_statement({})"
+            ).format(sql.Identifier(TRIGGERS[event]), sql.SQL(event), rel, sql.SQL(transitions), args))
         conn.execute(sql.SQL(
             "CREATE TRIGGER {} BEFORE INSERT ON {} FOR EACH ROW"
             " EXECUTE FUNCTION reconciler.capture_lock_insert({})").format(sql.Identifier(TRIGGERS["lock"]), rel, args))
