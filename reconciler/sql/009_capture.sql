@@ -1,6 +1,6 @@
 -- reconciler schema, version 9: capture of writes in the database.
 --
--- Row triggers on each replicated table (installed per table by `reconciler
+-- Triggers on each replicated table (installed per table by `reconciler
 -- migrate`, see reconciler/store/capture.py) turn any INSERT, UPDATE or DELETE,
 -- from any client, into what reconciler.outbox.write does from Python, in the
 -- writer's own transaction: a stamp from reconciler.hlc_now(), the row's metadata
@@ -15,7 +15,7 @@
 --
 -- Locking. A captured write and the apply path must not both decide a key from
 -- the same metadata, so both take the key's advisory lock before reading it. A
--- client's UPDATE or DELETE holds the business row's lock before any row trigger
+-- client's UPDATE or DELETE holds the business row's lock before any capture trigger
 -- runs, so every reconciler path takes the business row lock first too
 -- (reconciler.lock_keys), then the advisory lock: one order, no deadlock between
 -- a single-row client transaction and apply. An INSERT of a new key has no row to
@@ -421,8 +421,8 @@ END
 $$;
 
 -- One captured change of one row: what reconciler.outbox.write does for it. Called
--- by capture_row, whose owner's rights and pinned search_path it runs with (no SET
--- clause of its own: each one costs a save and restore of settings per row).
+-- by capture_statement, whose owner's rights and pinned search_path it runs with (no
+-- SET clause of its own: each one costs a save and restore of settings per row).
 CREATE FUNCTION reconciler.capture_write(
     p_table text, p_policy text, p_keys text[], p_rules jsonb, p_op text, p_old jsonb, p_new jsonb,
     p_schema text, p_relname text
@@ -578,48 +578,6 @@ BEGIN
 END
 $$;
 
--- The AFTER ROW trigger of every captured table. Arguments: the table's name in
--- the config, its policy, its key columns (array literal), its merge rules (JSON).
-CREATE FUNCTION reconciler.capture_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    keys text[] := TG_ARGV[2]::text[];
-    rules jsonb := TG_ARGV[3]::jsonb;
-    -- TG_TABLE_* are of type name, whose collation is "C": passed as they are they
-    -- would make "C" the collation of every text comparison in capture_write, and
-    -- row_meta's primary key (default collation) could not serve its lookups
-    rel_schema text := TG_TABLE_SCHEMA::text COLLATE "default";
-    rel_name text := TG_TABLE_NAME::text COLLATE "default";
-    old_j jsonb;
-    new_j jsonb;
-BEGIN
-    IF current_setting('reconciler.capture', true) = 'off' THEN
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, to_jsonb(NEW),
-                                         rel_schema, rel_name);
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', to_jsonb(OLD), NULL,
-                                         rel_schema, rel_name);
-    ELSE
-        old_j := to_jsonb(OLD);
-        new_j := to_jsonb(NEW);
-        IF reconciler.capture_key_text(old_j, keys) IS DISTINCT FROM reconciler.capture_key_text(new_j, keys) THEN
-            -- a key change is the old row deleted and a new one inserted
-            PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'delete', old_j, NULL,
-                                             rel_schema, rel_name);
-            PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'insert', NULL, new_j,
-                                             rel_schema, rel_name);
-        ELSE
-            PERFORM reconciler.capture_write(TG_ARGV[0], TG_ARGV[1], keys, rules, 'update', old_j, new_j,
-                                             rel_schema, rel_name);
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
 -- BEFORE INSERT: a new key has no row to lock, so its advisory lock is taken
 -- before the row (and its unique index entry) exists, in the order apply takes it.
 -- A key the metadata says is live is an upsert's update path or a duplicate: the
@@ -669,7 +627,9 @@ DECLARE
     policy text := TG_ARGV[1];
     keys text[] := TG_ARGV[2]::text[];
     rules jsonb := TG_ARGV[3]::jsonb;
-    -- TG_TABLE_* are of type name (collation "C"); see capture_row
+    -- TG_TABLE_* are of type name, whose collation is "C": passed as they are they
+    -- would make "C" the collation of every text comparison in capture_write, and
+    -- row_meta's primary key (default collation) could not serve its lookups
     rel_schema text := TG_TABLE_SCHEMA::text COLLATE "default";
     rel_name text := TG_TABLE_NAME::text COLLATE "default";
     changes jsonb;

@@ -1,4 +1,4 @@
-"""Write capture in the database: row triggers that make any client's write a
+"""Write capture in the database: triggers that make any client's write a
 replicated change (migration 009 holds the functions; this installs them per table).
 
 Installing on a table, in the caller's transaction:

@@ -351,3 +351,37 @@ def test_key_and_element_text_are_spelled_as_python_spells_them(stack: Any, tmp_
                 assert single == encode_key({"a": a}, ("a",))
             element = conn.execute("SELECT reconciler.capture_elem_key(%s::jsonb)", (json.dumps(a),)).fetchone()[0]
             assert element == json.dumps(a, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("table", ["orders", "payments"])
+def test_a_multi_row_statement_is_captured_as_its_rows_one_by_one(stack: Any, tmp_path: Path, table: str) -> None:
+    """Statements of 8 rows or more take the set-based path on lww/manual tables: the
+    same metadata and events as the row-by-row path, stamps in key order."""
+    config = make_env(stack, tmp_path)
+    col = KEYS[table]
+    row = ("%s, 'c', 's', 1, NULL" if table == "orders" else "%s, 'o', 1, 's'")
+    with connect(config, next(iter(config.regions))) as conn:
+        for prefix, together in (("many", True), ("single", False)):
+            keys = [f"{prefix}-{i}" for i in range(12)]
+            statements = [
+                (f"INSERT INTO {table} VALUES ({row})", "x"),
+                (f"UPDATE {table} SET status = 'u' WHERE {col} = %s", "x"),
+                (f"DELETE FROM {table} WHERE {col} = %s AND {col} < %s", "half"),
+            ]
+            for text, kind in statements:
+                if together:
+                    if kind == "half":
+                        conn.execute(text.replace(f"{col} = %s AND ", f"{col} = ANY(%s) AND "),
+                                     (keys, f"{prefix}-6"))
+                    elif text.startswith("INSERT"):
+                        conn.execute(text.replace("VALUES (%s", "SELECT k").replace(")", "") +
+                                     " FROM unnest(%s::text[]) k", (keys,))
+                    else:
+                        conn.execute(text.replace(f"{col} = %s", f"{col} = ANY(%s)"), (keys,))
+                else:
+                    for key in sorted(keys):
+                        conn.execute(text, (key, f"{prefix}-6") if kind == "half" else (key,))
+                conn.commit()
+        many, single = _observed(conn, "many"), _observed(conn, "single")
+    assert len(many["events"]) == 12 + 12 + 8  # text order: -0, -1, -10, -11, -2 .. -5 are below -6
+    assert many == single
