@@ -626,6 +626,8 @@ DECLARE
     tname text := TG_ARGV[0];
     policy text := TG_ARGV[1];
     keys text[] := TG_ARGV[2]::text[];
+    -- a one-column key's text is read inline (capture_key_text is a function call a row)
+    single boolean := cardinality(TG_ARGV[2]::text[]) = 1;
     rules jsonb := TG_ARGV[3]::jsonb;
     -- TG_TABLE_* are of type name, whose collation is "C": passed as they are they
     -- would make "C" the collation of every text comparison in capture_write, and
@@ -643,17 +645,17 @@ BEGIN
     -- [key text, operation, old row, new row] per change, deletes first, then by key
     IF TG_OP = 'INSERT' THEN
         SELECT jsonb_agg(jsonb_build_array(c.k, 'insert', NULL, c.j) ORDER BY c.k) INTO changes
-        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM new_rows r) c;
+        FROM (SELECT CASE WHEN single THEN x.j ->> keys[1] ELSE reconciler.capture_key_text(x.j, keys) END AS k, x.j FROM (SELECT to_jsonb(r) AS j FROM new_rows r) x) c;
     ELSIF TG_OP = 'DELETE' THEN
         SELECT jsonb_agg(jsonb_build_array(c.k, 'delete', c.j, NULL) ORDER BY c.k) INTO changes
-        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM old_rows r) c;
+        FROM (SELECT CASE WHEN single THEN x.j ->> keys[1] ELSE reconciler.capture_key_text(x.j, keys) END AS k, x.j FROM (SELECT to_jsonb(r) AS j FROM old_rows r) x) c;
     ELSE
         SELECT jsonb_agg(jsonb_build_array(coalesce(n.k, o.k),
                                            CASE WHEN o.k IS NULL THEN 'insert' WHEN n.k IS NULL THEN 'delete'
                                                 ELSE 'update' END, o.j, n.j)
                          ORDER BY (n.k IS NOT NULL), (o.k IS NULL), coalesce(n.k, o.k)) INTO changes
-        FROM (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM old_rows r) o
-        FULL JOIN (SELECT reconciler.capture_key_text(to_jsonb(r), keys) AS k, to_jsonb(r) AS j FROM new_rows r) n
+        FROM (SELECT CASE WHEN single THEN x.j ->> keys[1] ELSE reconciler.capture_key_text(x.j, keys) END AS k, x.j FROM (SELECT to_jsonb(r) AS j FROM old_rows r) x) o
+        FULL JOIN (SELECT CASE WHEN single THEN x.j ->> keys[1] ELSE reconciler.capture_key_text(x.j, keys) END AS k, x.j FROM (SELECT to_jsonb(r) AS j FROM new_rows r) x) n
             ON n.k = o.k;
     END IF;
     IF changes IS NULL THEN
