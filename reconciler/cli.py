@@ -83,10 +83,13 @@ main.add_command(drill)
               help="Count the Merkle leaves again from the rows (every replicated table, or --table): after writes"
                    " the leaf triggers could not see. Locks each table against writes while it is counted.")
 @click.option("--table", "tables", multiple=True, help="With --rebuild-leaves: only these tables.")
+@click.option("--uninstall-capture", is_flag=True,
+              help="Remove the write-capture triggers from every replicated table (services must then write"
+                   " their outbox rows themselves). Locks each table against writes while its triggers go.")
 @json_option
 @handle_errors
 def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebuild_leaves: bool,
-            tables: tuple[str, ...], as_json: bool) -> None:
+            tables: tuple[str, ...], uninstall_capture: bool, as_json: bool) -> None:
     """Apply schema migrations in each region's database and create the Kafka topics."""
     from .provision import migrate as run_migrate
 
@@ -94,7 +97,8 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
         raise click.UsageError("--table goes with --rebuild-leaves")
     config = load(config_path)
     rebuild = (list(tables) or list(config.tables)) if rebuild_leaves else []
-    report = run_migrate(config, list(regions) or None, demo_tables=demo_tables, rebuild_leaves=rebuild)
+    report = run_migrate(config, list(regions) or None, demo_tables=demo_tables, rebuild_leaves=rebuild,
+                         uninstall_capture_all=uninstall_capture)
     if as_json:
         print_json(report.to_dict())
         return
@@ -107,6 +111,17 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
             else:
                 click.echo(f"{region}: leaves of {leaf['table']} counted again from {leaf['rows']:,} rows"
                            f" in {leaf['seconds']:.1f}s")
+        for cap in report.capture.get(region, []):
+            triggers = cap["triggers"]
+            assert isinstance(triggers, list)
+            if cap["action"] == "installed":
+                click.echo(f"{region}: capture on {cap['table']}: triggers {', '.join(triggers)}"
+                           f" ({cap['rows_registered']:,} existing rows registered; held {cap['lock']}"
+                           f" for {cap['seconds']:.2f}s)")
+            elif cap["action"] == "skipped":
+                click.echo(f"{region}: capture on {cap['table']} not installed: {cap['reason']}")
+            elif cap["action"] == "removed":
+                click.echo(f"{region}: capture removed from {cap['table']} (held {cap['lock']})")
     if report.topics_created:
         click.echo(f"topics created: {', '.join(report.topics_created)}")
 

@@ -29,6 +29,9 @@ from .errors import ConfigError
 
 POLICIES = ("lww", "merge", "manual")
 FIELD_RULES = ("lww", "counter", "set", "max", "min")
+#: how a table's writes become events: triggers in the database capture every client's
+#: writes (trigger), or the service writes its outbox rows itself (explicit)
+CAPTURE_MODES = ("trigger", "explicit")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -49,6 +52,7 @@ class TableConfig:
     schema: str = "public"
     #: business invariants: {name: SQL boolean expression over one row}, checked after every apply
     invariants: Mapping[str, str] = field(default_factory=dict)
+    capture: str = "trigger"
 
 
 @dataclass(frozen=True)
@@ -382,7 +386,7 @@ class _Parser:
         key = f"tables.{name}"
         self.identifier(name, key)
         body = self.mapping(spec, key)
-        self.only_keys(body, key, ("key", "policy", "fields", "schema", "invariants"))
+        self.only_keys(body, key, ("key", "policy", "fields", "schema", "invariants", "capture"))
         key_cols = body.get("key")
         if isinstance(key_cols, str):
             key_cols = [key_cols]
@@ -405,7 +409,11 @@ class _Parser:
             rules[column] = rule
         schema = self.identifier(body.get("schema", "public"), f"{key}.schema")
         invariants = self.invariants(body.get("invariants"), f"{key}.invariants")
-        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema, invariants=invariants)
+        capture = body.get("capture", "trigger")
+        if capture not in CAPTURE_MODES:
+            raise self.fail(f"{key}.capture", f"{capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema, invariants=invariants,
+                           capture=capture)
 
     def invariants(self, raw: Any, key: str) -> dict[str, str]:
         """{name: boolean SQL expression}. Only the shape is checked here; ``migrate``

@@ -393,6 +393,8 @@ def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, targe
         pg.lock_keys(dst, [(table, key)])
         if pg.load_states(dst, table, [key]):
             return False
+        # a copy of a row nobody has metadata for is a repair, not a new write to replicate
+        dst.execute("SELECT set_config('reconciler.capture', 'off', true)")
         dst.execute(sql.SQL("DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS k"
                             " WHERE ").format(t=ident) + match, (_key_records(spec, [key]),))
         if row is not None:

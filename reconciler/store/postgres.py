@@ -53,8 +53,9 @@ def json_text(value: Any) -> str:
 
 
 def key_lock_id(table: str, key: str) -> int:
-    """A stable signed 64-bit id for the per-key advisory lock shared by writers and apply."""
-    digest = hashlib.blake2b(f"{table}\x00{key}".encode(), digest_size=8).digest()
+    """A stable signed 64-bit id for the per-key advisory lock shared by writers and apply:
+    the number SQL's reconciler.key_lock_id gives (migration 009), which capture triggers take."""
+    digest = hashlib.md5(f"{table}/{key}".encode(), usedforsecurity=False).digest()[:8]
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -232,9 +233,12 @@ class TableWriter:
 
 def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
     """Per-key transaction locks, taken in one sorted order so two batches never deadlock."""
-    ids = sorted({key_lock_id(table, key) for table, key in pairs})
-    if ids:
-        conn.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x ORDER BY x", (ids,))
+    # on the server: the business rows of captured tables first, then the advisory
+    # locks, the order a client's captured UPDATE takes them in (migration 009)
+    keys = sorted(set(pairs))
+    if keys:
+        conn.execute("SELECT reconciler.lock_keys(%s::text[], %s::text[])",
+                     ([t for t, _ in keys], [k for _, k in keys]))
 
 
 def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:
@@ -275,9 +279,17 @@ def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, Row
         for key, s in states.items()
     ]
     shape = (any(not row[3] for row in doc), any(row[3] for row in doc))
+    # reconciler's own writes are not captured again (migration 009); the setting is put back after
+    was = conn.execute(_CAPTURE_OFF).fetchone()
     conn.execute(writer.write[shape], (_encode(doc), table.name))
+    conn.execute(_CAPTURE_BACK, (was[0] if was else None,))
     # every writer (apply, replay, repair, a service's outbox.write) passes here, in its transaction
     check_invariants(conn, table, states)
+
+
+#: turn capture off for this transaction's next statement, returning what it was
+_CAPTURE_OFF = "SELECT current_setting('reconciler.capture', true), set_config('reconciler.capture', 'off', true)"
+_CAPTURE_BACK = "SELECT set_config('reconciler.capture', coalesce(%s, ''), true)"
 
 
 def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]:
