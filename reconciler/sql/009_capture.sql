@@ -104,11 +104,13 @@ $$;
 
 -- The canonical key text (outbox aggregateid, row_meta.row_key) of a row, as
 -- reconciler.model.encode_key writes it: one column, its text; several, a compact
--- JSON array.
+-- JSON array whose strings are jsonb's own text (non-ASCII kept, control characters
+-- escaped, as Python's json.dumps with ensure_ascii=False). Capture accepts only key
+-- types whose jsonb text is already canonical (text, integers, uuid).
 CREATE FUNCTION reconciler.capture_key_text(p_row jsonb, p_cols text[]) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN cardinality(p_cols) = 1 THEN p_row ->> p_cols[1]
-           ELSE '[' || (SELECT string_agg(reconciler.json_ascii((p_row -> c)::text), ',' ORDER BY o)
+           ELSE '[' || (SELECT string_agg((p_row -> c)::text, ',' ORDER BY o)
                         FROM unnest(p_cols) WITH ORDINALITY AS u(c, o)) || ']' END
 $$;
 
