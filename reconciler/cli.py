@@ -115,9 +115,11 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
         raise click.UsageError("--table goes with --rebuild-leaves")
     config = load(config_path)
     rebuild = (list(tables) or list(config.tables)) if rebuild_leaves else []
+    for name in regions:
+        config.region(name)  # a typo is an error before any work (or question), not after
+    for table in tables:
+        config.table(table)
     if rebuild or uninstall_capture:
-        for name in regions:
-            config.region(name)  # a typo is an error before the question, not after
         what = ([f"rebuild the Merkle leaves of {', '.join(rebuild)}"] if rebuild else []) + (
             ["remove the capture triggers of every replicated table"] if uninstall_capture else [])
         confirm(f"In {', '.join(regions or config.regions)}: {' and '.join(what)}, locking each table against"
