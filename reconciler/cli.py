@@ -930,6 +930,8 @@ def _name_environment_variables(group: click.Group, prefix: str) -> None:
                 flag = next((o for o in param.opts if o.startswith("--")), None)
                 if flag is not None:
                     param.envvar = f"{path}_{flag[2:].upper().replace('-', '_')}"
+            if isinstance(param, click.Option):
+                param.show_envvar = True
 
 
 _name_environment_variables(main, "RECONCILER")

@@ -230,3 +230,12 @@ def test_text_logs_for_a_terminal() -> None:
     assert rest[0].startswith("Traceback") and "ValueError: boom" in rest[-1]
     with pytest.raises(ValueError, match="log format"):
         configure("INFO", stream, fmt="xml")
+
+
+def test_an_interrupt_exits_2(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(path: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("reconciler.cli.load", interrupted)
+    result = invoke(["status", "--config", str(config)])
+    assert result.exit_code == EXIT_ERROR and "interrupted" in result.output
