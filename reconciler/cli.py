@@ -550,7 +550,8 @@ def gaps(config_path: str, region: str | None, as_json: bool) -> None:
     """Missing event ranges per (origin, destination) and where to replay them from,
     and the events each region refused (quarantined, held) and has not settled.
 
-    Exit 1 when events are lost (no source holds them any more) or refused.
+    Exit 1 when events are lost (no source holds them any more) or refused, or when
+    a region is unreachable (the answer is then incomplete).
     """
     from .recovery import analyze_gaps
 
@@ -563,7 +564,8 @@ def gaps(config_path: str, region: str | None, as_json: bool) -> None:
         print_json(doc)
     else:
         _print_gaps(doc)
-    if report.lost_events or doc["total_refused"]:
+    unreachable = any(not facts["reachable"] for facts in doc["regions"].values())
+    if report.lost_events or doc["total_refused"] or unreachable:
         sys.exit(EXIT_FOUND)
 
 
