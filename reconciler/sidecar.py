@@ -44,6 +44,7 @@ from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 from .anti_entropy import AntiEntropy
 from .config import Config
 from .errors import ConfigError, ReconcilerError, StoreUnavailable
+from .gaps import SeqRanges, by_origin, measure_lag, origin_high_water
 from .hlc import Timestamp
 from .inbox import InboxConsumer
 from .lifecycle import RegionStatus, State, needs_catch_up
@@ -704,6 +705,8 @@ class Sidecar:
         m.outbox_backlog_events.set(backlog.events)
         m.outbox_oldest_unrelayed_age_seconds.set(backlog.oldest_age_seconds)
         progress = health.inbox_progress(conn)
+        refused = by_origin(quarantine_store.refused(conn))
+        settled = {o: SeqRanges(r) for o, r in quarantine_store.discarded(conn).items()}
         for origin, peer_db in peers.items():
             mine = progress.get(origin)
             applied = mine.applied if mine else 0
@@ -717,16 +720,22 @@ class Sidecar:
                 warned.add(origin)
             elif not peer_db.error:
                 warned.discard(origin)
-            lag = max(0, (origin_high if origin_high is not None else highest) - applied)
-            lag_seconds = 0.0
-            if lag:
-                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=highest + 1))
+            # Kafka's retention is not asked every interval: an expired tail shows as lag
+            # here, and as a gap in `status` and `gaps`, which ask
+            measure = partial(measure_lag, applied=applied, highest_applied=highest,
+                              origin_high=origin_high_water(origin_high, highest),
+                              refused=refused.get(origin, SeqRanges()), settled=settled.get(origin, SeqRanges()))
+            lag = measure()
+            if lag.events:
+                first = lag.first_in_flight or highest + 1
+                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=first))
                 if oldest is None and mine is not None:
                     oldest = mine.last_applied_age_seconds
-                lag_seconds = oldest if oldest is not None else time.monotonic() - self._started_mono
-            m.replication_lag_events.labels(origin=origin, destination=self.region).set(lag)
-            m.replication_lag_seconds.labels(origin=origin, destination=self.region).set(lag_seconds)
-            m.gaps_events.labels(origin=origin, destination=self.region).set(mine.holes if mine else 0)
+                lag = measure(oldest_unapplied_age=oldest if oldest is not None
+                              else time.monotonic() - self._started_mono)
+            m.replication_lag_events.labels(origin=origin, destination=self.region).set(lag.events)
+            m.replication_lag_seconds.labels(origin=origin, destination=self.region).set(lag.seconds)
+            m.gaps_events.labels(origin=origin, destination=self.region).set(lag.gap)
         queue = health.manual_queue(conn, list(self.config.tables))
         for table, depth in queue.depth_by_table.items():
             m.manual_queue_depth.labels(table=table).set(depth)
