@@ -44,7 +44,7 @@ from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 from .anti_entropy import AntiEntropy
 from .config import Config
 from .errors import ConfigError, ReconcilerError, StoreUnavailable
-from .gaps import SeqRanges, by_origin, measure_lag, origin_high_water
+from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water
 from .hlc import Timestamp
 from .inbox import InboxConsumer
 from .lifecycle import RegionStatus, State, needs_catch_up
@@ -63,6 +63,9 @@ from .transport import kafka
 #: how often measured gauges are refreshed from the databases
 STATS_INTERVAL_SECONDS = 2.0
 LEAF_COMPACTION_SECONDS = 60.0
+#: how often the stats loop asks Kafka where each origin's topic starts (a consumer and
+#: two reads per origin): an older answer only undercounts what expired, never invents it
+KAFKA_RETENTION_CHECK_SECONDS = 60.0
 #: how long a planned stop may spend publishing what is left in the outbox
 DRAIN_SECONDS = 30.0
 #: retry after a peer's database refused a connection (its absence must not slow us down)
@@ -133,6 +136,8 @@ class Sidecar:
         self._backlog: int | None = None
         self._relay_drained = False
         self._started_mono = time.monotonic()
+        #: per origin: (when asked, the lowest sequence its topic could still deliver, or None: unknown)
+        self._retained_from: dict[str, tuple[float, int | None]] = {}
 
     # ------------------------------------------------------------------ probes
 
@@ -713,19 +718,22 @@ class Sidecar:
             highest = mine.highest_sequence if mine else 0
             # the origin's own relay knows best how far it got; when it cannot be asked,
             # what we have seen of it is the best lower bound
-            origin_high = peer_db.run(partial(health.relay_high_water, origin=origin))
+            position = peer_db.run(partial(pg.relay_position, origin=origin))
+            origin_high, published = position if position is not None else (None, None)
             if peer_db.error and origin not in warned:
                 log.warning("origin database unreachable; lag is measured against the events seen",
                             extra={"fields": {"origin": origin, "error": peer_db.error}})
                 warned.add(origin)
             elif not peer_db.error:
                 warned.discard(origin)
-            # Kafka's retention is not asked every interval: an expired tail shows as lag
-            # here, and as a gap in `status` and `gaps`, which ask
             measure = partial(measure_lag, applied=applied, highest_applied=highest,
                               origin_high=origin_high_water(origin_high, highest),
                               refused=refused.get(origin, SeqRanges()), settled=settled.get(origin, SeqRanges()))
             lag = measure()
+            if lag.events:
+                measure = partial(measure, kafka_retained_from=self._kafka_retained_from(
+                    origin, published, lag.origin_high))
+                lag = measure()
             if lag.events:
                 first = lag.first_in_flight or highest + 1
                 oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=first))
@@ -747,6 +755,22 @@ class Sidecar:
             for invariant in table_config.invariants:  # 0 published too: the alert's series exists from start
                 m.invariant_violations_open.labels(table=table_name, invariant=invariant).set(
                     open_violations.get((table_name, invariant), 0))
+
+    def _kafka_retained_from(self, origin: str, published: int | None, origin_high: int) -> int | None:
+        """Where ``origin``'s topic starts, asked at most every KAFKA_RETENTION_CHECK_SECONDS.
+        The answer is kept, not the bounds: an empty topic is read against the relay
+        position of the same moment, so a stale answer never calls new events expired."""
+        now = time.monotonic()
+        cached = self._retained_from.get(origin)
+        if cached is None or now - cached[0] > KAFKA_RETENTION_CHECK_SECONDS:
+            try:
+                bounds = kafka.retained_sequences(self.config.kafka_settings(self.region),
+                                                  self.config.events_topic(origin), timeout=2.0)
+                cached = (now, kafka_retained_from(bounds, published, origin_high))
+            except ReconcilerError:
+                cached = (now, None)  # unknown: the tail counts as lag until the next try
+            self._retained_from[origin] = cached
+        return cached[1]
 
 
 def _stamp(conn: pg.Connection) -> Timestamp:
