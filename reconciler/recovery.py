@@ -233,6 +233,8 @@ def _lags(
             done = SeqRanges(f.inbox.get(origin, [])) - settled
             high = origin_high_water(
                 of.last_sequence if of.reachable else None, kafka_ranges.get(origin, SeqRanges()).last,
+                # the outbox is read after the counter: a live relay may have numbered past it
+                SeqRanges(of.outbox).last if of.reachable else None,
                 *(r.last for (o, _), r in applied.items() if o == origin),
             )
             low = hlc_spans.get((origin, dest), (None, None))[0]
