@@ -285,12 +285,32 @@ def collect_status(config: Config, *, timeout: int = 3, kafka_timeout: float = 5
     regions = list(config.regions)
     with ThreadPoolExecutor(max_workers=len(regions)) as pool:
         collected = dict(zip(regions, pool.map(lambda r: _collect(config, r, timeout), regions), strict=True))
+    _reread_own(collected)
     notes: list[str] = []
     try:
         return _assemble(config, collected, notes, kafka_timeout)
     finally:
         for facts in collected.values():
             _close(facts)
+
+
+def _reread_own(collected: dict[str, _Facts]) -> None:
+    """Read again, now that every region answered, the own events of a region that seems
+    to lack some its peers applied: regions are asked in parallel, and a live region read
+    before its peers has numbered (and they applied) events after it answered. A region
+    restored from a stale backup still lacks them the second time."""
+    seen: dict[str, int] = {}
+    for f in collected.values():
+        for origin, p in f.progress.items():
+            seen[origin] = max(seen.get(origin, 0), p.highest_sequence)
+    for region, f in collected.items():
+        if f.conn is None or f.own is None or not self_gap(f.own, seen.get(region, 0)):
+            continue
+        try:
+            f.relay_high = health.relay_high_water(f.conn, region)
+            f.own = SeqRanges(pg.own_ranges(f.conn, region))
+        except ReconcilerError:
+            pass  # the first answer stands
 
 
 def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_timeout: float) -> StatusReport:

@@ -272,3 +272,27 @@ def test_status_the_sidecar_and_the_gate_agree_on_one_scenario(
     for gap, events, seconds in (status, metrics, gate):
         assert (gap, events) == (EXPECTED_GAP, EXPECTED_LAG), (status, metrics, gate)
         assert seconds == pytest.approx(AGE, abs=1.0), (status, metrics, gate)
+
+
+@pytest.mark.parametrize(("own_now", "expected"), [(12, 0), (6, 6)])
+def test_status_reads_a_region_own_events_again_before_calling_them_lost(
+    config: Config, monkeypatch: pytest.MonkeyPatch, own_now: int, expected: int,
+) -> None:
+    """us-east answered with 1..10 while its peers, asked a moment later, had applied 12:
+    read again, a live region holds them (no gap); a restored one still lacks them."""
+    from reconciler.status import _reread_own
+
+    monkeypatch.setattr(pg, "own_ranges", lambda conn, origin: [(1, own_now)])
+    monkeypatch.setattr(health, "relay_high_water", lambda conn, origin: own_now)
+    facts = {}
+    for region in REGIONS:
+        facts[region] = _Facts(
+            region=region, dsn="postgresql://u@host/db", conn=region,  # type: ignore[arg-type]
+            status=RegionStatus(region, State.ACTIVE, 1, "test"), backlog=OutboxBacklog(0, 0.0),
+            progress={o: InboxProgress(o, 12 if o == ORIGIN else 10, 12 if o == ORIGIN else 10, None, 0.1)
+                      for o in REGIONS if o != region},
+            relay_high=10, own=SeqRanges.span(1, 10), queue=ManualQueue({}, 0.0))
+    _reread_own(facts)
+    monkeypatch.setattr(kafka, "retained_sequences", lambda *_a, **_k: (1, 10**9))
+    report = _assemble(config, facts, [], kafka_timeout=1.0)
+    assert report.regions[ORIGIN].gaps == expected
