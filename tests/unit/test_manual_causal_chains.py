@@ -17,8 +17,8 @@ from typing import Any, cast
 import pytest
 
 from reconciler.apply import Applier
-from reconciler.conflict import ManualPolicy, settle_parked
 from reconciler.config import TableConfig
+from reconciler.conflict import ManualPolicy, settle_parked
 from reconciler.hlc import Timestamp
 from reconciler.model import Event, Operation, Outcome, RowState
 
