@@ -15,6 +15,7 @@ from . import (
     duplicate_reorder,
     flash_sale,
     network_partition,
+    poison_decodable,
     poison_events,
     postgres_crash,
     regional_failover,
@@ -42,6 +43,7 @@ SCENARIOS: dict[str, Scenario] = {
         split_brain,
         stale_restore_recover_kill,
         restore_under_sidecar,
+        poison_decodable,
         flash_sale,
     )
 }
