@@ -554,12 +554,24 @@ def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> No
 # ---------------------------------------------------------------- verify and repair
 
 def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> None:
-    """Compare and repair through :mod:`reconciler.verify`; the roots feed the gate."""
-    found = verify_and_repair(config, region)
+    """Compare and repair through :mod:`reconciler.verify`; the roots feed the gate.
+    The watermark is read off the region's database clock, as the stamps are: a host
+    whose wall clock is off would otherwise compare keys still in flight (host ahead)
+    or take every recent event for a future one (host behind)."""
+    found = verify_and_repair(config, region, now_ms=lambda: _database_now_ms(config, region))
     for table, keys in found.repaired.items():
         done = result.repaired.setdefault(table, [])
         done.extend(k for k in keys if k not in done)
     result.divergent, result.parked, result.roots = found.divergent, found.parked, found.roots
+
+
+def _database_now_ms(config: Config, region: str) -> int:
+    """The region's database clock, ms: the one clock stamps and skew are judged by."""
+    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn, \
+            translated(region=region, step="read the database clock"):
+        row = conn.execute("SELECT reconciler.physical_hlc() >> 16").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:
@@ -572,7 +584,8 @@ def _gate_input(config: Config, region: str, report: GapReport, result: Recovery
         low = report.hlc_spans.get(pair, (None, None))[0]
         if low is not None and (oldest is None or low < oldest):
             oldest = low
-    lag_seconds = max(0.0, (time.time() * 1000 - oldest.wall_ms) / 1000) if oldest and tail else 0.0
+    lag_seconds = (max(0.0, (_database_now_ms(config, region) - oldest.wall_ms) / 1000)
+                   if oldest and tail else 0.0)
     stale_self = sum(p.gap.count for p in report.for_destination(region) if p.gap.origin == region)
     return GateInput(
         gap_events=holes + stale_self,

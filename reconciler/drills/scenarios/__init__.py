@@ -18,6 +18,7 @@ from . import (
     poison_decodable,
     poison_events,
     postgres_crash,
+    recover_under_skew,
     regional_failover,
     restore_under_sidecar,
     retention_expiry,
@@ -44,6 +45,7 @@ SCENARIOS: dict[str, Scenario] = {
         stale_restore_recover_kill,
         restore_under_sidecar,
         poison_decodable,
+        recover_under_skew,
         flash_sale,
     )
 }
