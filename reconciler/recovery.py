@@ -208,19 +208,30 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         top = applied.get(pair, SeqRanges()).last or 0
         report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
         report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
-    report.lags = _lags(facts, retained, applied, kafka_ranges, region, report.hlc_spans)
+    report.lags = _lags(facts, retained, applied, kafka_ranges, region, report.hlc_spans,
+                        _clock_ms(config, region if region in reachable else next(iter(reachable), None)))
     return report
+
+
+def _clock_ms(config: Config, region: str | None) -> float:
+    """Now by a region database's clock (the one stamps are judged by); the host's
+    clock only when no database answers."""
+    if region is not None:
+        try:
+            return float(_database_now_ms(config, region))
+        except ReconcilerError:
+            pass
+    return time.time() * 1000
 
 
 def _lags(
     facts: dict[str, RegionFacts], retained: dict[str, tuple[int, int] | None],
     applied: dict[tuple[str, str], SeqRanges], kafka_ranges: dict[str, SeqRanges], region: str | None,
-    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]],
+    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]], now_ms: float,
 ) -> dict[tuple[str, str], Lag]:
     """Gap and lag of every (origin, destination) pair, destinations limited to ``region``
     when given. The lag's age is the oldest missing event's stamp: the in-flight tail's
     age, or older when the pair also has holes (an overstatement the gate errs on)."""
-    now_ms = time.time() * 1000
     lags: dict[tuple[str, str], Lag] = {}
     for dest, f in facts.items():
         if not f.reachable or (region is not None and dest != region):
@@ -605,12 +616,24 @@ def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> No
 # ---------------------------------------------------------------- verify and repair
 
 def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> None:
-    """Compare and repair through :mod:`reconciler.verify`; the roots feed the gate."""
-    found = verify_and_repair(config, region)
+    """Compare and repair through :mod:`reconciler.verify`; the roots feed the gate.
+    The watermark is read off the region's database clock, as the stamps are: a host
+    whose wall clock is off would otherwise compare keys still in flight (host ahead)
+    or take every recent event for a future one (host behind)."""
+    found = verify_and_repair(config, region, now_ms=lambda: _database_now_ms(config, region))
     for table, keys in found.repaired.items():
         done = result.repaired.setdefault(table, [])
         done.extend(k for k in keys if k not in done)
     result.divergent, result.parked, result.roots = found.divergent, found.parked, found.roots
+
+
+def _database_now_ms(config: Config, region: str) -> int:
+    """The region's database clock, ms: the one clock stamps and skew are judged by."""
+    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn, \
+            translated(region=region, step="read the database clock"):
+        row = conn.execute("SELECT reconciler.physical_hlc() >> 16").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:

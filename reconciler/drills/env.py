@@ -74,7 +74,8 @@ class DrillEnv:
 
     @classmethod
     def create(
-        cls, stack: DevStack, workdir: Path, *, proxied: tuple[str, ...] = (), **overrides: Any,
+        cls, stack: DevStack, workdir: Path, *, proxied: tuple[str, ...] = (), ddl: tuple[str, ...] = (),
+        **overrides: Any,
     ) -> DrillEnv:
         tag = "drill" + uuid.uuid4().hex[:10]
         workdir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,10 @@ class DrillEnv:
                     conn.execute(f'CREATE DATABASE "{tag}"')
                 env.created.append(region)
                 dsn = _with_database(admin, tag)
+                if ddl:  # the scenario's own tables, before migrate installs what they need
+                    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                        for statement in ddl:
+                            conn.execute(statement.encode())
                 doc = {"dsn": dsn, "metrics_address": f"127.0.0.1:{free_port()}"}
                 direct_regions[region] = doc
                 if region in proxied:

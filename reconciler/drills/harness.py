@@ -51,6 +51,8 @@ class Scenario:
     quiesce_seconds: float = 45.0
     #: config keys this scenario sets on top of the drill's (e.g. table invariants)
     config: Mapping[str, Any] = field(default_factory=dict)
+    #: statements run in every region's fresh database before `migrate` (tables of its own)
+    ddl: tuple[str, ...] = ()
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Drill:
 
     def setup(self) -> None:
         proxied = tuple(self.stack.regions[i] for i in self.scenario.proxied)
-        self.env = DrillEnv.create(self.stack, self.workdir, proxied=proxied, **self.scenario.config)
+        self.env = DrillEnv.create(self.stack, self.workdir, proxied=proxied, ddl=self.scenario.ddl,
+                                   **self.scenario.config)
         self._history = HistoryWriter(self.history_path)
         spec = self.scenario.workload(self.scale)
         self.workload = Workload({r: self.env.direct.region(r).dsn for r in self.env.regions}, self._history, spec)

@@ -201,6 +201,8 @@ def facts_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(health, "manual_queue", lambda conn, tables=(): ManualQueue({}, 0.0))
     monkeypatch.setattr(health, "quarantined", lambda conn: len(dest_only.get(conn, [])))
     monkeypatch.setattr(store_invariants, "open_counts", lambda conn: {})
+    # the fake databases have no clock: the host's stands in for the region database's
+    monkeypatch.setattr(recovery, "_database_now_ms", lambda _config, _region: int(time.time() * 1000))
 
 
 def via_status(config: Config) -> tuple[int, int, float]:

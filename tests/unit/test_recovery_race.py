@@ -154,6 +154,7 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
     monkeypatch.setattr(recovery, "kafka_held", lambda _c, wanted: dict(wanted))
     monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
+    monkeypatch.setattr(recovery, "_clock_ms", lambda *_a: 0.0)  # the simulated databases have no clock
     return sim, load_config(path)
 
 
