@@ -117,17 +117,23 @@ def _corrupt_copy(drill: Drill, origin: str) -> int:
             raise RuntimeError("corrupt copy not acknowledged")
         drill.wait_until(lambda: all(_quarantined(drill, p, "invalid_payload") > before[p] for p in peers), 30,
                          f"peers to quarantine the corrupt copy of {origin}:{last + 1}")
-        batch: list[tuple[int, bytes, bytes]] = []
+        # the stopped relay may have numbered events it had not published yet: publish
+        # those too, until the real event with the corrupt copy's sequence is out
+        published = 0
         deadline = time.monotonic() + 15
-        while not batch and time.monotonic() < deadline:
+        while published <= last and time.monotonic() < deadline:
             batch = pg.claim_messages(conn, origin, epoch, 0, 500)
-            time.sleep(0.1)
-        for _seq, key, value in batch:
-            producer.produce(topic, key=key, value=value)
-        if producer.flush(30):
-            raise RuntimeError("real events not acknowledged")
-        if batch:
+            if not batch:
+                time.sleep(0.1)
+                continue
+            for _seq, key, value in batch:
+                producer.produce(topic, key=key, value=value)
+            if producer.flush(30):
+                raise RuntimeError("real events not acknowledged")
             pg.mark_published(conn, origin, epoch, batch[-1][0])
+            published = batch[-1][0]
+        if published <= last:
+            raise RuntimeError(f"{origin}'s event {last + 1} was not numbered within 15 s")
         return last + 1
     finally:
         conn.close()
