@@ -13,6 +13,7 @@ from . import (
     broker_restart,
     clock_skew,
     duplicate_reorder,
+    nemesis,
     network_partition,
     poison_events,
     postgres_crash,
@@ -37,5 +38,6 @@ SCENARIOS: dict[str, Scenario] = {
         duplicate_reorder,
         poison_events,
         split_brain,
+        nemesis,
     )
 }
