@@ -11,16 +11,19 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# setup.py copies runbooks/, config/ and pom.xml into the wheel (reconciler/_data/)
+COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE constraints.txt pom.xml ./
 COPY reconciler ./reconciler
-RUN python -m pip wheel --wheel-dir /wheels .
+COPY runbooks ./runbooks
+COPY config ./config
+RUN python -m pip wheel --constraint constraints.txt --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     RECONCILER_CONFIG=/etc/reconciler/reconciler.yaml
 COPY --from=build /wheels /wheels
-RUN python -m pip install /wheels/*.whl && rm -rf /wheels \
+RUN python -m pip install --no-index --find-links /wheels reconciler-dr && rm -rf /wheels \
     && groupadd --system --gid 10001 reconciler \
     && useradd --system --uid 10001 --gid reconciler --no-create-home --shell /usr/sbin/nologin reconciler \
     && mkdir -p /etc/reconciler

@@ -21,6 +21,7 @@ from .config import Config, load_config
 from .devstack.cli import dev
 from .drills.cli import drill
 from .errors import ReconcilerError
+from .redact import guard_standard_streams
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +66,8 @@ def load(config_path: str) -> Config:
 @click.version_option(__version__, prog_name="reconciler")
 def main() -> None:
     """reconciler: multi-region disaster-recovery reconciliation for PostgreSQL + Kafka."""
+    # whatever any command (or a traceback) prints is scrubbed of the config's secrets
+    guard_standard_streams()
 
 
 main.add_command(dev)

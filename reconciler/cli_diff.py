@@ -24,11 +24,12 @@ from typing import Any
 
 import click
 
+from . import redact
 from .config import Config, TableConfig, load_config
 from .diff import ScanOptions, diff_regions, diff_replicated, diff_tables, parse_key_columns
 from .errors import ConfigError, ReconcilerError
 from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
-from .store.dsn import redact_dsn
+from .store.dsn import redact_dsn, secret_forms
 
 EXIT_EQUAL = 0
 EXIT_DIFFERENT = 1
@@ -106,6 +107,8 @@ def diff(
     """
     options = ScanOptions(limits=WalkLimits(max_differences=max_differences), jobs=jobs)
     ad_hoc = _ad_hoc(ctx, dsn_a, dsn_b, keys)
+    # ad hoc DSNs bypass the config, where secrets are registered for masking
+    redact.register(form for dsn in (dsn_a, dsn_b) if dsn for form in secret_forms(dsn))
     try:
         if ad_hoc:
             if not dsn_a or not dsn_b or not keys:

@@ -5,6 +5,12 @@ typo at 3 am is found from the message alone. Secrets are never stored in these
 objects in clear text beyond what the DSN already contains: a DSN or librdkafka
 property may reference ``${ENV_VAR}`` or ``file:/path`` and is resolved here, and
 ``RegionConfig.redacted_dsn`` is what logs and metrics may show.
+
+Every DSN is parsed here by libpq's own rules (psycopg's conninfo parser), so a
+malformed one fails at load with the region and key named, and never at connect
+time with a driver message that quotes it. Each secret resolved here (DSN
+passwords, Kafka credentials) is registered with :mod:`reconciler.redact`,
+which masks it in anything printed later.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Final
 
 import yaml
 
+from . import redact
 from .errors import ConfigError
 
 POLICIES = ("lww", "merge", "manual")
@@ -26,6 +33,11 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SECRET_KAFKA_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret")
+#: libpq error messages that quote a connection option's name (not its value):
+#: the name is shown when it looks like one
+_NAMES_AN_OPTION = ("invalid connection option", "invalid URI query parameter")
+# no "user:password@" in it: that shape is masked wherever it appears
+_DSN_FORMS = "a postgresql:// URL or libpq key=value pairs"
 
 
 @dataclass(frozen=True)
@@ -139,12 +151,28 @@ class Config:
 def redact_dsn(dsn: str) -> str:
     """Free text (a log line, an error message) with URL and keyword passwords masked.
 
-    The last line of defence for text that may quote a DSN; a DSN known to be one
-    goes through ``store.dsn.redact_dsn``, which parses both libpq forms exactly."""
-    # the password part stops at the first '@', '/' or space, so a URL with a port
-    # followed later by an unrelated '@' is left alone
-    redacted = re.sub(r"(://[^:/@\s]+:)[^@/\s]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", redacted, flags=re.IGNORECASE)
+    The last line of defence for text that may quote a DSN (see
+    :func:`reconciler.redact.scrub`); a DSN known to be one goes through
+    ``store.dsn.redact_dsn``, which parses both libpq forms exactly."""
+    return redact.scrub(dsn)
+
+
+def _conninfo_problem(exc: Exception) -> str:
+    """libpq's complaint about a connection string, without the parts of it that it quotes.
+
+    libpq quotes the offending text ("missing "=" after "postgresql:/u:pw@h""), and
+    that text is often the password: quoted parts are dropped, except an option
+    name in the messages that quote one."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    keep_name = message.startswith(_NAMES_AN_OPTION)
+
+    def hide(match: re.Match[str]) -> str:
+        quoted = match.group(1)
+        if len(quoted) == 1 and not quoted.isalnum():  # missing "=": punctuation, not a secret
+            return match.group(0)
+        return match.group(0) if keep_name and _IDENTIFIER.match(quoted) else '"…"'
+
+    return redact.scrub(re.sub(r'"([^"]*)"', hide, message))
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -217,7 +245,36 @@ class _Parser:
 
     def kafka_properties(self, value: Any, key: str) -> dict[str, str]:
         props = self.mapping(value, key)
-        return {str(k): self.secret_text(v, f"{key}.{k}") for k, v in props.items()}
+        resolved = {str(k): self.secret_text(v, f"{key}.{k}") for k, v in props.items()}
+        redact.register(v for k, v in resolved.items() if redact.is_secret_kafka_key(k))
+        return resolved
+
+    def dsn(self, value: Any, key: str) -> str:
+        """A libpq connection string, checked by libpq's own parser; its secrets registered."""
+        from psycopg import Error as DriverError  # the driver at the edge only: the core never imports config's
+        from psycopg.conninfo import conninfo_to_dict
+
+        from .store.dsn import secret_forms
+
+        text = self.secret_text(value, key)
+        if not text.strip():
+            raise self.fail(key, f"is empty; expected {_DSN_FORMS}")
+        # registered before parsing: the parse may fail, and the error must not show them
+        redact.register(secret_forms(text))
+        try:
+            params = conninfo_to_dict(text)
+        except DriverError as exc:
+            hint = ""
+            if re.match(r"^\s*postgres(ql)?:(?!//)", text, re.IGNORECASE):
+                hint = " (a URL starts postgresql:// or postgres://)"
+            raise self.fail(
+                key, f"not a valid PostgreSQL connection string: {_conninfo_problem(exc)}{hint}; expected {_DSN_FORMS}",
+            ) from None  # the driver's exception quotes the string
+        redact.register(str(params[k]) for k in ("password", "sslpassword") if params.get(k))
+        port = str(params.get("port", ""))
+        if port and not all(p.strip().isdigit() for p in port.split(",")):
+            raise self.fail(key, "the port is not a number")
+        return text
 
     def parse(self, raw: Any) -> Config:
         top = self.mapping(raw, "(top level)")
@@ -272,7 +329,7 @@ class _Parser:
             raise self.fail(f"{key}.metrics_address", f"expected HOST:PORT, got {address!r}")
         return RegionConfig(
             name=name,
-            dsn=self.secret_text(body["dsn"], f"{key}.dsn"),
+            dsn=self.dsn(body["dsn"], f"{key}.dsn"),
             metrics_address=address,
             kafka=self.kafka_properties(body.get("kafka"), f"{key}.kafka"),
         )

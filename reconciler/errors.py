@@ -27,15 +27,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from .redact import scrub
+
 
 class ReconcilerError(Exception):
-    """Base of every error reconciler raises on purpose."""
+    """Base of every error reconciler raises on purpose.
+
+    Message and context are scrubbed of secrets when the error is made (see
+    :mod:`reconciler.redact`): an error is printed, logged and put in JSON by
+    code that cannot know which of its words is a password.
+    """
 
     retryable: bool = False
 
     def __init__(self, message: str, *, retryable: bool | None = None, **context: Any) -> None:
-        self.message = message
-        self.context = {k: v for k, v in context.items() if v is not None}
+        self.message = scrub(message)
+        self.context = {k: scrub(v) if isinstance(v, str) else v for k, v in context.items() if v is not None}
         if retryable is not None:
             self.retryable = retryable
         super().__init__(self._render())
@@ -51,7 +58,7 @@ class ReconcilerError(Exception):
             "error": type(self).__name__,
             "message": self.message,
             "retryable": self.retryable,
-            "context": {k: str(v) for k, v in self.context.items()},
+            "context": {k: scrub(str(v)) for k, v in self.context.items()},
         }
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from .config import redact_dsn
+from .redact import scrub
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             doc.update(fields)
         if record.exc_info and record.exc_info[1] is not None:
             doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        return redact_dsn(json.dumps(doc, default=str, separators=(",", ":")))
+        return scrub(json.dumps(doc, default=str, separators=(",", ":")))
 
 
 class ComponentLogger(logging.LoggerAdapter[logging.Logger]):

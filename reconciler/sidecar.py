@@ -60,6 +60,9 @@ LEAF_COMPACTION_SECONDS = 60.0
 DRAIN_SECONDS = 30.0
 #: retry after a peer's database refused a connection (its absence must not slow us down)
 PEER_DB_RETRY_SECONDS = 10.0
+#: how often a loop with nothing to do stamps its progress metric: well under the 5
+#: minutes after which ReconcilerLoopStalled calls a loop stalled (alerts.yml)
+IDLE_STAMP_SECONDS = 15.0
 
 
 class RecoverFn(Protocol):
@@ -158,6 +161,8 @@ class Sidecar:
 
     def _loop(self, name: str, body: Callable[[threading.Event], None]) -> threading.Thread:
         def guarded() -> None:
+            # a loop that never completes one iteration must still age into the alert
+            self.metrics.loop_succeeded(name)
             try:
                 body(self.stop)
             except BaseException as exc:  # noqa: BLE001 - any loop dying must stop the whole sidecar
@@ -462,6 +467,8 @@ class Sidecar:
             # ACTIVE region again would fence it
             status = self._status and db.run(pg.region_status)
             if status is None or status.state not in (State.CATCHING_UP, State.VERIFYING):
+                if status is not None:
+                    self.metrics.loop_succeeded("replay")  # nothing to catch up is progress too
                 stop.wait(0.5)
                 continue
             if recover is None:
@@ -473,10 +480,12 @@ class Sidecar:
             try:
                 log.info("catch-up starting", extra={"fields": {"state": status.state.value}})
                 report = recover(self.config, self.region, actor="sidecar", metrics=self.metrics)
+                # a gate that refuses has still done its work; ReconcilerCatchUpTooLong
+                # is the alert for a catch-up that never ends
+                self.metrics.loop_succeeded("replay")
                 state = str(getattr(report, "state", ""))
                 log.info("catch-up finished", extra={"fields": {"state": state}})
                 if state == State.ACTIVE.value:
-                    self.metrics.loop_succeeded("replay")
                     backoff = 1.0
                     continue
                 # the gate refused: wait before measuring again, it will not pass sooner
@@ -595,20 +604,34 @@ class Sidecar:
 
         The first pass waits one interval, so a sidecar restarting in a loop does not
         prune in a loop; a pass stops between batches when the sidecar drains.
+        Between passes the loop stamps its progress every IDLE_STAMP_SECONDS while the
+        last pass succeeded: waiting for the next pass is not a stall, a failing one is.
         """
         if self.config.retention.keep_hours is None:
-            stop.wait()  # alive all the same: /healthz wants every loop running
+            # alive all the same: /healthz wants every loop running
+            while not stop.wait(IDLE_STAMP_SECONDS):
+                self.metrics.loop_succeeded("retention")
             return
         log = component_logger("retention", self.region)
         self._loggers.append(log)
-        while not stop.wait(self.config.retention.interval_seconds):
+        interval = self.config.retention.interval_seconds
+        next_pass = time.monotonic() + interval
+        last_ok = True
+        while not stop.wait(max(0.0, min(IDLE_STAMP_SECONDS, next_pass - time.monotonic()))):
+            if time.monotonic() < next_pass:
+                if last_ok:
+                    self.metrics.loop_succeeded("retention")
+                continue
+            next_pass = time.monotonic() + interval
             try:
                 result = prune_region(self.config, self.region, metrics=self.metrics, stop=stop.is_set)
                 self.metrics.loop_succeeded("retention")
+                last_ok = True
                 if result is not None and (result.inbox_rows or result.outbox_rows):
                     log.info("pruned old events", extra={"fields": result.to_dict()})
             except ReconcilerError as exc:
                 self.metrics.loop_failed("retention")
+                last_ok = False
                 log.warning("pruning failed; retrying next interval", extra={"fields": exc.to_dict()})
 
     def _stats_loop(self, stop: threading.Event) -> None:

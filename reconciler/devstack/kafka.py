@@ -113,6 +113,7 @@ class KafkaLibs:
             shutil.rmtree(self._tmp)
         self._log = log
         log.parent.mkdir(parents=True, exist_ok=True)
+        self.libs_dir.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             self._proc = subprocess.Popen(
                 [
@@ -129,7 +130,8 @@ class KafkaLibs:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=self.pom.parent,
+                # not the pom's directory: inside an installed package it may be read-only
+                cwd=self.libs_dir.parent,
             )
 
     def finish(self, timeout: float = 900) -> None:

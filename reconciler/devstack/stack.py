@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import DevStackError
+from ..errors import ConfigError, DevStackError
+from ..resources import data_path
 from ._process import Deadline
 from .kafka import KafkaBroker, KafkaLibs, find_java, find_maven, pom_kafka_version
 from .postgres import PostgresServer, RunAs, find_bindir, prepare_base, remove_base, server_identity
@@ -42,9 +43,11 @@ Progress = Callable[[str], None]
 
 
 def _default_pom() -> Path:
-    """The repository's pom.xml: next to the package in an editable install, else cwd."""
-    beside_package = Path(__file__).resolve().parents[2] / "pom.xml"
-    return beside_package if beside_package.exists() else Path.cwd() / "pom.xml"
+    """The pom.xml the package carries (installed from a wheel) or its checkout's, else cwd's."""
+    try:
+        return data_path("pom.xml")
+    except ConfigError:
+        return Path.cwd() / "pom.xml"
 
 
 def _check_port(name: str, port: int) -> None:

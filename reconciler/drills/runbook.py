@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..resources import CHECKOUT, PACKAGED
 
 #: the config path every runbook uses in its examples
 RUNBOOK_CONFIG = "/etc/reconciler/reconciler.yaml"
@@ -118,9 +119,8 @@ def region_mapping(failed: str, survivors: Sequence[str]) -> dict[str, str]:
 
 
 def find_runbook(name: str, start: Path | None = None) -> Path:
-    """``runbooks/<name>`` of the checkout this package runs from (or the cwd's)."""
-    here = Path(__file__).resolve()
-    candidates = [here.parents[2] / "runbooks" / name, Path.cwd() / "runbooks" / name]
+    """``runbooks/<name>``: the installed package's, the checkout's it runs from, or the cwd's."""
+    candidates = [PACKAGED / "runbooks" / name, CHECKOUT / "runbooks" / name, Path.cwd() / "runbooks" / name]
     if start is not None:
         candidates.insert(0, start / name)
     for path in candidates:

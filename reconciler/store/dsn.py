@@ -12,11 +12,15 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, quote, unquote
 
+from .. import redact
+
 MASK = "***"
 #: libpq keywords whose values are secrets
 SECRET_KEYS = frozenset({"password", "sslpassword"})
 
-_URL_RE = re.compile(r"^(?P<scheme>postgres(?:ql)?://)(?P<rest>.*)$", re.IGNORECASE | re.DOTALL)
+# libpq takes only postgres(ql):// as a URL, but any scheme:// is redacted as one: a
+# DSN with a mistyped scheme still carries its password in the user info
+_URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>.*)$", re.DOTALL)
 _KV_TOKEN_RE = re.compile(r"\s*(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
 
 
@@ -25,8 +29,9 @@ def redact_dsn(dsn: str) -> str:
 
     Handles both libpq forms: URLs (``postgresql://user:secret@host/db?sslpassword=x``)
     and keyword/value strings (``host=h password='se cret'``). A string that cannot be
-    parsed loses everything from the first secret keyword on, rather than risk
-    printing it.
+    parsed keeps only the well-formed pairs before the fault and loses the rest
+    (``postgresql:/u:pw@h``, one slash short, becomes ``***``), rather than risk
+    printing a password nobody can locate.
     """
     m = _URL_RE.match(dsn)
     if m:
@@ -45,19 +50,35 @@ def password_of(dsn: str) -> list[str]:
             secrets.append(unquote(userinfo.split(":", 1)[1]))
         secrets.extend(v for k, v in parse_qsl(query, keep_blank_values=True) if k in SECRET_KEYS)
     else:
-        pairs = _parse_keyword_value(dsn)
-        if pairs is not None:
-            secrets.extend(v for k, v in pairs if k in SECRET_KEYS)
+        pairs, _complete = _parse_keyword_value(dsn)
+        secrets.extend(v for k, v in pairs if k in SECRET_KEYS)
     return [s for s in secrets if s]
 
 
+def secret_forms(dsn: str) -> list[str]:
+    """The DSN's secrets decoded and as written in it (a URL may percent-encode any character)."""
+    forms = password_of(dsn)
+    m = _URL_RE.match(dsn)
+    if m:
+        authority, _, query = _split_url(m.group("rest"))
+        userinfo, at, _hosts = authority.rpartition("@")
+        if at and ":" in userinfo:
+            forms.append(userinfo.split(":", 1)[1])
+        for item in query.split("&"):
+            key, eq, value = item.partition("=")
+            if eq and unquote(key) in SECRET_KEYS:
+                forms.append(value)
+    return [f for f in dict.fromkeys(forms) if f]
+
+
 def scrub(text: str, dsn: str) -> str:
-    """``text`` with any secret of ``dsn`` (raw, URL-encoded or the whole DSN) masked."""
+    """``text`` with any secret of ``dsn`` (raw, URL-encoded or the whole DSN) masked,
+    and then whatever :func:`reconciler.redact.scrub` masks."""
     out = text.replace(dsn, redact_dsn(dsn)) if dsn else text
-    for secret in password_of(dsn):
+    for secret in secret_forms(dsn):
         for form in {secret, quote(secret, safe="")}:
             out = out.replace(form, MASK)
-    return out
+    return redact.scrub(out)
 
 
 def _split_url(rest: str) -> tuple[str, str, str]:
@@ -95,25 +116,25 @@ def _redact_url_rest(rest: str) -> str:
     return authority + path + query
 
 
-def _parse_keyword_value(dsn: str) -> list[tuple[str, str]] | None:
-    """libpq keyword/value pairs, or None when the string is malformed."""
+def _parse_keyword_value(dsn: str) -> tuple[list[tuple[str, str]], bool]:
+    """libpq keyword/value pairs up to the first fault, and whether there was none."""
     pairs: list[tuple[str, str]] = []
     i, n = 0, len(dsn)
     while True:
         while i < n and dsn[i].isspace():
             i += 1
         if i >= n:
-            return pairs
+            return pairs, True
         m = _KV_TOKEN_RE.match(dsn, i)
         if not m:
-            return None
+            return pairs, False
         key, i = m.group("key"), m.end()
         value: list[str] = []
         if i < n and dsn[i] == "'":
             i += 1
             while True:
                 if i >= n:
-                    return None  # unterminated quote
+                    return pairs, False  # unterminated quote
                 c = dsn[i]
                 if c == "\\" and i + 1 < n:
                     value.append(dsn[i + 1])
@@ -136,12 +157,11 @@ def _parse_keyword_value(dsn: str) -> list[tuple[str, str]] | None:
 
 
 def _redact_keyword_value(dsn: str) -> str:
-    pairs = _parse_keyword_value(dsn)
-    if pairs is None:
-        lowered = dsn.lower()
-        cut = min((j for j in (lowered.find(k) for k in SECRET_KEYS) if j != -1), default=-1)
-        return dsn if cut == -1 else dsn[:cut] + MASK
-    return " ".join(f"{k}={MASK if k in SECRET_KEYS else _quote_value(v)}" for k, v in pairs)
+    pairs, complete = _parse_keyword_value(dsn)
+    shown = [f"{k}={MASK if k in SECRET_KEYS else _quote_value(v)}" for k, v in pairs]
+    if not complete:
+        shown.append(MASK)
+    return " ".join(shown)
 
 
 def _quote_value(value: str) -> str:

@@ -24,6 +24,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from ..errors import ReconcilerError, TransportError, TransportUnavailable
+from ..redact import safe_kafka_settings
 
 # error codes after which a retry (same call, later) can succeed
 _RETRYABLE = {
@@ -49,7 +50,6 @@ _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError.
 
 _PRODUCER_REQUIRED = {"enable.idempotence": "true", "acks": "all"}
 _CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false"}
-_SECRET_HINTS = ("password", "secret", "sasl.jaas", "token")
 
 
 def translate(error: KafkaError | KafkaException | Exception, **context: Any) -> ReconcilerError:
@@ -65,7 +65,7 @@ def translate(error: KafkaError | KafkaException | Exception, **context: Any) ->
 
 def safe_settings(settings: Mapping[str, str]) -> dict[str, str]:
     """Settings as they may appear in logs: secret-looking values masked."""
-    return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in settings.items()}
+    return safe_kafka_settings(settings)
 
 
 def _with_required(settings: Mapping[str, str], required: Mapping[str, str], role: str) -> dict[str, str]:

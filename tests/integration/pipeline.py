@@ -46,7 +46,7 @@ def make_env(stack: Any, tmp_path: Path, regions: tuple[str, ...] | None = None,
     tag = "t" + uuid.uuid4().hex[:10]
     chosen = regions or tuple(stack.regions)
     region_docs = {}
-    for i, region in enumerate(chosen):
+    for region in chosen:
         base = stack.dsn(region)
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{tag}"')

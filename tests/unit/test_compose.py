@@ -183,3 +183,62 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
             assert source.rstrip("/") not in ignored, f".dockerignore excludes {source}, which the build copies"
+
+
+# -- the faults a first `docker compose up` would have hit ------------------------------
+
+DEMO_SQL = ROOT / "reconciler" / "sql" / "demo" / "demo_domain.sql"
+
+
+def seconds(duration: str) -> float:
+    """A compose duration ("90s", "1m30s", "2m") in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a compose duration: {duration!r}"
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def test_kafka_writes_its_log_into_its_volume() -> None:
+    kafka = services()["kafka"]
+    log_dirs = kafka["environment"].get("KAFKA_LOG_DIRS")
+    assert log_dirs, "KAFKA_LOG_DIRS unset: the broker logs to the image's /tmp default, not the volume"
+    declared = set(compose().get("volumes") or {})
+    mounts = {}
+    for volume in kafka["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source in declared:
+            mounts[target.rstrip("/")] = source
+    for log_dir in log_dirs.split(","):
+        assert any(log_dir == target or log_dir.startswith(target + "/") for target in mounts), (
+            f"Kafka log dir {log_dir} is not on a named volume (mounted: {sorted(mounts)})"
+        )
+    assert kafka["environment"].get("CLUSTER_ID"), "a kept log dir needs the same cluster id on every start"
+
+
+def test_migrate_creates_the_tables_the_config_replicates() -> None:
+    from reconciler.cli import main
+
+    command = services()["reconciler-migrate"]["command"]
+    config = load_config(MOUNTED_CONFIG, environ={"RECONCILER_DB_PASSWORD": "x", "RECONCILER_METRICS_ADDRESS": "0:1"})
+    created = set(re.findall(r"CREATE TABLE IF NOT EXISTS public\.(\w+)", DEMO_SQL.read_text()))
+    assert "--demo-tables" in command, (
+        f"migrate installs triggers on {sorted(config.tables)}, which an empty database lacks; "
+        "--demo-tables creates them"
+    )
+    assert set(config.tables) <= created, f"the config replicates tables no migration creates: " \
+        f"{sorted(set(config.tables) - created)}"
+    assert all(t.schema == "public" for t in config.tables.values())
+    # click itself accepts the command line (a renamed flag would fail the one-shot service)
+    parent = main.make_context("reconciler", list(command), resilient_parsing=False)
+    main.commands[command[0]].make_context(command[0], list(command[1:]), parent=parent)
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_sidecars_get_time_to_drain_before_docker_kills_them(region: str) -> None:
+    from reconciler.sidecar import DRAIN_SECONDS
+
+    grace = sidecar(region).get("stop_grace_period")
+    assert grace, "no stop_grace_period: Docker's 10 s default SIGKILLs the sidecar mid-drain"
+    # the relay drains for up to DRAIN_SECONDS and is given 15 s more to join; then the
+    # clean stop is recorded in the database
+    assert seconds(grace) > DRAIN_SECONDS + 15, f"{grace} is not above the drain time"
