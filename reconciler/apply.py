@@ -8,7 +8,6 @@ the set of events applied to it, never on which path brought them.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -18,14 +17,11 @@ from typing import Any
 from . import wire
 from .config import TableConfig
 from .conflict import ConflictPolicy, policy_for
-from .errors import EventError
+from .errors import ClockSkewError, EventError, ReconcilerError, StoreError
 from .model import ConflictRecord, Event, RowState
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store.translate import translated
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -35,6 +31,19 @@ class ApplyReport:
     duplicates: Counter[str] = field(default_factory=Counter)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     conflicts: list[ConflictRecord] = field(default_factory=list)
+    #: events skipped because an open quarantine entry already holds them (an operator
+    #: settles those; meeting them again, in a redelivery or a replay, changes nothing)
+    refused: list[Event] = field(default_factory=list)
+    #: quarantine entries this call settled by applying their event
+    settled: list[int] = field(default_factory=list)
+
+    def merge(self, other: ApplyReport) -> None:
+        self.applied += other.applied
+        self.duplicates.update(other.duplicates)
+        self.quarantined += other.quarantined
+        self.conflicts += other.conflicts
+        self.refused += other.refused
+        self.settled += other.settled
 
 
 @dataclass
@@ -49,9 +58,30 @@ class Rejected:
     partition: int | None = None
     offset: int | None = None
     raw: bytes | None = None
+    event_id: str | None = None
+    hlc: int | None = None
 
     def as_row(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+#: (origin, sequence, event id) of an event, as quarantine entries are matched
+EventKey = tuple[str, int, str]
+
+
+def event_key(event: Event) -> EventKey:
+    # the database's spelling of a uuid (a message may spell it in capitals)
+    return (event.origin, event.sequence or 0, event.event_id.lower())
+
+
+def refused_by_database(exc: ReconcilerError) -> bool:
+    """The database refused the data of some event (SQLSTATE class 22 data exception,
+    23 integrity violation, or the HLC's RC001): retrying the same batch cannot help,
+    but the other events of the batch can still be applied."""
+    if isinstance(exc, ClockSkewError):
+        return True
+    return (isinstance(exc, StoreError) and not exc.retryable
+            and str(exc.context.get("sqlstate", ""))[:2] in ("22", "23"))
 
 
 class Applier:
@@ -63,11 +93,13 @@ class Applier:
         region: str,
         tables: Mapping[str, TableConfig],
         max_offset_ms: int,
-        now_ms: Callable[[], int] = wall_clock_ms,
+        now_ms: Callable[[], int] | None = None,
     ) -> None:
         self.conn = conn
         self.region = region
         self.tables = dict(tables)
+        #: used only with an injected ``now_ms``; otherwise the database's clock and the
+        #: max offset `migrate` stored decide, as they do in SQL hlc_observe
         self.max_offset_ms = max_offset_ms
         self.now_ms = now_ms
         self._writers: dict[str, pg.TableWriter] = {}
@@ -81,35 +113,116 @@ class Applier:
             self._writers[table] = pg.TableWriter.build(self.conn, self.tables[table])
         return self._writers[table]
 
-    def apply_remote(self, events: Sequence[Event], rejected: Sequence[Rejected] = ()) -> ApplyReport:
-        """Apply events received from peers, exactly once each, in one transaction.
+    def apply_remote(
+        self, events: Sequence[Event], rejected: Sequence[Rejected] = (), *,
+        retry: Mapping[EventKey, int] | None = None, actor: str = "inbox", action: str = "auto_retry",
+    ) -> ApplyReport:
+        """Apply events received from peers, exactly once each.
 
-        Refused here, and quarantined with the reason: a stamp further ahead of
-        local time than the max offset (the HLC must not be dragged forward; the
-        event stays a gap and is replayed once clocks agree), an unknown table, a
-        payload the table's policy cannot apply. Duplicates are counted and skipped.
+        Refused here, and quarantined with the reason: a stamp further ahead of the
+        database's clock than the max offset (held: the inbox applies it once it is
+        near enough), an unknown table, an event of this region coming back, a payload
+        the table's policy cannot apply, and data the database refuses (a value its
+        column type rejects, a NOT NULL column left empty). Duplicates are counted and
+        skipped. An event that an open quarantine entry already holds is skipped
+        (``report.refused``) unless ``retry`` names that entry: then a success settles
+        it and a failure keeps it open with the new reason, audited as ``actor``.
+
+        One transaction for the batch; when the database refuses it for the data of
+        some event, the batch is split in halves until the refused events stand alone,
+        so every other event is applied, once, and each refused one is quarantined.
         """
         report = ApplyReport()
-        quarantine = [r.as_row() for r in rejected]
-        now = self.now_ms()
-        candidates: list[Event] = []
-        seen: set[tuple[str, int | None]] = set()
+        # Two different events with one (origin, sequence) -- a corrupt or forged copy
+        # and the real one -- go in separate rounds, in arrival order: the first is
+        # applied or refused before the second is looked at, so a refused copy can never
+        # take the real event's place. The same event twice is a duplicate.
+        rounds: list[list[Event]] = []
+        seen: dict[tuple[str, int | None], list[str]] = {}
         for event in events:
-            ident = (event.origin, event.sequence)
-            if ident in seen:
+            ids = seen.setdefault((event.origin, event.sequence), [])
+            if event.event_id in ids:
                 report.duplicates[event.origin] += 1
                 continue
-            seen.add(ident)
-            ahead = event.hlc.wall_ms - now
-            if ahead > self.max_offset_ms:
-                quarantine.append(_rejection(event, "clock_skew",
-                                             f"stamp {event.hlc} is {ahead} ms ahead (max {self.max_offset_ms})"))
-            elif event.table not in self.tables:
+            if len(rounds) <= len(ids):
+                rounds.append([])
+            rounds[len(ids)].append(event)
+            ids.append(event.event_id)
+        for number, batch in enumerate(rounds or [[]]):
+            report.merge(self._apply_round(batch, rejected if number == 0 else (), dict(retry or {}), actor,
+                                           action))
+        return report
+
+    def _apply_round(
+        self, events: Sequence[Event], rejected: Sequence[Rejected], retrying: dict[EventKey, int],
+        actor: str, action: str,
+    ) -> ApplyReport:
+        report = ApplyReport()
+        quarantine = [r.as_row() for r in rejected]
+        candidates: list[Event] = []
+        for event in events:
+            if event.table not in self.tables:
                 quarantine.append(_rejection(event, "unknown_table", f"table {event.table!r} is not replicated"))
             elif event.origin == self.region:
                 quarantine.append(_rejection(event, "other", "an event of this region came back as remote"))
             else:
                 candidates.append(event)
+        with translated(region=self.region, step="apply checks"):
+            if self.conn.autocommit:
+                db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
+            else:  # never leave a caller's session idle in a transaction this opened
+                with self.conn.transaction():
+                    db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
+        now, max_offset = (self.now_ms(), self.max_offset_ms) if self.now_ms is not None else (db_now, db_max_offset)
+        kept: list[Event] = []
+        for event in candidates:
+            key = event_key(event)
+            entry = held.get(key)
+            if entry is not None and key not in retrying:
+                if entry.discarded or entry.reason != "clock_skew":
+                    report.refused.append(event)
+                    continue
+                retrying[key] = entry.id  # a held future stamp met again: try it now
+            ahead = event.hlc.wall_ms - now
+            if ahead > max_offset:
+                quarantine.append(_rejection(event, "clock_skew",
+                                             f"stamp {event.hlc} is {ahead} ms ahead of the database's clock"
+                                             f" (max {max_offset})"))
+            else:
+                kept.append(event)
+        if kept or quarantine:
+            self._isolating(kept, quarantine, retrying, report, actor, action)
+        return report
+
+    def _isolating(
+        self, events: list[Event], quarantine: list[dict[str, Any]], retrying: Mapping[EventKey, int],
+        report: ApplyReport, actor: str, action: str,
+    ) -> None:
+        try:
+            report.merge(self._attempt(events, quarantine, retrying, actor, action))
+            return
+        except ReconcilerError as exc:
+            if not events or not refused_by_database(exc):
+                raise
+            refusal = exc
+        if quarantine:
+            report.merge(self._attempt([], quarantine, retrying, actor, action))
+        if len(events) == 1:
+            event = events[0]
+            reason = "clock_skew" if isinstance(refusal, ClockSkewError) else "apply_failed"
+            report.merge(self._attempt([], [_rejection(event, reason, refusal.message)], retrying, actor, action))
+            return
+        middle = len(events) // 2
+        self._isolating(events[:middle], [], retrying, report, actor, action)
+        self._isolating(events[middle:], [], retrying, report, actor, action)
+
+    def _attempt(
+        self, candidates: list[Event], quarantine: list[dict[str, Any]], retrying: Mapping[EventKey, int],
+        actor: str, action: str,
+    ) -> ApplyReport:
+        """One transaction: apply ``candidates`` and keep ``quarantine``; all or nothing."""
+        report = ApplyReport()
+        quarantine = list(quarantine)
         with translated(region=self.region, step="apply batch"), self.conn.transaction():
             # Keys locked and states loaded first (for every candidate), then the inbox
             # insert runs on the server while the policies decide on a worker thread
@@ -144,11 +257,29 @@ class Applier:
                 quarantine.extend(_rejection(e, "invalid_payload", str(err)) for e, err in bad)
             if applied:
                 pg.observe_hlc(self.conn, max(e.hlc for e in applied))
-            pg.quarantine(self.conn, quarantine)
+            self._keep(quarantine, retrying, actor, action)
+            refused_now = {(q["origin"], q["sequence"], str(q["event_id"]).lower()) for q in quarantine}
+            settled = [entry for key, entry in retrying.items()
+                       if key in {event_key(e) for e in candidates} and key not in refused_now]
+            quarantine_store.settle(self.conn, settled, "applied", actor, "applied on retry", action)
         report.applied = applied
         report.quarantined = quarantine
         report.conflicts = conflicts
+        report.settled = settled
         return report
+
+    def _keep(self, quarantine: list[dict[str, Any]], retrying: Mapping[EventKey, int], actor: str,
+              action: str) -> None:
+        """Record refusals: new quarantine entries, or, for an entry being retried, the
+        entry kept open with its new reason."""
+        fresh = []
+        for item in quarantine:
+            entry = retrying.get((item["origin"], item["sequence"], str(item["event_id"]).lower()))
+            if entry is None:
+                fresh.append(item)
+            else:
+                quarantine_store.still_refused(self.conn, entry, item["reason"], item["detail"], actor, action)
+        pg.quarantine(self.conn, fresh)
 
     def apply_rows(
         self, events: Sequence[Event]
@@ -228,4 +359,6 @@ def _rejection(event: Event, reason: str, detail: str) -> dict[str, Any]:
         origin=event.origin,
         sequence=event.sequence,
         raw=wire.encode(event),
+        event_id=event.event_id,
+        hlc=event.hlc.pack(),
     ).as_row()

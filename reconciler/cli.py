@@ -329,36 +329,142 @@ def conflicts_resolve(
 
 @main.group()
 def quarantine() -> None:
-    """Events a region set aside instead of applying, with the reason."""
+    """Events a region set aside instead of applying, with the reason; settle them.
+
+    An entry stays refused -- missing for `gaps`, the metrics and the lifecycle gate --
+    until it is settled: applied (`retry`, or automatically for a held future stamp)
+    or given up (`discard`, with a reason). Every settlement is audited.
+    """
 
 
 @quarantine.command("list")
 @config_option
 @region_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="Newest entries shown.")
+@click.option("--status", type=click.Choice(["open", "refused", "settled", "all"]), default="all",
+              show_default=True, help="refused: open and still missing; open: not settled; settled: applied or"
+              " discarded.")
 @json_option
 @handle_errors
-def quarantine_list(config_path: str, region: str | None, limit: int, as_json: bool) -> None:
+def quarantine_list(config_path: str, region: str | None, limit: int, status: str, as_json: bool) -> None:
     """List one region's quarantined events, newest first."""
     from .conflicts import list_quarantine
 
     config = load(config_path)
     name, conn = _region_connection(config, region)
     with conn:
-        found = list_quarantine(conn, limit)
+        found = list_quarantine(conn, limit, status)
     if as_json:
         print_json({"region": name, "count": len(found), "entries": [q.to_dict() for q in found]})
         return
     if not found:
-        click.echo(f"region {name}: quarantine is empty")
+        click.echo(f"region {name}: quarantine is empty" if status == "all"
+                   else f"region {name}: no {status} quarantine entries")
         return
     click.echo(f"region {name}: {len(found)} quarantined event{'s' if len(found) != 1 else ''} (newest first)")
     _table(
-        ("ID", "RECEIVED", "ORIGIN", "SEQ", "REASON", "DETAIL"),
-        [(str(q.id), q.received_at.isoformat(timespec="seconds"), q.origin or "-",
-          str(q.sequence) if q.sequence is not None else "-", q.reason,
-          q.detail if len(q.detail) <= 80 else q.detail[:79] + "…") for q in found],
+        ("ID", "RECEIVED", "STATUS", "ORIGIN", "SEQ", "EVENT", "REASON", "DETAIL"),
+        [(str(q.id), q.received_at.isoformat(timespec="seconds"), q.status, q.origin or "-",
+          str(q.sequence) if q.sequence is not None else "-", q.event_id or "-", q.reason,
+          q.detail if len(q.detail) <= 60 else q.detail[:59] + "…") for q in found],
     )
+
+
+@quarantine.command("show")
+@config_option
+@region_option
+@click.argument("entry_id", type=int)
+@json_option
+@handle_errors
+def quarantine_show(config_path: str, region: str | None, entry_id: int, as_json: bool) -> None:
+    """One quarantined event: why, where from, the raw message, and its audit trail."""
+    from .conflicts import show_quarantined
+
+    config = load(config_path)
+    name, conn = _region_connection(config, region)
+    with conn:
+        entry, trail = show_quarantined(conn, entry_id)
+    if as_json:
+        print_json({"region": name, **entry.to_dict(), "audit": trail})
+        return
+    doc = entry.to_dict()
+    click.echo(f"quarantine entry {entry.id} in region {name}: {entry.status}")
+    for label in ("reason", "detail", "origin", "sequence", "event_id", "hlc", "topic", "partition", "offset",
+                  "received_at", "raw_preview"):
+        click.echo(f"  {label:<12} {doc[label] if doc[label] is not None else '-'}")
+    for step in trail:
+        click.echo(f"  {step['at']}  {step['action']} by {step['actor']}: {step['outcome']} ({step['reason']})")
+    if not entry.settlement:
+        click.echo(f"settle with `reconciler quarantine retry {entry.id} --by NAME` (once the cause is fixed) or"
+                   f" `reconciler quarantine discard {entry.id} --by NAME --reason TEXT`")
+
+
+@quarantine.command("retry")
+@config_option
+@region_option
+@click.argument("entry_ids", type=int, nargs=-1, required=True)
+@click.option("--by", default=None, help="Who retries (audit trail; default: the operator's user name).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@handle_errors
+def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int, ...], by: str | None,
+                     yes: bool, as_json: bool) -> None:
+    """Apply quarantined events again through the normal apply path.
+
+    For after the cause was fixed (a column's type, a constraint, a clock). Applied
+    entries are settled; an entry refused again stays open with the new reason.
+    Exit 1 when any entry is still refused.
+    """
+    from .apply import Applier
+    from .conflicts import retry_quarantined
+    from .store import postgres as pg
+
+    config = load(config_path)
+    name = region or next(iter(config.regions))
+    actor = by or f"cli:{_operator()}"
+    if not yes:
+        click.confirm(f"Apply {len(entry_ids)} quarantined event(s) in region {name} again?", abort=True, err=True)
+    with pg.connect(config.region(name).dsn, region=name, autocommit=True) as conn:
+        applier = Applier(conn, name, config.tables, config.hlc_max_offset_ms)
+        outcomes = [retry_quarantined(conn, applier, entry_id, by=actor) for entry_id in entry_ids]
+    if as_json:
+        print_json({"region": name, "actor": actor, "results": [o.to_dict() for o in outcomes]})
+    else:
+        for o in outcomes:
+            click.echo(f"entry {o.id}: " + ("applied and settled" if o.outcome == "applied"
+                                            else f"still refused ({o.reason}): {o.detail}"))
+    if any(o.outcome != "applied" for o in outcomes):
+        sys.exit(EXIT_FOUND)
+
+
+@quarantine.command("discard")
+@config_option
+@region_option
+@click.argument("entry_ids", type=int, nargs=-1, required=True)
+@click.option("--reason", required=True, help="Why the event is given up (audit trail).")
+@click.option("--by", default=None, help="Who discards (audit trail; default: the operator's user name).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@handle_errors
+def quarantine_discard(config_path: str, region: str | None, entry_ids: tuple[int, ...], reason: str,
+                       by: str | None, yes: bool, as_json: bool) -> None:
+    """Settle quarantined events without applying them: `gaps` and the gate stop
+    counting them; the entries, their raw messages and the audit trail are kept."""
+    from .conflicts import discard_quarantined
+
+    config = load(config_path)
+    name, conn = _region_connection(config, region)
+    actor = by or f"cli:{_operator()}"
+    if not yes:
+        click.confirm(f"Give up {len(entry_ids)} quarantined event(s) in region {name} for good? Reason: {reason}",
+                      abort=True, err=True)
+    with conn:
+        settled = [discard_quarantined(conn, entry_id, by=actor, reason=reason) for entry_id in entry_ids]
+    if as_json:
+        print_json({"region": name, "actor": actor, "entries": [e.to_dict() for e in settled]})
+        return
+    for entry in settled:
+        click.echo(f"entry {entry.id}: discarded by {actor} ({reason}); kept in reconciler.quarantine")
 
 
 # ---------------------------------------------------------------- recovery and lifecycle
@@ -370,19 +476,23 @@ def quarantine_list(config_path: str, region: str | None, limit: int, as_json: b
 @json_option
 @handle_errors
 def gaps(config_path: str, region: str | None, as_json: bool) -> None:
-    """Missing event ranges per (origin, destination) and where to replay them from.
+    """Missing event ranges per (origin, destination) and where to replay them from,
+    and the events each region refused (quarantined, held) and has not settled.
 
-    Exit 1 when events are lost (no source holds them any more).
+    Exit 1 when events are lost (no source holds them any more) or refused.
     """
     from .recovery import analyze_gaps
 
     report = analyze_gaps(load(config_path), region)
     doc = report.to_dict()
+    if region is not None:
+        doc["refused"] = {r: v for r, v in doc["refused"].items() if r == region}
+        doc["total_refused"] = sum(len(v) for v in doc["refused"].values())
     if as_json:
         print_json(doc)
     else:
         _print_gaps(doc)
-    if report.lost_events:
+    if report.lost_events or doc["total_refused"]:
         sys.exit(EXIT_FOUND)
 
 
@@ -390,17 +500,24 @@ def _print_gaps(doc: dict[str, Any]) -> None:
     for name, facts in doc["regions"].items():
         if not facts["reachable"]:
             click.echo(f"region {name}: UNREACHABLE ({facts['error']})")
+    _print_refused(doc.get("refused", {}))
     if not doc["gaps"]:
-        click.echo("no gaps: every reachable region has applied every event")
+        click.echo("no gaps: every reachable region has applied every event"
+                   + (" it has not refused" if doc.get("refused") else ""))
         return
     click.echo(f"{doc['total_missing']} events missing, {doc['lost_events']} lost")
     for gap in doc["gaps"]:
         label = " (stale backup: the origin lost its own events)" if gap["stale_backup"] else ""
         click.echo(f"{gap['origin']} -> {gap['destination']}: {gap['count']} missing, "
                    f"HLC {gap['hlc_min']} .. {gap['hlc_max']}{label}")
+        refused = [e["sequence"] for e in doc.get("refused", {}).get(gap["destination"], [])
+                   if e["origin"] == gap["origin"] and e["sequence"] is not None]
         for part in gap["parts"]:
             where = part["source"] + (f" ({part['holder']})" if part["holder"] else "")
             marker = "  !! DATA LOSS" if part["source"] == "nowhere" else ""
+            held_back = sum(1 for seq in refused if part["lo"] <= seq <= part["hi"])
+            if held_back:
+                marker += f"  ({held_back} REFUSED here: not replayed until settled)"
             click.echo(f"    seq {part['lo']}..{part['hi']}  {part['count']:>8}  from {where}{marker}")
 
 
@@ -486,6 +603,18 @@ def _iso(wall_ms: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _print_refused(refused: dict[str, list[dict[str, Any]]]) -> None:
+    for region, entries in sorted(refused.items()):
+        click.echo(f"region {region}: {len(entries)} events REFUSED (missing until settled:"
+                   " `reconciler quarantine list --status refused`)")
+        for e in entries[:20]:
+            seq = e["sequence"] if e["sequence"] is not None else "-"
+            click.echo(f"    entry {e['id']}  {e['origin'] or '-'}:{seq}  event {e['event_id'] or '-'}"
+                       f"  {e['reason']}: {e['detail'][:80]}")
+        if len(entries) > 20:
+            click.echo(f"    … {len(entries) - 20} more")
 
 
 def _print_recovery(doc: dict[str, Any]) -> None:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from . import outbox
-from .errors import ConflictError
+from . import outbox, wire
+from .apply import Applier, ApplyReport, event_key
+from .errors import ConflictError, EventError
 from .hlc import Timestamp
 from .model import Event, Version, encode_key
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store.translate import translated
 
 __all__ = [
@@ -345,7 +347,13 @@ RAW_PREVIEW: Final = 200
 
 @dataclass(frozen=True, slots=True)
 class QuarantineEntry:
-    """An event this region set aside instead of applying, with why and where from."""
+    """An event this region set aside instead of applying, with why and where from.
+
+    ``status``: ``refused`` (open and missing: gaps, the gate and the metrics count
+    it), ``superseded`` (open, but this region applied its (origin, sequence)
+    anyway), ``unidentified`` (open, bytes naming no event: no sequence, no event
+    id), ``applied`` or ``discarded`` (settled).
+    """
 
     id: int
     origin: str | None
@@ -358,6 +366,21 @@ class QuarantineEntry:
     raw: bytes | None
     received_at: datetime
     retried_at: datetime | None
+    event_id: str | None = None
+    hlc: int | None = None
+    settled_at: datetime | None = None
+    settled_by: str | None = None
+    settlement: str | None = None
+    settle_reason: str | None = None
+    refused: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.settlement:
+            return self.settlement
+        if self.refused:
+            return "refused"
+        return "unidentified" if self.sequence is None and self.event_id is None else "superseded"
 
     def raw_preview(self) -> str | None:
         if self.raw is None:
@@ -368,8 +391,11 @@ class QuarantineEntry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "status": self.status,
             "origin": self.origin,
             "sequence": self.sequence,
+            "event_id": self.event_id,
+            "hlc": str(Timestamp.unpack(self.hlc)) if self.hlc is not None else None,
             "topic": self.topic,
             "partition": self.partition,
             "offset": self.offset,
@@ -379,21 +405,127 @@ class QuarantineEntry:
             "raw_preview": self.raw_preview(),
             "received_at": self.received_at.isoformat(),
             "retried_at": self.retried_at.isoformat() if self.retried_at else None,
+            "settled": None if self.settled_at is None else {
+                "at": self.settled_at.isoformat(), "by": self.settled_by, "how": self.settlement,
+                "reason": self.settle_reason,
+            },
         }
 
 
-def list_quarantine(conn: pg.Connection, limit: int = 100) -> list[QuarantineEntry]:
+#: what ``quarantine list --status`` accepts
+QUARANTINE_STATUSES: Final = ("open", "refused", "settled", "all")
+
+
+def _quarantine_entry(r: Sequence[Any]) -> QuarantineEntry:
+    return QuarantineEntry(
+        id=r[0], origin=r[1], sequence=r[2], topic=r[3], partition=r[4], offset=r[5], reason=r[6],
+        detail=r[7], raw=bytes(r[8]) if r[8] is not None else None, received_at=r[9], retried_at=r[10],
+        event_id=r[11], hlc=r[12], settled_at=r[13], settled_by=r[14], settlement=r[15], settle_reason=r[16],
+        refused=bool(r[17]),
+    )
+
+
+def list_quarantine(conn: pg.Connection, limit: int = 100, status: str = "all") -> list[QuarantineEntry]:
     """The most recent ``limit`` quarantined events of this region, newest first."""
-    with translated(step="list quarantine"), conn.transaction():
-        rows = conn.execute(
-            "SELECT id, origin, sequence, topic, kafka_partition, kafka_offset, reason, detail, raw, received_at,"
-            " retried_at FROM reconciler.quarantine ORDER BY id DESC LIMIT %s",
-            (limit,),
-        ).fetchall()
-    return [
-        QuarantineEntry(
-            id=r[0], origin=r[1], sequence=r[2], topic=r[3], partition=r[4], offset=r[5], reason=r[6],
-            detail=r[7], raw=bytes(r[8]) if r[8] is not None else None, received_at=r[9], retried_at=r[10],
-        )
-        for r in rows
+    if status not in QUARANTINE_STATUSES:
+        raise ConflictError(f"unknown quarantine status {status!r}; expected one of {', '.join(QUARANTINE_STATUSES)}")
+    with conn.transaction():
+        rows = quarantine_store.entries(conn, limit=limit, status=status)
+    return [_quarantine_entry(r) for r in rows]
+
+
+def show_quarantined(conn: pg.Connection, entry_id: int) -> tuple[QuarantineEntry, list[dict[str, Any]]]:
+    """One entry and its audit trail (every retry and discard, who, when, why)."""
+    with conn.transaction():
+        rows = quarantine_store.entries(conn, ids=[entry_id], limit=1)
+        if not rows:
+            raise ConflictError(
+                f"no quarantine entry {entry_id} in region {pg.region_id(conn)}; `reconciler quarantine list`"
+                " shows the ids", quarantine_id=entry_id)
+        trail = quarantine_store.audit(conn, entry_id)
+    return _quarantine_entry(rows[0]), [
+        {"at": at.isoformat(), "action": action, "outcome": outcome, "actor": actor, "reason": reason}
+        for at, action, outcome, actor, reason in trail
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOutcome:
+    id: int
+    outcome: str  # applied | still_refused
+    reason: str | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "outcome": self.outcome, "reason": self.reason, "detail": self.detail}
+
+
+def _settle_check(conn: pg.Connection, entry_id: int, verb: str) -> QuarantineEntry:
+    entry, _trail = show_quarantined(conn, entry_id)
+    if entry.settlement:
+        raise ConflictError(
+            f"quarantine entry {entry_id} is already settled ({entry.settlement} by {entry.settled_by}):"
+            f" nothing to {verb}", quarantine_id=entry_id)
+    return entry
+
+
+def retry_quarantined(conn: pg.Connection, applier: Applier, entry_id: int, *, by: str) -> RetryOutcome:
+    """Apply a quarantined event again through the normal apply path (after its cause
+    was fixed: a column type, a policy, a clock). Success settles the entry as
+    applied; a new refusal keeps it open with the new reason. Audited as ``by``."""
+    if not by.strip():
+        raise ConflictError("--by must name who retries (audit trail)", quarantine_id=entry_id)
+    entry = _settle_check(conn, entry_id, "retry")
+    if entry.reason == "origin_mismatch":
+        raise ConflictError(
+            f"quarantine entry {entry_id} arrived on a topic its claimed origin does not own; it is never applied"
+            " (discard it with a reason)", quarantine_id=entry_id)
+    try:
+        event = wire.decode(entry.raw, topic=entry.topic or "")
+    except EventError as exc:
+        raise ConflictError(
+            f"quarantine entry {entry_id} cannot be applied: {exc.message}; if its origin still holds the event,"
+            " `reconciler recover` replays it, otherwise discard the entry with a reason",
+            quarantine_id=entry_id) from None
+    report = applier.apply_remote([event], retry={event_key(event): entry_id}, actor=by.strip(), action="retry")
+    if entry_id in report.settled:
+        return RetryOutcome(entry_id, "applied")
+    if report.refused:  # another open entry holds the same event
+        raise ConflictError(f"the event of entry {entry_id} is held by another open entry; retry that one",
+                            quarantine_id=entry_id)
+    again = report.quarantined[0] if report.quarantined else {}
+    return RetryOutcome(entry_id, "still_refused", again.get("reason"), again.get("detail"))
+
+
+def discard_quarantined(conn: pg.Connection, entry_id: int, *, by: str, reason: str) -> QuarantineEntry:
+    """Settle an entry without applying it: gaps and the gate stop counting it. The
+    entry, its raw message and the audit trail are kept."""
+    if not by.strip():
+        raise ConflictError("--by must name who discards (audit trail)", quarantine_id=entry_id)
+    if not reason.strip():
+        raise ConflictError("--reason must say why the event is given up (audit trail)", quarantine_id=entry_id)
+    with translated(step="discard quarantined", quarantine_id=entry_id), conn.transaction():
+        _settle_check(conn, entry_id, "discard")
+        quarantine_store.settle(conn, [entry_id], "discarded", by.strip(), reason.strip(), "discard")
+    entry, _trail = show_quarantined(conn, entry_id)
+    return entry
+
+
+def retry_held(conn: pg.Connection, applier: Applier, limit: int) -> ApplyReport:
+    """Apply the held events (future stamps) whose stamp is no longer too far ahead
+    of the database's clock; each one applied settles its entry."""
+    with translated(step="read held events"), conn.transaction():
+        due = quarantine_store.held_due(conn, limit)
+    report = ApplyReport()
+    if not due:
+        return report
+    events, retry = [], {}
+    for entry_id, raw in due:
+        try:
+            event = wire.decode(raw)
+        except EventError:
+            continue
+        events.append(event)
+        retry[event_key(event)] = entry_id
+    report.merge(applier.apply_remote(events, retry=retry, actor="inbox", action="auto_retry"))
+    return report

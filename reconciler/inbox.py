@@ -18,11 +18,15 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from . import wire
 from .apply import Applier, ApplyReport, Rejected
 from .config import Config
+from .conflicts import retry_held
 from .errors import EventError, ReconcilerError
 from .logs import component_logger
 from .metrics import Metrics
 from .store import postgres as pg
 from .transport import kafka
+
+#: how often held (future-stamped) events are looked at again
+HELD_RETRY_SECONDS = 1.0
 
 
 class InboxConsumer:
@@ -39,6 +43,7 @@ class InboxConsumer:
         self._conn: pg.Connection | None = None
         self._consumer: Any = None
         self._applier: Applier | None = None
+        self._next_held_check = 0.0
 
     @property
     def group_id(self) -> str:
@@ -86,11 +91,30 @@ class InboxConsumer:
                 raise kafka.translate(err, region=self.region, step="consume")
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
+            owner = self._origin_of.get(topic)
             try:
-                events.append(wire.decode(msg.value(), topic=topic, offset=offset))
+                event = wire.decode(msg.value(), topic=topic, offset=offset)
             except EventError as exc:
-                rejected.append(Rejected(reason="malformed", detail=str(exc), origin=self._origin_of.get(topic),
-                                         topic=topic, partition=partition, offset=offset, raw=msg.value()))
+                seen = wire.peek(msg.value())
+                rejected.append(Rejected(reason="malformed", detail=str(exc), origin=owner,
+                                         sequence=seen["sequence"] if seen["origin"] == owner else None,
+                                         event_id=seen["event_id"], topic=topic, partition=partition,
+                                         offset=offset, raw=msg.value()))
+                continue
+            if event.origin != owner:
+                # Only the region that owns a topic writes events of its origin there. A
+                # message claiming another origin is never applied: applied, it would
+                # take that origin's (origin, sequence) and the real event, arriving
+                # later, would be dropped as a duplicate.
+                rejected.append(Rejected(
+                    reason="origin_mismatch",
+                    detail=f"event {event.event_id} claims origin {event.origin!r} but arrived on topic {topic}"
+                           f" of region {owner!r} (sequence {event.sequence}, table {event.table}, key {event.key})",
+                    origin=event.origin, sequence=event.sequence, event_id=event.event_id, hlc=event.hlc.pack(),
+                    topic=topic, partition=partition, offset=offset, raw=msg.value()))
+                continue
+            events.append(event)
+        self._retry_held()
         if not positions:
             return ApplyReport()
         started = time.perf_counter()
@@ -114,6 +138,21 @@ class InboxConsumer:
                 "reasons": sorted({q["reason"] for q in report.quarantined}),
             }})
         return report
+
+    def _retry_held(self) -> None:
+        """Every few seconds, apply the held events (future stamps) whose stamp is no
+        longer too far ahead of the database's clock; each settles its entry."""
+        now = time.monotonic()
+        if now < self._next_held_check:
+            return
+        self._next_held_check = now + HELD_RETRY_SECONDS
+        assert self._conn is not None and self._applier is not None
+        report = retry_held(self._conn, self._applier, self.config.apply_batch_size)
+        if report.settled:
+            self.log.info("held events applied", extra={"fields": {"count": len(report.settled)}})
+        if self.metrics is not None and (report.applied or report.settled):
+            for event in report.applied:
+                self.metrics.events_applied.labels(origin=event.origin).inc()
 
     def _record(self, report: ApplyReport, seconds: float) -> None:
         metrics = self.metrics

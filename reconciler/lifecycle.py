@@ -82,6 +82,9 @@ class GateInput:
     #: table -> number of differing keys outside the manual queue (parked keys excluded)
     divergent_keys: dict[str, int] = field(default_factory=dict)
     parked_keys: int = 0
+    #: events this region set aside (quarantined, policy-refused, held future stamps) and
+    #: has not settled: missing, never "in flight"
+    refused_events: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ def gate(measured: GateInput, max_lag_events: int, max_lag_seconds: float) -> Ga
         reasons.append(f"{measured.lost_events} events are lost (no source holds them)")
     if measured.gap_events:
         reasons.append(f"{measured.gap_events} events still missing")
+    if measured.refused_events:
+        reasons.append(f"{measured.refused_events} events refused (quarantined or held) and not settled:"
+                       " see `reconciler quarantine list --status refused`")
     if measured.lag_events > max_lag_events:
         reasons.append(f"inbox lag {measured.lag_events} events > {max_lag_events}")
     if measured.lag_seconds > max_lag_seconds:

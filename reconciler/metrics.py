@@ -22,7 +22,7 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -59,6 +59,7 @@ QUARANTINE_REASONS: Final[tuple[str, ...]] = (
     "invalid_payload",  # decodable but violates the payload contract (no key, bad types)
     "clock_skew",  # HLC stamp further ahead than hlc.max_offset_ms
     "apply_failed",  # PostgreSQL refused the row (constraint, type) for a non-retryable reason
+    "origin_mismatch",  # claims an origin other than the region that owns its topic
     "other",
 )
 
@@ -127,7 +128,10 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("reconciler_events_quarantined_total", "counter", ("origin", "reason"),
                "Events set aside in the quarantine table instead of being applied."),
     MetricSpec("reconciler_quarantine_events", "gauge", (),
-               "Events held in this region's quarantine table and not yet retried (all origins, all reasons)."),
+               "Events held in this region's quarantine table and not yet settled (all origins, all reasons)."),
+    MetricSpec("reconciler_quarantined_events", "gauge", ("origin", "reason"),
+               "Events this region refused (quarantined or held) and nobody settled: missing, not in flight."
+               " The lifecycle gate does not pass while any is counted."),
     MetricSpec("reconciler_apply_batch_seconds", "histogram", (),
                "Time to apply one inbox batch in one PostgreSQL transaction."),
     MetricSpec("reconciler_replication_lag_events", "gauge", ("origin", "destination"),
@@ -216,6 +220,7 @@ class Metrics:
     events_duplicate: Counter
     events_quarantined: Counter
     quarantine_events: Gauge
+    quarantined_events: Gauge
     apply_batch_seconds: Histogram
     replication_lag_events: Gauge
     replication_lag_seconds: Gauge
@@ -237,6 +242,7 @@ class Metrics:
         self._inner = inner
         self._state: str | None = None
         self._lock = threading.Lock()
+        self._refused_labels: set[tuple[str, str]] = set()
 
     @classmethod
     def create(
@@ -330,6 +336,22 @@ class Metrics:
         """Count quarantined events; an unknown reason is counted as ``other``."""
         label = reason if reason in QUARANTINE_REASONS else "other"
         self.events_quarantined.labels(origin=origin, reason=label).inc(count)
+
+    def set_refused(self, counts: Mapping[tuple[str, str], int], origins: Iterable[str]) -> None:
+        """Publish the refused (unsettled) events per (origin, reason). An origin outside
+        ``origins`` (a forged one) is counted as ``unknown``, an unknown reason as
+        ``other``, so labels stay bounded; series that went back to 0 say 0."""
+        known = set(origins)
+        totals: dict[tuple[str, str], int] = {}
+        for (origin, reason), count in counts.items():
+            label = (origin if origin in known else "unknown", reason if reason in QUARANTINE_REASONS else "other")
+            totals[label] = totals.get(label, 0) + count
+        with self._lock:
+            for label in self._refused_labels - set(totals):
+                self.quarantined_events.labels(origin=label[0], reason=label[1]).set(0)
+            for (origin, reason), count in totals.items():
+                self.quarantined_events.labels(origin=origin, reason=reason).set(count)
+            self._refused_labels |= set(totals)
 
     def record_conflict(self, table: str, kind: str, outcome: str) -> None:
         kind_value = str(getattr(kind, "value", kind))

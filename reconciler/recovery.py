@@ -35,6 +35,7 @@ from .logs import component_logger
 from .metrics import Metrics
 from .model import Event, RowState
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store import retention
 from .store.translate import translated
 from .transport import kafka
@@ -54,10 +55,14 @@ class RegionFacts:
     #: per origin, applied up to here with the rows pruned: applied, but not servable
     inbox_floors: dict[str, int] = field(default_factory=dict)
     outbox: list[tuple[int, int]] = field(default_factory=list)
+    #: quarantined events not settled (see store.quarantine): missing, not in flight
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    #: per origin, sequences discarded by an operator here (counted as settled in ``inbox``)
+    discarded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def inbox_held(self, origin: str) -> SeqRanges:
         """Sequences of ``origin`` whose payload this region still has."""
-        applied = SeqRanges(self.inbox.get(origin, []))
+        applied = SeqRanges(self.inbox.get(origin, [])) - SeqRanges(self.discarded.get(origin, []))
         floor = self.inbox_floors.get(origin, 0)
         return applied - SeqRanges.span(1, floor) if floor else applied
 
@@ -100,6 +105,8 @@ class GapReport:
                 for r, f in self.facts.items()
             },
             "kafka_retained": {o: list(r) if r else None for o, r in self.retained.items()},
+            "refused": {r: f.refused for r, f in self.facts.items() if f.refused},
+            "total_refused": sum(len(f.refused) for f in self.facts.values()),
         }
 
 
@@ -115,7 +122,12 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
                     # floors read after the ranges: a floor raised in between only makes
                     # this region claim fewer payloads than it has, never more
                     inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
+                    refused=quarantine_store.refused(conn),
                 )
+                # events an operator discarded here are settled: not missing, but not held either
+                for origin, ranges in quarantine_store.discarded(conn).items():
+                    facts[region].inbox[origin] = list(SeqRanges([*inbox.get(origin, []), *ranges]).ranges)
+                    facts[region].discarded[origin] = ranges
         except ReconcilerError as exc:
             facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
     return facts
@@ -239,6 +251,8 @@ class RecoveryReport:
     epoch: int = 0
     seconds: float = 0.0
     transitions: list[str] = field(default_factory=list)
+    #: events this region refused and nobody settled yet: reported, not replayed again
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def lost_events(self) -> int:
@@ -260,6 +274,7 @@ class RecoveryReport:
             "epoch": self.epoch,
             "transitions": self.transitions,
             "seconds": round(self.seconds, 3),
+            "refused": self.refused,
         }
 
 
@@ -291,6 +306,8 @@ class _Replayer:
                     event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)
                 except EventError:
                     continue  # poison was quarantined when first consumed; nothing to replay
+                if event.origin != origin:
+                    continue  # claims another origin than its topic's: quarantined when consumed
                 if event.sequence in seen:
                     continue  # a relay crash republished it; one copy is enough
                 seen.add(event.sequence or 0)
@@ -360,6 +377,7 @@ def recover(
             raise FencedError("another recover is already running for this region", region=region)
         report = analyze_gaps(config, region)
         result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
+        result.refused = report.facts[region].refused if region in report.facts else []
         status = pg.region_status(lease)
         result.state, result.epoch = status.state.value, status.epoch
         if dry_run:
@@ -393,6 +411,7 @@ def recover(
                 break  # more rounds cannot bring back what nobody holds
         assert decision is not None
         result.gate = decision
+        result.refused = report.facts[region].refused if region in report.facts else []
         result.plan = report.to_dict() if not result.replayed else result.plan
         if decision.passed:
             status = pg.transition(lease, State.ACTIVE, "recover: gate passed", actor)
@@ -675,4 +694,5 @@ def _gate_input(config: Config, region: str, report: GapReport, result: Recovery
         lag_seconds=lag_seconds,
         divergent_keys={t: len(k) for t, k in result.divergent.items()},
         parked_keys=sum(len(k) for k in result.parked.values()),
+        refused_events=len(report.facts[region].refused) if region in report.facts else 0,
     )

@@ -31,8 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import Any
 
-from confluent_kafka import KafkaException
-
 from .config import Config
 from .errors import ReconcilerError, TransportError
 from .lifecycle import State
@@ -182,17 +180,11 @@ class Relay:
         backoff = 0.2
         while not stop.is_set():
             try:
-                try:
-                    if self._conn is None:
-                        self.start()
-                    sent = self.step()
-                except KafkaException as raw:
-                    # a producer error librdkafka raises instead of reporting per message
-                    # (fatal idempotence state, for one): a new producer starts clean, and
-                    # whatever was not acknowledged is republished from published_through
-                    error = kafka.translate(raw, region=self.region, step="produce")
-                    error.retryable = True
-                    raise error from raw
+                if self._conn is None:
+                    self.start()
+                # producer errors arrive translated (kafka.EventProducer), retryable when a
+                # new producer can succeed
+                sent = self.step()
                 backoff = 0.2
                 if not sent:
                     stop.wait(idle_sleep)

@@ -50,6 +50,7 @@ from .prune import prune_region
 from .relay import Relay
 from .store import health, merkle_leaves
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store.translate import translated
 from .transport import kafka
 
@@ -700,6 +701,7 @@ class Sidecar:
             m.manual_queue_depth.labels(table=table).set(depth)
         m.manual_queue_oldest_age_seconds.set(queue.oldest_age_seconds)
         m.quarantine_events.set(health.quarantined(conn))
+        m.set_refused(quarantine_store.refused_counts(conn), self.config.regions)
 
 
 def _stamp(conn: pg.Connection) -> Timestamp:

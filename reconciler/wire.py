@@ -16,6 +16,8 @@ from .hlc import Timestamp
 from .model import Event, Operation
 
 WIRE_VERSION = 1
+#: sequences and HLC stamps are stored as PostgreSQL bigint: anything larger cannot be applied
+MAX_INTEGER = 2**63 - 1
 
 
 def encode(event: Event) -> bytes:
@@ -55,6 +57,9 @@ def decode(raw: bytes | None, *, topic: str = "", offset: int | None = None) -> 
     prior = doc.get("prior")
     if prior is not None and (not isinstance(prior, int) or isinstance(prior, bool) or prior < 0):
         raise EventError("prior must be a packed HLC stamp or null", sequence=sequence, **where)
+    if prior is not None and prior > MAX_INTEGER:
+        raise EventError(f"prior {prior} is out of range (at most 2^63-1)", sequence=sequence, event_id=event_id,
+                         **where)
     return Event(
         origin=origin,
         event_id=event_id,
@@ -80,4 +85,37 @@ def _integer(doc: Mapping[str, Any], name: str, where: Mapping[str, Any]) -> int
     value = doc.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise EventError(f"field {name!r} must be a non-negative integer", **where)
+    if value > MAX_INTEGER:
+        # checked here, not left to the database: a value it cannot store would fail the
+        # whole batch's transaction rather than this one message
+        raise EventError(f"field {name!r} is out of range: {value} (at most 2^63-1)", event_id=_peek_id(doc), **where)
     return value
+
+
+def _peek_id(doc: Mapping[str, Any]) -> str | None:
+    value = doc.get("id")
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def peek(raw: bytes | None) -> dict[str, Any]:
+    """What can be read of a message that did not decode, for its quarantine entry:
+    the event id and sequence when they are well formed, else None."""
+    try:
+        doc = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if not isinstance(doc, Mapping):
+        return {"event_id": None, "sequence": None, "origin": None}
+    sequence = doc.get("sequence")
+    origin = doc.get("origin")
+    return {
+        "event_id": _peek_id(doc),
+        "sequence": sequence if isinstance(sequence, int) and not isinstance(sequence, bool)
+        and 1 <= sequence <= MAX_INTEGER else None,
+        "origin": origin if isinstance(origin, str) and origin else None,
+    }

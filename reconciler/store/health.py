@@ -149,9 +149,9 @@ def manual_queue(conn: Connection, tables: Sequence[str] = ()) -> ManualQueue:
 
 
 def quarantined(conn: Connection) -> int:
-    """Events set aside and not yet retried."""
+    """Events set aside and not yet settled (applied or discarded)."""
     with translated(step="measure quarantine"):
-        row = conn.execute("SELECT count(*) FROM reconciler.quarantine WHERE retried_at IS NULL").fetchone()
+        row = conn.execute("SELECT count(*) FROM reconciler.quarantine WHERE settled_at IS NULL").fetchone()
         conn.commit()
     return int(row[0]) if row else 0
 

@@ -24,6 +24,7 @@ from ..errors import FencedError, LifecycleError, StoreError
 from ..hlc import Timestamp
 from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
+from . import quarantine as quarantine_store
 from .merkle_leaves import install_leaves
 from .translate import translated
 
@@ -378,13 +379,7 @@ def record_resolutions(conn: Connection, events: Sequence[Event]) -> None:
 
 def quarantine(conn: Connection, items: Sequence[Mapping[str, Any]]) -> None:
     """Keep what could not be applied, raw, with its reason: nothing is dropped."""
-    for item in items:
-        conn.execute(
-            "INSERT INTO reconciler.quarantine (origin, sequence, topic, kafka_partition, kafka_offset, reason,"
-            " detail, raw) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (item.get("origin"), item.get("sequence"), item.get("topic"), item.get("partition"),
-             item.get("offset"), item["reason"], item["detail"], item.get("raw")),
-        )
+    quarantine_store.insert(conn, items)
 
 
 # ---------------------------------------------------------------- outbox and relay lease

@@ -80,11 +80,68 @@ def _with_required(settings: Mapping[str, str], required: Mapping[str, str], rol
     return merged
 
 
-def producer(settings: Mapping[str, str], **overrides: str) -> Producer:
+#: producer errors a new producer cannot fix either: the configuration or the broker's
+#: permissions must change first
+_PRODUCER_PERMANENT = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError._AUTHENTICATION,
+    KafkaError._INVALID_ARG,
+}
+
+
+def translate_producer(error: KafkaException | Exception, **context: Any) -> ReconcilerError:
+    """A producer call's error. librdkafka raises, instead of reporting per message,
+    when its own state is broken (a fatal idempotence error, for one): a new producer
+    starts clean, and whatever was not acknowledged is republished, so such errors are
+    worth a retry; only configuration and permission errors are not."""
+    translated_error = translate(error, **context)
+    kerr = error.args[0] if isinstance(error, KafkaException) and error.args else None
+    if isinstance(kerr, KafkaError) and kerr.code() not in _PRODUCER_PERMANENT:
+        translated_error.retryable = True
+    return translated_error
+
+
+class EventProducer:
+    """A confluent_kafka producer whose calls raise only reconciler errors
+    (:class:`TransportError` / :class:`TransportUnavailable`), so that no caller has to
+    know the driver's exceptions. ``BufferError`` (queue full) passes through: it is
+    flow control, answered by polling."""
+
+    def __init__(self, inner: Any, **context: Any) -> None:
+        self._inner = inner
+        self._context = context
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+        try:
+            self._inner.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        except KafkaException as exc:
+            raise translate_producer(exc, topic=topic, step="produce", **self._context) from exc
+
+    def poll(self, timeout: float = 0) -> int:
+        try:
+            return int(self._inner.poll(timeout))
+        except KafkaException as exc:
+            raise translate_producer(exc, step="poll producer", **self._context) from exc
+
+    def flush(self, timeout: float = 30) -> int:
+        try:
+            return int(self._inner.flush(timeout))
+        except KafkaException as exc:
+            raise translate_producer(exc, step="flush producer", **self._context) from exc
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+def producer(settings: Mapping[str, str], **overrides: str) -> EventProducer:
     conf: dict[str, Any] = {"linger.ms": "5", "message.timeout.ms": "30000", **settings, **overrides}
     conf = _with_required(conf, _PRODUCER_REQUIRED, "producer")
     try:
-        return Producer(conf)
+        return EventProducer(Producer(conf))
     except KafkaException as exc:
         raise translate(exc, role="producer") from exc
 
@@ -165,7 +222,8 @@ def _sequence_of(value: bytes | None) -> int | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     seq = doc.get("sequence") if isinstance(doc, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    # a sequence no database can store is poison too, not evidence of a retained event
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 < seq < 2**63 else None
 
 
 def _assigned_consumer(settings: Mapping[str, str]) -> Consumer:

@@ -66,6 +66,7 @@ def busy_metrics() -> Metrics:
     m.events_applied.labels(origin="eu-west").inc(7)
     m.events_duplicate.labels(origin="eu-west").inc()
     m.record_quarantined("eu-west", "malformed")
+    m.set_refused({("eu-west", "apply_failed"): 2, ("forged", "origin_mismatch"): 1}, ["us-east", "eu-west"])
     m.apply_batch_seconds.observe(0.004)
     m.replication_lag_events.labels(origin="eu-west", destination="us-east").set(12)
     m.replication_lag_seconds.labels(origin="eu-west", destination="us-east").set(0.8)
@@ -254,3 +255,15 @@ def test_addresses_are_parsed_strictly() -> None:
     for bad in (":9400", "9400", "host:", "host:port", "host:70000"):
         with pytest.raises(ConfigError):
             parse_address(bad)
+
+
+def test_refused_events_gauge_is_bounded_and_returns_to_zero() -> None:
+    m = Metrics.create("us-east", peers=["eu-west"], process_metrics=False)
+    m.set_refused({("eu-west", "apply_failed"): 2, ("made-up", "origin_mismatch"): 1, ("eu-west", "weird"): 1},
+                  ["us-east", "eu-west"])
+    value = m.quarantined_events.labels
+    assert value(origin="eu-west", reason="apply_failed")._value.get() == 2
+    assert value(origin="unknown", reason="origin_mismatch")._value.get() == 1  # no forged origin as a label
+    assert value(origin="eu-west", reason="other")._value.get() == 1
+    m.set_refused({}, ["us-east", "eu-west"])  # settled
+    assert value(origin="eu-west", reason="apply_failed")._value.get() == 0

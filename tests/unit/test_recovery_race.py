@@ -24,6 +24,7 @@ from reconciler import recovery
 from reconciler.config import Config, load_config
 from reconciler.gaps import SeqRanges, Source, plan_gaps
 from reconciler.store import postgres as pg
+from reconciler.store import quarantine as quarantine_store
 from reconciler.store import retention
 
 REGIONS = ("ap-south", "eu-west", "us-east")
@@ -144,6 +145,8 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(pg, "inbox_ranges", sim.inbox_ranges)
     monkeypatch.setattr(pg, "outbox_ranges", sim.outbox_ranges)
     monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
+    monkeypatch.setattr(quarantine_store, "refused", lambda _conn: [])
+    monkeypatch.setattr(quarantine_store, "discarded", lambda _conn: {})
     monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
     monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
     return sim, load_config(path)

@@ -27,11 +27,26 @@ def event(**over: object) -> Event:
     return Event(**fields)  # type: ignore[arg-type]
 
 
-@given(st.integers(min_value=1, max_value=2**40), st.integers(min_value=0, max_value=2**47),
+# walls up to 2^47 - 1: a packed stamp is stored as a PostgreSQL bigint
+@given(st.integers(min_value=1, max_value=2**40), st.integers(min_value=0, max_value=2**47 - 1),
        st.sampled_from(list(Operation)))
 def test_round_trip(sequence: int, wall: int, op: Operation) -> None:
     original = event(sequence=sequence, hlc=Timestamp(wall, 0), operation=op)
     assert wire.decode(wire.encode(original)) == original
+
+
+@pytest.mark.parametrize("field", ["sequence", "hlc", "prior"])
+def test_integers_no_bigint_holds_are_refused_at_decoding(field: str) -> None:
+    """A sequence or stamp of 2^63 or more decodes today but no database can store it:
+    refused here, naming the field and keeping the event id, instead of failing the
+    whole batch's transaction."""
+    doc = {**event().to_wire(), field: 2**63}
+    with pytest.raises(EventError, match=f"'{field}' is out of range|{field} .* is out of range") as caught:
+        wire.decode(json.dumps(doc).encode(), topic="t", offset=1)
+    assert caught.value.context["event_id"] == doc["id"]
+    assert wire.peek(json.dumps(doc).encode())["event_id"] == doc["id"]
+    doc[field] = 2**63 - 1
+    wire.decode(json.dumps(doc).encode())  # the largest bigint is fine
 
 
 @pytest.mark.parametrize(
@@ -68,6 +83,13 @@ def test_gate_passes_only_when_everything_agrees() -> None:
         decision = gate(bad, 0, 5.0)
         assert not decision.passed and any(words in r for r in decision.reasons), decision
     assert gate(GateInput(0, 0, 0, 0.0, {}, parked_keys=7), 0, 5.0).passed  # parked keys never block
+
+
+def test_refused_events_are_missing_for_the_gate_even_with_no_gap_or_lag() -> None:
+    """A quarantined or held event is missing, never in flight: within the lag limit
+    and with no hole, the gate still refuses until it is settled."""
+    decision = gate(GateInput(0, 0, 1, 0.0, refused_events=1), 10, 5.0)
+    assert not decision.passed and any("1 events refused" in r for r in decision.reasons), decision
 
 
 def test_transitions() -> None:
