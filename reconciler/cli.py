@@ -634,6 +634,10 @@ def _print_recovery(doc: dict[str, Any]) -> None:
         click.echo(f"parked for an operator in {table}: {len(keys)} keys (excluded from the gate)")
     for table, keys in doc["divergent"].items():
         click.echo(f"STILL DIFFERENT in {table}: {', '.join(keys[:10])}")
+    roots = doc.get("roots") or []
+    if roots:
+        equal = sum(1 for r in roots if r["equal"])
+        click.echo(f"Merkle roots equal at the watermark for {equal} of {len(roots)} table/peer pairs")
     gate_doc = doc["gate"] or {}
     verdict = "passed" if gate_doc.get("passed") else "FAILED: " + "; ".join(gate_doc.get("reasons", []))
     click.echo(f"gate {verdict}")

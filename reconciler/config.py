@@ -95,6 +95,28 @@ class RetentionConfig:
     batch: int = 10000
 
 
+@dataclass(frozen=True)
+class AntiEntropyConfig:
+    """The sidecar's continuous comparison of this region with its peers.
+
+    Every ``interval_seconds`` an ACTIVE region compares each replicated table's
+    maintained Merkle leaves with each reachable peer's at the watermark (now minus
+    ``lifecycle.max_lag_seconds``). Every ``full_scan_interval_seconds`` it hashes the
+    rows themselves instead, and checks its own leaves against its rows (a write made
+    with triggers disabled leaves them stale); a full scan is then put off so that it
+    takes at most ``full_scan_max_share`` of the time. ``repair`` rewrites what the
+    replication metadata explains (audited in the log and a counter).
+    """
+
+    enabled: bool = True
+    interval_seconds: float = 60.0
+    full_scan_interval_seconds: float = 3600.0
+    full_scan_max_share: float = 0.05
+    repair: bool = False
+    #: divergent keys named in one log line per table and peer
+    log_keys: int = 20
+
+
 #: a relay step has fixed costs (two commits, a flush round trip): 5000 rows per step
 #: relayed 1.4x the events per second of 1000 (benchmarks/bench_pipeline.py); under
 #: a light load steps are small anyway, whatever the limit
@@ -116,6 +138,9 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    #: overlaid on ``kafka`` for `migrate` only: the principal allowed to create topics
+    kafka_admin: Mapping[str, str] = field(default_factory=dict)
+    anti_entropy: AntiEntropyConfig = field(default_factory=AntiEntropyConfig)
 
     def region(self, name: str) -> RegionConfig:
         try:
@@ -143,6 +168,14 @@ class Config:
         merged = dict(self.kafka)
         merged.update(self.region(region).kafka)
         return merged
+
+    def admin_kafka_settings(self) -> dict[str, str]:
+        """What `migrate` creates topics with: ``kafka`` overlaid by ``kafka_admin``,
+        or, without that section, the first region's settings (its principal must
+        then be allowed to create topics, or the topics must exist already)."""
+        if not self.kafka_admin:
+            return self.kafka_settings(next(iter(self.regions)))
+        return {**self.kafka, **self.kafka_admin}
 
     def peers(self, region: str) -> list[str]:
         return [r for r in self.regions if r != region]
@@ -282,7 +315,7 @@ class _Parser:
             top,
             "",
             ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
-             "heartbeat", "retention"),
+             "heartbeat", "retention", "kafka_admin", "anti_entropy"),
         )
         regions_raw = self.mapping(top.get("regions"), "regions")
         if len(regions_raw) < 2:
@@ -313,6 +346,8 @@ class _Parser:
             lifecycle=self.lifecycle(top.get("lifecycle")),
             heartbeat=self.heartbeat(top.get("heartbeat")),
             retention=self.retention(top.get("retention")),
+            kafka_admin=self.kafka_properties(top.get("kafka_admin"), "kafka_admin"),
+            anti_entropy=self.anti_entropy(top.get("anti_entropy")),
         )
 
     def region(self, name: Any, spec: Any) -> RegionConfig:
@@ -404,3 +439,32 @@ class _Parser:
         if interval <= 0 or batch <= 0:
             raise self.fail("retention", "interval_seconds and batch must be above 0")
         return RetentionConfig(keep_hours=keep, interval_seconds=interval, batch=batch)
+
+    def anti_entropy(self, raw: Any) -> AntiEntropyConfig:
+        body = self.mapping(raw, "anti_entropy")
+        fields = ("enabled", "interval_seconds", "full_scan_interval_seconds", "full_scan_max_share", "repair",
+                  "log_keys")
+        self.only_keys(body, "anti_entropy", fields)
+        defaults = AntiEntropyConfig()
+        flags = {}
+        for name in ("enabled", "repair"):
+            value = body.get(name, getattr(defaults, name))
+            if not isinstance(value, bool):
+                raise self.fail(f"anti_entropy.{name}", f"expected true or false, got {value!r}")
+            flags[name] = value
+        interval = float(self.positive_number(body.get("interval_seconds", defaults.interval_seconds),
+                                              "anti_entropy.interval_seconds"))
+        full = float(self.positive_number(body.get("full_scan_interval_seconds", defaults.full_scan_interval_seconds),
+                                          "anti_entropy.full_scan_interval_seconds"))
+        share = float(self.positive_number(body.get("full_scan_max_share", defaults.full_scan_max_share),
+                                           "anti_entropy.full_scan_max_share"))
+        log_keys = self.positive_number(body.get("log_keys", defaults.log_keys), "anti_entropy.log_keys", True)
+        if interval <= 0:
+            raise self.fail("anti_entropy.interval_seconds", "must be above 0")
+        if full < interval:
+            raise self.fail("anti_entropy.full_scan_interval_seconds",
+                            f"must be at least interval_seconds ({interval:g}): a full scan replaces one pass")
+        if not 0 < share <= 1:
+            raise self.fail("anti_entropy.full_scan_max_share", f"must be above 0 and at most 1, got {share:g}")
+        return AntiEntropyConfig(enabled=flags["enabled"], interval_seconds=interval, full_scan_interval_seconds=full,
+                                 full_scan_max_share=share, repair=flags["repair"], log_keys=log_keys)

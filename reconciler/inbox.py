@@ -51,7 +51,7 @@ class InboxConsumer:
 
     def start(self) -> None:
         settings = self.config.kafka_settings(self.region)
-        kafka.ensure_topics(settings, self.topics, self.config.topic_partitions)
+        kafka.ensure_topics(settings, self.topics, self.config.topic_partitions, region=self.region)
         # autocommit: every Applier.transaction() is then a real transaction, never a
         # savepoint inside one that an earlier read left open
         self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region, autocommit=True)

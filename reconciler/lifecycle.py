@@ -72,6 +72,42 @@ class RegionStatus:
 
 
 @dataclass(frozen=True)
+class RootComparison:
+    """One replicated table compared with one peer, as of an agreed HLC watermark.
+
+    ``equal`` means the two Merkle roots agree once both sides leave out the keys
+    touched by events above ``watermark`` that one side has not applied yet (in flight)
+    and the keys parked in the manual queue. Every other differing key is divergent,
+    whatever its events say: an event at or below the watermark that one side lacks is
+    missing, not in flight.
+    """
+
+    table: str
+    peer: str
+    equal: bool
+    watermark: str = ""
+    #: how the leaves were read: maintained-leaves or full-scan
+    mode: str = ""
+    #: divergent keys (canonical encoding), bounded; ``divergent_key_count`` counts them all
+    divergent_keys: tuple[str, ...] = ()
+    divergent_key_count: int = 0
+    #: Merkle leaf buckets holding divergent keys
+    divergent_buckets: int = 0
+    in_flight_keys: int = 0
+    parked_keys: int = 0
+    #: why the roots cannot be equal beyond differing keys (columns differ, walk truncated)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table, "peer": self.peer, "equal": self.equal, "watermark": self.watermark,
+            "mode": self.mode, "divergent_keys": list(self.divergent_keys),
+            "divergent_key_count": self.divergent_key_count, "divergent_buckets": self.divergent_buckets,
+            "in_flight_keys": self.in_flight_keys, "parked_keys": self.parked_keys, "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
 class GateInput:
     """What the gate measures about one region."""
 
@@ -85,6 +121,8 @@ class GateInput:
     #: events this region set aside (quarantined, policy-refused, held future stamps) and
     #: has not settled: missing, never "in flight"
     refused_events: int = 0
+    #: every replicated table against every reachable peer at the watermark
+    roots: tuple[RootComparison, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +136,10 @@ class GateDecision:
 
 def gate(measured: GateInput, max_lag_events: int, max_lag_seconds: float) -> GateDecision:
     """ACTIVE only when nothing is missing, lag is within bounds and every replicated
-    table's Merkle roots agree (keys parked for an operator excepted)."""
+    table's Merkle root equals every reachable peer's at the watermark (keys parked for
+    an operator, and keys whose only differing events are above the watermark, excepted).
+    A table with no root comparison at all is not checked: the caller compares every
+    replicated table with every reachable peer."""
     reasons = []
     if measured.lost_events:
         reasons.append(f"{measured.lost_events} events are lost (no source holds them)")
@@ -114,6 +155,13 @@ def gate(measured: GateInput, max_lag_events: int, max_lag_seconds: float) -> Ga
     for table, count in sorted(measured.divergent_keys.items()):
         if count:
             reasons.append(f"{table}: {count} keys differ from peers")
+    for root in sorted(measured.roots, key=lambda r: (r.table, r.peer)):
+        if not root.equal:
+            detail = f"{root.divergent_key_count} keys in {root.divergent_buckets} buckets"
+            if root.note:
+                detail += f"; {root.note}"
+            reasons.append(f"{root.table}: Merkle root differs from {root.peer} at watermark {root.watermark}"
+                           f" ({detail})")
     return GateDecision(passed=not reasons, reasons=tuple(reasons))
 
 

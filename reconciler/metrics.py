@@ -152,6 +152,14 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Age of the oldest unresolved parked conflict; 0 when the queue is empty."),
     MetricSpec("reconciler_merkle_divergent_buckets", "gauge", ("table", "peer"),
                "Merkle buckets whose hash differs from the peer's at the last comparison."),
+    MetricSpec("reconciler_merkle_divergent_keys", "gauge", ("table", "peer"),
+               "Keys that differ from the peer's at the last anti-entropy comparison, outside the keys"
+               " in flight above the watermark and the manual queue."),
+    MetricSpec("reconciler_merkle_stale_leaf_buckets", "gauge", ("table",),
+               "Maintained Merkle leaves of this region that disagree with its rows (writes that bypassed"
+               " the triggers), at the last full scan."),
+    MetricSpec("reconciler_anti_entropy_repaired_keys_total", "counter", ("table",),
+               "Keys anti-entropy rewrote from replication metadata (anti_entropy.repair)."),
     MetricSpec("reconciler_events_pruned_total", "counter", ("store",),
                "Events older than retention.keep_hours deleted from this region's inbox or outbox."),
     MetricSpec("reconciler_loop_errors_total", "counter", ("component",),
@@ -231,6 +239,9 @@ class Metrics:
     manual_queue_depth: Gauge
     manual_queue_oldest_age_seconds: Gauge
     merkle_divergent_buckets: Gauge
+    merkle_divergent_keys: Gauge
+    merkle_stale_leaf_buckets: Gauge
+    anti_entropy_repaired_keys: Counter
     events_pruned: Counter
     loop_errors: Counter
     loop_last_success_timestamp_seconds: Gauge
@@ -305,6 +316,7 @@ class Metrics:
             for kind in CONFLICT_KINDS:
                 for outcome in CONFLICT_OUTCOMES:
                     self.conflicts.labels(table=table, kind=kind, outcome=outcome)
+            self.anti_entropy_repaired_keys.labels(table=table)
 
     # -- helpers that keep label values inside their fixed sets ---------------------
 

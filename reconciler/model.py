@@ -9,11 +9,15 @@ a policy decides when an event meets a row.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hashlib
 import json
+import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from .hlc import Timestamp
@@ -101,13 +105,78 @@ class Event:
 
 
 def encode_key(key_values: Mapping[str, Any], key_columns: tuple[str, ...]) -> str:
-    """Canonical text of a row key (the outbox ``aggregateid``).
+    """Canonical text of a row key (the outbox ``aggregateid``, the inbox, ``row_meta``
+    and conflicts ``row_key``, and every key verify and repair name).
 
-    One column: its value as text (what Debezium users expect); several: a JSON array.
+    One column: its canonical value as text (what Debezium users expect); several: a
+    JSON array of canonical values. A value is canonical as PostgreSQL's ``to_jsonb``
+    renders it with ``TimeZone = UTC``, numbers normalized: ``7``, ``7.5`` for
+    ``Decimal("7.50")``/``7.5``/``7.50::numeric``, ``"2024-05-01T10:00:00+00:00"`` for a
+    ``timestamptz``, whatever zone the datetime was in. So a key written by a service
+    with typed values and the same key read back from the table's rows (see
+    :func:`reconciler.verify.canonical_keys`) are one string.
     """
+    values = [canonical_value(key_values[c]) for c in key_columns]
     if len(key_columns) == 1:
-        return str(key_values[key_columns[0]])
-    return json.dumps([key_values[c] for c in key_columns], separators=(",", ":"), default=str)
+        return _scalar_text(values[0])
+    return "[" + ",".join(_json_text(v) for v in values) + "]"
+
+
+def decode_key(key: str, key_columns: tuple[str, ...]) -> dict[str, Any]:
+    """The key column values of a canonical key (JSON values; numbers as Decimal or int),
+    fit for ``jsonb_populate_record`` of the table's row type."""
+    if len(key_columns) == 1:
+        return {key_columns[0]: key}
+    parsed = json.loads(key, parse_float=Decimal)
+    if not isinstance(parsed, list) or len(parsed) != len(key_columns):
+        raise ValueError(f"key {key!r} does not name the {len(key_columns)} columns {list(key_columns)}")
+    return dict(zip(key_columns, parsed, strict=True))
+
+
+def canonical_value(value: Any) -> Any:
+    """One key column's value in canonical form: bool, int, Decimal (normalized, never
+    integral), str, or None."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return repr(value)
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return str(value)
+        if value == value.to_integral_value():
+            return int(value)
+        return value.normalize()
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.UTC)
+        text = value.isoformat()
+        if value.microsecond:
+            # PostgreSQL prints fractional seconds without trailing zeros
+            head, _, rest = text.partition(".")
+            digits = rest[:6].rstrip("0")
+            text = f"{head}.{digits}{rest[6:]}"
+        return text
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return str(value)
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+def _json_text(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ def migrate(
                 result = install_leaves(conn, config.tables[table], rebuild=True)
                 conn.commit()
                 report.leaves_rebuilt.setdefault(region, []).append(asdict(result))
-    settings = config.kafka_settings(next(iter(config.regions)))
+    settings = config.admin_kafka_settings()
     topics = [config.events_topic(r) for r in config.regions] + [config.control_topic]
     report.topics_created = kafka.ensure_topics(settings, topics, config.topic_partitions)
     return report

@@ -26,19 +26,19 @@ from typing import Any
 from . import wire
 from .apply import Applier
 from .config import Config
-from .diff import diff_regions
 from .errors import EventError, FencedError, ReconcilerError, StoreError
 from .gaps import GapPlan, SeqRanges, Source, plan_gaps
 from .hlc import Timestamp
-from .lifecycle import GateDecision, GateInput, State, gate
+from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
-from .model import Event, RowState
+from .model import Event
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
 from .store import retention
 from .store.translate import translated
 from .transport import kafka
+from .verify import verify_and_repair
 
 _RECOVER_LOCK = 7165108713
 
@@ -246,6 +246,8 @@ class RecoveryReport:
     repaired: dict[str, list[str]] = field(default_factory=dict)
     divergent: dict[str, list[str]] = field(default_factory=dict)
     parked: dict[str, list[str]] = field(default_factory=dict)
+    #: the last Merkle root comparisons, per table and reachable peer, at the watermark
+    roots: list[RootComparison] = field(default_factory=list)
     gate: GateDecision | None = None
     state: str = ""
     epoch: int = 0
@@ -269,6 +271,7 @@ class RecoveryReport:
             "repaired": self.repaired,
             "divergent": self.divergent,
             "parked": self.parked,
+            "roots": [r.to_dict() for r in self.roots],
             "gate": self.gate.to_dict() if self.gate else None,
             "state": self.state,
             "epoch": self.epoch,
@@ -519,160 +522,13 @@ def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> No
 
 # ---------------------------------------------------------------- verify and repair
 
-def _row_key(table_key: tuple[str, ...], key: tuple[Any, ...]) -> str:
-    if len(table_key) == 1:
-        return str(key[0])
-    return json.dumps(list(key), separators=(",", ":"), default=str)
-
-
 def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> None:
-    peers = []
-    for peer in config.peers(region):
-        try:
-            pg.connect(config.region(peer).dsn, region=peer, timeout=3).close()
-            peers.append(peer)
-        except ReconcilerError:
-            continue
-    parked: dict[str, set[str]] = {}
-    for r in [region, *peers]:
-        with pg.connect(config.region(r).dsn, region=r) as conn:
-            for parked_table, keys in pg.open_conflict_keys(conn).items():
-                parked.setdefault(parked_table, set()).update(keys)
-    for name, table in config.tables.items():
-        differing: set[str] = set()
-        for peer in peers:
-            diff = diff_regions(config, name, region, peer)
-            keys = {_row_key(table.key, d.key) for d in diff.differences}
-            keys -= parked.get(name, set())
-            # under live traffic most differing keys are only in flight: leave those to
-            # replication (the gate's lag check), repair only what events cannot explain
-            keys = _divergent(config, name, keys, region, peer)
-            if keys:
-                repaired = _repair(config, name, sorted(keys), [region, peer])
-                done = result.repaired.setdefault(name, [])
-                done.extend(k for k in repaired if k not in done)
-                again = diff_regions(config, name, region, peer)
-                left = {_row_key(table.key, d.key) for d in again.differences} - parked.get(name, set())
-                differing |= _divergent(config, name, left, region, peer)
-        if differing:
-            result.divergent[name] = sorted(differing)
-        if parked.get(name):
-            result.parked[name] = sorted(parked[name])
-
-
-def _repair(config: Config, table: str, keys: list[str], regions: list[str]) -> list[str]:
-    """Make the business rows of ``keys`` say what replication metadata says.
-
-    - a row that disagrees with its own region's metadata (written around the
-      pipeline) is rewritten from that metadata;
-    - where regions' metadata disagree, last-writer-wins and manual tables take the
-      winning version everywhere (idempotent: the event that produced it, arriving
-      later, changes nothing); merge tables are left to their events and reported;
-    - a row no region has metadata for exists only by direct writes: the first
-      region (the one recovering) is made to match its peer.
-    """
-    policy = config.tables[table].policy
-    states: dict[str, dict[str, RowState]] = {}
-    for r in regions:
-        with pg.connect(config.region(r).dsn, region=r) as conn:
-            states[r] = pg.load_states(conn, table, keys)
-    repaired = []
-    for key in keys:
-        present = {r: s[key] for r, s in states.items() if key in s}
-        for r in regions if present else []:
-            if policy == "merge" and r not in present:
-                continue
-            with pg.connect(config.region(r).dsn, region=r) as conn, translated(region=r, step="repair"), \
-                    conn.transaction():
-                pg.lock_keys(conn, [(table, key)])
-                # read again under the key lock: the inbox may have applied an event since
-                # `states` was read, and writing that older state back would undo it
-                fresh = pg.load_states(conn, table, [key]).get(key)
-                if policy != "merge":
-                    state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
-                elif fresh is not None:
-                    state = fresh
-                else:
-                    continue
-                writer = pg.TableWriter.build(conn, config.tables[table])
-                pg.write_states(conn, writer, {key: state})
-        if not present:
-            _copy_unmanaged_row(config, table, key, source=regions[1], target=regions[0])
-        repaired.append(key)
-    return repaired
-
-
-def _divergent(config: Config, table: str, keys: set[str], a: str, b: str) -> set[str]:
-    """The keys among ``keys`` whose rows differ although both regions applied exactly
-    the same events to them: real divergence, which no event still on its way will fix.
-
-    A key whose applied events differ between the two regions is in flight (or in a
-    gap, which gap analysis reports); comparing its rows now says nothing. Each side
-    reads its rows and its events in one snapshot, so the comparison is exact even
-    while both regions keep applying events.
-    """
-    if not keys:
-        return set()
-    (events_a, rows_a, horizon_a), (events_b, rows_b, horizon_b) = (
-        _key_view(config, table, sorted(keys), r) for r in (a, b))
-    # events below either region's retention horizon may be pruned on one side only:
-    # compare what both still keep
-    horizon = max(horizon_a, horizon_b)
-
-    def kept(events: dict[str, tuple[tuple[int, str], ...]], key: str) -> tuple[str, ...]:
-        return tuple(sorted(e for hlc, e in events.get(key, ()) if hlc >= horizon))
-
-    return {k for k in keys if kept(events_a, k) == kept(events_b, k) and rows_a.get(k) != rows_b.get(k)}
-
-
-def _key_view(
-    config: Config, table: str, keys: list[str], region: str,
-) -> tuple[dict[str, tuple[tuple[int, str], ...]], dict[str, Any], int]:
-    """({key: (hlc, id) of the events applied to it}, {key: its business row}, the
-    region's retention horizon), in one snapshot."""
-    from psycopg import IsolationLevel, sql
-
-    spec = config.tables[table]
-    ident = sql.Identifier(spec.schema, table)
-    match = sql.SQL(" AND ").join(sql.SQL("{c}::text = %s").format(c=sql.Identifier(c)) for c in spec.key)
-    with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="verify keys"):
-        conn.isolation_level = IsolationLevel.REPEATABLE_READ
-        with conn.transaction():
-            events: dict[str, tuple[tuple[int, str], ...]] = {}
-            for k, hlc, e in conn.execute(
-                "SELECT row_key, hlc, event_id::text FROM reconciler.inbox"
-                " WHERE table_name = %s AND row_key = ANY(%s)"
-                " UNION ALL SELECT aggregateid, hlc, id::text FROM reconciler.outbox"
-                " WHERE aggregatetype = %s AND aggregateid = ANY(%s)",
-                (table, keys, table, keys)).fetchall():
-                events[k] = (*events.get(k, ()), (int(hlc), e))
-            row = conn.execute("SELECT horizon_hlc FROM reconciler.retention_state").fetchone()
-            horizon = int(row[0]) if row else 0
-            rows: dict[str, Any] = {}
-            for key in keys:
-                values = [key] if len(spec.key) == 1 else [str(v) for v in json.loads(key)]
-                row = conn.execute(sql.SQL("SELECT to_jsonb(t) FROM {t} t WHERE ").format(t=ident) + match,
-                                   values).fetchone()
-                rows[key] = row[0] if row else None
-    return events, rows, horizon
-
-
-def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> None:
-    spec = config.tables[table]
-    from psycopg import sql
-
-    ident = sql.Identifier(spec.schema, table)
-    match = sql.SQL(" AND ").join(sql.SQL("{c}::text = %s").format(c=sql.Identifier(c)) for c in spec.key)
-    key_values = [key] if len(spec.key) == 1 else [str(v) for v in json.loads(key)]
-    with pg.connect(config.region(source).dsn, region=source) as src, translated(region=source, step="repair read"):
-        row = src.execute(sql.SQL("SELECT to_jsonb(t) FROM {t} t WHERE ").format(t=ident) + match,
-                          key_values).fetchone()
-    with pg.connect(config.region(target).dsn, region=target) as dst, translated(region=target, step="repair"), \
-            dst.transaction():
-        dst.execute(sql.SQL("DELETE FROM {t} WHERE ").format(t=ident) + match, key_values)
-        if row is not None:
-            writer = pg.TableWriter.build(dst, spec)
-            dst.execute(writer.upsert, (pg.json_text([row[0]]),))
+    """Compare and repair through :mod:`reconciler.verify`; the roots feed the gate."""
+    found = verify_and_repair(config, region)
+    for table, keys in found.repaired.items():
+        done = result.repaired.setdefault(table, [])
+        done.extend(k for k in keys if k not in done)
+    result.divergent, result.parked, result.roots = found.divergent, found.parked, found.roots
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:
@@ -695,4 +551,5 @@ def _gate_input(config: Config, region: str, report: GapReport, result: Recovery
         divergent_keys={t: len(k) for t, k in result.divergent.items()},
         parked_keys=sum(len(k) for k in result.parked.values()),
         refused_events=len(report.facts[region].refused) if region in report.facts else 0,
+        roots=tuple(result.roots),
     )

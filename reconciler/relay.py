@@ -63,7 +63,8 @@ class Relay:
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
-        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic], self.config.topic_partitions)
+        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic], self.config.topic_partitions,
+                            region=self.region)
         self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
         self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
         self.log.bind(epoch=self.epoch)
@@ -116,6 +117,10 @@ class Relay:
         if failures or remaining:
             self._drop_read_ahead()
             first = failures[0] if failures else None
+            if first is not None and kafka.is_access_error(first):
+                # ACLs or credentials: retrying would spin forever without an operator
+                raise kafka.translate(first, settings=self.config.kafka_settings(self.region),
+                                      region=self.region, topic=self.topic)
             raise TransportError(
                 f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
                 + (f" (first: {first})" if first else ""),

@@ -13,7 +13,10 @@ Loops (``reconciler_loop_*{component=...}`` names them):
 - ``heartbeat``  tells peers this region is alive and judges theirs (:mod:`reconciler.peers`);
 - ``stats``      measures backlog, lag, gaps, queues from the databases every few seconds;
 - ``retention``  prunes relayed and applied events older than ``retention.keep_hours``
-  (:mod:`reconciler.prune`).
+  (:mod:`reconciler.prune`);
+- ``merkle``     continuous anti-entropy while ACTIVE: compares every replicated table
+  with every reachable peer at a watermark, now and then by full scan
+  (:mod:`reconciler.anti_entropy`).
 
 Stopping. SIGTERM/SIGINT drain: ``/readyz`` turns 503 at once, the inbox finishes and
 commits its batch, the relay keeps publishing until every outbox row committed so far
@@ -38,6 +41,7 @@ from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
+from .anti_entropy import AntiEntropy
 from .config import Config
 from .errors import ConfigError, ReconcilerError, StoreUnavailable
 from .hlc import Timestamp
@@ -208,6 +212,7 @@ class Sidecar:
                 "stats": self._stats_loop,
                 "replay": self._recovery_loop,
                 "retention": self._retention_loop,
+                "merkle": self._anti_entropy_loop,
             }
             self._threads = {name: self._loop(name, body) for name, body in bodies.items()}
             while not self.stop.wait(0.5):
@@ -635,6 +640,31 @@ class Sidecar:
                 last_ok = False
                 log.warning("pruning failed; retrying next interval", extra={"fields": exc.to_dict()})
 
+    def _anti_entropy_loop(self, stop: threading.Event) -> None:
+        """Compare this region with its peers every anti_entropy.interval_seconds while
+        it is ACTIVE (see :mod:`reconciler.anti_entropy`)."""
+        settings = self.config.anti_entropy
+        if not settings.enabled:
+            stop.wait()  # alive all the same: /healthz wants every loop running
+            return
+        log = component_logger("merkle", self.region)
+        self._loggers.append(log)
+        runner = AntiEntropy(self.config, self.region, self.metrics, log)
+        while not stop.wait(settings.interval_seconds):
+            status = self.status
+            if status is None or status.state is not State.ACTIVE:
+                continue
+            try:
+                runner.run_pass()
+                self.metrics.loop_succeeded("merkle")
+            except ReconcilerError as exc:
+                self.metrics.loop_failed("merkle")
+                log.warning("anti-entropy pass failed; retrying next interval", extra={"fields": exc.to_dict()})
+            except Exception as exc:  # noqa: BLE001 - a comparison must never stop replication
+                self.metrics.loop_failed("merkle")
+                log.error("anti-entropy pass failed unexpectedly; retrying next interval",
+                          extra={"fields": {"error": repr(exc)[:500]}})
+
     def _stats_loop(self, stop: threading.Event) -> None:
         log = component_logger("stats", self.region)
         self._loggers.append(log)
@@ -791,7 +821,7 @@ class _ControlLink:
             return
         settings = self.config.kafka_settings(self.region)
         hb = self.config.heartbeat
-        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions)
+        kafka.ensure_topics(settings, [self.topic], self.config.topic_partitions, region=self.region)
         # a heartbeat that cannot be delivered in time is worthless: let it expire
         # rather than arrive late and make a silent region look alive
         timeout_ms = str(int(max(1000.0, hb.suspect_after_seconds * 1000)))

@@ -33,6 +33,7 @@ from .lifecycle import State
 from .peers import ACTIVE, liveness
 from .store import health
 from .store import postgres as pg
+from .store.translate import translated
 from .transport import kafka
 
 #: an observer that has not rewritten its view for this long has no running sidecar
@@ -108,6 +109,9 @@ class RegionStatusReport:
     seen_by: dict[str, PeerOpinion] = field(default_factory=dict)
     #: what this region thinks of its peers
     views: dict[str, PeerOpinion] = field(default_factory=dict)
+    #: the last anti-entropy pass's findings that are not clean, per "table/peer"
+    #: ("table/" for this region's leaves against its rows)
+    divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -121,6 +125,11 @@ class RegionStatusReport:
                        f"(last heartbeat {_seconds(self.heartbeat_age_seconds)} ago)")
         if self.gaps:
             out.append(f"{self.region}: {self.gaps} events missing that will not arrive by themselves")
+        for where, found in sorted(self.divergence.items()):
+            table, _, peer = where.partition("/")
+            what = (f"{table} differs from {peer}: {found['keys']} keys in {found['buckets']} buckets" if peer
+                    else f"{table}: {found['buckets']} Merkle leaves disagree with the rows")
+            out.append(f"{self.region}: anti-entropy: {what} (checked {_seconds(found['age_seconds'])} ago)")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +149,7 @@ class RegionStatusReport:
             "skew_ms": _round(self.skew_ms),
             "seen_by": {o: v.to_dict() for o, v in self.seen_by.items()},
             "peer_views": {p: v.to_dict() for p, v in self.views.items()},
+            "divergence": self.divergence,
             "problems": self.problems,
         }
 
@@ -186,6 +196,21 @@ class _Facts:
     queue: health.ManualQueue | None = None
     quarantine: int = 0
     views: dict[str, health.StoredPeerView] = field(default_factory=dict)
+    divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _divergence(conn: pg.Connection) -> dict[str, dict[str, Any]]:
+    """What the sidecar's last anti-entropy pass found (reconciler.anti_entropy), not clean only."""
+    with translated(step="read anti-entropy results"):
+        if conn.execute("SELECT to_regclass('reconciler.anti_entropy')").fetchone() == (None,):
+            return {}  # schema older than 010
+        rows = conn.execute(
+            "SELECT table_name, peer, divergent_keys, divergent_buckets, sample_keys,"
+            " extract(epoch FROM now() - checked_at)::float8 FROM reconciler.anti_entropy"
+            " WHERE divergent_keys > 0 OR divergent_buckets > 0").fetchall()
+        conn.commit()
+    return {f"{t}/{p}": {"keys": int(k), "buckets": int(b), "sample": list(sample), "age_seconds": max(0.0, age)}
+            for t, p, k, b, sample, age in rows}
 
 
 def _collect(config: Config, region: str, timeout: int) -> _Facts:
@@ -205,6 +230,7 @@ def _collect(config: Config, region: str, timeout: int) -> _Facts:
         facts.relay_high = health.relay_high_water(conn, region)
         facts.queue = health.manual_queue(conn, list(config.tables))
         facts.quarantine = health.quarantined(conn)
+        facts.divergence = _divergence(conn)
         try:
             facts.views = health.peer_views(conn)
         except StoreError as exc:
@@ -290,6 +316,7 @@ def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_
             lag=lags, gaps=sum(lag.gaps for lag in lags.values()) + own_lost,
             manual_queue=f.queue.depth_by_table, quarantine=f.quarantine,
             views={p: opinions[p][region] for p in config.peers(region) if region in opinions[p]},
+            divergence=f.divergence,
             **common,
         )
     return StatusReport(

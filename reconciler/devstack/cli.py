@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 import click
 
 from ..errors import ReconcilerError
+from .kafka_security import AUTH_MODES
 from .stack import DEFAULT_KAFKA_PORT, DEFAULT_PG_BASE_PORT, DEFAULT_REGIONS, DevStack
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,7 +78,8 @@ def _load(root: Path, regions: tuple[str, ...] | None) -> DevStack:
         return DevStack(root, regions or DEFAULT_REGIONS, progress=_progress)
     if regions is None or regions == recorded.regions:
         return recorded
-    return DevStack(root, regions, recorded.pg_base_port, recorded.kafka_port, progress=_progress)
+    return DevStack(root, regions, recorded.pg_base_port, recorded.kafka_port, progress=_progress,
+                    kafka_auth=recorded.kafka_auth)
 
 
 _dir_option = click.option(
@@ -110,6 +112,13 @@ def dev() -> None:
 @click.option("--pg-base-port", type=int, default=None, help=f"First region's port [{DEFAULT_PG_BASE_PORT}].")
 @click.option("--kafka-port", type=int, default=None, help=f"Broker port; +1 is the controller [{DEFAULT_KAFKA_PORT}].")
 @click.option("--fresh", is_flag=True, help="Discard all database and topic data first (jars are kept).")
+@click.option(
+    "--kafka-auth",
+    type=click.Choice(AUTH_MODES),
+    default="none",
+    show_default=True,
+    help="scram: SASL/SCRAM users per region and ACLs (docs/security.md); switching needs --fresh.",
+)
 @_json_option
 @_verbose_option
 @_fails_cleanly
@@ -119,6 +128,7 @@ def up(
     pg_base_port: int | None,
     kafka_port: int | None,
     fresh: bool,
+    kafka_auth: str,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -131,6 +141,7 @@ def up(
         pg_base_port or DEFAULT_PG_BASE_PORT,
         kafka_port or DEFAULT_KAFKA_PORT,
         progress=_progress,
+        kafka_auth=kafka_auth,
     )
     timings = stack.up(fresh=fresh)
     if as_json:

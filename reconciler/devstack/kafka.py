@@ -28,6 +28,8 @@ from typing import Any
 
 from ..errors import DevStackError
 from ._process import Deadline, pid_alive, port_open, proc_cmdline, read_pid_file, reap, with_log_tail
+from .kafka_security import ADMIN_USER, AUTH_MODES, MECHANISM, Credentials
+from .kafka_security import server_properties as secure_server_properties
 
 JAVA_HINT = "install Java 17: `apt-get install -y openjdk-17-jre-headless` (or set JAVA_HOME)"
 MAVEN_HINT = "install Maven: `apt-get install -y maven`"
@@ -193,7 +195,12 @@ class KafkaBroker:
         port: int,
         libs: KafkaLibs,
         heap_mb: int = 512,
+        auth: str = "none",
     ) -> None:
+        if auth not in AUTH_MODES:
+            raise DevStackError(f"unknown Kafka auth mode {auth!r}; expected one of {', '.join(AUTH_MODES)}")
+        self.auth = auth
+        self.credentials = Credentials(home / "secrets")
         self.home = home
         self.logs_dir = logs_dir
         self.port = port
@@ -235,6 +242,17 @@ class KafkaBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def auth_mode_file(self) -> Path:
+        """Which auth the storage was formatted for: SCRAM users are created at format time."""
+        return self.home / "auth.mode"
+
+    def client_settings(self, user: str = ADMIN_USER) -> dict[str, str]:
+        """librdkafka settings to reach this broker (as ``user`` when auth is on)."""
+        if self.auth == "none":
+            return {"bootstrap.servers": self.bootstrap_servers}
+        return self.credentials.client_settings(self.bootstrap_servers, user)
 
     # configuration -----------------------------------------------------------
     def cluster_id(self) -> str:
@@ -284,6 +302,12 @@ class KafkaBroker:
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
         }
+        if self.auth == "scram":
+            admin_password = self.credentials.password(ADMIN_USER)
+            props.update(secure_server_properties(self.port, self.controller_port, admin_password))
+        # it may hold the admin password (the broker's own SCRAM login)
+        self.server_properties.touch(mode=0o600)
+        os.chmod(self.server_properties, 0o600)
         self.server_properties.write_text(
             "# written by `reconciler dev up`; rewritten on every start\n"
             + "".join(f"{k}={v}\n" for k, v in props.items())
@@ -327,9 +351,24 @@ class KafkaBroker:
         ]
 
     def format(self, java: str) -> None:
-        """Format the KRaft storage once with our cluster id (StorageTool, in kafka_2.13)."""
+        """Format the KRaft storage once with our cluster id (StorageTool, in kafka_2.13).
+
+        With SCRAM on, the admin user is created here (KRaft records it in the
+        metadata log at format time): nobody could log in to create it later.
+        Region users are added through the admin API once the broker runs.
+        """
         if self.formatted:
+            recorded = self.auth_mode_file.read_text().strip() if self.auth_mode_file.exists() else "none"
+            if recorded != self.auth and self.auth == "scram":
+                raise DevStackError(
+                    f"Kafka storage in {self.data_dir} was formatted without SCRAM users; "
+                    "start with `dev up --fresh` to switch --kafka-auth"
+                )
             return
+        scram = (
+            [f"--add-scram={MECHANISM}=[name={ADMIN_USER},password={self.credentials.password(ADMIN_USER)}]"]
+            if self.auth == "scram" else []
+        )
         cmd = [
             java,
             "-Xmx256m",
@@ -342,6 +381,7 @@ class KafkaBroker:
             # is still a value, not an option
             f"--cluster-id={self.cluster_id()}",
             f"--config={self.server_properties}",
+            *scram,
         ]
         try:
             result = subprocess.run(
@@ -353,10 +393,17 @@ class KafkaBroker:
             raise DevStackError(
                 with_log_tail(
                     f"formatting Kafka storage failed (exit {result.returncode}): "
-                    f"{(result.stdout + result.stderr).strip()}",
+                    f"{self._masked(result.stdout + result.stderr).strip()}",
                     self.log_path,
                 )
             )
+        self.auth_mode_file.write_text(self.auth + "\n")
+
+    def _masked(self, text: str) -> str:
+        """Tool output with the admin password (it was on the command line) masked."""
+        if self.auth == "none" or not self.credentials.path(ADMIN_USER).exists():
+            return text
+        return text.replace(self.credentials.password(ADMIN_USER), "***")
 
     # process ------------------------------------------------------------------
     def pid(self) -> int | None:
@@ -432,7 +479,7 @@ class KafkaBroker:
         from confluent_kafka.admin import AdminClient
 
         conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap_servers,
+            **self.client_settings(),
             # librdkafka would print every refused connection to stderr.
             "log_level": 0,
             "socket.connection.setup.timeout.ms": int(max(1.0, timeout) * 1000),
@@ -477,6 +524,8 @@ class KafkaBroker:
         """Forget all topics and the cluster id (the broker must be stopped)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.cluster_id_file.unlink(missing_ok=True)
+        self.auth_mode_file.unlink(missing_ok=True)
+        shutil.rmtree(self.credentials.secrets_dir, ignore_errors=True)
 
 
 def _signal(pid: int, sig: int) -> None:

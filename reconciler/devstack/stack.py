@@ -30,12 +30,14 @@ from ..errors import ConfigError, DevStackError
 from ..resources import data_path
 from ._process import Deadline
 from .kafka import KafkaBroker, KafkaLibs, find_java, find_maven, pom_kafka_version
+from .kafka_security import ADMIN_USER, MECHANISM, provision, wait_for_login
 from .postgres import PostgresServer, RunAs, find_bindir, prepare_base, remove_base, server_identity
 
 DEFAULT_REGIONS: tuple[str, ...] = ("us-east", "eu-west", "ap-south")
 DEFAULT_PG_BASE_PORT = 54321
 DEFAULT_KAFKA_PORT = 19092
 STATE_VERSION = 1
+TOPIC_PREFIX = "reconciler"
 
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -67,6 +69,7 @@ class DevStack:
         *,
         pom: Path | None = None,
         progress: Progress | None = None,
+        kafka_auth: str = "none",
     ) -> None:
         regions = tuple(regions)
         if not regions:
@@ -97,7 +100,8 @@ class DevStack:
         self._run_as: RunAs | None = None
         self._pg_base: Path | None = None
         self.libs = KafkaLibs(self.pom, self.root / "kafka" / "libs")
-        self.kafka = KafkaBroker(self.root / "kafka", self.logs_dir, kafka_port, self.libs)
+        self.kafka_auth = kafka_auth
+        self.kafka = KafkaBroker(self.root / "kafka", self.logs_dir, kafka_port, self.libs, auth=kafka_auth)
         self._servers: dict[str, PostgresServer] = {}
 
     # --- construction from a previous `up` -------------------------------------
@@ -118,6 +122,7 @@ class DevStack:
                 pg_base_port=int(state["pg_base_port"]),
                 kafka_port=int(state["kafka_port"]),
                 progress=progress,
+                kafka_auth=str(state.get("kafka_auth", "none")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DevStackError(f"dev stack state {path} is malformed: {exc!r}") from exc
@@ -220,6 +225,7 @@ class DevStack:
             "regions": list(self.regions),
             "pg_base_port": self.pg_base_port,
             "kafka_port": self.kafka_port,
+            "kafka_auth": self.kafka_auth,
         }
 
     def _check_previous_state(self, stop: bool) -> None:
@@ -281,6 +287,8 @@ class DevStack:
             self._base(create=True)
             servers = [self.server(region) for region in self.regions]
             self._start_parallel(servers, java, timeout, timings)
+            if self.kafka_auth == "scram":
+                self.grant_kafka_access()
             self.write_config()
         timings["total"] = time.monotonic() - t0
         return {k: round(v, 2) for k, v in timings.items()}
@@ -463,6 +471,7 @@ class DevStack:
         kpid = self.kafka.pid()
         kafka: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
+            "auth": self.kafka_auth,
             "controller_port": self.kafka.controller_port,
             "pid": kpid,
             "running": kpid is not None,
@@ -483,16 +492,49 @@ class DevStack:
             "kafka": kafka,
         }
 
+    # --- Kafka security (--kafka-auth scram) -------------------------------------
+    def grant_kafka_access(self, topic_prefix: str = TOPIC_PREFIX) -> None:
+        """Create each region's SCRAM user and its ACLs for ``topic_prefix``, then
+        wait until every region can log in (idempotent; tests call it per prefix)."""
+        self._progress(f"kafka: SCRAM users and ACLs for {', '.join(self.regions)} on {topic_prefix}.*")
+        provision(self.kafka.client_settings(), self.kafka.credentials, topic_prefix, self.regions)
+        for region in self.regions:
+            wait_for_login(self.kafka.client_settings(region))
+
+    def _kafka_config_lines(self) -> list[str]:
+        """The shared ``kafka:`` block, and with SCRAM the admin block used by migrate."""
+        lines = [
+            "kafka:                     # librdkafka properties for every region, passed through as given",
+            f"  bootstrap.servers: {self.bootstrap_servers}",
+        ]
+        if self.kafka_auth == "scram":
+            lines += [
+                "  security.protocol: SASL_PLAINTEXT",
+                f"  sasl.mechanism: {MECHANISM}",
+                "kafka_admin:               # only `reconciler migrate` logs in as admin (it creates the topics)",
+                f"  sasl.username: {ADMIN_USER}",
+                f"  sasl.password: file:{self.kafka.credentials.path(ADMIN_USER)}",
+            ]
+        return lines
+
+    def _region_kafka_lines(self, region: str) -> list[str]:
+        if self.kafka_auth != "scram":
+            return []
+        return [
+            "    kafka:                 # this region's own principal: see docs/security.md",
+            f"      sasl.username: {region}",
+            f"      sasl.password: file:{self.kafka.credentials.path(region)}",
+        ]
+
     # --- config ------------------------------------------------------------------
     def config_text(self) -> str:
         """The YAML every other command reads (shape fixed with reconciler/config.py)."""
         lines = [
             "# written by `reconciler dev up`",
-            "topic_prefix: reconciler",
+            f"topic_prefix: {TOPIC_PREFIX}",
             "hlc:",
             "  max_offset_ms: 1000",
-            "kafka:                     # librdkafka properties for every region, passed through as given",
-            f"  bootstrap.servers: {self.bootstrap_servers}",
+            *self._kafka_config_lines(),
             "regions:",
         ]
         for region in self.regions:
@@ -500,6 +542,7 @@ class DevStack:
                 f"  {region}:",
                 f"    dsn: {self.dsn(region)}",
                 f"    metrics_address: {self.metrics_address(region)}",
+                *self._region_kafka_lines(region),
             ]
         lines += [
             "tables:",

@@ -50,12 +50,65 @@ _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError.
 
 _PRODUCER_REQUIRED = {"enable.idempotence": "true", "acks": "all"}
 _CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false"}
+# the broker knows who we are but its ACLs say no: a retry cannot help, an operator must
+_ACCESS_DENIED = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+# the broker does not believe who we say we are
+_LOGIN_FAILED = {KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED}
 
 
-def translate(error: KafkaError | KafkaException | Exception, **context: Any) -> ReconcilerError:
+def principal(settings: Mapping[str, str] | None) -> str:
+    """The principal the broker sees for ``settings``, as its ACLs name it (never a secret)."""
+    if settings is None:
+        return "this client's principal"
+    user = settings.get("sasl.username")
+    if user:
+        return f"User:{user}"
+    if str(settings.get("security.protocol", "")).upper() == "SSL":
+        return "the principal of the client certificate"
+    return "User:ANONYMOUS"
+
+
+def is_access_error(error: KafkaError | KafkaException | Exception) -> bool:
+    """True for a failed login or an authorization the broker refused."""
+    kerr = error.args[0] if isinstance(error, KafkaException) and error.args else error
+    return isinstance(kerr, KafkaError) and kerr.code() in _ACCESS_DENIED | _LOGIN_FAILED
+
+
+def _access_error(kerr: KafkaError, settings: Mapping[str, str] | None, context: dict[str, Any]) -> TransportError:
+    who = principal(settings)
+    region = context.get("region")
+    if kerr.code() in _LOGIN_FAILED:
+        keys = (f"regions.{region}.kafka.sasl.password (or the shared kafka.sasl.password)" if region
+                else "kafka.sasl.password (kafka_admin.sasl.password for migrate)")
+        return TransportError(
+            f"Kafka rejected the login of {who}" + (f" for region {region}" if region else "")
+            + f": check the user name and {keys} ({kerr.str()})",
+            retryable=False, principal=who, **context,
+        )
+    what = next((f"{k} {context[k]}" for k in ("topic", "group", "transactional_id") if context.get(k)), "a resource")
+    hint = ("; topics are created by `reconciler migrate` with the kafka_admin principal"
+            if context.get("step") == "create topic" else "")
+    return TransportError(
+        f"Kafka denied {who} access to {what} ({kerr.name()}): its ACLs do not allow this"
+        f"{hint} (docs/security.md lists what each region's principal needs)",
+        retryable=False, principal=who, **context,
+    )
+
+
+def translate(
+    error: KafkaError | KafkaException | Exception, *, settings: Mapping[str, str] | None = None, **context: Any
+) -> ReconcilerError:
+    """A driver error as ours; ``settings`` (never printed) name the principal of an access error."""
     kerr = error.args[0] if isinstance(error, KafkaException) and error.args else error
     if isinstance(kerr, KafkaError):
         code = kerr.code()
+        if code in _ACCESS_DENIED | _LOGIN_FAILED:
+            return _access_error(kerr, settings, context)
         message = f"Kafka error {kerr.name()}: {kerr.str()}"
         if code in _UNREACHABLE:
             return TransportUnavailable(message, **context)
@@ -166,16 +219,41 @@ def admin(settings: Mapping[str, str]) -> AdminClient:
     return AdminClient(dict(settings))
 
 
+def _list_topics(settings: Mapping[str, str], timeout: float, region: str | None) -> tuple[AdminClient, set[str]]:
+    """An admin client and the topic names its principal may see.
+
+    A rejected login only reaches librdkafka's error callback (the metadata call just
+    times out as "transport failure"), so the callback is watched and the call made
+    in short slices: a wrong password is reported as such, within a second or two.
+    """
+    login_failures: list[KafkaError] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in _LOGIN_FAILED:
+            login_failures.append(err)
+
+    conf: dict[str, Any] = {**settings, "error_cb": on_error}
+    client = AdminClient(conf)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client, set(client.list_topics(timeout=max(0.1, min(1.0, deadline - time.monotonic()))).topics)
+        except KafkaException as exc:
+            client.poll(0)
+            if login_failures:
+                raise translate(login_failures[0], settings=settings, region=region, step="log in") from exc
+            if time.monotonic() >= deadline:
+                raise translate(exc, settings=settings, region=region, step="list topics") from exc
+
+
 def ensure_topics(
     settings: Mapping[str, str], topics: Iterable[str], partitions: int = 1, timeout: float = 15.0,
-    topic_config: Mapping[str, str] | None = None,
+    topic_config: Mapping[str, str] | None = None, *, region: str | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns those created."""
-    client = admin(settings)
-    try:
-        existing = set(client.list_topics(timeout=timeout).topics)
-    except KafkaException as exc:
-        raise translate(exc, step="list topics") from exc
+    """Create the topics that do not exist yet; returns those created.
+
+    ``region`` only locates errors: whose settings these are."""
+    client, existing = _list_topics(settings, timeout, region)
     wanted = [t for t in topics if t not in existing]
     if not wanted:
         return []
@@ -193,7 +271,7 @@ def ensure_topics(
             kerr = exc.args[0]
             if isinstance(kerr, KafkaError) and kerr.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
-            raise translate(exc, topic=topic, step="create topic") from exc
+            raise translate(exc, settings=settings, region=region, topic=topic, step="create topic") from exc
     return created
 
 
@@ -210,7 +288,7 @@ def set_topic_config(settings: Mapping[str, str], topic: str, config: Mapping[st
         try:
             future.result(timeout)
         except KafkaException as exc:
-            raise translate(exc, topic=topic, step="alter topic config") from exc
+            raise translate(exc, settings=settings, topic=topic, step="alter topic config") from exc
 
 
 def _sequence_of(value: bytes | None) -> int | None:
@@ -257,7 +335,7 @@ def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float =
             last = max(last, tail)
         return (max(firsts), last) if firsts else None
     except KafkaException as exc:
-        raise translate(exc, topic=topic, step="read retention") from exc
+        raise translate(exc, settings=settings, topic=topic, step="read retention") from exc
     finally:
         reader.close()
 
@@ -334,7 +412,7 @@ def read_sequences(
                         if err.code() == KafkaError._PARTITION_EOF:
                             done = True
                             break
-                        raise translate(err, topic=topic, step="replay read")
+                        raise translate(err, settings=settings, topic=topic, step="replay read")
                     deadline = time.monotonic() + timeout
                     seq = _sequence_of(msg.value())
                     offset = msg.offset() or 0
@@ -349,6 +427,6 @@ def read_sequences(
             if out:
                 yield out
     except KafkaException as exc:
-        raise translate(exc, topic=topic, step="replay read") from exc
+        raise translate(exc, settings=settings, topic=topic, step="replay read") from exc
     finally:
         reader.close()

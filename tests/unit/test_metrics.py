@@ -77,6 +77,8 @@ def busy_metrics() -> Metrics:
     m.manual_queue_depth.labels(table="orders").set(1)
     m.manual_queue_oldest_age_seconds.set(60)
     m.merkle_divergent_buckets.labels(table="orders", peer="eu-west").set(0)
+    m.merkle_divergent_keys.labels(table="orders", peer="eu-west").set(0)
+    m.merkle_stale_leaf_buckets.labels(table="orders").set(0)
     m.events_pruned.labels(store="inbox").inc(3)
     m.loop_succeeded("relay", now=1_700_000_000.0)
     m.loop_failed("inbox")

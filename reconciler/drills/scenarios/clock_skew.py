@@ -13,6 +13,7 @@ on each peer replays the refused events from Kafka.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -63,21 +64,26 @@ def run(drill: Drill) -> None:
                 f"peers' HLC at most {dragged} ms ahead of their physical time while {fast} ran {beyond} ms ahead")
     replayed = {}
     recover_runs: dict[str, int] = {}
+    # as the sidecar and the runbook do, a recover whose gate failed is run again
+    # (under live traffic the lag can be over the gate's limit at the moment it
+    # measures, and a peer's roots cannot equal those of another peer that still
+    # misses the refused events); three rounds over the peers bound it, and the
+    # report says how many runs each took
+    attempts: dict[str, list[object]] = {p: [] for p in peers}
+    reports: dict[str, Any] = {}
+    for _round in range(3):
+        for peer in [p for p in peers if not (p in reports and reports[p].gate and reports[p].gate.passed)]:
+            reports[peer] = drill.recover(peer)
+            attempts[peer].append(reports[peer].gate.to_dict() if reports[peer].gate else None)
+        if all(r.gate and r.gate.passed for r in reports.values()):
+            break
     for peer in peers:
-        # as the sidecar and the runbook do, a recover whose gate failed is run again
-        # (under live traffic the lag can be over the gate's limit at the moment it
-        # measures); three attempts bound it, and the report says how many it took
-        attempts = []
-        for _attempt in range(3):
-            report = drill.recover(peer)
-            attempts.append(report.gate.to_dict() if report.gate else None)
-            if report.gate and report.gate.passed:
-                break
+        report = reports[peer]
         replayed[peer] = report.replayed
-        recover_runs[peer] = len(attempts)
+        recover_runs[peer] = len(attempts[peer])
         drill.check(f"recover_{peer}_gate_passed", bool(report.gate and report.gate.passed),
-                    f"{peer} ended {report.state} after {len(attempts)} recover run(s) "
-                    f"(gates: {attempts}), last replaying {report.replayed}")
+                    f"{peer} ended {report.state} after {len(attempts[peer])} recover run(s) "
+                    f"(gates: {attempts[peer]}), last replaying {report.replayed}")
     drill.extra["refused"] = refused
     drill.extra["replayed"] = replayed
     drill.extra["recover_runs"] = recover_runs
