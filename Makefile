@@ -3,7 +3,7 @@
 #   make test    (re)install .venv if pyproject.toml changed, binaries if missing (helm: built
 #                once with Go), local stack up (PostgreSQL per region + Kafka), the whole
 #                test suite, stack down.
-#   make demo    same set-up, then the regional-failover demo, stack down.
+#   make demo    same set-up, then the regional-failover demo and its flash-sale second act, stack down.
 #   make unit    unit tests only, no stack.          make lint   ruff + mypy.
 #   make bench   same set-up, then every benchmarks/bench_*.py, stack down.
 #   make stack-up / stack-down / stack-status        keep a stack running while you work.

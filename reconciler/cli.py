@@ -83,10 +83,13 @@ main.add_command(drill)
               help="Count the Merkle leaves again from the rows (every replicated table, or --table): after writes"
                    " the leaf triggers could not see. Locks each table against writes while it is counted.")
 @click.option("--table", "tables", multiple=True, help="With --rebuild-leaves: only these tables.")
+@click.option("--uninstall-capture", is_flag=True,
+              help="Remove the write-capture triggers from every replicated table (services must then write"
+                   " their outbox rows themselves). Locks each table against writes while its triggers go.")
 @json_option
 @handle_errors
 def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebuild_leaves: bool,
-            tables: tuple[str, ...], as_json: bool) -> None:
+            tables: tuple[str, ...], uninstall_capture: bool, as_json: bool) -> None:
     """Apply schema migrations in each region's database and create the Kafka topics."""
     from .provision import migrate as run_migrate
 
@@ -94,7 +97,8 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
         raise click.UsageError("--table goes with --rebuild-leaves")
     config = load(config_path)
     rebuild = (list(tables) or list(config.tables)) if rebuild_leaves else []
-    report = run_migrate(config, list(regions) or None, demo_tables=demo_tables, rebuild_leaves=rebuild)
+    report = run_migrate(config, list(regions) or None, demo_tables=demo_tables, rebuild_leaves=rebuild,
+                         uninstall_capture_all=uninstall_capture)
     if as_json:
         print_json(report.to_dict())
         return
@@ -107,6 +111,17 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
             else:
                 click.echo(f"{region}: leaves of {leaf['table']} counted again from {leaf['rows']:,} rows"
                            f" in {leaf['seconds']:.1f}s")
+        for cap in report.capture.get(region, []):
+            triggers = cap["triggers"]
+            assert isinstance(triggers, list)
+            if cap["action"] == "installed":
+                click.echo(f"{region}: capture on {cap['table']}: triggers {', '.join(triggers)}"
+                           f" ({cap['rows_registered']:,} existing rows registered; held {cap['lock']}"
+                           f" for {cap['seconds']:.2f}s)")
+            elif cap["action"] == "skipped":
+                click.echo(f"{region}: capture on {cap['table']} not installed: {cap['reason']}")
+            elif cap["action"] == "removed":
+                click.echo(f"{region}: capture removed from {cap['table']} (held {cap['lock']})")
     if report.topics_created:
         click.echo(f"topics created: {', '.join(report.topics_created)}")
 
@@ -698,6 +713,139 @@ def activate(config_path: str, region: str, force: bool, reason: str, yes: bool)
         raise click.UsageError("activate needs --force: it bypasses the recovery gate")
     _lifecycle_override(config_path, region, "ACTIVE", reason, yes, force=True)
 
+
+
+# ---------------------------------------------------------------- violations
+
+@main.group()
+def violations() -> None:
+    """Business invariants that a merge broke (table invariants in the config), and their resolution."""
+
+
+def _violation_line(v: Any) -> tuple[str, ...]:
+    return (v.violation_id, v.table, v.key, v.invariant, v.status, v.detected_at.isoformat(timespec="seconds"),
+            str(len(v.contributing)))
+
+
+@violations.command("list")
+@config_option
+@region_option
+@click.option("--table", default=None, help="Only this table.")
+@click.option("--status", type=click.Choice(("open", "resolved", "all")), default="open", show_default=True)
+@json_option
+@handle_errors
+def violations_list(config_path: str, region: str | None, table: str | None, status: str, as_json: bool) -> None:
+    """List the invariant violations recorded in one region, oldest first."""
+    from .store.invariants import list_violations, require_schema
+    from .store.translate import translated
+
+    config = load(config_path)
+    if table is not None:
+        config.table(table)
+    name, conn = _region_connection(config, region)
+    with conn, translated(region=name, step="list violations"):
+        require_schema(conn)
+        found = list_violations(conn, table=table, status=status)
+    if as_json:
+        print_json({"region": name, "table": table, "status": status, "count": len(found),
+                    "violations": [v.to_dict() for v in found]})
+        return
+    label = "" if status == "all" else f"{status} "
+    if not found:
+        click.echo(f"region {name}: no {label}violations")
+        return
+    click.echo(f"region {name}: {len(found)} {label}violation{'s' if len(found) != 1 else ''}")
+    _table(("ID", "TABLE", "KEY", "INVARIANT", "STATUS", "DETECTED", "EVENTS"), [_violation_line(v) for v in found])
+
+
+@violations.command("show")
+@config_option
+@region_option
+@click.argument("violation_id")
+@json_option
+@handle_errors
+def violations_show(config_path: str, region: str | None, violation_id: str, as_json: bool) -> None:
+    """One violation: the row now, the invariant, the events that made it, its resolution."""
+    from .errors import ReconcilerError
+    from .store.invariants import require_schema, show_violation
+    from .store.translate import translated
+
+    config = load(config_path)
+    name, conn = _region_connection(config, region)
+    with conn, translated(region=name, step="show violation"):
+        require_schema(conn)
+        found = show_violation(conn, violation_id)
+    if found is None:
+        raise ReconcilerError("no such violation (see `reconciler violations list --status all`)",
+                              region=name, violation_id=violation_id, retryable=False)
+    if as_json:
+        print_json({"region": name, **found.to_dict()})
+        return
+    click.echo(f"violation {found.violation_id} in {name}: {found.status}")
+    click.echo(f"  {found.table} {found.key}: invariant {found.invariant} ({found.expression}) is false")
+    click.echo(f"  row now: {_cell(dict(found.row))}")
+    click.echo(f"  detected at {found.detected_at.isoformat()}")
+    click.echo(f"  contributing events, newest first ({len(found.contributing)}):")
+    for event in found.contributing:
+        sequence = event.get("sequence")
+        click.echo(f"    {event['event_id']}  {event['origin']}#{sequence if sequence is not None else '-'}"
+                   f"  hlc {event['hlc']}  {event['type'] or event['operation']}  {_cell(event.get('payload'))}")
+    if found.resolved_at is not None:
+        click.echo(f"  resolved by {found.resolved_by} at {found.resolved_at.isoformat()}: {found.resolution_reason}")
+
+
+@violations.command("resolve")
+@config_option
+@click.option("--region", "regions", multiple=True,
+              help="Only in these regions (default: every region, where each recorded it).")
+@click.argument("violation_id")
+@click.option("--reason", required=True, help="Why (kept in the audit trail): the compensation done, a ticket.")
+@click.option("--by", default=None, help="Who (kept in the audit trail; default: the login name).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@handle_errors
+def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id: str, reason: str, by: str | None,
+                       yes: bool, as_json: bool) -> None:
+    """Close an open violation with who and why, in every region that recorded it."""
+    import getpass
+
+    from .errors import ReconcilerError
+    from .store import postgres as pg
+    from .store.invariants import require_schema, resolve_violation
+    from .store.translate import translated
+
+    config = load(config_path)
+    chosen = list(regions) or list(config.regions)
+    for name in chosen:
+        config.region(name)
+    actor = by or getpass.getuser()
+    if not yes:
+        click.confirm(f"resolve violation {violation_id} in {', '.join(chosen)} as {actor}?", abort=True, err=True)
+    outcome: dict[str, str] = {}
+    for name in chosen:
+        try:
+            with pg.connect(config.region(name).dsn, region=name) as conn, translated(region=name, step="resolve"):
+                require_schema(conn)
+                done = resolve_violation(conn, violation_id, actor, reason)
+                if done is not None:
+                    outcome[name] = "resolved"
+                else:
+                    found = conn.execute("SELECT status FROM reconciler.violations WHERE violation_id = %s",
+                                         (violation_id,)).fetchone()
+                    outcome[name] = "not recorded" if found is None else f"already {found[0]}"
+        except ReconcilerError as exc:  # one region down must not hide what was done in the others
+            outcome[name] = f"not reached: {exc.message}"
+    if "resolved" not in outcome.values():
+        states = "; ".join(f"{r}: {state}" for r, state in outcome.items())
+        raise ReconcilerError(f"no open violation {violation_id} ({states})", violation_id=violation_id,
+                              retryable=False)
+    if as_json:
+        print_json({"violation_id": violation_id, "by": actor, "reason": reason, "regions": outcome})
+    else:
+        for name, state in outcome.items():
+            click.echo(f"{name}: {state}")
+    if any(state.startswith("not reached") for state in outcome.values()):
+        sys.exit(EXIT_FOUND)  # resolve again later for the regions not reached
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from .errors import ConfigError
 
 POLICIES = ("lww", "merge", "manual")
 FIELD_RULES = ("lww", "counter", "set", "max", "min")
+#: how a table's writes become events: triggers in the database capture every client's
+#: writes (trigger), or the service writes its outbox rows itself (explicit)
+CAPTURE_MODES = ("trigger", "explicit")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _REGION_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -47,6 +50,9 @@ class TableConfig:
     policy: str
     fields: Mapping[str, str] = field(default_factory=dict)
     schema: str = "public"
+    #: business invariants: {name: SQL boolean expression over one row}, checked after every apply
+    invariants: Mapping[str, str] = field(default_factory=dict)
+    capture: str = "trigger"
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,12 @@ class Config:
     #: overlaid on ``kafka`` for `migrate` only: the principal allowed to create topics
     kafka_admin: Mapping[str, str] = field(default_factory=dict)
     anti_entropy: AntiEntropyConfig = field(default_factory=AntiEntropyConfig)
+    #: where compensation events for invariant violations are published (None: <topic_prefix>.compensation)
+    compensation_topic_name: str | None = None
+
+    @property
+    def compensation_topic(self) -> str:
+        return self.compensation_topic_name or f"{self.topic_prefix}.compensation"
 
     def region(self, name: str) -> RegionConfig:
         try:
@@ -315,7 +327,7 @@ class _Parser:
             top,
             "",
             ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
-             "heartbeat", "retention", "kafka_admin", "anti_entropy"),
+             "heartbeat", "retention", "kafka_admin", "anti_entropy", "compensation"),
         )
         regions_raw = self.mapping(top.get("regions"), "regions")
         if len(regions_raw) < 2:
@@ -348,6 +360,7 @@ class _Parser:
             retention=self.retention(top.get("retention")),
             kafka_admin=self.kafka_properties(top.get("kafka_admin"), "kafka_admin"),
             anti_entropy=self.anti_entropy(top.get("anti_entropy")),
+            compensation_topic_name=self.compensation(top.get("compensation")),
         )
 
     def region(self, name: Any, spec: Any) -> RegionConfig:
@@ -373,7 +386,7 @@ class _Parser:
         key = f"tables.{name}"
         self.identifier(name, key)
         body = self.mapping(spec, key)
-        self.only_keys(body, key, ("key", "policy", "fields", "schema"))
+        self.only_keys(body, key, ("key", "policy", "fields", "schema", "invariants", "capture"))
         key_cols = body.get("key")
         if isinstance(key_cols, str):
             key_cols = [key_cols]
@@ -395,7 +408,37 @@ class _Parser:
                 raise self.fail(f"{key}.fields.{column}", "a key column cannot have a merge rule")
             rules[column] = rule
         schema = self.identifier(body.get("schema", "public"), f"{key}.schema")
-        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema)
+        invariants = self.invariants(body.get("invariants"), f"{key}.invariants")
+        capture = body.get("capture", "trigger")
+        if capture not in CAPTURE_MODES:
+            raise self.fail(f"{key}.capture", f"{capture!r} is not one of {', '.join(CAPTURE_MODES)}")
+        return TableConfig(name=name, key=columns, policy=policy, fields=rules, schema=schema, invariants=invariants,
+                           capture=capture)
+
+    def invariants(self, raw: Any, key: str) -> dict[str, str]:
+        """{name: boolean SQL expression}. Only the shape is checked here; ``migrate``
+        checks each expression against the table (columns, boolean result)."""
+        found: dict[str, str] = {}
+        for name, expression in self.mapping(raw, key).items():
+            self.identifier(name, key)
+            where = f"{key}.{name}"
+            if not isinstance(expression, str) or not expression.strip():
+                raise self.fail(where, "expected a SQL boolean expression over the row, such as \"stock >= 0\"")
+            # one expression, embedded in the checker's statement: nothing that could end it
+            # or comment out the rest of it
+            for token in (";", "--", "/*"):
+                if token in expression:
+                    raise self.fail(where, f"{token!r} is not allowed in an invariant expression")
+            found[name] = expression.strip()
+        return found
+
+    def compensation(self, raw: Any) -> str | None:
+        body = self.mapping(raw, "compensation")
+        self.only_keys(body, "compensation", ("topic",))
+        topic = body.get("topic")
+        if topic is not None and (not isinstance(topic, str) or not re.match(r"^[A-Za-z0-9._-]{1,249}$", topic)):
+            raise self.fail("compensation.topic", f"{topic!r} is not a valid Kafka topic name")
+        return topic
 
     def lifecycle(self, raw: Any) -> LifecycleConfig:
         body = self.mapping(raw, "lifecycle")

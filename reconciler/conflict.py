@@ -545,10 +545,15 @@ class MergePolicy:
     - ``counter``: the sum of every delta (an INSERT's value counts as a delta from
       0), kept per origin. Sums are not idempotent: the inbox's exactly-once
       delivery is what makes them right.
-    - ``set``: add-wins observed-remove set; per element the greatest add and the
-      greatest remove stamp; present iff add >= remove (and newer than the row
-      tombstone). Elements are set with ``set_add``/``set_remove`` (or an INSERT's
-      list value).
+    - ``set``: a last-writer-wins element set (not an add-wins / observed-remove
+      set): per element the greatest add stamp and the greatest remove stamp,
+      ``(hlc, origin)`` so the region id breaks HLC ties; present iff add >= remove
+      (equal only when one event adds and removes it: the add stays) and the add is
+      newer than the row tombstone. A remove stamped later therefore deletes a
+      concurrent add its writer never saw. Elements are set with
+      ``set_add``/``set_remove`` (or an INSERT's list value). The metadata format
+      (``{"add": {elem: stamp}, "remove": {elem: stamp}}``) is shared with the SQL
+      capture triggers; an observed-remove set would need per-add tags in it.
     - ``max``/``min``: monotone registers over every value ever written (null is
       no value).
     - Row delete: a tombstone stamp, the greatest DELETE's. The row is visible iff

@@ -366,6 +366,7 @@ def plan_gaps(
     applied: Mapping[Pair, SeqRanges],
     kafka_retained: Mapping[str, SeqRanges],
     outbox_held: Mapping[Pair, SeqRanges],
+    own_held: Mapping[str, SeqRanges] | None = None,
 ) -> list[GapPlan]:
     """Every non-empty gap of every (origin, destination) pair, with its sources.
 
@@ -379,6 +380,11 @@ def plan_gaps(
       payload: its outbox when ``H == O``, its inbox otherwise. O's own outbox may
       run past ``origin_high[O]`` (read after the counter, under live traffic): O
       has those events, so they are never part of its self-gap.
+    - ``own_held[O]``: the sequences O accounts for as its own (numbered outbox rows
+      and the prefix it pruned). When given, O's self-gap is exactly what it lacks of
+      ``1..high``, whatever its counter says: recovery raises the counter past events
+      it has not returned yet and reserves numbers peers have seen, and neither may
+      hide an event O does not hold. Without it, ``1..origin_high[O]`` counts as held.
 
     Regions are every name mentioned in any input. Plans are sorted by
     (origin, destination) so output is stable.
@@ -406,7 +412,9 @@ def plan_gaps(
                 # numbers between the two reads (counter first, so that the outbox covers
                 # it for the other destinations), and the outbox is the only place a
                 # self-gap is never sourced from, so its tail would look lost
-                have = have | SeqRanges.span(1, origin_high[origin]) | outbox_held.get((origin, origin), EMPTY)
+                own = own_held.get(origin) if own_held is not None else None
+                claimed = own if own is not None else SeqRanges.span(1, origin_high[origin])
+                have = have | claimed | outbox_held.get((origin, origin), EMPTY)
             missing = have.missing_up_to(high)
             if not missing:
                 continue

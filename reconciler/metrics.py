@@ -150,6 +150,8 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Conflicts parked for an operator and not yet resolved."),
     MetricSpec("reconciler_manual_queue_oldest_age_seconds", "gauge", (),
                "Age of the oldest unresolved parked conflict; 0 when the queue is empty."),
+    MetricSpec("reconciler_invariant_violations_open", "gauge", ("table", "invariant"),
+               "Rows whose business invariant failed after a merge and that are not resolved yet."),
     MetricSpec("reconciler_merkle_divergent_buckets", "gauge", ("table", "peer"),
                "Merkle buckets whose hash differs from the peer's at the last comparison."),
     MetricSpec("reconciler_merkle_divergent_keys", "gauge", ("table", "peer"),
@@ -238,6 +240,7 @@ class Metrics:
     conflicts: Counter
     manual_queue_depth: Gauge
     manual_queue_oldest_age_seconds: Gauge
+    invariant_violations_open: Gauge
     merkle_divergent_buckets: Gauge
     merkle_divergent_keys: Gauge
     merkle_stale_leaf_buckets: Gauge

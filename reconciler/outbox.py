@@ -112,9 +112,11 @@ def write(
             event_type=event_type or f"{table}.{op.value}",
         )
         outcome = policy_for(config.policy, config.fields).apply(current, event)
+        # queued before the row is written: the invariant check in write_states lists
+        # the key's events, this one included
+        pg.insert_outbox(conn, event)
         if outcome.state is not None:
             pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
-        pg.insert_outbox(conn, event)
     return event
 
 
@@ -185,10 +187,10 @@ def write_resolution(
             event_type=f"{table}.resolve",
         )
         outcome = policy_for(config.policy, config.fields).apply(current, event)
+        pg.insert_outbox(conn, event)  # before the row: the invariant check lists this event too
         if outcome.state is not None:
             pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
         pg.record_resolutions(conn, [event])
-        pg.insert_outbox(conn, event)
     return event
 
 

@@ -59,6 +59,9 @@ class RegionFacts:
     refused: list[dict[str, Any]] = field(default_factory=list)
     #: per origin, sequences discarded by an operator here (counted as settled in ``inbox``)
     discarded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: own sequences this region accounts for (numbered rows and pruned prefix), never
+    #: inferred from its counter; None: not read (an older caller), the counter stands in
+    own: list[tuple[int, int]] | None = None
 
     def inbox_held(self, origin: str) -> SeqRanges:
         """Sequences of ``origin`` whose payload this region still has."""
@@ -123,6 +126,7 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
                     # this region claim fewer payloads than it has, never more
                     inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
                     refused=quarantine_store.refused(conn),
+                    own=pg.own_ranges(conn, region),
                 )
                 # events an operator discarded here are settled: not missing, but not held either
                 for origin, ranges in quarantine_store.discarded(conn).items():
@@ -136,6 +140,16 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
 def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
     settings = config.kafka_settings(next(iter(config.regions)))
     return {o: kafka.retained_sequences(settings, config.events_topic(o)) for o in config.regions}
+
+
+def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
+    """Which of ``wanted`` (per origin) each origin's topic really holds, read from where
+    each range starts: between the first and the last retained sequence there can be
+    holes (an aborted batch of a fenced relay, compaction), and a hole routed to Kafka
+    would be replayed from there forever, never from a peer that has it."""
+    settings = config.kafka_settings(next(iter(config.regions)))
+    return {o: SeqRanges(kafka.retained_ranges(settings, config.events_topic(o), r.ranges))
+            for o, r in wanted.items() if r}
 
 
 def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
@@ -155,10 +169,25 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
             applied[(origin, dest)] = SeqRanges(ranges)
             held[(dest, origin)] = f.inbox_held(origin)
     kafka_ranges = {o: SeqRanges.span(*r) for o, r in retained.items() if r}
+    own_held = {r: SeqRanges(f.own) for r, f in reachable.items() if f.own is not None}
     plans = [
-        p for p in plan_gaps(origin_high, applied, kafka_ranges, held)
+        p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
         if p.gap.destination in reachable and (region is None or p.gap.destination == region)
     ]
+    # the bounds said Kafka; ask it which of those it really has, then plan again
+    asked: dict[str, SeqRanges] = {}
+    for plan in plans:
+        asked[plan.gap.origin] = asked.get(plan.gap.origin, SeqRanges()) | plan.ranges_from(Source.KAFKA)
+    if any(asked.values()):
+        verified = kafka_held(config, asked)
+        for origin, span in list(kafka_ranges.items()):
+            # what was not asked about keeps its bounds (it routes nothing); the last
+            # retained sequence was read, so it stays evidence of the origin's high-water
+            kafka_ranges[origin] = (span - asked.get(origin, SeqRanges())) | verified.get(origin, SeqRanges())
+        plans = [
+            p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
+            if p.gap.destination in reachable and (region is None or p.gap.destination == region)
+        ]
     report = GapReport(plans=plans, facts=facts, retained=retained)
     for plan in plans:
         pair = (plan.gap.origin, plan.gap.destination)
@@ -187,11 +216,13 @@ def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
             with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
                 last, published = pg.relay_position(conn, region)
                 outbox = pg.outbox_ranges(conn, region)
+                own = pg.own_ranges(conn, region)
         except ReconcilerError:
             continue
         f.last_sequence = max(f.last_sequence, last)
         f.published_through = max(f.published_through, published)
         f.outbox = outbox
+        f.own = own
 
 
 def _hlc_span(
@@ -303,7 +334,7 @@ class _Replayer:
         settings = self.config.kafka_settings(origin)
         seen: set[int] = set()
         for batch in kafka.read_sequences(settings, self.config.events_topic(origin), lambda s: lo <= s <= hi,
-                                          batch=self.batch):
+                                          batch=self.batch, from_sequence=lo):
             for value, _partition, offset in batch:
                 try:
                     event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)

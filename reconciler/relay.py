@@ -6,12 +6,20 @@ One relay per region holds the lease (advisory lock + epoch, see
 1. number the committed, unnumbered outbox rows densely (durable before publish,
    so a republished event carries the same (origin, sequence) and the inbox can
    drop the duplicate);
-2. publish every numbered-but-unpublished event with the idempotent producer
-   (acks=all) and wait for every acknowledgement;
+2. publish every numbered-but-unpublished event in one Kafka transaction of the
+   idempotent producer (acks=all) and commit it; the transactional id is the
+   region's, so the next lease holder's producer fences this one at the broker
+   (a zombie relay that lost the lease appends nothing consumers read);
 3. record the highest sequence acknowledged.
 
 A crash between 2 and 3 republishes; nothing is skipped and the inbox absorbs
 the duplicates.
+
+Before it numbers anything on a (re)connected database, the relay checks that the
+database is not older than the one it numbered on (restored from a backup under
+it, see ``pg.DatabaseMark``) and that neither its topic nor its peers hold numbers
+its counter does not know. Either sends the region to CATCHING_UP, and nothing is
+numbered until ``recover`` has returned the region's own lost events.
 
 While one batch is produced and acknowledged, a helper thread numbers and reads
 the next one (1 for the next batch overlaps 2 for this one): the database and the
@@ -32,12 +40,16 @@ from concurrent.futures import wait as wait_for
 from typing import Any
 
 from .config import Config
-from .errors import ReconcilerError, TransportError
+from .errors import LifecycleError, ReconcilerError, TransportError
 from .lifecycle import State
 from .logs import component_logger
 from .metrics import Metrics
 from .store import postgres as pg
+from .store.invariants import mark_compensations_published, pending_compensations
 from .transport import kafka
+
+#: how often the relay looks for compensation events to publish (an indexed, usually empty, query)
+COMPENSATION_POLL_SECONDS = 0.5
 
 
 class Relay:
@@ -60,16 +72,34 @@ class Relay:
         self._next: Future[list[tuple[int, bytes, bytes]]] | None = None
         #: highest sequence this relay has read (published or in hand): the next claim starts above it
         self._read_through = 0
+        #: the database as this relay last saw it, kept across reconnects: a database that
+        #: comes back older than this was restored under the relay (see pg.DatabaseMark)
+        self._seen: pg.DatabaseMark | None = None
+        self._mark_read_at = 0.0
+        self._compensations_due = 0.0
 
     def start(self) -> None:
         dsn = self.config.region(self.region).dsn
-        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic], self.config.topic_partitions,
-                            region=self.region)
+        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic, self.config.compensation_topic],
+                            self.config.topic_partitions, region=self.region)
         self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
         self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
         self.log.bind(epoch=self.epoch)
         self._conn = pg.connect(dsn, region=self.region)
-        self._producer = kafka.producer(self.config.kafka_settings(self.region))
+        # before anything is numbered on this connection: is this still the database we
+        # numbered on, and does nobody hold numbers it does not know? (re-asked on every
+        # reconnect, since a restore is a reconnect)
+        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        behind = mark.behind(self._seen) if self._seen is not None else []
+        self._stale, self._stale_checked_at = False, None
+        if behind:
+            self._restored("database restored under the relay: " + "; ".join(behind))
+        # remembered only once acted on: a failure above is retried with the same evidence
+        self._seen = mark
+        # one transactional id per region (its topic): taking it fences any older relay's
+        # producer at the broker, so a zombie that lost the lease cannot append any more
+        self._producer = kafka.transactional_producer(self.config.kafka_settings(self.region),
+                                                      f"reconciler-relay.{self.topic}")
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
         self._read_through = 0
         self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
@@ -80,7 +110,10 @@ class Relay:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._producer is not None:
-            self._producer.flush(10)
+            try:
+                self._producer.flush(10)
+            except ReconcilerError:
+                pass  # a fenced producer: nothing of it may reach the topic anyway
         for conn in (self._conn, self._lease_conn):
             if conn is not None:
                 try:
@@ -96,7 +129,8 @@ class Relay:
         ahead, self._next = self._next, None
         batch = (ahead.result() if ahead is not None else None) or self._claim()
         if not batch:
-            return 0
+            self._refresh_mark()
+            return self._publish_compensations()
         self._read_through = batch[-1][0]
         assert self._pool is not None
         self._next = self._pool.submit(self._claim)  # the next batch, while this one is in flight
@@ -107,14 +141,31 @@ class Relay:
                 failures.append(err)
 
         try:
+            # one transaction per batch: committed as a whole, or aborted and invisible to
+            # the inbox (read_committed) -- also when a newer relay fenced this producer
+            self._producer.begin_transaction()
             for _sequence, key, value in batch:
                 self._send(key, value, delivered)
-            remaining = self._producer.flush(30)
+            if failures:
+                if kafka.is_access_error(failures[0]):
+                    # ACLs or credentials: retrying would spin forever without an operator
+                    raise kafka.translate(failures[0], settings=self.config.kafka_settings(self.region),
+                                          region=self.region, topic=self.topic)
+                raise TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
+                                     retryable=True, region=self.region, topic=self.topic)
+            self._producer.commit_transaction(30)
+        except ReconcilerError:
+            # the producer translated its error; a fenced one stays a FencedError, and any
+            # other but ACLs and configuration is worth a retry with a new producer
+            self._drop_read_ahead()
+            self._abort()
+            raise
         except BaseException:
             self._drop_read_ahead()
+            self._abort()
             raise
         wait_for([self._next])  # the connection is the read-ahead's until it is done; its error surfaces next step
-        if failures or remaining:
+        if failures:
             self._drop_read_ahead()
             first = failures[0] if failures else None
             if first is not None and kafka.is_access_error(first):
@@ -122,15 +173,81 @@ class Relay:
                 raise kafka.translate(first, settings=self.config.kafka_settings(self.region),
                                       region=self.region, topic=self.topic)
             raise TransportError(
-                f"publish not acknowledged: {len(failures)} failed, {remaining} outstanding"
-                + (f" (first: {first})" if first else ""),
+                f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
                 retryable=True, region=self.region, topic=self.topic,
             )
-        pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
+        lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
+        if self._seen is not None:
+            self._seen = self._seen.advanced(lsn, batch[-1][0], batch[-1][0])
+        self._publish_compensations()
         if self.metrics is not None:
             self.metrics.events_relayed.inc(len(batch))
             self.metrics.relay_batch_seconds.observe(time.perf_counter() - started)
         return len(batch)
+
+    def _publish_compensations(self) -> int:
+        """Publish the compensation events recorded by invariant checks (see
+        docs/compensation-events.md) to the compensation topic, keyed by their id.
+
+        Not through the events topic: its dense per-origin sequences are what peers
+        detect gaps with, and these events are for services, not for replication.
+        Marked published only once acknowledged, so a crash republishes (same id)
+        rather than loses. Called while the connection is free of the read-ahead."""
+        assert self._conn is not None and self._producer is not None
+        now = time.monotonic()
+        if now < self._compensations_due:
+            return 0
+        self._compensations_due = now + COMPENSATION_POLL_SECONDS
+        pending = pending_compensations(self._conn, self.config.relay_batch_size)
+        if not pending:
+            return 0
+        topic = self.config.compensation_topic
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        # the relay's producer is transactional (it fences zombies): these go in their own
+        # transaction, committed only when every one is acknowledged
+        try:
+            self._producer.begin_transaction()
+            for ident, payload in pending:
+                while True:
+                    try:
+                        self._producer.produce(topic, value=payload.encode(), key=ident.encode(),
+                                               on_delivery=delivered)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+            self._producer.commit_transaction(30)
+        except ReconcilerError:
+            self._abort()
+            raise
+        if failures:
+            raise TransportError(f"compensation events not acknowledged: {len(failures)} failed (first: "
+                                 f"{failures[0]})", retryable=True, region=self.region, topic=topic)
+        mark_compensations_published(self._conn, [ident for ident, _ in pending])
+        self._compensations_due = 0.0  # more may be waiting
+        return len(pending)
+
+    def _refresh_mark(self) -> None:
+        """While idle, keep the remembered WAL position current (about once a second):
+        a restore to a backup taken during a quiet spell must still show as going back."""
+        now = time.monotonic()
+        if self._seen is None or self._conn is None or now - self._mark_read_at < 1.0:
+            return
+        self._mark_read_at = now
+        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        self._seen = self._seen.advanced(mark.lsn, mark.last_sequence, mark.published_through)
+
+    def _abort(self) -> None:
+        """Abort the open transaction, if the producer still can (a fenced or fatal one
+        cannot: the broker aborts it when the next relay takes the id)."""
+        try:
+            self._producer.abort_transaction(10)
+        except ReconcilerError:
+            pass
 
     def _drop_read_ahead(self) -> None:
         """After a failed publish: forget the batch read ahead, so that the next step
@@ -160,13 +277,33 @@ class Relay:
         if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
             self._stale_checked_at = now
             retained = kafka.retained_sequences(self.config.kafka_settings(self.region), self.topic)
+            peers = pg.peers_seen_through({p: self.config.region(p).dsn for p in self.config.peers(self.region)},
+                                          self.region)
             last, _ = pg.relay_position(self._conn, self.region)
-            self._stale = bool(retained and retained[1] > last)
-            if self._stale:
-                self.log.error("outbox is behind its own topic (stale backup?): not numbering new events; "
-                               "run `reconciler recover`",
-                               extra={"fields": {"outbox_last_sequence": last, "topic_last_sequence": retained}})
+            evidence = max([retained[1] if retained else 0, *peers.values()])
+            stale = evidence > last
+            if stale and not self._stale:
+                self._restored(f"outbox counter {last} is behind sequences its topic or peers hold "
+                               f"(topic {list(retained) if retained else None}, peers {peers})")
+            self._stale = stale
         return not self._stale
+
+    def _restored(self, reason: str) -> None:
+        """This database lost numbers peers already hold (restored from a backup): number
+        nothing until ``recover`` has brought the region's own events back, and send the
+        region to catch-up so that it does (the sidecar runs it; an operator may too)."""
+        assert self._conn is not None
+        self.log.error(reason + "; not numbering new events until `reconciler recover` has run",
+                       extra={"fields": {"reason": reason}})
+        if self.metrics is not None:
+            self.metrics.loop_failed("relay")
+        status = pg.region_status(self._conn)
+        if status.state in (State.ACTIVE, State.SUSPECT, State.VERIFYING):
+            try:
+                pg.transition(self._conn, State.CATCHING_UP, reason[:500], actor="relay",
+                              expected_epoch=status.epoch)
+            except LifecycleError:
+                pass  # someone moved the lifecycle meanwhile (fenced, or already catching up)
 
     def _send(self, key: bytes, value: bytes, callback: Any) -> None:
         while True:

@@ -53,6 +53,7 @@ from .peers import Heartbeat, PeerTracker, PeerView
 from .prune import prune_region
 from .relay import Relay
 from .store import health, merkle_leaves
+from .store import invariants as store_invariants
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
 from .store.translate import translated
@@ -732,6 +733,11 @@ class Sidecar:
         m.manual_queue_oldest_age_seconds.set(queue.oldest_age_seconds)
         m.quarantine_events.set(health.quarantined(conn))
         m.set_refused(quarantine_store.refused_counts(conn), self.config.regions)
+        open_violations = store_invariants.open_counts(conn)
+        for table_name, table_config in self.config.tables.items():
+            for invariant in table_config.invariants:  # 0 published too: the alert's series exists from start
+                m.invariant_violations_open.labels(table=table_name, invariant=invariant).set(
+                    open_violations.get((table_name, invariant), 0))
 
 
 def _stamp(conn: pg.Connection) -> Timestamp:

@@ -33,6 +33,7 @@ from .lifecycle import State
 from .peers import ACTIVE, liveness
 from .store import health
 from .store import postgres as pg
+from .store.invariants import open_counts
 from .store.translate import translated
 from .transport import kafka
 
@@ -101,6 +102,8 @@ class RegionStatusReport:
     gaps: int | None = None
     manual_queue: dict[str, int] = field(default_factory=dict)
     quarantine: int | None = None
+    #: open invariant violations per table (only tables that have some)
+    violations: dict[str, int] = field(default_factory=dict)
     #: freshest heartbeat age over the peers that answered, and the verdict it gives
     heartbeat_age_seconds: float | None = None
     seen_as: str | None = None
@@ -144,6 +147,7 @@ class RegionStatusReport:
             "manual_queue": self.manual_queue,
             "manual_queue_depth": sum(self.manual_queue.values()) if self.reachable else None,
             "quarantine": self.quarantine,
+            "violations_open": self.violations,
             "heartbeat_age_seconds": _round(self.heartbeat_age_seconds),
             "seen_as": self.seen_as,
             "skew_ms": _round(self.skew_ms),
@@ -195,6 +199,7 @@ class _Facts:
     relay_high: int = 0
     queue: health.ManualQueue | None = None
     quarantine: int = 0
+    violations: dict[str, int] = field(default_factory=dict)
     views: dict[str, health.StoredPeerView] = field(default_factory=dict)
     divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -231,6 +236,8 @@ def _collect(config: Config, region: str, timeout: int) -> _Facts:
         facts.queue = health.manual_queue(conn, list(config.tables))
         facts.quarantine = health.quarantined(conn)
         facts.divergence = _divergence(conn)
+        for (table, _invariant), count in open_counts(conn).items():
+            facts.violations[table] = facts.violations.get(table, 0) + count
         try:
             facts.views = health.peer_views(conn)
         except StoreError as exc:
@@ -314,7 +321,7 @@ def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_
             clean_stop=f.status.clean_stop, sidecar_alive_age_seconds=f.alive_age,
             outbox_backlog=f.backlog.events, outbox_oldest_age_seconds=f.backlog.oldest_age_seconds,
             lag=lags, gaps=sum(lag.gaps for lag in lags.values()) + own_lost,
-            manual_queue=f.queue.depth_by_table, quarantine=f.quarantine,
+            manual_queue=f.queue.depth_by_table, quarantine=f.quarantine, violations=f.violations,
             views={p: opinions[p][region] for p in config.peers(region) if region in opinions[p]},
             divergence=f.divergence,
             **common,
@@ -480,6 +487,11 @@ def render(report: StatusReport) -> str:
             stale = ", view stale: sidecar not running" if v.stale else ""
             parts.append(f"{peer} {verdict} ({_seconds(v.age_seconds)}, {_skew(v.skew_ms)}{stale})")
         lines.append(f"  {r.region:>10}: " + ("; ".join(parts) if parts else "no heartbeats recorded"))
+
+    violated = [(r.region, t, n) for r in report.regions.values() for t, n in sorted(r.violations.items())]
+    if violated:
+        lines += ["", "OPEN INVARIANT VIOLATIONS  region: table count (`reconciler violations list`)"]
+        lines += [f"  {region:>10}: {table} {count}" for region, table, count in violated]
 
     problems = [p for r in report.regions.values() for p in r.problems]
     lines += ["", "OK: every region ACTIVE and reachable" if report.ok else "PROBLEMS"]

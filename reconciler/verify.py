@@ -46,7 +46,7 @@ from typing import Any
 
 from .config import Config, TableConfig
 from .diff import diff_regions
-from .errors import ReconcilerError
+from .errors import ReconcilerError, StoreError
 from .hlc import Timestamp
 from .lifecycle import RootComparison
 from .merkle import DiffResult, Key
@@ -306,6 +306,9 @@ class RepairOutcome:
     repaired: list[str]
     #: keys no region holds metadata for: only copying a row can fix them
     unmanaged: list[str]
+    #: (key, region, why) where that region's database refused the winning version (a
+    #: constraint the event's origin does not have): left divergent for the gate to report
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def repair_keys(
@@ -343,23 +346,36 @@ def repair_keys(
             else:
                 outcome.unmanaged.append(key)
             continue
+        refused = False
         for r in targets:
-            with pg.connect(config.region(r).dsn, region=r) as conn, translated(region=r, step="repair"), \
-                    conn.transaction():
-                pg.lock_keys(conn, [(table, key)])
-                # read again under the key lock: the inbox may have applied an event since
-                # `states` was read, and writing an older state over it would undo it
-                fresh = pg.load_states(conn, table, [key]).get(key)
-                if policy != "merge":
-                    state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
-                elif fresh is not None:
-                    state = fresh
-                else:
-                    continue
-                writer = pg.TableWriter.build(conn, config.tables[table])
-                pg.write_states(conn, writer, {key: state})
-        outcome.repaired.append(key)
+            try:
+                _repair_one(config, table, key, r, policy, present)
+            except StoreError as exc:
+                if exc.retryable:
+                    raise
+                outcome.refused.append((key, r, exc.message))
+                refused = True
+        if not refused:
+            outcome.repaired.append(key)
     return outcome
+
+
+def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
+                present: dict[str, RowState]) -> None:
+    with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="repair"), \
+            conn.transaction():
+        pg.lock_keys(conn, [(table, key)])
+        # read again under the key lock: the inbox may have applied an event since
+        # `present` was read, and writing an older state over it would undo it
+        fresh = pg.load_states(conn, table, [key]).get(key)
+        if policy != "merge":
+            state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
+        elif fresh is not None:
+            state = fresh
+        else:
+            return
+        writer = pg.TableWriter.build(conn, config.tables[table])
+        pg.write_states(conn, writer, {key: state})
 
 
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> bool:
@@ -377,6 +393,8 @@ def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, targe
         pg.lock_keys(dst, [(table, key)])
         if pg.load_states(dst, table, [key]):
             return False
+        # a copy of a row nobody has metadata for is a repair, not a new write to replicate
+        dst.execute("SELECT set_config('reconciler.capture', 'off', true)")
         dst.execute(sql.SQL("DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS k"
                             " WHERE ").format(t=ident) + match, (_key_records(spec, [key]),))
         if row is not None:

@@ -52,7 +52,7 @@ class Acl:
         return f"--add --allow-principal {self.principal} --operation {operation} {flag} {self.name}{pattern}"
 
 
-def region_acls(topic_prefix: str, region: str) -> list[Acl]:
+def region_acls(topic_prefix: str, region: str, compensation_topic: str | None = None) -> list[Acl]:
     """What ``region``'s principal needs, and nothing more.
 
     No IdempotentWrite on the cluster: since Kafka 3.0 (KIP-679) WRITE on a topic is
@@ -68,6 +68,9 @@ def region_acls(topic_prefix: str, region: str) -> list[Acl]:
         Acl(user, "TOPIC", "LITERAL", own_topic, "WRITE"),
         Acl(user, "TOPIC", "LITERAL", control, "WRITE"),
         Acl(user, "TOPIC", "LITERAL", control, "READ"),
+        # the relay publishes compensation events (docs/compensation-events.md); every
+        # region writes its own copy of each, with the same id
+        Acl(user, "TOPIC", "LITERAL", compensation_topic or f"{topic_prefix}.compensation", "WRITE"),
         Acl(user, "TOPIC", "PREFIXED", f"{topic_prefix}.events.", "READ"),
         Acl(user, "GROUP", "LITERAL", f"{topic_prefix}.inbox.{region}", "READ"),
         Acl(user, "GROUP", "LITERAL", f"{topic_prefix}.heartbeat.{region}", "READ"),

@@ -1,10 +1,16 @@
-"""The workload's history: one JSON line per ACKNOWLEDGED write.
+"""The workload's history: one JSON line per ACKNOWLEDGED write (and per in-doubt attempt).
 
-A write enters the history only after its transaction committed and the client
-saw the commit succeed; that is the promise the checker holds the system to (an
-acknowledged write must reach every region). Writes that failed, or whose commit
-outcome the client never learned, are not in it: the checker finds the latter in
-the outboxes and calls them in-doubt.
+A write enters the history as acknowledged only after its transaction committed
+and the client saw the commit succeed; that is the promise the checker holds the
+system to (an acknowledged write must reach every region). A write whose commit
+outcome the client never learned (the connection died during COMMIT) is recorded
+too, marked ``acknowledged: false``: :func:`load_history` leaves it out, and the
+checker counts it as a write only if some region holds its event id.
+
+What a record says is what the client asked for (``values``: the whole row of an
+insert, only the changed columns of an update), not the row the implementation
+built from it, so that the checker's models start from the client's side. The
+HLC stamp and ``prior`` are what the write was acknowledged with.
 
 Pure apart from :class:`HistoryWriter` (an append-only file) and
 :func:`load_history`, which read and write nothing but the given path.
@@ -17,9 +23,38 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
-from ..model import Event
+
+class _Stamp(Protocol):
+    def pack(self) -> int: ...
+
+
+class _Operation(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class AcknowledgedEvent(Protocol):
+    """What a write returned to its client (``reconciler.model.Event`` has this shape;
+    the history does not import the implementation)."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def table(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def operation(self) -> _Operation: ...
+    @property
+    def hlc(self) -> _Stamp: ...
+    @property
+    def prior(self) -> _Stamp | None: ...
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -41,15 +76,28 @@ class WriteRecord:
     #: wall time (seconds since the epoch) of the acknowledgement
     at: float = 0.0
     writer: str = ""
+    #: False: the client never learned whether the commit succeeded
+    acknowledged: bool = True
+    #: the key columns and their values, as the client named the row
+    key_values: Mapping[str, Any] | None = None
 
     @property
     def stamp(self) -> tuple[int, str]:
         return (self.hlc, self.region)
 
     @classmethod
-    def of_event(cls, event: Event, at: float, writer: str = "") -> WriteRecord:
+    def of_event(
+        cls, event: AcknowledgedEvent, at: float, writer: str = "", *,
+        key: Mapping[str, Any] | None = None, requested: Mapping[str, Any] | None = None,
+        acknowledged: bool = True,
+    ) -> WriteRecord:
+        """The record of a write the client made. With ``key``/``requested`` (the key
+        and the values the client passed), ``values`` is what the client asked for
+        plus its key; without them, the event's payload stands in (older callers)."""
         payload = event.payload
         values = payload.get("values")
+        if key is not None and event.operation.value != "delete":
+            values = {**dict(requested or {}), **dict(key)}
         return cls(
             event_id=event.event_id,
             region=event.origin,
@@ -64,6 +112,8 @@ class WriteRecord:
             set_remove={c: list(v) for c, v in (payload.get("set_remove") or {}).items()},
             at=at,
             writer=writer,
+            acknowledged=acknowledged,
+            key_values=dict(key) if key is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +131,8 @@ class WriteRecord:
             "set_remove": {c: list(v) for c, v in self.set_remove.items()},
             "at": self.at,
             "writer": self.writer,
+            "acknowledged": self.acknowledged,
+            "key_values": dict(self.key_values) if self.key_values is not None else None,
         }
 
     @classmethod
@@ -99,6 +151,8 @@ class WriteRecord:
             set_remove=dict(doc.get("set_remove") or {}),
             at=float(doc.get("at") or 0.0),
             writer=str(doc.get("writer") or ""),
+            acknowledged=bool(doc.get("acknowledged", True)),
+            key_values=doc.get("key_values"),
         )
 
 
@@ -130,7 +184,17 @@ class HistoryWriter:
 
 
 def load_history(path: Path) -> list[WriteRecord]:
-    """Every record of a history file; a torn last line (a killed drill) is ignored."""
+    """The acknowledged writes of a history file; a torn last line (a killed drill)
+    is ignored."""
+    return [r for r in _load(path) if r.acknowledged]
+
+
+def load_attempts(path: Path) -> list[WriteRecord]:
+    """The in-doubt attempts of a history file (commit outcome never learned)."""
+    return [r for r in _load(path) if not r.acknowledged]
+
+
+def _load(path: Path) -> list[WriteRecord]:
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,9 +24,8 @@ from .. import merkle
 from ..config import Config, TableConfig
 from ..diff import diff_tables
 from ..errors import ReconcilerError
-from ..model import encode_key
 from ..store.merkle_scan import CANONICAL_SETTINGS, key_text_sql, row_hash_sql
-from .checker import CommittedEvent, ConflictEntry, InboxEntry, PairDiff, RegionSnapshot
+from .checker import CommittedEvent, ConflictEntry, InboxEntry, PairDiff, RegionSnapshot, row_key
 
 # ---------------------------------------------------------------- final state
 
@@ -54,7 +52,8 @@ def read_snapshot(config: Config, region: str) -> RegionSnapshot:
             for name, table in config.tables.items():
                 found = conn.execute(
                     sql.SQL("SELECT to_jsonb(t) FROM {} t").format(sql.Identifier(table.schema, name))).fetchall()
-                rows[name] = {encode_key(doc, table.key): doc for (doc,) in found}
+                # keyed by the checker's own key encoding, not the implementation's
+                rows[name] = {row_key(doc, table.key): doc for (doc,) in found}
     except (psycopg.Error, OSError) as exc:
         return RegionSnapshot(region=region, state=None, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
     return RegionSnapshot(
@@ -86,9 +85,7 @@ def merkle_roots(config: Config, region: str, parked: Mapping[str, set[str]]) ->
 
 
 def _key_text(columns: tuple[str, ...], key: tuple[Any, ...]) -> str:
-    if len(columns) == 1:
-        return str(key[0])
-    return json.dumps(list(key), separators=(",", ":"), default=str)
+    return row_key(dict(zip(columns, key, strict=True)), columns)
 
 
 def pair_diffs(config: Config) -> list[PairDiff]:

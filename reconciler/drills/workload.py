@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,9 @@ from ..model import Event
 from .history import HistoryWriter, WriteRecord
 
 TAGS = ("new", "sale", "clearance", "gift", "eco", "bulk")
+
+#: the advisory lock around the HLC's setval (reconciler/sql/001_foundation.sql)
+_HLC_LOCK = 7165108711
 ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
 PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
 
@@ -53,6 +56,8 @@ class WorkloadSpec:
     mix: tuple[float, float, float] = (0.5, 0.35, 0.15)
     order_delete_ratio: float = 0.05
     seed: int = 7
+    #: seed one order written by two regions with the same HLC stamp (see Workload.seed_tie)
+    tie: bool = True
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Workload:
         self._lock = threading.Lock()
         self.acked: Counter[str] = Counter()
         self.started_at: float | None = None
+        #: the order key two regions wrote with one stamp, once seed_tie managed it
+        self.tied: str | None = None
 
     # ---------------------------------------------------------------- control
 
@@ -98,6 +105,49 @@ class Workload:
         for i in range(self.spec.shared_payments):
             self.write(first, "payments", "insert", {"id": f"pay-shared-{i}"},
                        values={"order_id": f"ord-{i}", "amount_cents": 1000 + i, "status": "authorized"})
+        if self.spec.tie:
+            self.seed_tie()
+
+    def seed_tie(self, attempts: int = 5) -> bool:
+        """Two regions insert one order with the very same HLC stamp, so that every drill
+        exercises last-writer-wins' tie-break by region id (equal stamps are rare by
+        chance). Both clocks are moved to one value a little ahead of physical time
+        (forward only, as the clock-skew drill does), then both regions insert the key
+        at once, before either can have seen the other's write. Returns whether the
+        stamps came out equal (a clock ticking in between spoils an attempt; the
+        writes stand all the same, on keys the writers never touch)."""
+        if len(self.regions) < 2:
+            return False
+        pair = self.regions[:2]
+        for attempt in range(attempts):
+            key = f"ord-tie-{attempt}"
+            conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5, autocommit=True) for r in pair}
+            try:
+                ahead = 0
+                for conn in conns.values():
+                    row = conn.execute(
+                        "SELECT greatest((SELECT last_value FROM reconciler.hlc_clock),"
+                        " (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16)").fetchone()
+                    assert row is not None
+                    ahead = max(ahead, int(row[0]))
+                target = ahead + (300 << 16)  # 300 ms ahead: well inside any max offset
+                for conn in conns.values():
+                    conn.execute("SELECT pg_advisory_lock(%s)", (_HLC_LOCK,))
+                    try:
+                        conn.execute("SELECT setval('reconciler.hlc_clock', greatest(%s,"
+                                     " (SELECT last_value FROM reconciler.hlc_clock)))", (target,))
+                    finally:
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (_HLC_LOCK,))
+            finally:
+                for conn in conns.values():
+                    conn.close()
+            events = self._insert_together(pair, key)
+            if len(events) == len(pair) and len({e.hlc for e in events.values()}) == 1:
+                self.tied = key
+                return True
+            if not events:
+                return False  # refused everywhere: trying again would not help
+        return False
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -128,18 +178,87 @@ class Workload:
         with self._lock:
             return Counter(self.acked)
 
-    def write(self, region: str, table: str, op: str, key: dict[str, Any], **kwargs: Any) -> Event:
-        """One scenario-directed write, recorded once its commit returned."""
+    def write(self, region: str, table: str, op: str, key: dict[str, Any], *, hold_seconds: float = 0.0,
+              **kwargs: Any) -> Event:
+        """One scenario-directed write, recorded once its commit returned; ``hold_seconds``
+        keeps its transaction open that long after the write (stamped early, committed late)."""
+        attempt = _Attempt()
         with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
-            with conn.transaction():
-                event = outbox.write(conn, table, op, key, **kwargs)
-        self._record(event, "drill")
+            try:
+                with conn.transaction():
+                    event = attempt.write(conn, table, op, key, **kwargs)
+                    if hold_seconds:
+                        time.sleep(hold_seconds)
+            except (psycopg.Error, OSError):
+                self._record_in_doubt(attempt, "drill")
+                raise
+        self._record(attempt, "drill")
         return event
 
-    def _record(self, event: Event, writer: str) -> None:
-        self.history.append(WriteRecord.of_event(event, time.time(), writer))
+    def write_together(
+        self, region: str, body: Callable[[psycopg.Connection[Any]], list[Event]], writer: str = "drill",
+    ) -> list[Event]:
+        """Several writes in one transaction (a purchase: the stock and the order), each
+        recorded once the commit returned; ``body`` may write nothing."""
+        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
+            with conn.transaction():
+                events = body(conn)
+        self.record(events, writer)
+        return events
+
+    def record(self, events: Iterable[Event], writer: str) -> None:
+        """Writes committed by someone else in the drill (a saga), for the checker's history."""
+        for event in events:
+            self.history.append(WriteRecord.of_event(event, time.time(), writer))
+            with self._lock:
+                self.acked[event.origin] += 1
+
+    def _insert_together(self, regions: list[str], key: str) -> dict[str, Event]:
+        """Each region inserts ``key`` at the same moment (connections opened first)."""
+        events: dict[str, Event] = {}
+        conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5) for r in regions}
+        barrier = threading.Barrier(len(regions))
+
+        def insert(region: str) -> None:
+            attempt = _Attempt()
+            barrier.wait(10)
+            try:
+                with conns[region].transaction():
+                    attempt.write(conns[region], "orders", "insert", {"id": key}, values={
+                        "customer": f"cust-{region}", "status": "new", "total_cents": 100, "note": f"tie@{region}"})
+            except (psycopg.Error, OSError):
+                self._record_in_doubt(attempt, "drill")
+                return
+            except ReconcilerError:
+                return  # refused (no orders table in this drill, say): no tie, nothing written
+            self._record(attempt, "drill")
+            assert attempt.event is not None
+            events[region] = attempt.event
+
+        threads = [threading.Thread(target=insert, args=(r,), name=f"tie-{r}") for r in regions]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        finally:
+            for conn in conns.values():
+                conn.close()
+        return events
+
+    def _record(self, attempt: _Attempt, writer: str) -> None:
+        assert attempt.event is not None
+        self.history.append(WriteRecord.of_event(attempt.event, time.time(), writer, key=attempt.key,
+                                                 requested=attempt.values))
         with self._lock:
-            self.acked[event.origin] += 1
+            self.acked[attempt.event.origin] += 1
+
+    def _record_in_doubt(self, attempt: _Attempt, writer: str) -> None:
+        """The write was built but its COMMIT failed: it may have committed. The
+        checker counts it only if some region holds its event."""
+        if attempt.event is not None:
+            self.history.append(WriteRecord.of_event(attempt.event, time.time(), writer, key=attempt.key,
+                                                     requested=attempt.values, acknowledged=False))
 
     # ---------------------------------------------------------------- one writer
 
@@ -163,13 +282,15 @@ class Workload:
                 if conn is not None and (connected_to != target or conn.closed or conn.broken):
                     _close(conn)
                     conn = None
+                attempt = _Attempt()
                 try:
                     if conn is None:
                         conn = psycopg.connect(self.dsns[target], connect_timeout=2)
                         connected_to = target
-                    event = self._one_write(conn, stats, rnd, n, own_payments)
+                    self._one_write(conn, attempt, stats, rnd, n, own_payments)
                 except (psycopg.Error, ReconcilerError, OSError) as exc:
-                    # unacknowledged: nothing recorded; a dead connection is reopened
+                    # unacknowledged: recorded only as in doubt; a dead connection is reopened
+                    self._record_in_doubt(attempt, stats.name)
                     stats.failed += 1
                     kind = _failure_kind(exc)
                     stats.failures[kind] += 1
@@ -184,7 +305,7 @@ class Workload:
                 n += 1
                 stats.acknowledged += 1
                 stats.by_target[target] += 1
-                self._record(event, stats.name)
+                self._record(attempt, stats.name)
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -195,7 +316,7 @@ class Workload:
             _close(conn)
 
     def _one_write(
-        self, conn: psycopg.Connection[Any], stats: WriterStats, rnd: random.Random, n: int,
+        self, conn: psycopg.Connection[Any], attempt: _Attempt, stats: WriterStats, rnd: random.Random, n: int,
         own_payments: list[str],
     ) -> Event:
         spec = self.spec
@@ -203,18 +324,16 @@ class Workload:
         with conn.transaction():
             if pick < spec.mix[0]:
                 key = f"ord-{rnd.randrange(spec.order_keys)}"
-                found = conn.execute(
-                    "SELECT deleted FROM reconciler.row_meta WHERE table_name = 'orders' AND row_key = %s", (key,)
-                ).fetchone()
-                live = found is not None and not found[0]
+                # the client looks at its own table, as a service would, not at replication metadata
+                live = conn.execute("SELECT 1 FROM orders WHERE id = %s", (key,)).fetchone() is not None
                 values = {"status": rnd.choice(ORDER_STATUSES), "total_cents": rnd.randint(100, 50_000),
                           "note": f"{stats.name}#{n}"}
                 if not live:
-                    return outbox.write(conn, "orders", "insert", {"id": key},
+                    return attempt.write(conn, "orders", "insert", {"id": key},
                                         values={"customer": f"cust-{stats.home}", **values})
                 if rnd.random() < spec.order_delete_ratio:
-                    return outbox.write(conn, "orders", "delete", {"id": key})
-                return outbox.write(conn, "orders", "update", {"id": key}, values=values)
+                    return attempt.write(conn, "orders", "delete", {"id": key})
+                return attempt.write(conn, "orders", "update", {"id": key}, values=values)
             if pick < spec.mix[0] + spec.mix[1] and spec.skus:
                 sku = f"sku-{rnd.randrange(spec.skus)}"
                 kwargs: dict[str, Any] = {"deltas": {"stock": rnd.choice((-3, -2, -1, 1, 2, 5))}}
@@ -223,21 +342,38 @@ class Workload:
                     kwargs["set_add"] = {"tags": [rnd.choice(TAGS)]}
                 elif roll < 0.45:
                     kwargs["set_remove"] = {"tags": [rnd.choice(TAGS)]}
-                return outbox.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
+                return attempt.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
             if spec.shared_payments and rnd.random() < spec.shared_payment_ratio:
                 key = f"pay-shared-{rnd.randrange(spec.shared_payments)}"
                 values = {"status": rnd.choice(PAYMENT_STATUSES), "amount_cents": rnd.randint(1, 9999)}
-                return outbox.write(conn, "payments", "update", {"id": key}, values=values)
+                return attempt.write(conn, "payments", "update", {"id": key}, values=values)
             if own_payments and rnd.random() < 0.4:
                 key = rnd.choice(own_payments)
-                return outbox.write(conn, "payments", "update", {"id": key},
+                return attempt.write(conn, "payments", "update", {"id": key},
                                     values={"status": rnd.choice(PAYMENT_STATUSES)})
             key = f"pay-{stats.name.replace('/', '-')}-{n}"
-            event = outbox.write(conn, "payments", "insert", {"id": key},
+            event = attempt.write(conn, "payments", "insert", {"id": key},
                                  values={"order_id": f"ord-{rnd.randrange(max(1, spec.order_keys))}",
                                          "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
         own_payments.append(key)  # only once committed: an uncommitted insert is no payment
         return event
+
+
+class _Attempt:
+    """One write as its client made it: what it asked for, and the event it got back
+    (before the commit, so that a commit whose outcome is unknown is still known)."""
+
+    def __init__(self) -> None:
+        self.event: Event | None = None
+        self.key: dict[str, Any] = {}
+        self.values: dict[str, Any] | None = None
+
+    def write(self, conn: psycopg.Connection[Any], table: str, op: str, key: dict[str, Any],
+              **kwargs: Any) -> Event:
+        self.key = dict(key)
+        self.values = dict(kwargs.get("values") or {})
+        self.event = outbox.write(conn, table, op, key, **kwargs)
+        return self.event
 
 
 def _failure_kind(exc: BaseException) -> str:

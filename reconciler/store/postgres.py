@@ -20,11 +20,12 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from ..config import TableConfig
-from ..errors import FencedError, LifecycleError, StoreError
+from ..errors import FencedError, LifecycleError, ReconcilerError, StoreError
 from ..hlc import Timestamp
 from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
 from . import quarantine as quarantine_store
+from .invariants import check_invariants, validate_invariants
 from .merkle_leaves import install_leaves
 from .translate import translated
 
@@ -52,8 +53,9 @@ def json_text(value: Any) -> str:
 
 
 def key_lock_id(table: str, key: str) -> int:
-    """A stable signed 64-bit id for the per-key advisory lock shared by writers and apply."""
-    digest = hashlib.blake2b(f"{table}\x00{key}".encode(), digest_size=8).digest()
+    """A stable signed 64-bit id for the per-key advisory lock shared by writers and apply:
+    the number SQL's reconciler.key_lock_id gives (migration 009), which capture triggers take."""
+    digest = hashlib.md5(f"{table}/{key}".encode(), usedforsecurity=False).digest()[:8]
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -111,6 +113,9 @@ def migrate(conn: Connection, region: str, max_offset_ms: int, tables: Iterable[
             )
             # in this transaction, so leaves and triggers appear together with the schema
             install_leaves(conn, table)
+            validate_invariants(conn, table)  # a bad expression fails the whole migrate, naming it
+            conn.execute("UPDATE reconciler.replicated_table SET invariants = %s::jsonb WHERE table_name = %s",
+                         (json_text(dict(table.invariants)), table.name))
     return applied
 
 
@@ -133,11 +138,13 @@ def region_id(conn: Connection) -> str:
 def replicated_tables(conn: Connection) -> dict[str, TableConfig]:
     with translated(step="replicated_tables"):
         rows = conn.execute(
-            "SELECT table_name, schema_name, key_columns, policy, field_rules FROM reconciler.replicated_table"
+            "SELECT table_name, schema_name, key_columns, policy, field_rules, invariants"
+            " FROM reconciler.replicated_table"
         ).fetchall()
     return {
-        name: TableConfig(name=name, key=tuple(keys), policy=policy, fields=dict(rules), schema=schema)
-        for name, schema, keys, policy, rules in rows
+        name: TableConfig(name=name, key=tuple(keys), policy=policy, fields=dict(rules), schema=schema,
+                          invariants=dict(invariants))
+        for name, schema, keys, policy, rules, invariants in rows
     }
 
 
@@ -226,9 +233,12 @@ class TableWriter:
 
 def lock_keys(conn: Connection, pairs: Iterable[tuple[str, str]]) -> None:
     """Per-key transaction locks, taken in one sorted order so two batches never deadlock."""
-    ids = sorted({key_lock_id(table, key) for table, key in pairs})
-    if ids:
-        conn.execute("SELECT pg_advisory_xact_lock(x) FROM unnest(%s::bigint[]) AS x ORDER BY x", (ids,))
+    # on the server: the business rows of captured tables first, then the advisory
+    # locks, the order a client's captured UPDATE takes them in (migration 009)
+    keys = sorted(set(pairs))
+    if keys:
+        conn.execute("SELECT reconciler.lock_keys(%s::text[], %s::text[])",
+                     ([t for t, _ in keys], [k for _, k in keys]))
 
 
 def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, RowState]:
@@ -269,7 +279,17 @@ def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, Row
         for key, s in states.items()
     ]
     shape = (any(not row[3] for row in doc), any(row[3] for row in doc))
+    # reconciler's own writes are not captured again (migration 009); the setting is put back after
+    was = conn.execute(_CAPTURE_OFF).fetchone()
     conn.execute(writer.write[shape], (_encode(doc), table.name))
+    conn.execute(_CAPTURE_BACK, (was[0] if was else None,))
+    # every writer (apply, replay, repair, a service's outbox.write) passes here, in its transaction
+    check_invariants(conn, table, states)
+
+
+#: turn capture off for this transaction's next statement, returning what it was
+_CAPTURE_OFF = "SELECT current_setting('reconciler.capture', true), set_config('reconciler.capture', 'off', true)"
+_CAPTURE_BACK = "SELECT set_config('reconciler.capture', coalesce(%s, ''), true)"
 
 
 def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]:
@@ -418,14 +438,16 @@ def acquire_lease(conn: Connection, origin: str, holder: str) -> int:
     return int(epoch_row[0])
 
 
-def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int]:
+def _check_epoch(conn: Connection, origin: str, epoch: int) -> tuple[int, int, int]:
+    """(last_sequence, published_through, WAL position) under the relay_state row lock."""
     row = conn.execute(
-        "SELECT epoch, last_sequence, published_through FROM reconciler.relay_state WHERE origin = %s FOR UPDATE",
+        "SELECT epoch, last_sequence, published_through, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+        " FROM reconciler.relay_state WHERE origin = %s FOR UPDATE",
         (origin,),
     ).fetchone()
     if row is None or row[0] != epoch:
         raise FencedError("relay epoch moved on: a newer relay holds the lease", region=origin, epoch=epoch)
-    return int(row[1]), int(row[2])
+    return int(row[1]), int(row[2]), int(row[3])
 
 
 # An outbox row with its number, found by position: the outbox row of each sequence
@@ -496,7 +518,7 @@ def claim_messages(
     Fenced by the epoch like every relay write.
     """
     with translated(region=origin, step="claim messages"), conn.transaction():
-        last, published = _check_epoch(conn, origin, epoch)
+        last, published, _lsn = _check_epoch(conn, origin, epoch)
         after = max(after, published)
         rows: list[tuple[int, str, str]] = []
         if last > after:
@@ -538,14 +560,16 @@ def _outbox_event(origin: str, row: tuple[Any, ...]) -> Event:
     )
 
 
-def mark_published(conn: Connection, origin: str, epoch: int, through: int) -> None:
+def mark_published(conn: Connection, origin: str, epoch: int, through: int) -> int:
+    """Record ``through`` as published; returns the WAL position seen (see DatabaseMark)."""
     with translated(region=origin, step="mark published"), conn.transaction():
-        _, published = _check_epoch(conn, origin, epoch)
+        _, published, lsn = _check_epoch(conn, origin, epoch)
         if through > published:
             conn.execute(
                 "UPDATE reconciler.relay_state SET published_through = %s, updated_at = now() WHERE origin = %s",
                 (through, origin),
             )
+    return lsn
 
 
 def create_demo_tables(conn: Connection) -> None:
@@ -658,6 +682,95 @@ def outbox_ranges(conn: Connection, origin: str) -> list[tuple[int, int]]:
         ).fetchall()
         conn.commit()
     return [(int(lo), int(hi)) for lo, hi in rows]
+
+
+def own_ranges(conn: Connection, origin: str) -> list[tuple[int, int]]:
+    """Sequences of ``origin`` this database accounts for as its own: every numbered
+    outbox row and the prefix retention pruned (migration 007). Not the relay counter:
+    that only says which numbers must never be given again, and recovery raises it
+    past events it has not brought back yet."""
+    with translated(step="own ranges"):
+        rows = conn.execute(
+            "SELECT 1, pruned_through FROM reconciler.relay_state WHERE origin = %s AND pruned_through > 0"
+            " UNION ALL SELECT min(relay_sequence), max(relay_sequence) FROM ("
+            "  SELECT relay_sequence, relay_sequence - row_number() OVER (ORDER BY relay_sequence) AS g"
+            "  FROM reconciler.outbox_sequence WHERE origin = %s) s GROUP BY g ORDER BY 1, 2",
+            (origin, origin),
+        ).fetchall()
+        conn.commit()
+    out: list[tuple[int, int]] = []
+    for lo, hi in rows:
+        if out and out[-1][1] + 1 >= lo:
+            out[-1] = (out[-1][0], max(out[-1][1], int(hi)))
+        else:
+            out.append((int(lo), int(hi)))
+    return out
+
+
+@dataclass(frozen=True)
+class DatabaseMark:
+    """What a relay remembers of its database, to recognise a restore under it.
+
+    A physical restore keeps the system identifier and, without a point-in-time
+    target, the timeline; what it cannot keep is anything written after the backup:
+    the WAL insert position goes back, and so do the relay's own counters and the
+    lease epoch it bumped. Each of these only ever grows on a database that was not
+    restored (crash recovery replays to the end of the written WAL).
+    """
+
+    lsn: int
+    last_sequence: int
+    published_through: int
+    epoch: int
+
+    def behind(self, seen: DatabaseMark) -> list[str]:
+        """Why this (newer) reading shows a database older than ``seen``; empty: not restored."""
+        why = []
+        if self.lsn < seen.lsn:
+            why.append(f"WAL position went back from {seen.lsn} to {self.lsn}")
+        if self.last_sequence < seen.last_sequence:
+            why.append(f"relay counter went back from {seen.last_sequence} to {self.last_sequence}")
+        if self.published_through < seen.published_through:
+            why.append(f"published_through went back from {seen.published_through} to {self.published_through}")
+        if self.epoch <= seen.epoch:
+            why.append(f"relay lease epoch {self.epoch} not above the {seen.epoch} already held")
+        return why
+
+    def advanced(self, lsn: int = 0, last_sequence: int = 0, published_through: int = 0) -> DatabaseMark:
+        return DatabaseMark(max(self.lsn, lsn), max(self.last_sequence, last_sequence),
+                            max(self.published_through, published_through), self.epoch)
+
+
+def database_mark(conn: Connection, origin: str, epoch: int) -> DatabaseMark:
+    """The database as it is now (see :class:`DatabaseMark`), ``epoch`` being the lease just taken."""
+    with translated(region=origin, step="read database mark"):
+        row = conn.execute(
+            "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint,"
+            " coalesce((SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s), 0),"
+            " coalesce((SELECT published_through FROM reconciler.relay_state WHERE origin = %s), 0)",
+            (origin, origin),
+        ).fetchone()
+        conn.commit()
+    assert row is not None
+    return DatabaseMark(int(row[0]), int(row[1]), int(row[2]), epoch)
+
+
+def peers_seen_through(dsns: Mapping[str, str], origin: str) -> dict[str, int]:
+    """The highest sequence of ``origin`` each reachable peer applied (its inbox, or
+    its pruning floor); unreachable peers are left out."""
+    seen: dict[str, int] = {}
+    for peer, dsn in dsns.items():
+        try:
+            with connect(dsn, region=peer, timeout=3) as conn, translated(region=peer, step="peer high-water"):
+                row = conn.execute(
+                    "SELECT greatest((SELECT max(sequence) FROM reconciler.inbox WHERE origin = %s),"
+                    " (SELECT through FROM reconciler.inbox_floor WHERE origin = %s))",
+                    (origin, origin),
+                ).fetchone()
+        except ReconcilerError:
+            continue
+        seen[peer] = int(row[0]) if row and row[0] is not None else 0
+    return seen
 
 
 def relay_position(conn: Connection, origin: str) -> tuple[int, int]:

@@ -131,7 +131,11 @@ def _prune_outbox_batch(conn: Connection, region: str, cutoff: int, limit: int, 
             f"WITH {_OUTBOX_DOOMED},"
             " rows AS (DELETE FROM reconciler.outbox o USING doomed d WHERE o.position = d.position),"
             " numbers AS (DELETE FROM reconciler.outbox_sequence q USING doomed d WHERE q.position = d.position"
-            "  RETURNING q.relay_sequence)"
+            "  RETURNING q.relay_sequence),"
+            # the pruned prefix still counts as this region's own (gap analysis, migration 007)
+            " floor AS (UPDATE reconciler.relay_state SET pruned_through = greatest(pruned_through,"
+            "  (SELECT max(relay_sequence) FROM numbers)) WHERE origin = %(region)s"
+            "  AND EXISTS (SELECT 1 FROM numbers))"
             " SELECT count(*), max(relay_sequence) FROM numbers"
         )
     row = conn.execute(query, params).fetchone()

@@ -23,7 +23,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from ..errors import ReconcilerError, TransportError, TransportUnavailable
+from ..errors import FencedError, ReconcilerError, TransportError, TransportUnavailable
 from ..redact import safe_kafka_settings
 
 # error codes after which a retry (same call, later) can succeed
@@ -49,7 +49,13 @@ _RETRYABLE = {
 _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
 
 _PRODUCER_REQUIRED = {"enable.idempotence": "true", "acks": "all"}
-_CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false"}
+# read_committed: what a relay fenced off (a zombie that lost its lease) appended in an
+# aborted transaction is never delivered
+_CONSUMER_REQUIRED = {"enable.auto.commit": "false", "enable.auto.offset.store": "false",
+                      "isolation.level": "read_committed"}
+#: a newer producer with the same transactional id took over: the one that gets it is a zombie
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+           KafkaError.TRANSACTION_COORDINATOR_FENCED}
 # the broker knows who we are but its ACLs say no: a retry cannot help, an operator must
 _ACCESS_DENIED = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -112,6 +118,8 @@ def translate(
         message = f"Kafka error {kerr.name()}: {kerr.str()}"
         if code in _UNREACHABLE:
             return TransportUnavailable(message, **context)
+        if code in _FENCED:
+            return FencedError(message + " (a newer relay's producer fenced this one)", **context)
         return TransportError(message, retryable=code in _RETRYABLE or kerr.retriable(), **context)
     return TransportError(f"{type(error).__name__}: {error}", **context)
 
@@ -189,14 +197,51 @@ class EventProducer:
     def __len__(self) -> int:
         return len(self._inner)
 
+    def name_in_errors(self, **context: Any) -> None:
+        """Context every error of this producer carries from now on."""
+        self._context.update(context)
+
+    # transactions (a transactional producer only): see transactional_producer
+    def init_transactions(self, timeout: float = 30) -> None:
+        self._call("init transactions", self._inner.init_transactions, timeout)
+
+    def begin_transaction(self) -> None:
+        self._call("begin transaction", self._inner.begin_transaction)
+
+    def commit_transaction(self, timeout: float = 30) -> None:
+        self._call("commit transaction", self._inner.commit_transaction, timeout)
+
+    def abort_transaction(self, timeout: float = 30) -> None:
+        self._call("abort transaction", self._inner.abort_transaction, timeout)
+
+    def _call(self, step: str, method: Callable[..., Any], *args: Any) -> None:
+        try:
+            method(*args)
+        except KafkaException as exc:
+            raise translate_producer(exc, step=step, **self._context) from exc
+
 
 def producer(settings: Mapping[str, str], **overrides: str) -> EventProducer:
     conf: dict[str, Any] = {"linger.ms": "5", "message.timeout.ms": "30000", **settings, **overrides}
     conf = _with_required(conf, _PRODUCER_REQUIRED, "producer")
     try:
-        return EventProducer(Producer(conf))
+        return EventProducer(Producer(conf), settings=settings)
     except KafkaException as exc:
         raise translate(exc, role="producer") from exc
+
+
+def transactional_producer(settings: Mapping[str, str], transactional_id: str, timeout: float = 30.0,
+                           **overrides: str) -> EventProducer:
+    """A producer that appends only inside transactions, under ``transactional_id``.
+
+    ``init_transactions`` bumps the id's producer epoch at the broker: any older producer
+    with the same id (a relay that lost its lease but still runs) is fenced from then
+    on, and its open transaction is aborted, so read_committed consumers never see it.
+    """
+    made = producer(settings, **{"transactional.id": transactional_id, **overrides})
+    made.name_in_errors(transactional_id=transactional_id)
+    made.init_transactions(timeout)
+    return made
 
 
 def consumer(settings: Mapping[str, str], group_id: str, **overrides: str) -> Consumer:
@@ -306,16 +351,19 @@ def _sequence_of(value: bytes | None) -> int | None:
 
 def _assigned_consumer(settings: Mapping[str, str]) -> Consumer:
     # a throwaway group: reading a topic for replay must never move the inbox's committed offsets
-    return consumer(settings, f"reconciler-reader-{uuid.uuid4().hex[:12]}", **{"enable.partition.eof": "true"})
+    # fetch.wait.max.ms: the broker answers an empty fetch at once, so the end of a
+    # partition is known in milliseconds, not after half a second per read
+    return consumer(settings, f"reconciler-reader-{uuid.uuid4().hex[:12]}",
+                    **{"enable.partition.eof": "true", "fetch.wait.max.ms": "10"})
 
 
 def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float = 10.0) -> tuple[int, int] | None:
     """(first, last) sequence the topic still retains, or None when it holds nothing.
 
-    The relay publishes in sequence order (a crash only repeats a suffix), so every
-    sequence from the one at the log start to the highest one published is retained.
-    With several partitions, the highest per-partition first sequence is a safe
-    lower bound.
+    Bounds only: not every sequence between them need be there (a batch aborted when
+    its relay was fenced, a segment compacted, a republish after a crash that began
+    before the log start). What is really there is :func:`retained_ranges`' answer.
+    With several partitions, the highest per-partition first sequence is the lower bound.
     """
     reader = _assigned_consumer(settings)
     try:
@@ -370,7 +418,9 @@ def _drain(reader: Consumer, timeout: float, until: int) -> Iterator[Any]:
     """Messages of the assigned partition up to offset ``until`` (exclusive)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        batch = reader.consume(num_messages=500, timeout=0.5)
+        # a short wait: consume() holds out for a full batch, and the end of a partition
+        # (or a probe's single message) rarely fills one
+        batch = reader.consume(num_messages=500, timeout=0.05)
         for msg in batch:
             err = msg.error()
             if err is not None:
@@ -387,11 +437,12 @@ def _drain(reader: Consumer, timeout: float, until: int) -> Iterator[Any]:
 
 def read_sequences(
     settings: Mapping[str, str], topic: str, wanted: Callable[[int], bool], start_hint: Mapping[int, int] | None = None,
-    batch: int = 500, timeout: float = 30.0,
+    batch: int = 500, timeout: float = 30.0, from_sequence: int | None = None,
 ) -> Iterator[list[tuple[bytes, int, int]]]:
     """Batches of (value, partition, offset) of messages whose sequence ``wanted``
-    accepts, reading every partition from its start (or ``start_hint[partition]``)
-    to its current end. Memory is bounded by ``batch``."""
+    accepts, reading every partition from its start (or ``start_hint[partition]``, or
+    where ``from_sequence`` begins: see :func:`offset_of_sequence`) to its current end.
+    Memory is bounded by ``batch``."""
     reader = _assigned_consumer(settings)
     try:
         meta = reader.list_topics(topic, timeout=timeout)
@@ -399,6 +450,8 @@ def read_sequences(
         for p in partitions:
             low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
             start = max(low, (start_hint or {}).get(p, low))
+            if from_sequence is not None and high > start:
+                start = offset_of_sequence(reader, topic, p, start, high, from_sequence, timeout)
             if high <= start:
                 continue
             reader.assign([TopicPartition(topic, p, start)])
@@ -430,3 +483,87 @@ def read_sequences(
         raise translate(exc, settings=settings, topic=topic, step="replay read") from exc
     finally:
         reader.close()
+
+
+def _first_sequence_from(reader: Consumer, topic: str, p: int, offset: int, high: int,
+                         timeout: float) -> int | None:
+    """The sequence of the first event at or after ``offset`` (poison and transaction
+    markers skipped), None when none is left."""
+    reader.assign([TopicPartition(topic, p, offset)])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = reader.poll(0.5)  # one message at a time: a probe needs one, not a batch
+        if msg is None:
+            continue
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return None
+            raise translate(err, step="read topic")
+        seq = _sequence_of(msg.value())
+        if seq is not None:
+            return seq
+        if (msg.offset() or 0) >= high - 1:
+            return None
+    return None
+
+
+def offset_of_sequence(reader: Consumer, topic: str, p: int, low: int, high: int, sequence: int,
+                       timeout: float = 10.0, linear: int = 512) -> int:
+    """An offset of partition ``p`` from which reading finds every retained event with a
+    sequence >= ``sequence``: a binary search over offsets (a few fetches, not the whole log).
+
+    Sequences grow with offsets except where a relay republished a suffix after a crash;
+    that suffix repeats, in order, everything from its first sequence on, so wherever the
+    search lands among repeated sequences, what follows still holds every one of them.
+    """
+    lo, hi = low, high
+    while hi - lo > linear:
+        mid = (lo + hi) // 2
+        seq = _first_sequence_from(reader, topic, p, mid, high, timeout)
+        if seq is not None and seq < sequence:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tuple[int, int]],
+                    timeout: float = 30.0) -> list[tuple[int, int]]:
+    """Which sequences of ``wanted`` (inclusive ranges) the topic really holds, as sorted
+    inclusive ranges. Read from where each range starts (see :func:`offset_of_sequence`),
+    never assuming that what lies between the first and the last retained is all there."""
+    ranges = sorted(wanted)
+    if not ranges:
+        return []
+    found: set[int] = set()
+    reader = _assigned_consumer(settings)
+    try:
+        meta = reader.list_topics(topic, timeout=timeout)
+        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+        for p in partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high <= low:
+                continue
+            for lo, hi in ranges:
+                start = offset_of_sequence(reader, topic, p, low, high, lo, timeout)
+                reader.assign([TopicPartition(topic, p, start)])
+                for msg in _drain(reader, timeout, until=high):
+                    seq = _sequence_of(msg.value())
+                    if seq is None:
+                        continue
+                    if seq > hi:
+                        break
+                    if seq >= lo:
+                        found.add(seq)
+    except KafkaException as exc:
+        raise translate(exc, topic=topic, step="read retention") from exc
+    finally:
+        reader.close()
+    out: list[tuple[int, int]] = []
+    for seq in sorted(found):
+        if out and out[-1][1] + 1 == seq:
+            out[-1] = (out[-1][0], seq)
+        else:
+            out.append((seq, seq))
+    return out

@@ -190,7 +190,7 @@ def test_pipeline_round_trip_with_per_region_users(stack: DevStack, broker: Kafk
     config = _env(stack, broker, tmp_path)
     report = migrate(config, demo_tables=True)
     assert sorted(report.topics_created) == sorted(
-        [config.events_topic(r) for r in REGIONS] + [config.control_topic]
+        [config.events_topic(r) for r in REGIONS] + [config.control_topic, config.compensation_topic]
     )
     cluster = Cluster(config)
     try:

@@ -230,6 +230,7 @@ def test_divergence_injected_directly_is_found_by_merkle_and_repaired(stack: Any
     finally:
         cluster.stop_all()
     with connect(config, DOWN) as conn:
+        conn.execute("SET LOCAL reconciler.capture = off")  # around the pipeline: not captured, not replicated
         conn.execute("UPDATE orders SET status = 'tampered' WHERE id IN ('k3', 'k77')")
         conn.execute("DELETE FROM orders WHERE id = 'k150'")
         conn.execute("INSERT INTO orders (id, customer, status, total_cents) VALUES ('ghost', 'x', 'new', 1)")

@@ -15,31 +15,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from reconciler import outbox, wire
 from reconciler.config import Config
-from reconciler.errors import TransportError
+from reconciler.errors import FencedError, TransportError
 from reconciler.relay import Relay
 from reconciler.store import postgres as pg
+from reconciler.transport import kafka
 
 from .pipeline import connect, make_env, published_through
 
 
 def topic_messages(config: Config, topic: str) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) on a one-partition topic, in offset order."""
+    """Every committed (key, value) on a one-partition topic, in offset order (the relay
+    publishes in transactions: their commit markers take offsets but are no messages)."""
     consumer = Consumer({**config.kafka_settings("us-east"), "group.id": "test-relay-wire",
-                         "enable.auto.commit": False})
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "isolation.level": "read_committed"})
     try:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        low, _high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
         consumer.assign([TopicPartition(topic, 0, low)])
         out: list[tuple[bytes, bytes]] = []
-        while len(out) < high - low:
+        while True:
             msg = consumer.poll(10)
-            assert msg is not None, f"only {len(out)} of {high - low} messages read"
+            assert msg is not None, f"no end of partition after {len(out)} messages"
+            if msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+                return out
             assert msg.error() is None, msg.error()
             out.append((msg.key(), msg.value()))
-        return out
     finally:
         consumer.close()
 
@@ -82,25 +86,25 @@ def test_server_built_messages_are_the_events_wire_documents(stack: Any, tmp_pat
         assert wire.decode(value) == event
 
 
-class FailingFlush:
-    """A producer whose next ``flush`` reports messages still outstanding."""
+class FailingCommit:
+    """A producer whose next transaction commit fails (as when acknowledgements time out)."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
         self.fail_next = True
 
-    def produce(self, *args: Any, **kwargs: Any) -> None:
-        self.real.produce(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
-    def poll(self, timeout: float) -> int:
-        return int(self.real.poll(timeout))
-
-    def flush(self, timeout: float) -> int:
-        done = self.real.flush(timeout)
+    def commit_transaction(self, timeout: float) -> None:
         if self.fail_next:
             self.fail_next = False
-            return 1
-        return int(done)
+            self.real.flush(timeout)  # the records reached the broker, in a transaction never committed
+            # as the transport's producer reports it: translated, a retry can help
+            raise kafka.translate_producer(
+                KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "publish not acknowledged (test)")),
+                step="commit transaction")
+        self.real.commit_transaction(timeout)
 
 
 def test_failed_publish_is_retried_before_the_batch_read_ahead(stack: Any, tmp_path: Path) -> None:
@@ -114,7 +118,7 @@ def test_failed_publish_is_retried_before_the_batch_read_ahead(stack: Any, tmp_p
     relay.start()
     try:
         assert relay.step() == 10
-        relay._producer = FailingFlush(relay._producer)
+        relay._producer = FailingCommit(relay._producer)
         with pytest.raises(TransportError, match="not acknowledged"):
             relay.step()  # sequences 11-20 "not acknowledged" while 21-30 were read ahead
         assert published_through(config, "us-east") == 10
@@ -126,4 +130,30 @@ def test_failed_publish_is_retried_before_the_batch_read_ahead(stack: Any, tmp_p
         relay.close()
     assert published_through(config, "us-east") == 35
     sequences = [wire.decode(v).sequence for _, v in topic_messages(config, config.events_topic("us-east"))]
-    assert sequences == list(range(1, 21)) + list(range(11, 36))
+    # the failed batch was aborted: consumers never see its first copy
+    assert sequences == list(range(1, 36))
+
+
+def test_a_zombie_relay_cannot_append_once_a_newer_relay_took_the_lease(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"), batch={"relay": 10, "apply": 10})
+    with connect(config, "us-east") as conn:
+        for i in range(25):
+            with conn.transaction():
+                outbox.write(conn, "orders", "insert", {"id": f"z{i}"},
+                             values={"customer": "c", "status": "new", "total_cents": i})
+    zombie = Relay(config, "us-east", holder="zombie")
+    zombie.start()
+    newer = Relay(config, "us-east", holder="newer")
+    try:
+        assert zombie.step() == 10  # and 11-20 read ahead: a batch in hand, checked against the old epoch
+        assert zombie._lease_conn is not None
+        zombie._lease_conn.close()  # its lease session is gone (a partition, a killed backend)
+        newer.start()
+        with pytest.raises(FencedError):
+            zombie.step()  # publishes what it holds: the broker must refuse it
+        assert relay_all(newer) == 15
+    finally:
+        zombie.close()
+        newer.close()
+    sequences = [wire.decode(v).sequence for _, v in topic_messages(config, config.events_topic("us-east"))]
+    assert sequences == list(range(1, 26)), "the zombie's batch reached consumers"

@@ -19,8 +19,10 @@ from .pipeline import TABLES, Cluster, connect, fully_delivered, make_env, scala
 
 EXTRA_TABLES = {
     "line_items": {"key": ["order_id", "line"], "policy": "lww"},
-    "prices": {"key": ["amount"], "policy": "lww"},
-    "bookings": {"key": ["starts_at"], "policy": "lww"},
+    # numeric and timestamptz keys are outside what trigger capture encodes: these two
+    # are written through outbox.write only
+    "prices": {"key": ["amount"], "policy": "lww", "capture": "explicit"},
+    "bookings": {"key": ["starts_at"], "policy": "lww", "capture": "explicit"},
 }
 
 DDL = """
@@ -145,6 +147,7 @@ def test_verify_and_repair_name_keys_as_the_events_do(stack: Any, tmp_path: Path
         assert scalar(config, "ap-south", "SELECT row_key FROM reconciler.inbox WHERE table_name = %s",
                       (table,)) == key
     with connect(config, "ap-south") as conn:
+        conn.execute("SET reconciler.capture = off")  # a hand fix, not a write to replicate
         conn.execute("UPDATE prices SET label = 'tampered'")
         conn.execute("UPDATE line_items SET note = 'tampered'")
         # and one the leaf triggers never see: recover recounts the leaves first

@@ -59,6 +59,7 @@ def test_example_config_documents_every_key_and_loads() -> None:
         ({"retention": {"batch": 0}}, "retention"),
         ({"retention": {"keep_days": 7}}, "retention.keep_days"),
         ({"kafka": {}}, "kafka.bootstrap.servers"),
+        ({"tables": {"orders": {"key": ["id"], "capture": "debezium"}}}, "tables.orders.capture"),
     ],
 )
 def test_errors_name_the_key_and_the_file(tmp_path: Path, patch: dict[str, object], key: str) -> None:
@@ -67,6 +68,13 @@ def test_errors_name_the_key_and_the_file(tmp_path: Path, patch: dict[str, objec
         load_config(path)
     assert caught.value.context["key"] == key
     assert str(path) in str(caught.value)
+
+
+def test_capture_defaults_to_triggers_and_explicit_opts_out(tmp_path: Path) -> None:
+    tables = {"orders": {"key": ["id"]}, "ledger": {"key": ["id"], "capture": "explicit"}}
+    config = load_config(write(tmp_path, {**BASE, "tables": tables}))
+    assert config.tables["orders"].capture == "trigger"
+    assert config.tables["ledger"].capture == "explicit"
 
 
 def test_retention_defaults_to_a_week_and_null_keeps_everything(tmp_path: Path) -> None:

@@ -294,7 +294,7 @@ def test_merge_any_order_through_the_inbox_same_values_and_meta(data: st.DataObj
 @given(st.data())
 def test_merge_matches_the_rules_computed_from_scratch(data: st.DataObject) -> None:
     """Counters never lose an increment, tombstones never resurrect, sets are
-    add-wins, max/min are monotone, unruled columns are per-field lww."""
+    a last-writer-wins element set, max/min are monotone, unruled columns are per-field lww."""
     events = data.draw(histories("merge"))
     rows = deliver(merge, through_inbox(data.draw(deliveries(events))))
     for key in {e.key for e in events}:

@@ -48,3 +48,15 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     plot(report(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_tells_how_an_oversell_was_compensated() -> None:
+    flash = {**report(), "scenario": "flash-sale", "extra": {
+        "heal_to_invariant_restored_seconds": 2.8, "compensation_ids": ["abc123"],
+        "saga": [{"id": "abc123", "outcome": "compensated", "cancelled": ["o-2", "o-1"]},
+                 {"id": "abc123", "outcome": "duplicate", "cancelled": []}]}}
+    text = render(flash)
+    assert "invariant restored 2.8s after the heal; compensation ids abc123" in text
+    assert "saga abc123: compensated (cancelled o-2, o-1)" in text
+    assert "saga abc123: duplicate (cancelled nothing)" in text
+    assert "oversell" not in render(report())

@@ -136,7 +136,7 @@ def test_lww_rows_must_hold_the_greatest_stamp() -> None:
 
 def test_concurrent_writes_need_a_conflict_record_and_manual_ones_a_parked_entry() -> None:
     history = [
-        record("p0", A, "payments", "p", "insert", 100, values={"status": "new"}),
+        record("p0", A, "payments", "p", "insert", 100, values={"id": "p", "status": "new"}),
         record("p1", A, "payments", "p", "update", 110, 100, values={"status": "a"}),
         record("p2", B, "payments", "p", "update", 111, 100, values={"status": "b"}),
     ]
@@ -165,10 +165,16 @@ def test_causally_ordered_writes_are_not_concurrent() -> None:
 def test_a_differing_key_or_merkle_root_is_not_converged() -> None:
     history = [record("e1", A, "orders", "o1", "insert", 100, values=ORDER)]
     snaps = world(history, {"orders": {"o1": ORDER}})
+    # the rows are equal: a diff or a root that says otherwise is wrong itself
     v = verdict(history, snaps, [PairDiff("orders", A, B, ("o1",))])
-    assert not v.regions_converged
+    assert v.regions_converged and failed(v) == {"diff_and_merkle_agree"}
     snaps[B] = replace(snaps[B], roots={**snaps[B].roots, "orders": (2, 1)})
-    assert not verdict(history, snaps).regions_converged
+    assert failed(verdict(history, snaps)) == {"diff_and_merkle_agree"}
+    # rows that differ are not converged, and a diff that misses them is caught too
+    snaps[B] = replace(snaps[B], rows={"orders": {"o1": {**ORDER, "status": "x"}}}, roots=snaps[A].roots)
+    v = verdict(history, snaps)
+    assert not v.regions_converged
+    assert {"regions_converged", "diff_and_merkle_agree", "lww_oracle"} <= failed(v)
 
 
 def test_quarantine_expectations() -> None:
@@ -189,7 +195,7 @@ def test_rto_expected_but_never_measured_fails() -> None:
     assert check(history, snaps, [], TABLES, Expectations(rto_limit_seconds=10), 3.0).passed
 
 
-def test_merge_oracle_is_add_wins_and_counts_every_delta() -> None:
+def test_merge_oracle_is_an_lww_element_set_and_counts_every_delta() -> None:
     writes = committed_writes([
         record("i", A, "inventory", "k", "insert", 100, values={"stock": 1, "tags": ["x", "y"]}),
         record("r", A, "inventory", "k", "update", 110, 100, values={}, set_remove={"tags": ["x"]}),

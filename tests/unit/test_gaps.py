@@ -275,3 +275,23 @@ def test_plan_parts_partition_exactly_the_missing_seqs(
         have = applied.get((o, d), SeqRanges())
         assert not (plan.gap.ranges & have)
         json.dumps(plan.to_dict())
+
+
+def test_own_held_not_the_counter_decides_the_self_gap() -> None:
+    # a's counter was raised to 200 by a batch of returned events that came back in HLC
+    # order (150..200) before 101..149; the counter must not stand in for them
+    applied = {("a", "b"): S((1, 200))}
+    held = {("b", "a"): S((1, 200)), ("a", "a"): S((1, 100), (150, 200))}
+    plans = plan_gaps({"a": 200, "b": 0}, applied, {}, held, own_held={"a": S((1, 100), (150, 200))})
+    own = next(p for p in plans if p.gap.origin == p.gap.destination == "a")
+    assert own.gap.ranges == S((101, 149))
+    assert own.ranges_from(Source.PEER_INBOX) == S((101, 149))
+    # a reservation up to what peers saw (counter 260) hides nothing nobody holds
+    plans = plan_gaps({"a": 260, "b": 0}, {("a", "b"): S((1, 260))}, {}, {("a", "a"): S((1, 100))},
+                      own_held={"a": S((1, 100))})
+    own = next(p for p in plans if p.gap.origin == p.gap.destination == "a")
+    assert own.lost == S((101, 260))
+    # a pruned prefix is held although no outbox row has a payload for it
+    plans = plan_gaps({"a": 50}, {("a", "b"): S((1, 50))}, {}, {("a", "a"): S((41, 50))},
+                      own_held={"a": S((1, 50))})
+    assert [p for p in plans if p.gap.origin == p.gap.destination] == []

@@ -121,6 +121,7 @@ def test_region_acls_allow_writing_only_own_events_and_control() -> None:
     assert writes == {
         ("TOPIC", "LITERAL", "rc.events.us"),
         ("TOPIC", "LITERAL", "rc.control"),
+        ("TOPIC", "LITERAL", "rc.compensation"),
         ("TRANSACTIONAL_ID", "LITERAL", "reconciler-relay.rc.events.us"),
     }
     # nothing prefixed may be written: "us" must not cover "us-east"

@@ -29,7 +29,7 @@ from reconciler.metrics import (
 
 ALLOWED_LABELS = {
     "region", "origin", "destination", "table", "kind", "outcome", "state", "component",
-    "reason", "peer", "from_state", "to_state", "version", "source", "store",
+    "reason", "peer", "from_state", "to_state", "version", "source", "store", "invariant",
 }
 # Labels that prometheus_client adds on its own to histogram samples.
 GENERATED_LABELS = {"le"}
@@ -76,6 +76,7 @@ def busy_metrics() -> Metrics:
     m.record_conflict("orders", "update_update", "applied")
     m.manual_queue_depth.labels(table="orders").set(1)
     m.manual_queue_oldest_age_seconds.set(60)
+    m.invariant_violations_open.labels(table="inventory", invariant="stock_not_negative").set(1)
     m.merkle_divergent_buckets.labels(table="orders", peer="eu-west").set(0)
     m.merkle_divergent_keys.labels(table="orders", peer="eu-west").set(0)
     m.merkle_stale_leaf_buckets.labels(table="orders").set(0)

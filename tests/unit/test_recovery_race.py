@@ -123,6 +123,9 @@ class _World:
     def outbox_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
         return [(1, self.regions[origin].last_sequence)]
 
+    def own_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
+        return [(1, self.regions[origin].last_sequence)]
+
     def inbox_floors(self, conn: str) -> dict[str, int]:
         return {}
 
@@ -144,10 +147,12 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(pg, "relay_position", sim.relay_position)
     monkeypatch.setattr(pg, "inbox_ranges", sim.inbox_ranges)
     monkeypatch.setattr(pg, "outbox_ranges", sim.outbox_ranges)
+    monkeypatch.setattr(pg, "own_ranges", sim.own_ranges)
     monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
     monkeypatch.setattr(quarantine_store, "refused", lambda _conn: [])
     monkeypatch.setattr(quarantine_store, "discarded", lambda _conn: {})
     monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
+    monkeypatch.setattr(recovery, "kafka_held", lambda _c, wanted: dict(wanted))
     monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
     return sim, load_config(path)
 
@@ -204,3 +209,55 @@ def test_a_pruned_prefix_counts_as_applied_but_is_served_by_nobody() -> None:
     ap = plans[("us-east", "ap-south")]
     assert ap.lost == SeqRanges([(101, 600), (701, 704)])
     assert ap.ranges_from(Source.PEER_INBOX) == SeqRanges([(601, 700), (705, 900)])
+
+
+def test_a_counter_raised_past_unreturned_own_events_hides_none_of_them(
+    world: tuple[_World, Config], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """us-east was restored from a backup ending at 300 and a recover, killed, gave back
+    one batch (HLC order: 420..480) and raised the counter to 480, or reserved up to
+    what peers saw: the self-gap is still 301..419, and what nobody holds is lost."""
+    sim, config = world
+    sim.regions["us-east"].last_sequence = 480
+    for dest in ("eu-west", "ap-south"):
+        sim.regions[dest].inbox["us-east"] = [(1, 350), (400, 480)]  # 351..399 held by nobody
+
+    def own(conn: str, origin: str) -> list[tuple[int, int]]:
+        return [(1, 300), (420, 480)] if origin == "us-east" else sim.own_ranges(conn, origin)
+
+    outbox_ranges = sim.outbox_ranges
+
+    def outbox(conn: str, origin: str) -> list[tuple[int, int]]:
+        return own(conn, origin) if origin == "us-east" else outbox_ranges(conn, origin)
+
+    monkeypatch.setattr(pg, "own_ranges", own)
+    monkeypatch.setattr(pg, "outbox_ranges", outbox)
+    monkeypatch.setattr(pg, "relay_position", lambda conn, origin: (sim.regions[conn].last_sequence, 480))
+    monkeypatch.setattr(recovery, "kafka_retention", lambda c: {o: None for o in REGIONS})
+    report = recovery.analyze_gaps(config, "us-east")
+    own_gap = next(p for p in report.plans if p.gap.origin == p.gap.destination == "us-east")
+    assert own_gap.gap.ranges == SeqRanges.span(301, 419)
+    assert own_gap.lost == SeqRanges.span(351, 399)
+    assert own_gap.ranges_from(Source.PEER_INBOX) == SeqRanges([(301, 350), (400, 419)])
+    assert report.lost_events == 49
+    gate_input = recovery._gate_input(config, "us-east", report, recovery.RecoveryReport("us-east", False, {}))
+    assert gate_input.lost_events == 49 and gate_input.gap_events >= 119
+
+
+def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
+    world: tuple[_World, Config], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka's bounds for us-east are 1..490, but 300..309 were a fenced relay's aborted
+    batch (republished later elsewhere in the log, or never): read, they are not there."""
+    sim, config = world
+    sim.regions["eu-west"].inbox["us-east"] = [(1, 299)]
+
+    def held(_config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
+        return {o: r - SeqRanges.span(300, 309) if o == "us-east" else r for o, r in wanted.items()}
+
+    monkeypatch.setattr(recovery, "kafka_held", held)
+    report = recovery.analyze_gaps(config, "eu-west")
+    plan = next(p for p in report.plans if (p.gap.origin, p.gap.destination) == ("us-east", "eu-west"))
+    assert not plan.ranges_from(Source.KAFKA) & SeqRanges.span(300, 309)
+    assert not SeqRanges.span(300, 309) - (plan.ranges_from(Source.PEER_OUTBOX) | plan.ranges_from(Source.PEER_INBOX))
+    assert plan.lost == SeqRanges()

@@ -190,3 +190,15 @@ def test_never_heard_is_not_a_verdict() -> None:
     report = assemble(facts)
     assert report.ok
     assert all(r.heartbeat_age_seconds is None for r in report.regions.values())
+
+
+def test_open_invariant_violations_are_counted_per_table_without_failing_status() -> None:
+    facts = healthy()
+    facts["eu-west"].violations = {"inventory": 2}
+    report = assemble(facts)
+    assert report.regions["eu-west"].to_dict()["violations_open"] == {"inventory": 2}
+    assert report.regions["us-east"].to_dict()["violations_open"] == {}
+    screen = render(report)
+    assert "OPEN INVARIANT VIOLATIONS" in screen and "eu-west: inventory 2" in screen
+    assert report.ok, "a business invariant is the services' to compensate, not a replication fault"
+    assert "OPEN INVARIANT VIOLATIONS" not in render(assemble(healthy()))

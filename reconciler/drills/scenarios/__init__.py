@@ -13,15 +13,18 @@ from . import (
     broker_restart,
     clock_skew,
     duplicate_reorder,
+    flash_sale,
     nemesis,
     network_partition,
     poison_events,
     postgres_crash,
     regional_failover,
+    restore_under_sidecar,
     retention_expiry,
     sidecar_kill9,
     split_brain,
     stale_backup_restore,
+    stale_restore_recover_kill,
 )
 
 SCENARIOS: dict[str, Scenario] = {
@@ -38,6 +41,9 @@ SCENARIOS: dict[str, Scenario] = {
         duplicate_reorder,
         poison_events,
         split_brain,
+        stale_restore_recover_kill,
+        restore_under_sidecar,
+        flash_sale,
         nemesis,
     )
 }

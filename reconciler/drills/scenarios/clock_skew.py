@@ -96,5 +96,8 @@ SCENARIO = Scenario(
     summary="a region's HLC ahead/behind inside the max offset, then far ahead: refused, quarantined, replayed",
     run=run,
     workload=lambda scale: WorkloadSpec(seconds=90 * scale),
-    expectations=Expectations(quarantine_required={"clock_skew": 1}, rto_limit_seconds=60),
+    # events replayed after the skew can reach a peer after their successors, and the
+    # manual policy parks such an ancestor (see reconciler.conflict): noted, not failed
+    expectations=Expectations(quarantine_required={"clock_skew": 1}, rto_limit_seconds=60,
+                              needless_parking_ok=True),
 )

@@ -4,7 +4,7 @@ same keys of all three tables, then heal.
 Both sides keep their users and write the same orders (lww), the same SKUs
 (merge: stock deltas, tag adds and removes) and, explicitly, the same payments
 (manual). After the heal: orders converge on the greatest (hlc, origin) write,
-stock is the sum of every delta and tags follow add-wins, and every payment
+stock is the sum of every delta and tags follow the lww element set, and every payment
 updated on both sides is parked in every region's manual queue, with both
 versions. The operator then resolves each one with ``reconciler conflicts
 resolve`` (from the third region, which wrote neither version), and the decision
