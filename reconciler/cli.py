@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 1 the command worked and found something an operator must
 act on (differences, gaps, data loss); 2 an error (bad config, unreachable
-service, refused operation), printed as one line on stderr (JSON with --json).
+service, refused operation, a declined confirmation), printed as one line on
+stderr (JSON with --json). Every command that changes state asks first unless
+--yes, and takes --json. Every option can also come from the environment:
+RECONCILER_<COMMAND>_<OPTION> (click's prefix), plus RECONCILER_CONFIG.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import click
 
 from . import __version__
 from .cli_diff import diff
+from .cli_options import EXIT_ERROR, EXIT_FOUND, EXIT_OK, LOG_FORMATS, LOG_LEVELS, confirm, regions_option, yes_option
 from .config import Config, load_config
 from .devstack.cli import dev
 from .drills.cli import drill
@@ -25,9 +29,7 @@ from .redact import guard_standard_streams
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK = 0
-EXIT_FOUND = 1
-EXIT_ERROR = 2
+__all__ = ["EXIT_ERROR", "EXIT_FOUND", "EXIT_OK", "main"]
 
 
 def print_json(document: Any) -> None:
@@ -62,7 +64,18 @@ def load(config_path: str) -> Config:
     return load_config(config_path)
 
 
-@click.group()
+class _Main(click.Group):
+    """Keeps an interrupted command inside the exit-code rule (2, not click's 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.Abort, KeyboardInterrupt, EOFError):
+            click.echo("\nerror: interrupted", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=_Main, context_settings={"auto_envvar_prefix": "RECONCILER"})
 @click.version_option(__version__, prog_name="reconciler")
 def main() -> None:
     """reconciler: multi-region disaster-recovery reconciliation for PostgreSQL + Kafka."""
@@ -77,7 +90,7 @@ main.add_command(drill)
 
 @main.command()
 @config_option
-@click.option("--region", "regions", multiple=True, help="Only these regions (default: every region in config).")
+@regions_option("Only these regions (default: every region in config).")
 @click.option("--demo-tables", is_flag=True, help="Also create the checkout demo tables (orders, inventory, payments).")
 @click.option("--rebuild-leaves", is_flag=True,
               help="Count the Merkle leaves again from the rows (every replicated table, or --table): after writes"
@@ -86,17 +99,31 @@ main.add_command(drill)
 @click.option("--uninstall-capture", is_flag=True,
               help="Remove the write-capture triggers from every replicated table (services must then write"
                    " their outbox rows themselves). Locks each table against writes while its triggers go.")
+@yes_option
 @json_option
 @handle_errors
 def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebuild_leaves: bool,
-            tables: tuple[str, ...], uninstall_capture: bool, as_json: bool) -> None:
-    """Apply schema migrations in each region's database and create the Kafka topics."""
+            tables: tuple[str, ...], uninstall_capture: bool, yes: bool, as_json: bool) -> None:
+    """Apply schema migrations in each region's database and create the Kafka topics.
+
+    Plain migrate only adds what is missing and asks nothing; --rebuild-leaves and
+    --uninstall-capture lock tables, so they ask first unless --yes.
+    """
     from .provision import migrate as run_migrate
 
     if tables and not rebuild_leaves:
         raise click.UsageError("--table goes with --rebuild-leaves")
     config = load(config_path)
     rebuild = (list(tables) or list(config.tables)) if rebuild_leaves else []
+    for name in regions:
+        config.region(name)  # a typo is an error before any work (or question), not after
+    for table in tables:
+        config.table(table)
+    if rebuild or uninstall_capture:
+        what = ([f"rebuild the Merkle leaves of {', '.join(rebuild)}"] if rebuild else []) + (
+            ["remove the capture triggers of every replicated table"] if uninstall_capture else [])
+        confirm(f"In {', '.join(regions or config.regions)}: {' and '.join(what)}, locking each table against"
+                " writes meanwhile?", yes, as_json)
     report = run_migrate(config, list(regions) or None, demo_tables=demo_tables, rebuild_leaves=rebuild,
                          uninstall_capture_all=uninstall_capture)
     if as_json:
@@ -129,14 +156,18 @@ def migrate(config_path: str, regions: tuple[str, ...], demo_tables: bool, rebui
 @main.command()
 @config_option
 @click.option("--region", required=True, help="The region this sidecar serves.")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, envvar="RECONCILER_LOG_LEVEL", help="env RECONCILER_LOG_LEVEL.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="json", show_default=True,
+              envvar="RECONCILER_LOG_FORMAT",
+              help="json: one object a line, tracebacks in a field; text: for a terminal (env RECONCILER_LOG_FORMAT).")
 @handle_errors
-def run(config_path: str, region: str, log_level: str) -> None:
+def run(config_path: str, region: str, log_level: str, log_format: str) -> None:
     """Run the sidecar: relay, inbox consumer, lifecycle, /metrics /healthz /readyz."""
     from .logs import configure
     from .sidecar import Sidecar
 
-    configure(log_level)
+    configure(log_level.upper(), fmt=log_format)
     sys.exit(Sidecar(load(config_path), region).run())
 
 
@@ -158,6 +189,30 @@ def status(config_path: str, as_json: bool) -> None:
     else:
         click.echo(render(report), nl=False)
     sys.exit(EXIT_OK if report.ok else EXIT_FOUND)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The config file: check it before a sidecar or a deploy reads it."""
+
+
+@config_group.command("validate")
+@config_option
+@json_option
+@handle_errors
+def config_validate(config_path: str, as_json: bool) -> None:
+    """Load the config with every check the sidecar makes (DSNs parsed, tables, regions).
+
+    Connects to nothing. Exit 0 when valid, 2 with the error (region and key, never a
+    secret) otherwise.
+    """
+    config = load(config_path)
+    if as_json:
+        print_json({"config": str(config.path), "valid": True, "regions": list(config.regions),
+                    "tables": list(config.tables)})
+        return
+    click.echo(f"{config.path}: OK ({len(config.regions)} regions: {', '.join(config.regions)};"
+               f" {len(config.tables)} tables: {', '.join(config.tables)})")
 
 
 # ---------------------------------------------------------------- conflicts, quarantine
@@ -316,11 +371,12 @@ def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_js
               help="Keep this row: a JSON object with every column (key included), or null to delete the row.")
 @click.option("--by", required=True, help="Who decides (kept in the audit trail).")
 @click.option("--reason", required=True, help="Why (kept in the audit trail): a ticket, the system of record.")
+@yes_option
 @json_option
 @handle_errors
 def conflicts_resolve(
     config_path: str, region: str | None, conflict_id: str, take_region: str | None, value: str | None, by: str,
-    reason: str, as_json: bool,
+    reason: str, yes: bool, as_json: bool,
 ) -> None:
     """Decide a parked conflict, once, from any region; the decision replicates to every region."""
     from .conflicts import resolve_conflict
@@ -328,6 +384,8 @@ def conflicts_resolve(
     config = load(config_path)
     if take_region is not None:
         config.region(take_region)  # a mistyped region is a clearer error here than "neither version"
+    chosen = f"{take_region}'s version" if take_region else f"the value {value}"
+    confirm(f"Resolve conflict {conflict_id} with {chosen}, replicated to every region?", yes, as_json)
     name, conn = _region_connection(config, region)
     with conn:
         event = resolve_conflict(conn, conflict_id, take_region=take_region, value=value, by=by, reason=reason)
@@ -419,7 +477,7 @@ def quarantine_show(config_path: str, region: str | None, entry_id: int, as_json
 @region_option
 @click.argument("entry_ids", type=int, nargs=-1, required=True)
 @click.option("--by", default=None, help="Who retries (audit trail; default: the operator's user name).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @json_option
 @handle_errors
 def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int, ...], by: str | None,
@@ -437,8 +495,7 @@ def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int,
     config = load(config_path)
     name = region or next(iter(config.regions))
     actor = by or f"cli:{_operator()}"
-    if not yes:
-        click.confirm(f"Apply {len(entry_ids)} quarantined event(s) in region {name} again?", abort=True, err=True)
+    confirm(f"Apply {len(entry_ids)} quarantined event(s) in region {name} again?", yes, as_json)
     with pg.connect(config.region(name).dsn, region=name, autocommit=True) as conn:
         applier = Applier(conn, name, config.tables, config.hlc_max_offset_ms)
         outcomes = [retry_quarantined(conn, applier, entry_id, by=actor) for entry_id in entry_ids]
@@ -458,7 +515,7 @@ def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int,
 @click.argument("entry_ids", type=int, nargs=-1, required=True)
 @click.option("--reason", required=True, help="Why the event is given up (audit trail).")
 @click.option("--by", default=None, help="Who discards (audit trail; default: the operator's user name).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @json_option
 @handle_errors
 def quarantine_discard(config_path: str, region: str | None, entry_ids: tuple[int, ...], reason: str,
@@ -470,9 +527,8 @@ def quarantine_discard(config_path: str, region: str | None, entry_ids: tuple[in
     config = load(config_path)
     name, conn = _region_connection(config, region)
     actor = by or f"cli:{_operator()}"
-    if not yes:
-        click.confirm(f"Give up {len(entry_ids)} quarantined event(s) in region {name} for good? Reason: {reason}",
-                      abort=True, err=True)
+    confirm(f"Give up {len(entry_ids)} quarantined event(s) in region {name} for good? Reason: {reason}", yes,
+            as_json)
     with conn:
         settled = [discard_quarantined(conn, entry_id, by=actor, reason=reason) for entry_id in entry_ids]
     if as_json:
@@ -494,7 +550,8 @@ def gaps(config_path: str, region: str | None, as_json: bool) -> None:
     """Missing event ranges per (origin, destination) and where to replay them from,
     and the events each region refused (quarantined, held) and has not settled.
 
-    Exit 1 when events are lost (no source holds them any more) or refused.
+    Exit 1 when events are lost (no source holds them any more) or refused, or when
+    a region is unreachable (the answer is then incomplete).
     """
     from .recovery import analyze_gaps
 
@@ -507,7 +564,8 @@ def gaps(config_path: str, region: str | None, as_json: bool) -> None:
         print_json(doc)
     else:
         _print_gaps(doc)
-    if report.lost_events or doc["total_refused"]:
+    unreachable = any(not facts["reachable"] for facts in doc["regions"].values())
+    if report.lost_events or doc["total_refused"] or unreachable:
         sys.exit(EXIT_FOUND)
 
 
@@ -539,10 +597,11 @@ def _print_gaps(doc: dict[str, Any]) -> None:
 @main.command()
 @config_option
 @click.option("--region", required=True, help="The region to bring back.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (asks nothing).")
+@yes_option
 @json_option
 @handle_errors
-def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None:
+def recover(config_path: str, region: str, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Fence, replay what the region misses, verify with Merkle trees, repair, gate to ACTIVE.
 
     Resumable: a re-run after any interruption continues where the last batch
@@ -552,6 +611,9 @@ def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None
     from .recovery import recover as run_recover
 
     config = load(config_path)
+    config.region(region)
+    if not dry_run:
+        confirm(f"Recover region {region}: fence it, replay, repair and gate it back to ACTIVE?", yes, as_json)
     bar: dict[str, Any] = {}
 
     def progress(p: Progress) -> None:
@@ -584,10 +646,11 @@ def recover(config_path: str, region: str, dry_run: bool, as_json: bool) -> None
 @click.option("--region", required=True, help="The region whose inbox and outbox are pruned.")
 @click.option("--keep-hours", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Keep events younger than this (default: retention.keep_hours).")
-@click.option("--dry-run", is_flag=True, help="Count what would go and delete nothing.")
+@click.option("--dry-run", is_flag=True, help="Count what would go and delete nothing (asks nothing).")
+@yes_option
 @json_option
 @handle_errors
-def prune(config_path: str, region: str, keep_hours: float | None, dry_run: bool, as_json: bool) -> None:
+def prune(config_path: str, region: str, keep_hours: float | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Delete relayed and applied events older than the retention window.
 
     Per origin only a gap-free prefix of the inbox goes (the region remembers it was
@@ -596,7 +659,12 @@ def prune(config_path: str, region: str, keep_hours: float | None, dry_run: bool
     """
     from .prune import prune_region
 
-    result = prune_region(load(config_path), region, keep_hours=keep_hours, dry_run=dry_run)
+    config = load(config_path)
+    config.region(region)
+    if not dry_run:
+        window = f"{keep_hours}h" if keep_hours is not None else "retention.keep_hours"
+        confirm(f"Delete region {region}'s relayed and applied events older than {window}?", yes, as_json)
+    result = prune_region(config, region, keep_hours=keep_hours, dry_run=dry_run)
     doc = {"region": region, "enabled": result is not None, **(result.to_dict() if result else {})}
     if as_json:
         print_json(doc)
@@ -669,7 +737,8 @@ def _operator() -> str:
         return "unknown"
 
 
-def _lifecycle_override(config_path: str, region: str, target: str, reason: str, yes: bool, force: bool) -> None:
+def _lifecycle_override(config_path: str, region: str, target: str, reason: str, yes: bool, force: bool,
+                        as_json: bool) -> None:
     from .lifecycle import State
     from .store import postgres as pg
 
@@ -677,14 +746,14 @@ def _lifecycle_override(config_path: str, region: str, target: str, reason: str,
     dsn = config.region(region).dsn
     with pg.connect(dsn, region=region) as conn:
         before = pg.region_status(conn)
-        if not yes:
-            click.confirm(
-                f"Move region {region} from {before.state.value} (epoch {before.epoch}) to {target}? "
-                f"Reason: {reason}",
-                abort=True,
-            )
+        confirm(f"Move region {region} from {before.state.value} (epoch {before.epoch}) to {target}? "
+                f"Reason: {reason}", yes, as_json)
         after = pg.transition(conn, State(target), reason, f"cli:{_operator()}", force=force,
                               expected_epoch=before.epoch)
+    if as_json:
+        print_json({"region": region, "from": before.state.value, "to": after.state.value,
+                    "epoch_before": before.epoch, "epoch": after.epoch, "reason": reason})
+        return
     click.echo(f"region {region}: {before.state.value} -> {after.state.value} (epoch {after.epoch}); "
                f"audited in reconciler.lifecycle_log")
 
@@ -693,11 +762,12 @@ def _lifecycle_override(config_path: str, region: str, target: str, reason: str,
 @config_option
 @click.option("--region", required=True)
 @click.option("--reason", required=True, help="Why (kept in the audit log).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
+@json_option
 @handle_errors
-def fence(config_path: str, region: str, reason: str, yes: bool) -> None:
+def fence(config_path: str, region: str, reason: str, yes: bool, as_json: bool) -> None:
     """Fence a region: /readyz turns 503 and it relays nothing new until recovered."""
-    _lifecycle_override(config_path, region, "FENCED", reason, yes, force=False)
+    _lifecycle_override(config_path, region, "FENCED", reason, yes, force=False, as_json=as_json)
 
 
 @main.command()
@@ -705,13 +775,14 @@ def fence(config_path: str, region: str, reason: str, yes: bool) -> None:
 @click.option("--region", required=True)
 @click.option("--force", is_flag=True, required=True, help="Required: this bypasses the recovery gate.")
 @click.option("--reason", required=True, help="Why (kept in the audit log).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
+@json_option
 @handle_errors
-def activate(config_path: str, region: str, force: bool, reason: str, yes: bool) -> None:
+def activate(config_path: str, region: str, force: bool, reason: str, yes: bool, as_json: bool) -> None:
     """Operator override: mark a region ACTIVE without passing the gate (audited)."""
     if not force:
         raise click.UsageError("activate needs --force: it bypasses the recovery gate")
-    _lifecycle_override(config_path, region, "ACTIVE", reason, yes, force=True)
+    _lifecycle_override(config_path, region, "ACTIVE", reason, yes, force=True, as_json=as_json)
 
 
 
@@ -796,12 +867,11 @@ def violations_show(config_path: str, region: str | None, violation_id: str, as_
 
 @violations.command("resolve")
 @config_option
-@click.option("--region", "regions", multiple=True,
-              help="Only in these regions (default: every region, where each recorded it).")
+@regions_option("Only in these regions (default: every region, where each recorded it).")
 @click.argument("violation_id")
 @click.option("--reason", required=True, help="Why (kept in the audit trail): the compensation done, a ticket.")
 @click.option("--by", default=None, help="Who (kept in the audit trail; default: the login name).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @json_option
 @handle_errors
 def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id: str, reason: str, by: str | None,
@@ -819,8 +889,7 @@ def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id:
     for name in chosen:
         config.region(name)
     actor = by or getpass.getuser()
-    if not yes:
-        click.confirm(f"resolve violation {violation_id} in {', '.join(chosen)} as {actor}?", abort=True, err=True)
+    confirm(f"resolve violation {violation_id} in {', '.join(chosen)} as {actor}?", yes, as_json)
     outcome: dict[str, str] = {}
     for name in chosen:
         try:
@@ -847,6 +916,27 @@ def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id:
     if any(state.startswith("not reached") for state in outcome.values()):
         sys.exit(EXIT_FOUND)  # resolve again later for the regions not reached
 
+
+
+def _name_environment_variables(group: click.Group, prefix: str) -> None:
+    """Every option readable from RECONCILER_<COMMAND>_<FLAG>: named after the flag an
+    operator types (``--json`` -> ..._JSON), where click's prefix alone would use the
+    parameter's internal name (..._AS_JSON). Options with their own variable keep it."""
+    for name, command in group.commands.items():
+        path = f"{prefix}_{name.upper().replace('-', '_')}"
+        if isinstance(command, click.Group):
+            _name_environment_variables(command, path)
+            continue
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None and not param.is_eager:
+                flag = next((o for o in param.opts if o.startswith("--")), None)
+                if flag is not None:
+                    param.envvar = f"{path}_{flag[2:].upper().replace('-', '_')}"
+            if isinstance(param, click.Option):
+                param.show_envvar = True
+
+
+_name_environment_variables(main, "RECONCILER")
 
 if __name__ == "__main__":
     main()

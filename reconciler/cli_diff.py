@@ -2,7 +2,7 @@
 
 Two forms, one command:
 
-- ``--config F --table T [--regions a,b,...]``: a replicated table between the
+- ``--config F --table T [--region a,b,...]``: a replicated table between the
   regions of a config, through the maintained Merkle leaves (a full scan where the
   leaves cannot answer, or with ``--full-scan``). The first listed region is
   compared with each other one.
@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from . import redact
+from .cli_options import regions_option
 from .config import Config, TableConfig, load_config
 from .diff import ScanOptions, diff_regions, diff_replicated, diff_tables, parse_key_columns
 from .errors import ConfigError, ReconcilerError
@@ -54,8 +55,8 @@ _CONFIG_ONLY = ("config_path", "regions")
     default=None,
     help=f"YAML config: compare TABLE between its regions (env RECONCILER_CONFIG, else {DEFAULT_CONFIG}).",
 )
-@click.option("--regions", default=None, help="Comma-separated regions; the first is compared with each other one"
-              " (default: every region in the config, in config order).")
+@regions_option("Regions, repeated or comma-separated; the first is compared with each other one"
+                " (default: every region in the config, in config order).")
 @click.option("--full-scan", is_flag=True, help="Hash every row instead of reading the maintained leaves.")
 @click.option("--dsn-a", default=None, envvar="RECONCILER_DSN_A", help="Ad hoc: database A (libpq URL or key=value).")
 @click.option("--dsn-b", default=None, envvar="RECONCILER_DSN_B", help="Ad hoc: database B.")
@@ -86,7 +87,7 @@ _CONFIG_ONLY = ("config_path", "regions")
 def diff(
     ctx: click.Context,
     config_path: str | None,
-    regions: str | None,
+    regions: tuple[str, ...],
     full_scan: bool,
     dsn_a: str | None,
     dsn_b: str | None,
@@ -179,12 +180,12 @@ def _default_config() -> str:
     return os.environ.get("RECONCILER_CONFIG") or DEFAULT_CONFIG
 
 
-def _pairs(config: Config, regions: str | None) -> list[tuple[str, str]]:
-    names = [r.strip() for r in (regions or "").split(",") if r.strip()] or list(config.regions)
+def _pairs(config: Config, regions: Sequence[str]) -> list[tuple[str, str]]:
+    names = list(regions) or list(config.regions)
     for name in names:
         config.region(name)  # an unknown region is a ConfigError naming the known ones
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ConfigError(f"--regions needs at least two distinct regions, got {','.join(names)}", file=config.path)
+        raise ConfigError(f"--region needs at least two distinct regions, got {','.join(names)}", file=config.path)
     return [(names[0], other) for other in names[1:]]
 
 

@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, carrying region, epoch and component.
+"""Structured logs: one JSON object per line (or text for a terminal), carrying region, epoch and component.
 
 Context is bound once per component (:func:`component_logger`) and each call adds
 its own fields (``log.info("relayed", extra={"fields": {...}})``). Values that look
@@ -34,7 +34,27 @@ class JsonFormatter(logging.Formatter):
             doc.update(fields)
         if record.exc_info and record.exc_info[1] is not None:
             doc["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            # the whole traceback as one field, so a crash stays one parseable line
+            doc["traceback"] = self.formatException(record.exc_info)
         return scrub(json.dumps(doc, default=str, separators=(",", ":")))
+
+
+class TextFormatter(logging.Formatter):
+    """For a terminal: ``time LEVEL logger event key=value ...``, traceback below."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        fields: dict[str, Any] = {}
+        for name in ("context", "fields"):
+            more = getattr(record, name, None)
+            if isinstance(more, Mapping):
+                fields.update(more)
+        pairs = " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, str) or ' ' in v else v}"
+                         for k, v in fields.items())
+        line = f"{ts} {record.levelname:<7} {record.name} {record.getMessage()}" + (f" {pairs}" if pairs else "")
+        if record.exc_info and record.exc_info[1] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
 
 
 class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
@@ -57,9 +77,12 @@ def component_logger(component: str, region: str, **context: Any) -> ComponentLo
     )
 
 
-def configure(level: str = "INFO", stream: Any = None) -> None:
+def configure(level: str = "INFO", stream: Any = None, fmt: str = "json") -> None:
+    """Route reconciler's loggers to ``stream``; ``fmt`` is json (one object a line) or text."""
+    if fmt not in ("json", "text"):
+        raise ValueError(f"unknown log format {fmt!r} (json or text)")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("reconciler")
     root.handlers[:] = [handler]
     root.setLevel(level)

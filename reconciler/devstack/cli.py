@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from ..cli_options import regions_option
 from ..errors import ReconcilerError
 from .kafka_security import AUTH_MODES
 from .stack import DEFAULT_KAFKA_PORT, DEFAULT_PG_BASE_PORT, DEFAULT_REGIONS, DevStack
@@ -57,13 +58,8 @@ def _fails_cleanly(func: F) -> F:
     return cast(F, wrapper)
 
 
-def _parse_regions(value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    regions = tuple(r.strip() for r in value.split(",") if r.strip())
-    if not regions:
-        raise click.BadParameter("give at least one region, e.g. us-east,eu-west")
-    return regions
+def _parse_regions(value: tuple[str, ...]) -> tuple[str, ...] | None:
+    return value or None
 
 
 def _progress(message: str) -> None:
@@ -90,10 +86,8 @@ _dir_option = click.option(
     show_default=True,
     help="Where the stack keeps data, logs, state and the written config.",
 )
-_regions_option = click.option(
-    "--regions",
-    default=None,
-    help=f"Comma-separated region names [up: {','.join(DEFAULT_REGIONS)}; down/status: as recorded by up].",
+_regions_option = regions_option(
+    f"Region names, repeated or comma-separated [up: {','.join(DEFAULT_REGIONS)}; down/status: as recorded by up].",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 _verbose_option = click.option(
@@ -124,7 +118,7 @@ def dev() -> None:
 @_fails_cleanly
 def up(
     root: Path,
-    regions: str | None,
+    regions: tuple[str, ...],
     pg_base_port: int | None,
     kafka_port: int | None,
     fresh: bool,
@@ -163,7 +157,7 @@ def up(
 @_json_option
 @_verbose_option
 @_fails_cleanly
-def down(root: Path, regions: str | None, purge: bool, as_json: bool, verbose: bool) -> None:
+def down(root: Path, regions: tuple[str, ...], purge: bool, as_json: bool, verbose: bool) -> None:
     """Stop the servers this stack started (only those, found by their recorded PIDs)."""
     stack = _load(root, _parse_regions(regions))
     result = stack.down(purge=purge)
@@ -180,7 +174,7 @@ def down(root: Path, regions: str | None, purge: bool, as_json: bool, verbose: b
 @_json_option
 @_verbose_option
 @_fails_cleanly
-def status(root: Path, regions: str | None, as_json: bool, verbose: bool) -> None:
+def status(root: Path, regions: tuple[str, ...], as_json: bool, verbose: bool) -> None:
     """Show what runs, on which ports, and whether it answers."""
     stack = _load(root, _parse_regions(regions))
     doc = stack.status()

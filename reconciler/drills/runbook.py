@@ -153,8 +153,9 @@ def run_cli(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, str]
     drill tests the installed code, not whatever ``reconciler`` is first on PATH).
     Returns (exit code, stdout, stderr); exit -1 when it timed out."""
     try:
+        # no stdin: a command that asks for confirmation without --yes exits 2 at once
         done = subprocess.run([sys.executable, "-m", "reconciler.cli", *argv[1:]], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         return -1, partial, f"timed out after {timeout:.0f}s"

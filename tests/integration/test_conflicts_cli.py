@@ -166,7 +166,7 @@ def test_partition_lww_merge_and_manual_then_resolve_by_take(env3: Any) -> None:
     assert "captured" in shown.stdout and "refunded" in shown.stdout and "open" in shown.stdout
 
     # resolved once, from C, a region that wrote neither version
-    done = cli(config, "conflicts", "resolve", "--region", C, cid, "--take", B, "--by", "alice",
+    done = cli(config, "conflicts", "resolve", "--yes", "--region", C, cid, "--take", B, "--by", "alice",
                "--reason", "INC-7: eu-west matches the PSP")
     assert done.exit_code == 0, done.stderr
     wait_until(lambda: fully_delivered(config), DELIVERY_TIMEOUT, "the resolution delivered everywhere")
@@ -180,7 +180,8 @@ def test_partition_lww_merge_and_manual_then_resolve_by_take(env3: Any) -> None:
 
     # and only once: refused from any region, nothing written
     before = outbox_count(config, A)
-    again = cli(config, "conflicts", "resolve", "--region", A, cid, "--take", A, "--by", "bob", "--reason", "mine")
+    again = cli(config, "conflicts", "resolve", "--yes", "--region", A, cid, "--take", A, "--by", "bob",
+                "--reason", "mine")
     assert again.exit_code == 2
     assert f"conflict {cid} is already resolved by alice at " in again.stderr
     assert "INC-7: eu-west matches the PSP" in again.stderr
@@ -194,7 +195,7 @@ def test_resolve_by_value_and_refusals(env3: Any) -> None:
     p2, p3 = ids["p2"], ids["p3"]
 
     def refused(*argv: str) -> str:
-        result = cli(config, "conflicts", "resolve", "--region", A, *argv)
+        result = cli(config, "conflicts", "resolve", "--yes", "--region", A, *argv)
         assert result.exit_code == 2, f"{argv}: exit {result.exit_code} {result.stdout}"
         assert result.stdout == ""
         return result.stderr
@@ -236,9 +237,9 @@ def test_resolve_by_value_and_refusals(env3: Any) -> None:
 
     # an operator-written row, and a delete
     merged = {"id": "p2", "order_id": "o1", "amount_cents": 1250, "status": "refunded"}
-    ok = cli(config, "conflicts", "resolve", "--region", B, p2, "--value", json.dumps(merged), *audit)
+    ok = cli(config, "conflicts", "resolve", "--yes", "--region", B, p2, "--value", json.dumps(merged), *audit)
     assert ok.exit_code == 0, ok.stderr
-    ok = cli(config, "conflicts", "resolve", "--region", A, p3, "--value", "null", "--by", "bob", "--reason",
+    ok = cli(config, "conflicts", "resolve", "--yes", "--region", A, p3, "--value", "null", "--by", "bob", "--reason",
              "duplicate payment, voided at the PSP")
     assert ok.exit_code == 0, ok.stderr
     wait_until(lambda: fully_delivered(config), DELIVERY_TIMEOUT, "both resolutions delivered everywhere")
@@ -294,8 +295,8 @@ def test_two_resolutions_of_one_conflict_leave_exactly_one(env2: Any) -> None:
     assert resolve_rows(config, A, ids["p4"]) == 1
 
     # racing: two real CLI processes at once
-    argv = [sys.executable, "-m", "reconciler.cli", "conflicts", "resolve", "--config", str(config.path), "--region",
-            A, ids["p5"], "--by"]
+    argv = [sys.executable, "-m", "reconciler.cli", "conflicts", "resolve", "--yes", "--config", str(config.path),
+            "--region", A, ids["p5"], "--by"]
     procs = [subprocess.Popen([*argv, who, "--reason", f"race {who}", "--take", region], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for who, region in (("carol", A), ("dave", B))]
     results = []

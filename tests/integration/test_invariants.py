@@ -195,7 +195,7 @@ def test_oversell_in_a_partition_is_recorded_once_per_region_and_compensated_onc
     assert refused.exit_code == 2, "a resolution without a reason is refused"
     declined = CliRunner().invoke(main, ["violations", "resolve", vid, "--config", str(config.path), "--by", "alice",
                                          "--reason", "r"], input="n\n")
-    assert declined.exit_code == 1 and "resolve violation" in declined.output, "it asks first"
+    assert declined.exit_code == 2 and "resolve violation" in declined.output, "it asks first; no is exit 2"
     assert all(len(violations(config, r)) == 1 for r in (A, B)), "a declined resolution changes nothing"
     done = cli_json(config, "violations", "resolve", vid, "--by", "alice", "--reason", "orders o7, o8 cancelled",
                     "--yes")

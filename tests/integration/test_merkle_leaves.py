@@ -341,7 +341,7 @@ def test_writes_the_triggers_missed_force_a_rebuild(two: Config) -> None:
     assert diff_regions(two, "orders", A, B).equal
     assert keys_of(diff_regions(two, "orders", A, B, full_scan=True)) == {"o8": DifferenceKind.CHANGED}
     result = CliRunner().invoke(cli_main, ["migrate", "--config", str(two.path), "--region", B,
-                                           "--rebuild-leaves", "--table", "orders", "--json"])
+                                           "--rebuild-leaves", "--table", "orders", "--yes", "--json"])
     assert result.exit_code == 0, result.output
     rebuilt = json.loads(result.output)["leaves_rebuilt"]
     assert [(r["table"], r["action"], r["rows"]) for r in rebuilt[B]] == [("orders", "built", 50)]

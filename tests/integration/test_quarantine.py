@@ -226,7 +226,7 @@ def test_refused_events_are_missing_until_an_operator_settles_them(stack: Any, t
         assert quarantine_store.refused_counts(conn) == {("us-east", "apply_failed"): 1}
 
     # recover: reports it, does not quarantine it again, and the gate refuses
-    code, doc = _cli(config, "recover", "--region", "eu-west")
+    code, doc = _cli(config, "recover", "--region", "eu-west", "--yes")
     assert code == 1 and not doc["gate"]["passed"], doc
     assert any("refused" in r for r in doc["gate"]["reasons"])
     assert [r["event_id"] for r in doc["refused"]] == [big_id]
@@ -271,7 +271,7 @@ def test_refused_events_are_missing_until_an_operator_settles_them(stack: Any, t
     assert code == 0 and doc["entries"][0]["status"] == "discarded", doc
     code, doc = _cli(config, "gaps", "--region", "eu-west")
     assert code == 0 and doc["total_refused"] == 0 and doc["total_missing"] == 0, doc
-    code, doc = _cli(config, "recover", "--region", "eu-west")
+    code, doc = _cli(config, "recover", "--region", "eu-west", "--yes")
     assert code == 0 and doc["gate"]["passed"] and doc["state"] == "ACTIVE", doc
     assert scalar(config, "eu-west", "SELECT count(*) FROM reconciler.quarantine") == 2  # kept, not re-added
     assert "huge" not in rows(config, "eu-west", "orders")

@@ -190,8 +190,8 @@ def test_recover_killed_three_times_ends_like_an_uninterrupted_run(stack: Any, t
     finally:
         cluster.stop_all()
     rnd = random.Random(7)
-    command = [sys.executable, "-m", "reconciler.cli", "recover", "--config", str(config.path), "--region", DOWN,
-               "--json"]
+    command = [sys.executable, "-m", "reconciler.cli", "recover", "--yes", "--config", str(config.path), "--region",
+               DOWN, "--json"]
     kills = 0
     applied_before = 0
     for _ in range(3):

@@ -164,7 +164,7 @@ def test_prune_cli_dry_run_and_json(stack: Any, tmp_path: Path) -> None:
     _apply(config, dest, _published(config, origin))
     time.sleep(0.05)  # the events' stamps are now strictly older than "now minus 36 ms"
     runner = CliRunner()
-    args = ["prune", "--config", str(config.path), "--region", dest, "--keep-hours", "0.00001", "--json"]
+    args = ["prune", "--yes", "--config", str(config.path), "--region", dest, "--keep-hours", "0.00001", "--json"]
     dry = runner.invoke(main, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
     doc = json.loads(dry.output)
@@ -180,7 +180,7 @@ def test_prune_cli_dry_run_and_json(stack: Any, tmp_path: Path) -> None:
     # the origin's own relayed rows go the same way, through the service the sidecar calls
     result = prune_region(config, origin, keep_hours=1.0, now_ms=lambda: time.time_ns() // 1_000_000 + 7_200_000)
     assert result is not None and result.outbox_rows == 4
-    off = runner.invoke(main, ["prune", "--config", str(config.path), "--region", dest])
+    off = runner.invoke(main, ["prune", "--yes", "--config", str(config.path), "--region", dest])
     assert off.exit_code == 0 and "pruned events stamped before" in off.output
 
 

@@ -111,9 +111,9 @@ def config_file(tmp_path: Path) -> Path:
 
 def test_pairs_compare_the_first_region_with_each_other(config_file: Path) -> None:
     config = load_config(config_file)
-    assert _pairs(config, None) == [("us-east", "eu-west"), ("us-east", "ap-south")]
-    assert _pairs(config, "ap-south, us-east") == [("ap-south", "us-east")]
-    for bad in ("us-east", "us-east,us-east", "us-east,mars"):
+    assert _pairs(config, ()) == [("us-east", "eu-west"), ("us-east", "ap-south")]
+    assert _pairs(config, ("ap-south", "us-east")) == [("ap-south", "us-east")]
+    for bad in (("us-east",), ("us-east", "us-east"), ("us-east", "mars")):
         with pytest.raises(ConfigError):
             _pairs(config, bad)
 

@@ -44,7 +44,7 @@ def run(drill: Drill) -> None:
         kills.append({"state_at_kill": state})
     # the operator's recover, killed while it replays (no sidecar runs meanwhile)
     argv = [sys.executable, "-m", "reconciler.cli", "recover", "--config", str(drill.config.path), "--region",
-            region, "--json"]
+            region, "--yes", "--json"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     drill.mark("$ reconciler recover (to be killed)", region)
     time.sleep(1.2 + rnd.uniform(0.0, 0.5))  # the interpreter starts, fences, plans, replays

@@ -56,7 +56,7 @@ def run(drill: Drill) -> None:
     for entry in parked[c]:
         take = max(entry.versions(), key=lambda v: (v.hlc, v.origin)).origin
         code, _output = drill.cli("conflicts", "resolve", "--region", c, entry.conflict_id, "--take", take,
-                                  "--by", "drill", "--reason", "split-brain drill: later version kept")
+                                  "--by", "drill", "--reason", "split-brain drill: later version kept", "--yes")
         decided.append({"conflict": entry.conflict_id, "key": entry.key, "take": take, "exit_code": code})
     drill.extra["resolutions"] = decided
     drill.check("operator_resolutions_accepted", bool(decided) and all(d["exit_code"] == 0 for d in decided),

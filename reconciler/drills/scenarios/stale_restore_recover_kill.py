@@ -81,7 +81,7 @@ def run(drill: Drill) -> None:
         small = drill.workdir / "recover-small-batches.yaml"
         small.write_text(yaml.safe_dump(doc))
         argv = [sys.executable, "-m", "reconciler.cli", "recover", "--config", str(small), "--region", region,
-                "--json"]
+                "--yes", "--json"]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         drill.mark("$ reconciler recover (to be killed while it returns own events)", region)
         deadline = time.monotonic() + 60
