@@ -94,7 +94,7 @@ class _Nemesis:
     def recover_kill(self, region: str) -> None:
         outage = self.drill.outage_begin(region, "recover SIGKILL")
         self.drill.kill_sidecar(region)
-        argv = [sys.executable, "-m", "reconciler.cli", "recover", "--config", str(self.drill.config.path),
+        argv = [sys.executable, "-m", "reconciler.cli", "recover", "--yes", "--config", str(self.drill.config.path),
                 "--region", region, "--json"]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(self.rnd.uniform(0.8, 3.0))
@@ -128,7 +128,7 @@ class _Nemesis:
             drill.stack.restore_postgres(region, backup)
             drill.workload.route(region, region)  # its users write again at once, under the running sidecar
             time.sleep(self.rnd.uniform(0.5, 2.0))
-            code, _ = drill.cli("recover", "--region", region, "--json", timeout=RECOVER_TIMEOUT)
+            code, _ = drill.cli("recover", "--yes", "--region", region, "--json", timeout=RECOVER_TIMEOUT)
             drill.mark("recover after the restore", region, exit_code=code)
             drill.outage_end(outage)
         finally:
@@ -202,7 +202,7 @@ class _Nemesis:
                 if drill.wait_until(active, 60 if attempt == 0 else 30, f"{region} ACTIVE"):
                     break
                 if attempt < 3:
-                    code, _ = drill.cli("recover", "--region", region, "--json", timeout=RECOVER_TIMEOUT)
+                    code, _ = drill.cli("recover", "--yes", "--region", region, "--json", timeout=RECOVER_TIMEOUT)
                     drill.mark("operator recover", region, exit_code=code)
         states = {r: drill.state(r) for r in drill.regions}
         drill.check("every_region_active_by_the_gate", all(s == "ACTIVE" for s in states.values()),
