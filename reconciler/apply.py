@@ -16,9 +16,9 @@ from typing import Any
 
 from . import wire
 from .config import TableConfig
-from .conflict import ConflictPolicy, policy_for
+from .conflict import ConflictPolicy, ManualPolicy, policy_for, settle_parked
 from .errors import ClockSkewError, EventError, ReconcilerError, StoreError
-from .model import ConflictRecord, Event, RowState
+from .model import ConflictRecord, Event, Outcome, RowState
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
 from .store.translate import translated
@@ -231,7 +231,8 @@ class Applier:
             # were already applied, it is taken again for the new ones only, from the
             # same states (still locked, so still current).
             loaded = self._lock_and_load(candidates)
-            speculative = self._pool().submit(self._decide, candidates, loaded) if candidates else None
+            parked = self._load_parked(candidates)
+            speculative = self._pool().submit(self._decide, candidates, loaded, parked) if candidates else None
             try:
                 new = pg.insert_inbox(self.conn, candidates)
             except BaseException:
@@ -244,7 +245,7 @@ class Applier:
                 if (event.origin, event.sequence) not in new:
                     report.duplicates[event.origin] += 1
             if decision is None or len(fresh) != len(candidates):
-                decision = self._decide(fresh, loaded)
+                decision = self._decide(fresh, loaded, parked)
             self._write(decision)
             applied, bad, conflicts = decision.applied, decision.bad, decision.conflicts
             if bad:
@@ -290,7 +291,8 @@ class Applier:
         policies converge in any order; this order just makes the audit trail read
         naturally).
         """
-        decision = self._decide(events, self._lock_and_load(events))
+        loaded = self._lock_and_load(events)
+        decision = self._decide(events, loaded, self._load_parked(events))
         self._write(decision)
         return decision.applied, decision.bad, decision.conflicts
 
@@ -310,9 +312,25 @@ class Applier:
         return {table: pg.load_state_rows(self.conn, table, sorted(table_keys))
                 for table, table_keys in sorted(keys.items())}
 
-    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[pg.StateRow]]) -> _Decision:
+    def _load_parked(self, events: Sequence[Event]) -> dict[str, dict[str, list[tuple[str, Event]]]]:
+        """table -> key -> the open manual-queue entries of the (locked) keys of
+        ``events`` in manual tables, with their parked events."""
+        keys: dict[str, set[str]] = defaultdict(set)
+        for event in events:
+            if isinstance(self._policies.get(event.table), ManualPolicy):
+                keys[event.table].add(event.key)
+        return {table: pg.open_parked_events(self.conn, table, sorted(table_keys))
+                for table, table_keys in sorted(keys.items())}
+
+    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[pg.StateRow]],
+                parked: Mapping[str, Mapping[str, list[tuple[str, Event]]]] | None = None) -> _Decision:
         """The policies' decisions for ``events`` over the ``loaded`` states (not
-        modified), and the encoded writes. Pure: no I/O, safe on the worker thread."""
+        modified), and the encoded writes. Pure: no I/O, safe on the worker thread.
+
+        Whenever a manual key's row changes, its parked versions (``parked``, and
+        those parked earlier in this batch) are taken again: one parked only because
+        it arrived before its predecessor applies now, in this transaction, under
+        the same key lock, and its entry closes (``decision.closed``)."""
         by_table: dict[str, list[Event]] = defaultdict(list)
         for event in events:
             by_table[event.table].append(event)
@@ -321,6 +339,7 @@ class Applier:
             policy = self._policies[table]
             states = pg.states_from_rows(loaded.get(table, ()))
             changed: dict[str, RowState] = {}
+            waiting = {k: list(v) for k, v in (parked or {}).get(table, {}).items()}
             for event in sorted(table_events, key=lambda e: (e.hlc, e.origin)):
                 try:
                     outcome = policy.apply(states.get(event.key), event)
@@ -330,9 +349,18 @@ class Applier:
                 decision.applied.append(event)
                 if outcome.conflict is not None:
                     decision.conflicts.append(outcome.conflict)
+                    if outcome.conflict.outcome is Outcome.PARKED:
+                        waiting.setdefault(event.key, []).append((outcome.conflict.conflict_id, event))
                 if outcome.state is not None:
-                    states[event.key] = outcome.state
-                    changed[event.key] = outcome.state
+                    state: RowState | None = outcome.state
+                    if waiting.get(event.key):
+                        state, closed = settle_parked(policy, state, waiting[event.key])
+                        done = {cid for cid, _ in closed}
+                        waiting[event.key] = [p for p in waiting[event.key] if p[0] not in done]
+                        decision.closed += [(cid, o.value) for cid, o in closed]
+                    if state is not None:
+                        states[event.key] = state
+                        changed[event.key] = state
             decision.writes.append((table, changed))
         return decision
 
@@ -340,6 +368,7 @@ class Applier:
         for table, changed in decision.writes:
             pg.write_states(self.conn, self.writer(table), changed)
         pg.record_conflicts(self.conn, decision.conflicts)
+        pg.close_parked(self.conn, decision.closed)
         pg.record_resolutions(self.conn, decision.applied)
 
 
@@ -350,6 +379,8 @@ class _Decision:
     conflicts: list[ConflictRecord] = field(default_factory=list)
     #: (table, the states to write), in table order
     writes: list[tuple[str, dict[str, RowState]]] = field(default_factory=list)
+    #: (conflict id, outcome) of parked entries that turned out causally ordered
+    closed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _rejection(event: Event, reason: str, detail: str) -> dict[str, Any]:

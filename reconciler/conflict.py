@@ -29,10 +29,13 @@ current stamp. The stamp alone cannot tell "concurrent" from "arrived out of
 causal order" (an older ancestor delivered after its descendant), so the audit
 trail of lww/merge may hold records for the latter too; they are harmless there.
 ``manual``, where a record means an operator's time, remembers the stamp its
-current version's writer saw, so the commonest case (a version arriving after its
-direct successor, by another origin's faster topic) is recognised and not parked;
-an older ancestor still is (safe: the row is kept and an operator clears the
-entry). Delivering a key's events in HLC order, as catch-up replay does, avoids them.
+current version's writer saw (and the older ancestors it has not applied yet), so
+a version arriving after its successor is recognised as older and not parked. A
+version arriving before its predecessor cannot be told from a concurrent one when
+it arrives and is parked; :func:`settle_parked`, which the applier runs whenever
+such a key's row changes, applies it once its predecessor is in (or closes it as
+superseded), so every delivery order of a causal chain ends in its last version
+with no open entry.
 
 Versions are ordered by ``(hlc, origin)``: the region id breaks ties between
 regions. Merge metadata stores stamps as ``[hlc.pack(), origin]``, which is JSON and
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any, Final, Protocol
@@ -71,6 +74,7 @@ __all__ = [
     "POLICY_NAMES",
     "classify",
     "policy_for",
+    "settle_parked",
 ]
 
 POLICY_NAMES: Final = ("lww", "merge", "manual")
@@ -399,12 +403,72 @@ def _resolution(current: RowState | None) -> Stamp | None:
 _PRIOR: Final = "prior"
 
 
+#: manual meta key: stamps of versions the current one descends from that this region
+#: has not applied (it took a descendant first: a key never seen, or a tombstone met
+#: by a delete). When one arrives it is known to be older, not concurrent, and its
+#: own prior takes its place; so once the whole chain is here the list is empty
+#: again, as in a region that got the chain in order (absent when empty).
+_UNSEEN: Final = "unseen"
+
+
+def _unseen(current: RowState | None) -> list[int]:
+    raw = current.meta.get(_UNSEEN) if current is not None else None
+    return sorted({int(s) for s in raw}) if isinstance(raw, list) else []
+
+
 def _ancestor_of_current(current: RowState | None, event: Event) -> bool:
-    return (
-        current is not None
-        and current.meta.get(_PRIOR) == event.hlc.pack()
-        and current.wins_over(event.hlc, event.origin)
-    )
+    if current is None or not current.wins_over(event.hlc, event.origin):
+        return False
+    stamp = event.hlc.pack()
+    return current.meta.get(_PRIOR) == stamp or stamp in _unseen(current)
+
+
+def _with_unseen(meta: dict[str, Any], unseen: set[int]) -> dict[str, Any]:
+    if unseen:
+        meta[_UNSEEN] = sorted(unseen)
+    else:
+        meta.pop(_UNSEEN, None)
+    return meta
+
+
+def settle_parked(
+    policy: ConflictPolicy, current: RowState | None, parked: Sequence[tuple[str, Event]],
+) -> tuple[RowState | None, list[tuple[str, Outcome]]]:
+    """Take the parked versions of one key again after its row changed.
+
+    A version is parked when its prior is not the current stamp; that is also what
+    a causally later version looks like when it arrives before its predecessor
+    (v3 before v2, the region holding v1). Once the predecessor is applied, the
+    policy applies the parked version as it would have in order, and may unlock
+    another (a chain of any length); a parked ancestor of what the region now
+    holds is superseded. Whatever the policy still calls a conflict stays parked.
+    ``parked`` is (conflict id, event); returns the key's state and the entries
+    that closed, APPLIED (the version became the row) or DISCARDED (it was an
+    ancestor), so that every delivery order of a causal chain ends in its last
+    version with no open entry.
+    """
+    state = current
+    waiting = sorted(parked, key=lambda p: (p[1].hlc, p[1].origin))
+    closed: list[tuple[str, Outcome]] = []
+    progress = True
+    while progress and waiting:
+        progress = False
+        for item in list(waiting):
+            cid, event = item
+            try:
+                outcome = policy.apply(state, event)
+            except EventError:
+                continue  # it parked once, so it parses; an operator looks at it if not
+            if outcome.conflict is not None:
+                continue
+            waiting.remove(item)
+            took = outcome.state is not None and (outcome.state.hlc, outcome.state.origin) == (
+                event.hlc, event.origin)
+            closed.append((cid, Outcome.APPLIED if took else Outcome.DISCARDED))
+            if outcome.state is not None:
+                state = outcome.state
+            progress = True
+    return state, closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,14 +482,17 @@ class ManualPolicy:
       or when it deletes a row already deleted (both sides agree; the greater
       tombstone stamp is kept).
     - A version the current one's writer saw (its stamp is the current version's
-      ``prior``, kept in ``meta["prior"]``) is older, not concurrent: it arrived
+      ``prior``, kept in ``meta["prior"]``, or an older ancestor this region has
+      not applied, kept in ``meta["unseen"]``) is older, not concurrent: it arrived
       after its successor, typically through a faster origin's topic, and changes
-      nothing. (A prior is a stamp without its region: a concurrent write stamped
+      only that bookkeeping. (A prior is a stamp without its region: a concurrent write stamped
       in another region in the same millisecond with the same logical counter
       would pass for the seen version here; the regions that meet it in the other
       order still park it.)
     - Anything else is concurrent: the region keeps its current row and returns a
       PARKED record. Until an operator decides, regions may hold different rows.
+      A causally later version that merely arrived before its predecessor parks
+      too; :func:`settle_parked` takes it again once the predecessor applied.
     - A RESOLVE overwrites the row with the chosen value and its own stamp, whatever
       the region holds (even a concurrent write stamped later: the operator's
       decision must win everywhere or regions would not converge). Its stamp is
@@ -456,10 +523,17 @@ class ManualPolicy:
             record = _record(self.name, closes, Outcome.RESOLVED, current, event, payload, payload.conflict_id)
             return Applied(state, record)
 
-        if _ancestor_of_current(current, event):
+        if current is not None and _ancestor_of_current(current, event):
             # the current version's writer saw this very version and replaced it: it
-            # arrived late (another origin's topic was faster), it is not concurrent
-            return Applied(None)
+            # arrived late (another origin's topic was faster), it is not concurrent;
+            # its own prior is now the ancestor still to come
+            unseen = set(_unseen(current)) - {stamp[0]}
+            if event.prior is not None:
+                unseen.add(event.prior.pack())
+            meta = _with_unseen(dict(current.meta), unseen)
+            if meta == current.meta:
+                return Applied(None)
+            return Applied(RowState(dict(current.values), current.hlc, current.origin, current.deleted, meta))
         kind = classify(current, event)
         if resolution is not None and stamp < resolution:
             # the operator decided with both sides of the conflict in view and stamped
@@ -471,6 +545,11 @@ class ManualPolicy:
         )
         if event.prior is not None:
             carried[_PRIOR] = event.prior.pack()
+        unseen = set(_unseen(current))
+        if event.prior is not None and (current is None or event.prior != current.hlc):
+            # taking a version without the one its writer saw: that one is still to come
+            unseen.add(event.prior.pack())
+        _with_unseen(carried, unseen)
         if kind is None:
             if current is not None and current.wins_over(event.hlc, event.origin):
                 return Applied(None)  # an older tombstone meeting a newer one

@@ -12,6 +12,28 @@ it applied from each origin, what Kafka still retains, what each region still ho
 with payload) into a list of :class:`GapPlan`: for every (origin, destination) pair
 the missing sequence numbers, each sub-range tagged with the best place to fetch it
 from. Nothing here performs I/O; the services collect the inputs and act on the plan.
+
+Gap and lag
+-----------
+``status``, ``gaps``, the sidecar's metrics and the recovery gate all speak of the
+same two figures, and all compute them with :func:`measure_lag` (what one destination
+lacks of one origin) and :func:`self_gap` (what a region lacks of its own events):
+
+- **gap**: events of the origin the destination has not applied and will not get by
+  simply waiting. That is every unapplied sequence below the highest it applied (a
+  hole: the consumer went past it), every sequence it refused (quarantined,
+  policy-refused, a future stamp held back: set aside, so missing, never in flight,
+  wherever it sits), and every unapplied sequence above the highest applied that
+  Kafka can no longer deliver (below the first sequence the topic retains). For a
+  region's own events it is what it does not hold of ``1..`` the highest anyone has
+  seen (a restore from a stale backup).
+- **lag**: the rest of the unapplied tail, the events still on their way, counted
+  up to the origin's high-water mark (the highest sequence anyone has evidence of:
+  the origin's relay counter, what any region applied, what Kafka holds), and the
+  age of the oldest of them. No in-flight event, no lag seconds.
+
+Sequences an operator settled (discarded) are neither applied nor missing. When
+Kafka's retention is unknown, nothing is counted as expired: the tail is lag.
 """
 
 from __future__ import annotations
@@ -415,9 +437,124 @@ def plan_gaps(
                 own = own_held.get(origin) if own_held is not None else None
                 claimed = own if own is not None else SeqRanges.span(1, origin_high[origin])
                 have = have | claimed | outbox_held.get((origin, origin), EMPTY)
-            missing = have.missing_up_to(high)
+            missing = self_gap(have, high) if destination == origin else have.missing_up_to(high)
             if not missing:
                 continue
             gap = Gap(origin, destination, missing)
             plans.append(GapPlan(gap, _route(origin, destination, missing, kafka_retained, outbox_held)))
     return plans
+
+
+# ------------------------------------------------------------------ gap and lag
+
+
+def origin_high_water(*evidence: int | None) -> int:
+    """The highest sequence of an origin anyone has evidence of (0 when none):
+    its relay counter, what any region applied, the last sequence Kafka holds. The
+    counter alone is not enough: a region restored from a stale backup reports one
+    below events its peers already applied. ``None`` is evidence nobody could read."""
+    return max((e for e in evidence if e is not None), default=0)
+
+
+def kafka_retained_from(retained: tuple[int, int] | None, published_through: int | None,
+                        origin_high: int) -> int:
+    """The lowest sequence an origin's topic can still deliver, from its retained
+    bounds (``None``: it holds nothing). An empty topic has expired everything its
+    relay published (everything the origin numbered, when that is not known)."""
+    if retained is not None:
+        return retained[0]
+    return (published_through if published_through is not None else origin_high) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """What one destination lacks of one origin (see the module docstring)."""
+
+    applied: int
+    highest_applied: int
+    #: the high-water mark the tail is counted up to
+    origin_high: int
+    #: unapplied, unrefused, unsettled sequences below ``highest_applied``
+    holes: int
+    #: refused sequences not applied, wherever they are
+    refused: int
+    #: unapplied tail sequences Kafka can no longer deliver
+    expired: int
+    #: the in-flight tail
+    events: int
+    #: age of the oldest in-flight event; 0.0 when nothing is in flight
+    seconds: float
+    #: the first in-flight sequence (whose age is ``seconds``), None when none
+    first_in_flight: int | None
+
+    @property
+    def gap(self) -> int:
+        return self.holes + self.refused + self.expired
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied, "highest_applied": self.highest_applied, "origin_high": self.origin_high,
+            "holes": self.holes, "refused": self.refused, "expired": self.expired, "gap": self.gap,
+            "events": self.events, "seconds": round(self.seconds, 3), "first_in_flight": self.first_in_flight,
+        }
+
+
+def measure_lag(
+    *,
+    applied: int,
+    highest_applied: int,
+    origin_high: int,
+    refused: SeqRanges = EMPTY,
+    settled: SeqRanges = EMPTY,
+    kafka_retained_from: int | None = None,
+    oldest_unapplied_age: float | None = None,
+) -> Lag:
+    """Gap and lag of one (origin, destination) pair.
+
+    - ``applied``: how many sequences of the origin the destination applied (its
+      pruned prefix included, settled ones not), ``highest_applied`` the highest.
+    - ``origin_high``: :func:`origin_high_water` of whatever evidence the caller has.
+    - ``refused``: the origin's sequences the destination set aside and has neither
+      settled nor applied; ``settled``: those an operator discarded there.
+    - ``kafka_retained_from``: the lowest sequence Kafka can still deliver
+      (:func:`kafka_retained_from`); ``None`` when unknown (nothing counts as expired).
+    - ``oldest_unapplied_age``: seconds since the event ``first_in_flight`` was
+      committed (ask for it after a first call); used only when something is in flight.
+    """
+    if applied < 0 or highest_applied < 0:
+        raise ValueError(f"applied counts cannot be negative: {applied}, {highest_applied}")
+    refused = refused - settled
+    # a refused or settled sequence is evidence the origin numbered that far
+    high = origin_high_water(origin_high, highest_applied, refused.last, settled.last)
+    below = SeqRanges.span(1, highest_applied)
+    refused_below = (refused & below).count()
+    holes = max(0, highest_applied - applied - (settled & below).count() - refused_below)
+    tail = SeqRanges.span(highest_applied + 1, high) - refused - settled
+    expired = tail & SeqRanges.span(1, kafka_retained_from - 1) if kafka_retained_from is not None else EMPTY
+    in_flight = tail - expired
+    events = in_flight.count()
+    seconds = max(0.0, oldest_unapplied_age or 0.0) if events else 0.0
+    return Lag(
+        applied=applied, highest_applied=highest_applied, origin_high=high, holes=holes,
+        refused=refused.count(), expired=expired.count(), events=events, seconds=seconds,
+        first_in_flight=in_flight.first,
+    )
+
+
+def self_gap(own: SeqRanges, evidence_high: int) -> SeqRanges:
+    """The sequences of a region's own events it does not hold although someone has
+    seen up to ``evidence_high`` of them: a restore from a stale backup. ``own`` is
+    what it accounts for as its own (numbered outbox rows, the pruned prefix, events
+    returned to it); its relay counter is not evidence that it holds anything."""
+    return own.missing_up_to(evidence_high)
+
+
+def by_origin(entries: Iterable[Mapping[str, Any]]) -> dict[str, SeqRanges]:
+    """Per origin, the sequences named by entries such as ``store.quarantine.refused``'s
+    (``origin`` and ``sequence`` keys); an entry naming no sequence places nothing."""
+    seqs: dict[str, list[int]] = {}
+    for entry in entries:
+        origin, sequence = entry.get("origin"), entry.get("sequence")
+        if origin is not None and sequence is not None:
+            seqs.setdefault(str(origin), []).append(int(sequence))
+    return {o: SeqRanges(s) for o, s in seqs.items()}

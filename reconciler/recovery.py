@@ -27,7 +27,17 @@ from . import wire
 from .apply import Applier
 from .config import Config
 from .errors import EventError, FencedError, ReconcilerError, StoreError
-from .gaps import GapPlan, SeqRanges, Source, plan_gaps
+from .gaps import (
+    GapPlan,
+    Lag,
+    SeqRanges,
+    Source,
+    by_origin,
+    kafka_retained_from,
+    measure_lag,
+    origin_high_water,
+    plan_gaps,
+)
 from .hlc import Timestamp
 from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
@@ -79,6 +89,8 @@ class GapReport:
     #: it applied later ones (holes), versus the in-flight tail a live consumer will still get
     holes: dict[tuple[str, str], int] = field(default_factory=dict)
     hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]] = field(default_factory=dict)
+    #: per (origin, destination), origin != destination: gap and lag as reconciler.gaps defines them
+    lags: dict[tuple[str, str], Lag] = field(default_factory=dict)
 
     @property
     def lost_events(self) -> int:
@@ -110,6 +122,8 @@ class GapReport:
             "kafka_retained": {o: list(r) if r else None for o, r in self.retained.items()},
             "refused": {r: f.refused for r, f in self.facts.items() if f.refused},
             "total_refused": sum(len(f.refused) for f in self.facts.values()),
+            "lag": {d: {o: lag.to_dict() for (o, dd), lag in sorted(self.lags.items()) if dd == d}
+                    for d in sorted({d for _, d in self.lags})},
         }
 
 
@@ -194,7 +208,44 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         top = applied.get(pair, SeqRanges()).last or 0
         report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
         report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
+    report.lags = _lags(facts, retained, applied, kafka_ranges, region, report.hlc_spans)
     return report
+
+
+def _lags(
+    facts: dict[str, RegionFacts], retained: dict[str, tuple[int, int] | None],
+    applied: dict[tuple[str, str], SeqRanges], kafka_ranges: dict[str, SeqRanges], region: str | None,
+    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]],
+) -> dict[tuple[str, str], Lag]:
+    """Gap and lag of every (origin, destination) pair, destinations limited to ``region``
+    when given. The lag's age is the oldest missing event's stamp: the in-flight tail's
+    age, or older when the pair also has holes (an overstatement the gate errs on)."""
+    now_ms = time.time() * 1000
+    lags: dict[tuple[str, str], Lag] = {}
+    for dest, f in facts.items():
+        if not f.reachable or (region is not None and dest != region):
+            continue
+        refused = by_origin(f.refused)
+        for origin, of in facts.items():
+            if origin == dest:
+                continue
+            settled = SeqRanges(f.discarded.get(origin, []))
+            done = SeqRanges(f.inbox.get(origin, [])) - settled
+            high = origin_high_water(
+                of.last_sequence if of.reachable else None, kafka_ranges.get(origin, SeqRanges()).last,
+                # the outbox is read after the counter: a live relay may have numbered past it
+                SeqRanges(of.outbox).last if of.reachable else None,
+                *(r.last for (o, _), r in applied.items() if o == origin),
+            )
+            low = hlc_spans.get((origin, dest), (None, None))[0]
+            lags[(origin, dest)] = measure_lag(
+                applied=done.count(), highest_applied=done.last or 0, origin_high=high,
+                refused=refused.get(origin, SeqRanges()), settled=settled,
+                kafka_retained_from=kafka_retained_from(
+                    retained.get(origin), of.published_through if of.reachable else None, high),
+                oldest_unapplied_age=max(0.0, (now_ms - low.wall_ms) / 1000) if low is not None else None,
+            )
+    return lags
 
 
 def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
@@ -563,22 +614,13 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:
-    holes = sum(n for (o, d), n in report.holes.items() if d == region)
-    tail = 0
-    oldest: Timestamp | None = None
-    for plan in report.for_destination(region):
-        pair = (plan.gap.origin, plan.gap.destination)
-        tail += plan.gap.count - report.holes.get(pair, 0)
-        low = report.hlc_spans.get(pair, (None, None))[0]
-        if low is not None and (oldest is None or low < oldest):
-            oldest = low
-    lag_seconds = max(0.0, (time.time() * 1000 - oldest.wall_ms) / 1000) if oldest and tail else 0.0
+    lags = [lag for (_origin, dest), lag in report.lags.items() if dest == region]
     stale_self = sum(p.gap.count for p in report.for_destination(region) if p.gap.origin == region)
     return GateInput(
-        gap_events=holes + stale_self,
+        gap_events=sum(lag.gap for lag in lags) + stale_self,
         lost_events=report.lost_events,
-        lag_events=tail,
-        lag_seconds=lag_seconds,
+        lag_events=sum(lag.events for lag in lags),
+        lag_seconds=max((lag.seconds for lag in lags), default=0.0),
         divergent_keys={t: len(k) for t, k in result.divergent.items()},
         parked_keys=sum(len(k) for k in result.parked.values()),
         refused_events=len(report.facts[region].refused) if region in report.facts else 0,

@@ -44,6 +44,7 @@ from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 from .anti_entropy import AntiEntropy
 from .config import Config
 from .errors import ConfigError, ReconcilerError, StoreUnavailable
+from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water
 from .hlc import Timestamp
 from .inbox import InboxConsumer
 from .lifecycle import RegionStatus, State, needs_catch_up
@@ -62,6 +63,9 @@ from .transport import kafka
 #: how often measured gauges are refreshed from the databases
 STATS_INTERVAL_SECONDS = 2.0
 LEAF_COMPACTION_SECONDS = 60.0
+#: how often the stats loop asks Kafka where each origin's topic starts (a consumer and
+#: two reads per origin): an older answer only undercounts what expired, never invents it
+KAFKA_RETENTION_CHECK_SECONDS = 60.0
 #: how long a planned stop may spend publishing what is left in the outbox
 DRAIN_SECONDS = 30.0
 #: retry after a peer's database refused a connection (its absence must not slow us down)
@@ -132,6 +136,8 @@ class Sidecar:
         self._backlog: int | None = None
         self._relay_drained = False
         self._started_mono = time.monotonic()
+        #: per origin: (when asked, the lowest sequence its topic could still deliver, or None: unknown)
+        self._retained_from: dict[str, tuple[float, int | None]] = {}
 
     # ------------------------------------------------------------------ probes
 
@@ -704,29 +710,40 @@ class Sidecar:
         m.outbox_backlog_events.set(backlog.events)
         m.outbox_oldest_unrelayed_age_seconds.set(backlog.oldest_age_seconds)
         progress = health.inbox_progress(conn)
+        refused = by_origin(quarantine_store.refused(conn))
+        settled = {o: SeqRanges(r) for o, r in quarantine_store.discarded(conn).items()}
         for origin, peer_db in peers.items():
             mine = progress.get(origin)
             applied = mine.applied if mine else 0
             highest = mine.highest_sequence if mine else 0
             # the origin's own relay knows best how far it got; when it cannot be asked,
             # what we have seen of it is the best lower bound
-            origin_high = peer_db.run(partial(health.relay_high_water, origin=origin))
+            position = peer_db.run(partial(pg.relay_position, origin=origin))
+            origin_high, published = position if position is not None else (None, None)
             if peer_db.error and origin not in warned:
                 log.warning("origin database unreachable; lag is measured against the events seen",
                             extra={"fields": {"origin": origin, "error": peer_db.error}})
                 warned.add(origin)
             elif not peer_db.error:
                 warned.discard(origin)
-            lag = max(0, (origin_high if origin_high is not None else highest) - applied)
-            lag_seconds = 0.0
-            if lag:
-                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=highest + 1))
+            measure = partial(measure_lag, applied=applied, highest_applied=highest,
+                              origin_high=origin_high_water(origin_high, highest),
+                              refused=refused.get(origin, SeqRanges()), settled=settled.get(origin, SeqRanges()))
+            lag = measure()
+            if lag.events:
+                measure = partial(measure, kafka_retained_from=self._kafka_retained_from(
+                    origin, published, lag.origin_high))
+                lag = measure()
+            if lag.events:
+                first = lag.first_in_flight or highest + 1
+                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=first))
                 if oldest is None and mine is not None:
                     oldest = mine.last_applied_age_seconds
-                lag_seconds = oldest if oldest is not None else time.monotonic() - self._started_mono
-            m.replication_lag_events.labels(origin=origin, destination=self.region).set(lag)
-            m.replication_lag_seconds.labels(origin=origin, destination=self.region).set(lag_seconds)
-            m.gaps_events.labels(origin=origin, destination=self.region).set(mine.holes if mine else 0)
+                lag = measure(oldest_unapplied_age=oldest if oldest is not None
+                              else time.monotonic() - self._started_mono)
+            m.replication_lag_events.labels(origin=origin, destination=self.region).set(lag.events)
+            m.replication_lag_seconds.labels(origin=origin, destination=self.region).set(lag.seconds)
+            m.gaps_events.labels(origin=origin, destination=self.region).set(lag.gap)
         queue = health.manual_queue(conn, list(self.config.tables))
         for table, depth in queue.depth_by_table.items():
             m.manual_queue_depth.labels(table=table).set(depth)
@@ -738,6 +755,22 @@ class Sidecar:
             for invariant in table_config.invariants:  # 0 published too: the alert's series exists from start
                 m.invariant_violations_open.labels(table=table_name, invariant=invariant).set(
                     open_violations.get((table_name, invariant), 0))
+
+    def _kafka_retained_from(self, origin: str, published: int | None, origin_high: int) -> int | None:
+        """Where ``origin``'s topic starts, asked at most every KAFKA_RETENTION_CHECK_SECONDS.
+        The answer is kept, not the bounds: an empty topic is read against the relay
+        position of the same moment, so a stale answer never calls new events expired."""
+        now = time.monotonic()
+        cached = self._retained_from.get(origin)
+        if cached is None or now - cached[0] > KAFKA_RETENTION_CHECK_SECONDS:
+            try:
+                bounds = kafka.retained_sequences(self.config.kafka_settings(self.region),
+                                                  self.config.events_topic(origin), timeout=2.0)
+                cached = (now, kafka_retained_from(bounds, published, origin_high))
+            except ReconcilerError:
+                cached = (now, None)  # unknown: the tail counts as lag until the next try
+            self._retained_from[origin] = cached
+        return cached[1]
 
 
 def _stamp(conn: pg.Connection) -> Timestamp:

@@ -4,15 +4,17 @@ Each region's database is asked about itself (lifecycle state, outbox, inbox,
 queues) and about its peers (the heartbeat view its sidecar keeps). Cross-region
 figures are then put together from whatever answered:
 
-- inbox lag of (origin -> destination) is measured against the origin's own relay
-  counter when the origin answers, else against the highest sequence of that origin
-  any region has seen (a lower bound, flagged as such);
+- inbox lag and gaps of (origin -> destination) follow the one definition in
+  :mod:`reconciler.gaps` (``measure_lag``), counted up to the origin's own relay
+  counter when the origin answers, and the highest sequence of that origin any region
+  has seen otherwise (a lower bound, flagged as such);
 - a region's heartbeat age is the freshest news any reachable peer has of it, so a
   region whose database is down is still seen alive or dead through its peers;
 - gaps are events that will not arrive by themselves: holes below what a region
-  applied, an unapplied tail Kafka no longer retains, and events a region itself
-  lost (restored from a stale backup) that peers have seen. ``reconciler gaps``
-  gives the full plan with sources; this is the count an operator glances at.
+  applied, events it refused (quarantined, policy-refused, held), an unapplied tail
+  Kafka no longer retains, and events a region itself lost (restored from a stale
+  backup) that peers have seen (``gaps.self_gap``). ``reconciler gaps`` gives the
+  full plan with sources; this is the count an operator glances at.
 
 An unreachable region is a row of the report (DOWN, with the redacted DSN and the
 error), never an exception: status is what an operator runs when things are broken.
@@ -25,14 +27,17 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .config import Config
 from .errors import ReconcilerError, StoreError
+from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water, self_gap
 from .lifecycle import State
 from .peers import ACTIVE, liveness
 from .store import health
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
 from .store.invariants import open_counts
 from .store.translate import translated
 from .transport import kafka
@@ -75,12 +80,17 @@ class Lag:
     measured_against: str
     applied: int
     origin_high: int
+    #: the parts of ``gaps`` (see reconciler.gaps.measure_lag)
+    holes: int = 0
+    refused: int = 0
+    expired: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "origin": self.origin, "destination": self.destination, "events": self.events,
             "seconds": _round(self.seconds), "gaps": self.gaps, "measured_against": self.measured_against,
             "applied": self.applied, "origin_high": self.origin_high,
+            "holes": self.holes, "refused": self.refused, "expired": self.expired,
         }
 
 
@@ -197,6 +207,13 @@ class _Facts:
     backlog: health.OutboxBacklog | None = None
     progress: dict[str, health.InboxProgress] = field(default_factory=dict)
     relay_high: int = 0
+    #: this region's relay published through here (None: not read)
+    published: int | None = None
+    #: per origin, sequences refused here (open quarantine entries) and discarded here
+    refused: dict[str, SeqRanges] = field(default_factory=dict)
+    settled: dict[str, SeqRanges] = field(default_factory=dict)
+    #: own sequences this region holds (None: not read, its counter stands in)
+    own: SeqRanges | None = None
     queue: health.ManualQueue | None = None
     quarantine: int = 0
     violations: dict[str, int] = field(default_factory=dict)
@@ -233,6 +250,10 @@ def _collect(config: Config, region: str, timeout: int) -> _Facts:
         facts.backlog = health.outbox_backlog(conn, region)
         facts.progress = health.inbox_progress(conn)
         facts.relay_high = health.relay_high_water(conn, region)
+        facts.published = pg.relay_position(conn, region)[1]
+        facts.own = SeqRanges(pg.own_ranges(conn, region))
+        facts.refused = by_origin(quarantine_store.refused(conn))
+        facts.settled = {o: SeqRanges(r) for o, r in quarantine_store.discarded(conn).items()}
         facts.queue = health.manual_queue(conn, list(config.tables))
         facts.quarantine = health.quarantined(conn)
         facts.divergence = _divergence(conn)
@@ -264,12 +285,32 @@ def collect_status(config: Config, *, timeout: int = 3, kafka_timeout: float = 5
     regions = list(config.regions)
     with ThreadPoolExecutor(max_workers=len(regions)) as pool:
         collected = dict(zip(regions, pool.map(lambda r: _collect(config, r, timeout), regions), strict=True))
+    _reread_own(collected)
     notes: list[str] = []
     try:
         return _assemble(config, collected, notes, kafka_timeout)
     finally:
         for facts in collected.values():
             _close(facts)
+
+
+def _reread_own(collected: dict[str, _Facts]) -> None:
+    """Read again, now that every region answered, the own events of a region that seems
+    to lack some its peers applied: regions are asked in parallel, and a live region read
+    before its peers has numbered (and they applied) events after it answered. A region
+    restored from a stale backup still lacks them the second time."""
+    seen: dict[str, int] = {}
+    for f in collected.values():
+        for origin, p in f.progress.items():
+            seen[origin] = max(seen.get(origin, 0), p.highest_sequence)
+    for region, f in collected.items():
+        if f.conn is None or f.own is None or not self_gap(f.own, seen.get(region, 0)):
+            continue
+        try:
+            f.relay_high = health.relay_high_water(f.conn, region)
+            f.own = SeqRanges(pg.own_ranges(f.conn, region))
+        except ReconcilerError:
+            pass  # the first answer stands
 
 
 def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_timeout: float) -> StatusReport:
@@ -313,7 +354,8 @@ def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_
             for origin in config.peers(region)
         }
         # events this region wrote, lost (stale backup) and peers have seen
-        own_lost = max(0, seen_high.get(region, 0) - f.relay_high)
+        own = f.own if f.own is not None else SeqRanges.span(1, f.relay_high)
+        own_lost = self_gap(own, seen_high.get(region, 0)).count()
         assert f.backlog is not None and f.queue is not None
         reports[region] = RegionStatusReport(
             reachable=True, error=None,
@@ -378,35 +420,37 @@ def _lag(
     mine = dest.progress.get(origin)
     applied = mine.applied if mine else 0
     highest = mine.highest_sequence if mine else 0
-    holes = mine.holes if mine else 0
     reachable = origin_facts is not None and origin_facts.conn is not None
     if reachable:
         assert origin_facts is not None
-        origin_high, against = max(origin_facts.relay_high, seen_high.get(origin, 0)), "origin"
+        origin_high, against = origin_high_water(origin_facts.relay_high, seen_high.get(origin, 0)), "origin"
     else:
         origin_high, against = seen_high.get(origin, 0), "seen"
-    events = max(0, origin_high - applied)
-    seconds = 0.0
-    expired = 0
-    if events:
+    refused = dest.refused.get(origin, SeqRanges())
+    settled = dest.settled.get(origin, SeqRanges())
+    measure = partial(measure_lag, applied=applied, highest_applied=highest, origin_high=origin_high,
+                      refused=refused, settled=settled)
+    measured = measure()
+    if measured.events:
+        # Kafka is asked only when there is a tail that might have expired
+        held = retained.of(origin)
+        if held is not False:
+            assert held is None or isinstance(held, tuple)
+            published = origin_facts.published if reachable and origin_facts is not None else None
+            measure = partial(measure, kafka_retained_from=kafka_retained_from(held, published, measured.origin_high))
+            measured = measure()
+    if measured.events:
         age = None
         if reachable and origin_facts is not None and origin_facts.conn is not None:
             try:
-                age = health.event_age(origin_facts.conn, origin, highest + 1)
+                age = health.event_age(origin_facts.conn, origin, measured.first_in_flight or highest + 1)
             except ReconcilerError:
                 age = None
         if age is None and mine is not None:
             age = mine.last_applied_age_seconds
-        seconds = age or 0.0
-        tail = origin_high - highest
-        if tail > 0:
-            held = retained.of(origin)
-            if held is None:
-                expired = tail  # Kafka holds nothing of it any more
-            elif held is not False:
-                assert isinstance(held, tuple)
-                expired = max(0, min(held[0] - 1, origin_high) - highest)
-    return Lag(origin, destination, events, seconds, holes + expired, against, applied, origin_high)
+        measured = measure(oldest_unapplied_age=age)
+    return Lag(origin, destination, measured.events, measured.seconds, measured.gap, against, applied,
+               measured.origin_high, measured.holes, measured.refused, measured.expired)
 
 
 # ------------------------------------------------------------------ rendering

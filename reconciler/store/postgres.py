@@ -870,3 +870,37 @@ def open_conflict_keys(conn: Connection) -> dict[str, set[str]]:
     for table, key in rows:
         out.setdefault(table, set()).add(key)
     return out
+
+
+def open_parked_events(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, list[tuple[str, Event]]]:
+    """key -> (conflict id, event) of the open manual-queue entries of ``keys``, the
+    parked event read back from the inbox (an entry whose event retention already
+    removed stays for an operator)."""
+    rows = conn.execute(
+        "SELECT c.conflict_id, i.origin, i.event_id, i.table_name, i.row_key, i.type, i.payload, i.hlc,"
+        " i.prior_hlc, i.operation, i.sequence FROM reconciler.conflicts c JOIN reconciler.inbox i"
+        " ON i.table_name = c.table_name AND i.row_key = c.row_key AND i.event_id = c.event_id"
+        " WHERE c.status = 'open' AND c.outcome = 'parked' AND c.table_name = %s AND c.row_key = ANY(%s)",
+        (table, list(keys)),
+    ).fetchall()
+    out: dict[str, list[tuple[str, Event]]] = {}
+    for cid, origin, *event in rows:
+        parked = _outbox_event(origin, tuple(event))
+        out.setdefault(parked.key, []).append((cid, parked))
+    return out
+
+
+def close_parked(conn: Connection, closed: Sequence[tuple[str, str]]) -> None:
+    """Close manual-queue entries that turned out causally ordered (conflict id,
+    outcome: 'applied' or 'discarded'), as decided by the reconciler, not an operator."""
+    if not closed:
+        return
+    conn.execute(
+        "UPDATE reconciler.conflicts c SET status = 'auto', outcome = x.outcome, resolved_by = 'reconciler',"
+        " resolved_at = now(), resolution_reason = CASE x.outcome WHEN 'applied'"
+        "  THEN 'causally ordered: applied once the version its writer saw arrived'"
+        "  ELSE 'causally ordered: an ancestor of the version this region holds' END"
+        " FROM unnest(%s::text[], %s::text[]) AS x(conflict_id, outcome)"
+        " WHERE c.conflict_id = x.conflict_id AND c.status = 'open'",
+        ([c for c, _ in closed], [o for _, o in closed]),
+    )

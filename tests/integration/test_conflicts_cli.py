@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 from reconciler import outbox
+from reconciler.apply import Applier
 from reconciler.cli import main
 from reconciler.config import Config
 from reconciler.conflicts import resolve_conflict
 from reconciler.errors import ConflictError
-from reconciler.model import Event
+from reconciler.hlc import Timestamp
+from reconciler.model import Event, Operation
+from reconciler.store import postgres as pg
 from reconciler.transport import kafka
 
 from .pipeline import Cluster, connect, fully_delivered, make_env, outbox_count, rows, scalar, wait_until
@@ -360,3 +365,46 @@ def test_quarantine_list_shows_what_was_set_aside(stack: Any, tmp_path: Path) ->
     human = cli(config, "quarantine", "list", "--region", B)
     assert human.exit_code == 0 and "malformed" in human.stdout
     assert cli_json(config, "quarantine", "list", "--region", A)["entries"] == []
+
+
+def test_a_version_delivered_before_its_predecessor_applies_once_the_predecessor_arrives(
+    stack: Any, tmp_path: Path,
+) -> None:
+    """A causal chain v1 <- v2 <- v3 (each writer saw the one before) delivered out of
+    order through the real Applier, as a region restored from an old backup meets it
+    while catching up: whatever parks on the way closes by itself once the chain is
+    whole, the row is v3, and the queue has nothing open for the key."""
+    config = make_env(stack, tmp_path, regions=(A, B, C))
+    wall = int(time.time() * 1000) - 1000
+    sequences = {B: 0, C: 0}
+
+    def version(key: str, n: int, origin: str, prior: Event | None) -> Event:
+        sequences[origin] += 1
+        return Event(origin=origin, event_id=str(uuid.uuid4()), table="payments", key=key,
+                     operation=Operation.UPDATE if prior else Operation.INSERT, hlc=Timestamp(wall + n, 0),
+                     sequence=sequences[origin], prior=prior.hlc if prior else None,
+                     payload={"key": {"id": key}, "values": payment(f"v{n}")})
+
+    chains: dict[str, list[Event]] = {}
+    for key in ("p-forward", "p-ancestor"):
+        v1 = version(key, 1, B, None)
+        v2 = version(key, 2, C, v1)
+        chains[key] = [v1, v2, version(key, 3, B, v2)]
+    with pg.connect(config.region(A).dsn, region=A) as conn:
+        applier = Applier(conn, A, config.tables, config.hlc_max_offset_ms)
+        v1, v2, v3 = chains["p-forward"]
+        w1, w2, w3 = chains["p-ancestor"]
+        # p-forward: A holds v1, v3 parks (its prior is v2, not v1);
+        # p-ancestor: A takes w3 first, then w1 parks (an insert meeting w3)
+        for batch in ([v1, w3], [v3, w1]):
+            applier.apply_remote(batch)
+        assert sorted(c["key"] for c in open_payment_conflicts(config, A)) == ["p-ancestor", "p-forward"]
+        applier.apply_remote([v2, w2])  # separate from what they unlock: the entries come from the store
+    held = rows(config, A, "payments")
+    assert held["p-forward"]["status"] == "v3" and held["p-ancestor"]["status"] == "v3"
+    assert open_payment_conflicts(config, A) == []
+    closed = {c["key"]: c for c in cli_json(config, "conflicts", "list", "--region", A, "--table", "payments",
+                                            "--status", "auto")["conflicts"]}
+    assert closed["p-forward"]["outcome"] == "applied" and closed["p-forward"]["remote"]["values"]["status"] == "v3"
+    assert closed["p-ancestor"]["outcome"] == "discarded"
+    assert closed["p-ancestor"]["remote"]["values"]["status"] == "v1"

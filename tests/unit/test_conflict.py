@@ -375,7 +375,12 @@ def test_manual_never_overwrites_with_a_concurrent_write(data: st.DataObject) ->
     for event in data.draw(deliveries(events)):
         before = rows.get(event.key)
         result = manual.apply(before, event)
-        if result.state is not None and before is not None:
+        moved = result.state is not None and before is not None and (
+            (result.state.hlc, result.state.origin, result.state.deleted, result.state.values)
+            != (before.hlc, before.origin, before.deleted, before.values))
+        if moved:
+            # a late ancestor only updates the bookkeeping of which ancestors are still to come
+            assert before is not None
             causal = event.prior == before.hlc
             both_deleted = before.deleted and event.operation is Operation.DELETE
             assert causal or both_deleted

@@ -261,3 +261,16 @@ def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
     assert not plan.ranges_from(Source.KAFKA) & SeqRanges.span(300, 309)
     assert not SeqRanges.span(300, 309) - (plan.ranges_from(Source.PEER_OUTBOX) | plan.ranges_from(Source.PEER_INBOX))
     assert plan.lost == SeqRanges()
+
+
+def test_the_gates_lag_counts_every_planned_tail_under_a_live_relay(world: tuple[_World, Config]) -> None:
+    """The lag the gate reads (gaps.measure_lag) reaches as high as the plan: the origin's
+    outbox, read after its counter, is evidence too."""
+    _sim, config = world
+    for region in REGIONS:
+        report = recovery.analyze_gaps(config, region)
+        tails = {(p.gap.origin, p.gap.destination): p.gap.count for p in report.plans}
+        assert tails, report.to_dict()
+        for pair, count in tails.items():
+            lag = report.lags[pair]
+            assert (lag.gap, lag.events) == (0, count), (pair, lag)

@@ -137,8 +137,8 @@ def test_an_unapplied_tail_kafka_no_longer_holds_is_a_gap(monkeypatch: pytest.Mo
     monkeypatch.setattr("reconciler.status.kafka.retained_sequences", lambda *_a, **_k: (21, 30))
     report = assemble(facts)
     lag = report.regions["eu-west"].lag["us-east"]
-    # 11..20 expired before eu-west read them; 21..30 are still on their way
-    assert (lag.events, lag.gaps) == (20, 10)
+    # 11..20 expired before eu-west read them: a gap, not lag; 21..30 are still on their way
+    assert (lag.events, lag.gaps, lag.expired) == (10, 10, 10)
 
 
 def test_holes_count_as_gaps() -> None:
