@@ -27,9 +27,13 @@ import click
 @click.option("--keep", is_flag=True,
               help="Keep the drill's working directory (config, sidecar logs) even if it passed.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of a randomized drill's fault schedule and workload (nemesis); same seed, same schedule.")
+@click.option("--minutes", type=click.FloatRange(min=0.1), default=None,
+              help="How long a randomized drill injects faults under traffic (nemesis).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (the list, or the report).")
 def drill(name: str | None, list_only: bool, scale: float, dev_dir: Path | None, json_out: Path | None, keep: bool,
-          quiet: bool, as_json: bool) -> None:
+          quiet: bool, seed: int | None, minutes: float | None, as_json: bool) -> None:
     """Run a chaos drill under live traffic and prove its outcome.
 
     The drill gets its own databases and topics on the running local stack, breaks
@@ -58,7 +62,8 @@ def drill(name: str | None, list_only: bool, scale: float, dev_dir: Path | None,
             click.echo(line, err=True)
 
     try:
-        report = run_drill(name, scale=scale, dev_dir=dev_dir, json_out=json_out, log=progress, keep_workdir=keep)
+        report = run_drill(name, scale=scale, dev_dir=dev_dir, json_out=json_out, log=progress, keep_workdir=keep,
+                           seed=seed, minutes=minutes)
     except ReconcilerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -85,6 +85,11 @@ class Drill:
     outages: list[Outage] = field(default_factory=list)
     runbook_steps: list[runbook.StepResult] = field(default_factory=list)
     log: Callable[[str], None] = lambda _msg: None
+    #: a randomized drill's seed and length (``reconciler drill nemesis --seed S --minutes M``)
+    seed: int | None = None
+    minutes: float | None = None
+    #: keys a scenario adds to the top of its report (the nemesis: seed, faults)
+    report_fields: dict[str, Any] = field(default_factory=dict)
     _history: HistoryWriter = field(init=False)
     _stopped_pg: set[str] = field(default_factory=set)
     _kafka_stopped: bool = False
@@ -97,6 +102,10 @@ class Drill:
                                    **self.scenario.config)
         self._history = HistoryWriter(self.history_path)
         spec = self.scenario.workload(self.scale)
+        if self.minutes is not None:
+            spec = dataclasses.replace(spec, seconds=self.minutes * 60)
+        if self.seed is not None:
+            spec = dataclasses.replace(spec, seed=self.seed)
         self.workload = Workload({r: self.env.direct.region(r).dsn for r in self.env.regions}, self._history, spec)
         self.sampler = observe.Sampler(self.config, self.workload.acknowledged)
         self.sampler.start()
@@ -453,6 +462,7 @@ class Drill:
             "regions_converged": verdict.regions_converged,
             "rto_seconds": None if rto is None else round(rto, 3),
             "checks": [c.to_dict() for c in checks],
+            **self.report_fields,
             "description": self.scenario.summary,
             "scale": self.scale,
             "started_at": datetime.fromtimestamp(self.sampler.wall0, UTC).isoformat(timespec="seconds"),

@@ -45,6 +45,8 @@ def run_drill(
     json_out: Path | None = None,
     log: Callable[[str], None] | None = None,
     keep_workdir: bool = False,
+    seed: int | None = None,
+    minutes: float | None = None,
 ) -> dict[str, Any]:
     """Run scenario ``name`` against the local stack; returns (and writes) the report.
 
@@ -58,7 +60,9 @@ def run_drill(
     stack = DevStack.from_state(dev_dir or default_dev_dir())
     workdir = Path(tempfile.mkdtemp(prefix=f"reconciler-drill-{name}-"))
     history = json_out.with_name(json_out.stem + ".history.jsonl") if json_out else workdir / "history.jsonl"
-    drill = Drill(chosen, stack, scale, workdir, history, log=log or (lambda _m: None))
+    if minutes is not None and minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {minutes}")
+    drill = Drill(chosen, stack, scale, workdir, history, log=log or (lambda _m: None), seed=seed, minutes=minutes)
     started = time.monotonic()
     with _pipeline_log(workdir / "pipeline.log"):
         report = _run(drill, chosen)

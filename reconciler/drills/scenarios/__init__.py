@@ -15,6 +15,7 @@ from . import (
     composite_keys,
     duplicate_reorder,
     flash_sale,
+    nemesis,
     network_partition,
     poison_decodable,
     poison_events,
@@ -49,6 +50,7 @@ SCENARIOS: dict[str, Scenario] = {
         composite_keys,
         recover_under_skew,
         flash_sale,
+        nemesis,
     )
 }
 #: a variant of composite-keys that currently fails (see its module)
