@@ -181,19 +181,19 @@ def run(drill: Drill, *, recover_first: bool = False) -> None:
         if recover_first:
             # the region that made newer writes, recovered while a peer is stale: a repair
             # must never copy the stale peer's rows over its own (composite keys included)
-            code, output = drill.cli("recover", "--region", first, timeout=120)
+            code, output = drill.cli("recover", "--yes", "--region", first, timeout=120)
             drill.extra["recover_first_while_peer_stale"] = {"exit": code, "output": output}
             drill.check("recover_beside_a_stale_peer_ran", code in (0, 1),
                         f"`reconciler recover --region {first}` while {victim} is stale: exit {code} (0 ACTIVE, "
                         f"1 gate refused)")
-        code, output = drill.cli("recover", "--region", victim, timeout=120)
+        code, output = drill.cli("recover", "--yes", "--region", victim, timeout=120)
         drill.extra["recover_output"] = output
         drill.check("recover_under_traffic", code == 0, f"`reconciler recover --region {victim}` exit {code}:"
                                                          f" {output.splitlines()[-1] if output else ''}")
         drill.start_sidecar(victim)
         drill.outage_end(outage)
         if drill.state(first) != "ACTIVE":
-            code, output = drill.cli("recover", "--region", first, timeout=120)
+            code, output = drill.cli("recover", "--yes", "--region", first, timeout=120)
             drill.check("recover_first_again", code == 0, f"`reconciler recover --region {first}` once {victim} "
                                                           f"caught up: exit {code}")
         drill.sleep(5)  # traffic after the recovery, through the restarted sidecar

@@ -245,7 +245,7 @@ def _poison(drill: Drill, origin: str, peers: list[str], seqs: list[int]) -> Non
 
     refused_gate = {}
     for peer in peers:
-        code, doc = _cli_json(drill, "recover", "--region", peer)
+        code, doc = _cli_json(drill, "recover", "--yes", "--region", peer)
         gate = doc.get("gate") or {}
         reasons = gate.get("reasons") or []
         refused_gate[peer] = code != 0 and gate.get("passed") is False and any("refused" in str(r) for r in reasons)

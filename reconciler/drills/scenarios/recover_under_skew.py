@@ -58,7 +58,7 @@ def _held(drill: Drill, region: str) -> tuple[int, int, int]:
 
 def _recover_on_skewed_host(drill: Drill, region: str, offset_ms: int) -> tuple[int, dict[str, Any], str]:
     argv = [sys.executable, "-m", "reconciler.drills.fakeclock", "recover", "--config", str(drill.config.path),
-            "--region", region, "--json"]
+            "--region", region, "--yes", "--json"]
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False,
                           env={**os.environ, OFFSET_ENV: str(offset_ms)})
