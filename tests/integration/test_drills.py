@@ -22,6 +22,9 @@ KNOWN_FAILING = {
     "composite-keys-stale-peer": "recover's repair beside a stale peer makes the peer park manual keys nobody "
                                  "wrote concurrently (conflicts_accounted); see reconciler/drills/scenarios/"
                                  "composite_keys.py",
+    "nemesis": "seed 1 (2 min) has failed in two ways on a loaded machine: replication to every region stalled "
+               "after a broker restart and a PostgreSQL crash (61,270 of 65,017 writes undelivered), and a manual "
+               "key parked in one region only; seed 2 passed (43,694 writes, 0 lost, 0 twice): see chaos/README.md",
 }
 
 
