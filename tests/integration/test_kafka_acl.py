@@ -8,6 +8,8 @@ stack's: each test gets its own databases and topic prefix, as in pipeline.py.
 
 from __future__ import annotations
 
+import random
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from confluent_kafka import KafkaError
 from reconciler import outbox
 from reconciler.config import Config, load_config
 from reconciler.devstack import DevStack
-from reconciler.devstack._process import Deadline, port_open
+from reconciler.devstack._process import Deadline
 from reconciler.devstack.kafka import KafkaBroker, find_java
 from reconciler.devstack.kafka_security import ADMIN_USER, provision
 from reconciler.drills.env import free_port
@@ -37,12 +39,24 @@ REGIONS = ("us-east", "eu-west")
 
 
 def _free_pair() -> int:
-    """A port whose successor (the controller's) is free too."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535 and not port_open(port + 1):
+    """A port whose successor (the controller's) is free too. Both are taken below the
+    kernel's ephemeral range and checked by binding: a port nobody listens on may still
+    be the local end of a client connection, and then the broker cannot bind it."""
+    pick = random.Random()
+    for _ in range(200):
+        port = pick.randrange(20000, 32000)
+        if _bindable(port) and _bindable(port + 1):
             return port
-    raise AssertionError("no two consecutive free ports")
+    raise AssertionError("no two consecutive free ports between 20000 and 32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
