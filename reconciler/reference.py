@@ -178,7 +178,7 @@ def render() -> str:
         "Generated from the code by `python -m reconciler.reference > docs/reference.md`;",
         "do not edit by hand (a test fails when this file and the code disagree).",
         "Config keys are the ones the parser accepts, described by the comments of",
-        "[`config/reconciler.example.yaml`](../config/reconciler.example.yaml); any value may",
+        "`config/reconciler.example.yaml` (in the wheel: `reconciler/_data/config/`); any value may",
         "be written `${ENV_VAR}` or `file:/path`. Metrics are the sidecar's catalogue",
         "(`reconciler/metrics.py`); every series also carries `region`.",
         "",

@@ -179,7 +179,12 @@ def test_probes_use_the_sidecars_endpoints_on_its_metrics_port(objects: list[dic
         # on an address the kubelet's probes can reach
         host, port = parse_address(env(objects, region)["RECONCILER_METRICS_ADDRESS"])
         assert port == ports[c["livenessProbe"]["httpGet"]["port"]]
-        assert host not in ("127.0.0.1", "localhost", "::1")
+        # the pod's own address (downward API), which probes reach; never a wildcard
+        assert host == "$(POD_IP)"
+        pod_ip = next(e for e in c["env"] if e["name"] == "POD_IP")
+        assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        names = [e["name"] for e in c["env"]]
+        assert names.index("POD_IP") < names.index("RECONCILER_METRICS_ADDRESS"), "$(POD_IP) expands only if defined first"
 
 
 def test_probe_paths_are_the_ones_the_sidecar_serves() -> None:
@@ -389,6 +394,6 @@ def test_migrate_runs_as_a_hook_before_the_sidecars_with_a_config_that_loads(
         local.write_text("postgresql://app@db/app\n")
     config_file = tmp_path / "reconciler.yaml"
     config_file.write_text(text.replace(f"file:{SECRET_DIR}/", f"file:{tmp_path}/"))
-    environ = {e["name"]: e["value"] for e in c["env"]}
+    environ = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     config = load_config(config_file, environ=environ)
     assert set(config.regions) == set(REGIONS)
