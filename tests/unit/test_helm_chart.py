@@ -184,7 +184,8 @@ def test_probes_use_the_sidecars_endpoints_on_its_metrics_port(objects: list[dic
         pod_ip = next(e for e in c["env"] if e["name"] == "POD_IP")
         assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
         names = [e["name"] for e in c["env"]]
-        assert names.index("POD_IP") < names.index("RECONCILER_METRICS_ADDRESS"), "$(POD_IP) expands only if defined first"
+        assert names.index("POD_IP") < names.index("RECONCILER_METRICS_ADDRESS"), \
+            "$(POD_IP) expands only when it is defined before"
 
 
 def test_probe_paths_are_the_ones_the_sidecar_serves() -> None:
