@@ -134,48 +134,12 @@ class Relay:
         self._read_through = batch[-1][0]
         assert self._pool is not None
         self._next = self._pool.submit(self._claim)  # the next batch, while this one is in flight
-        failures: list[Any] = []
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failures.append(err)
-
         try:
-            # one transaction per batch: committed as a whole, or aborted and invisible to
-            # the inbox (read_committed) -- also when a newer relay fenced this producer
-            self._producer.begin_transaction()
-            for _sequence, key, value in batch:
-                self._send(key, value, delivered)
-            if failures:
-                if kafka.is_access_error(failures[0]):
-                    # ACLs or credentials: retrying would spin forever without an operator
-                    raise kafka.translate(failures[0], settings=self.config.kafka_settings(self.region),
-                                          region=self.region, topic=self.topic)
-                raise TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
-                                     retryable=True, region=self.region, topic=self.topic)
-            self._producer.commit_transaction(30)
-        except ReconcilerError:
-            # the producer translated its error; a fenced one stays a FencedError, and any
-            # other but ACLs and configuration is worth a retry with a new producer
-            self._drop_read_ahead()
-            self._abort()
-            raise
+            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])
         except BaseException:
             self._drop_read_ahead()
-            self._abort()
             raise
         wait_for([self._next])  # the connection is the read-ahead's until it is done; its error surfaces next step
-        if failures:
-            self._drop_read_ahead()
-            first = failures[0] if failures else None
-            if first is not None and kafka.is_access_error(first):
-                # ACLs or credentials: retrying would spin forever without an operator
-                raise kafka.translate(first, settings=self.config.kafka_settings(self.region),
-                                      region=self.region, topic=self.topic)
-            raise TransportError(
-                f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
-                retryable=True, region=self.region, topic=self.topic,
-            )
         lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
         if self._seen is not None:
             self._seen = self._seen.advanced(lsn, batch[-1][0], batch[-1][0])
@@ -201,32 +165,8 @@ class Relay:
         pending = pending_compensations(self._conn, self.config.relay_batch_size)
         if not pending:
             return 0
-        topic = self.config.compensation_topic
-        failures: list[Any] = []
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failures.append(err)
-
-        # the relay's producer is transactional (it fences zombies): these go in their own
-        # transaction, committed only when every one is acknowledged
-        try:
-            self._producer.begin_transaction()
-            for ident, payload in pending:
-                while True:
-                    try:
-                        self._producer.produce(topic, value=payload.encode(), key=ident.encode(),
-                                               on_delivery=delivered)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.05)
-            self._producer.commit_transaction(30)
-        except ReconcilerError:
-            self._abort()
-            raise
-        if failures:
-            raise TransportError(f"compensation events not acknowledged: {len(failures)} failed (first: "
-                                 f"{failures[0]})", retryable=True, region=self.region, topic=topic)
+        self._publish(self.config.compensation_topic,
+                      [(ident.encode(), payload.encode()) for ident, payload in pending])
         mark_compensations_published(self._conn, [ident for ident, _ in pending])
         self._compensations_due = 0.0  # more may be waiting
         return len(pending)
@@ -305,13 +245,46 @@ class Relay:
             except LifecycleError:
                 pass  # someone moved the lifecycle meanwhile (fenced, or already catching up)
 
-    def _send(self, key: bytes, value: bytes, callback: Any) -> None:
-        while True:
-            try:
-                self._producer.produce(self.topic, value=value, key=key, on_delivery=callback)
-                return
-            except BufferError:
-                self._producer.poll(0.05)
+    def _publish(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+        """Send ``messages`` (key, value) to ``topic`` in one Kafka transaction: committed
+        as a whole once every one is acknowledged, or aborted -- also when a newer relay
+        fenced this producer -- and invisible to read_committed consumers.
+
+        The producer raises its errors translated (a fenced one as FencedError; any other
+        but ACLs and configuration is worth a retry with a new producer); a message the
+        broker refused is raised here, an ACL or credentials refusal as not retryable,
+        since retrying would spin forever without an operator."""
+        assert self._producer is not None
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        def refused() -> ReconcilerError:
+            if kafka.is_access_error(failures[0]):
+                return kafka.translate(failures[0], settings=self.config.kafka_settings(self.region),
+                                       region=self.region, topic=topic)
+            return TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
+                                  retryable=True, region=self.region, topic=topic)
+
+        try:
+            self._producer.begin_transaction()
+            for key, value in messages:
+                while True:
+                    try:
+                        self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+            if failures:
+                raise refused()
+            self._producer.commit_transaction(30)
+        except BaseException:
+            self._abort()
+            raise
+        if failures:
+            raise refused()
 
     def run(self, stop: threading.Event, idle_sleep: float = 0.05) -> None:
         """Relay until ``stop`` is set; finishes the current batch before returning.
