@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
@@ -105,3 +106,30 @@ def phase(drill: Drill, base: float, started: float) -> None:
     remaining = drill.seconds(base) - (time.monotonic() - started)
     if remaining > 0:
         time.sleep(remaining)
+
+
+def own_outbox_rows(drill: Drill, region: str) -> int:
+    """How many of its own events the region's outbox holds."""
+    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
+
+
+def relayed_everywhere(drill: Drill, region: str) -> bool:
+    """Every event in the region's outbox is applied by every peer."""
+    written = own_outbox_rows(drill, region)
+    return all(int(drill.scalar(p, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s", (region,))) == written
+               for p in drill.regions if p != region)
+
+
+def back_in_service(drill: Drill, region: str, report: Any) -> None:
+    """After an operator's recover of a restored region (loops pipeline): the gate must
+    have passed; its loops and users come back, and it must catch up under their writes,
+    whose new numbers must not collide with the ones it returned."""
+    assert drill.loops is not None
+    drill.check("gate_passed", bool(report.gate and report.gate.passed),
+                f"recover ended {report.state}: {report.gate.to_dict() if report.gate else 'no gate'}")
+    drill.loops.start(region)
+    drill.workload.route(region, region)
+    drill.mark("users of the region back", region)
+    drill.wait_until(lambda: drill.sampler.rto(region) is not None, 60, f"{region} caught up")
+    drill.sleep(3)
+

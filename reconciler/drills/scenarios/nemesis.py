@@ -34,7 +34,7 @@ from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from ._common import ClockSkew
+from ._common import ClockSkew, relayed_everywhere
 
 #: fault kind -> what it does, in the order the report lists them
 FAULTS: dict[str, str] = {
@@ -119,7 +119,7 @@ class _Nemesis:
         try:
             time.sleep(self.rnd.uniform(2.0, 5.0))
             drill.workload.route(region, None)
-            if not drill.wait_until(lambda: _relayed_everywhere(drill, region), 60,
+            if not drill.wait_until(lambda: relayed_everywhere(drill, region), 60,
                                     f"{region}'s writes at every peer before the restore"):
                 drill.workload.route(region, region)
                 drill.mark("restore skipped: the region's writes did not reach its peers in time", region)
@@ -207,15 +207,6 @@ class _Nemesis:
         states = {r: drill.state(r) for r in drill.regions}
         drill.check("every_region_active_by_the_gate", all(s == "ACTIVE" for s in states.values()),
                     f"after the faults: {states}")
-
-
-def _relayed_everywhere(drill: Drill, region: str) -> bool:
-    written = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
-    published = int(drill.scalar(region, "SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state"
-                                         " WHERE origin = %s", (region,)))
-    return published >= written and all(
-        int(drill.scalar(p, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s", (region,))) >= written
-        for p in drill.regions if p != region)
 
 
 def workload(scale: float) -> WorkloadSpec:

@@ -23,7 +23,7 @@ from functools import partial
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from .stale_backup_restore import _relayed_everywhere
+from ._common import own_outbox_rows, relayed_everywhere
 
 ROUNDS = 2
 
@@ -50,13 +50,13 @@ def run(drill: Drill) -> None:
         try:
             drill.sleep(2)  # the region keeps acknowledging writes after the backup
             drill.workload.route(region, None)
-            drill.wait_until(lambda: _relayed_everywhere(drill, region), 30, f"{region}'s writes at its peers")
-            lost = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
+            drill.wait_until(lambda: relayed_everywhere(drill, region), 30, f"{region}'s writes at its peers")
+            lost = own_outbox_rows(drill, region)
             outage = drill.outage_begin(region, "restore under the running sidecar")
             drill.stack.restore_postgres(region, backup)
             drill.workload.route(region, region)  # its users write the moment the database answers
             acked = drill.workload.acknowledged()[region]
-            kept = int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
+            kept = own_outbox_rows(drill, region)
             drill.mark("restored", region, outbox_before=lost, outbox_after=kept, round=round_)
             drill.outage_end(outage)
             recognised = drill.wait_until(partial(_recognised_at_least, drill, region, round_), 30,

@@ -32,11 +32,7 @@ from ...model import Event
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from .stale_backup_restore import _relayed_everywhere
-
-
-def _own_rows(drill: Drill, region: str) -> int:
-    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
+from ._common import back_in_service, own_outbox_rows, relayed_everywhere
 
 
 def _late_commit(drill: Drill, region: str, hold: float) -> Event:
@@ -67,12 +63,12 @@ def run(drill: Drill) -> None:
         drill.sleep(2)
         drill.workload.route(region, None)
         drill.mark("users of the region stopped", region)
-        drill.wait_until(lambda: _relayed_everywhere(drill, region), 30, f"{region}'s writes at its peers")
-        lost = _own_rows(drill, region)
+        drill.wait_until(lambda: relayed_everywhere(drill, region), 30, f"{region}'s writes at its peers")
+        lost = own_outbox_rows(drill, region)
         outage = drill.outage_begin(region, "restore from stale backup")
         drill.loops.stop(region)
         drill.stack.restore_postgres(region, backup)
-        kept = _own_rows(drill, region)
+        kept = own_outbox_rows(drill, region)
         drill.mark("restored", region, outbox_before=lost, outbox_after=kept)
         drill.outage_end(outage)
 
@@ -94,7 +90,7 @@ def run(drill: Drill) -> None:
                 time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         code = proc.wait(30)
-        at_kill = _own_rows(drill, region)
+        at_kill = own_outbox_rows(drill, region)
         hidden = _unreturned_under_counter(drill, region)
         drill.mark("recover SIGKILL", region, exit_code=code, own_rows=at_kill, unreturned_under_counter=hidden)
         drill.extra["recover_killed"] = {"exit_code": code, "own_rows_at_kill": at_kill, "kept": kept,
@@ -104,17 +100,11 @@ def run(drill: Drill) -> None:
                     f"{at_kill} back")
         report = drill.recover(region)
         drill.extra["recover"] = report.to_dict()
-        back = _own_rows(drill, region)
+        back = own_outbox_rows(drill, region)
         drill.check("own_events_all_back", back >= lost,
                     f"after the re-run the outbox holds {back} own events of the {lost} written before the restore"
                     f" (the re-run returned {report.own_events_returned})")
-        drill.check("gate_passed", bool(report.gate and report.gate.passed),
-                    f"recover ended {report.state}: {report.gate.to_dict() if report.gate else 'no gate'}")
-        drill.loops.start(region)
-        drill.workload.route(region, region)
-        drill.mark("users of the region back", region)
-        drill.wait_until(lambda: drill.sampler.rto(region) is not None, 60, f"{region} caught up")
-        drill.sleep(3)  # new writes after the restore: their numbers must not collide with returned ones
+        back_in_service(drill, region, report)
     finally:
         shutil.rmtree(backup, ignore_errors=True)
 
