@@ -169,16 +169,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "relay-skips-a-row", "relay.py",
-        "            for _sequence, key, value in batch:\n                self._send(key, value, delivered)\n",
-        "            for _sequence, key, value in batch[1:]:\n                self._send(key, value, delivered)\n",
+        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
+        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch[1:]])\n",
         "the relay skips the first row of every batch and still marks it published",
         ("split-brain", "duplicate-reorder"),
     ),
     Mutant(
         "relay-publishes-twice", "relay.py",
-        "            for _sequence, key, value in batch:\n                self._send(key, value, delivered)\n",
-        "            for _sequence, key, value in batch:\n                self._send(key, value, delivered)\n"
-        "                self._send(key, value, delivered)\n",
+        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
+        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch for _ in (1, 2)])\n",
         "the relay publishes every message twice (at-least-once by design: the inbox must absorb it)",
         ("split-brain",),
         equivalent=True,

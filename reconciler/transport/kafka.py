@@ -367,12 +367,9 @@ def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float =
     """
     reader = _assigned_consumer(settings)
     try:
-        meta = reader.list_topics(topic, timeout=timeout)
-        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
         firsts: list[int] = []
         last = 0
-        for p in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        for p, low, high in _partitions(reader, topic, timeout):
             if high <= low:
                 continue
             first = _read_first_sequence(reader, topic, p, low, high, timeout)
@@ -435,6 +432,15 @@ def _drain(reader: Consumer, timeout: float, until: int) -> Iterator[Any]:
                 return
 
 
+def _partitions(reader: Consumer, topic: str, timeout: float) -> Iterator[tuple[int, int, int]]:
+    """(partition, low offset, high offset) of every partition of ``topic``, in order
+    (none when the topic does not exist)."""
+    meta = reader.list_topics(topic, timeout=timeout)
+    for p in sorted(meta.topics[topic].partitions) if topic in meta.topics else []:
+        low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        yield p, low, high
+
+
 def read_sequences(
     settings: Mapping[str, str], topic: str, wanted: Callable[[int], bool], start_hint: Mapping[int, int] | None = None,
     batch: int = 500, timeout: float = 30.0, from_sequence: int | None = None,
@@ -445,10 +451,7 @@ def read_sequences(
     Memory is bounded by ``batch``."""
     reader = _assigned_consumer(settings)
     try:
-        meta = reader.list_topics(topic, timeout=timeout)
-        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
-        for p in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        for p, low, high in _partitions(reader, topic, timeout):
             start = max(low, (start_hint or {}).get(p, low))
             if from_sequence is not None and high > start:
                 start = offset_of_sequence(reader, topic, p, start, high, from_sequence, timeout)
@@ -539,10 +542,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
     found: set[int] = set()
     reader = _assigned_consumer(settings)
     try:
-        meta = reader.list_topics(topic, timeout=timeout)
-        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
-        for p in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+        for p, low, high in _partitions(reader, topic, timeout):
             if high <= low:
                 continue
             for lo, hi in ranges:
