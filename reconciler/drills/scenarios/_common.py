@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 
+from ...store import postgres as pg
 from ...transport import kafka
 from ..harness import Drill
 
@@ -132,4 +134,44 @@ def back_in_service(drill: Drill, region: str, report: Any) -> None:
     drill.mark("users of the region back", region)
     drill.wait_until(lambda: drill.sampler.rto(region) is not None, 60, f"{region} caught up")
     drill.sleep(3)
+
+
+class StandInRelay:
+    """The drill in the place of a region's relay, under the relay's lease: it numbers
+    the region's events itself and publishes them when it chooses, so that forged
+    messages can take chosen sequences first."""
+
+    def __init__(self, drill: Drill, origin: str, conn: pg.Connection, epoch: int) -> None:
+        self.drill, self.origin, self.conn, self.epoch = drill, origin, conn, epoch
+        self.topic = drill.config.events_topic(origin)
+        self.producer = kafka.producer(drill.config.kafka_settings(origin))
+
+    def claim(self, after: int = 0) -> list[tuple[int, bytes, bytes]]:
+        """The next events to publish (numbered now if none waits)."""
+        return pg.claim_messages(self.conn, self.origin, self.epoch, after, 500)
+
+    def publish(self, batch: list[tuple[int, bytes, bytes]]) -> None:
+        """Publish a claimed batch and record it published, as the relay would."""
+        for _seq, key, value in batch:
+            self.producer.produce(self.topic, key=key, value=value)
+        if self.producer.flush(30):
+            raise RuntimeError(f"{self.origin}'s real events were not acknowledged by the broker")
+        pg.mark_published(self.conn, self.origin, self.epoch, batch[-1][0])
+
+
+@contextlib.contextmanager
+def relay_stood_in_for(drill: Drill, origin: str) -> Iterator[StandInRelay]:
+    """Stop ``origin``'s relay loop, take its lease, hand the drill a :class:`StandInRelay`;
+    start the loop again afterwards (it takes the lease back)."""
+    assert drill.loops is not None
+    drill.loops.stop(origin, ("relay",))
+    dsn = drill.config.region(origin).dsn
+    lease = pg.connect(dsn, autocommit=True, region=origin)
+    conn = pg.connect(dsn, region=origin)
+    try:
+        yield StandInRelay(drill, origin, conn, pg.acquire_lease(lease, origin, "drill-poisoner"))
+    finally:
+        conn.close()
+        lease.close()
+        drill.loops.start(origin, ("relay",))
 

@@ -28,12 +28,12 @@ from typing import Any
 
 import psycopg
 
-from ...store import postgres as pg
 from ...transport import kafka
 from .. import runbook
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
+from ._common import relay_stood_in_for
 
 BIG = 2**63
 SKU = "pz-revived"
@@ -93,35 +93,21 @@ def run(drill: Drill) -> None:
     drill.mark(f"{SKU} inserted in {origin}, deleted in {peers[0]}")
 
     outage = drill.outage_begin(origin, "poison on the topic, relay paused")
-    drill.loops.stop(origin, ("relay",))
-    dsn = drill.config.region(origin).dsn
-    lease = pg.connect(dsn, autocommit=True, region=origin)
-    conn = pg.connect(dsn, region=origin)
-    try:
-        epoch = pg.acquire_lease(lease, origin, "drill-poisoner")
+    with relay_stood_in_for(drill, origin) as relay:
         # the origin's next real events, numbered and held back: the forged ones take
         # their sequences first (so no relay ever meets a topic ahead of its counter)
         batch: list[tuple[int, bytes, bytes]] = []
         deadline = time.monotonic() + 20
         while len(batch) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
-            batch += pg.claim_messages(conn, origin, epoch, batch[-1][0] if batch else 0, 500)
+            batch += relay.claim(batch[-1][0] if batch else 0)
         if len(batch) < 3:
             raise RuntimeError(f"{origin} numbered only {len(batch)} events to forge copies of")
         seqs = [batch[i][0] for i in range(3)]
         drill.mark("the origin's next events numbered and held back", origin, sequences=seqs)
         _poison(drill, origin, peers, seqs)
-        producer = kafka.producer(drill.config.kafka_settings(origin))
-        for _seq, key, value in batch:
-            producer.produce(drill.config.events_topic(origin), key=key, value=value)
-        if producer.flush(30):
-            raise RuntimeError("the held-back real events were not acknowledged by the broker")
-        pg.mark_published(conn, origin, epoch, batch[-1][0])
+        relay.publish(batch)
         drill.mark("the real events under the poisoned sequences published", origin)
-    finally:
-        conn.close()
-        lease.close()
-        drill.loops.start(origin, ("relay",))
     drill.outage_end(outage, watch=False)
     # (not wait_caught_up: the peers whose gate refused stay CATCHING_UP, numbering
     # nothing of their own, until their recover below)

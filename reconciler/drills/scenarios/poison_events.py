@@ -27,11 +27,11 @@ import time
 import uuid
 
 from ...hlc import Timestamp
-from ...store import postgres as pg
 from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
+from ._common import relay_stood_in_for
 
 MALFORMED: tuple[bytes | None, ...] = (
     b"not json at all", b"\x00\xff\xfe\x01 binary", b"[1, 2, 3]", b'{"v": 99, "origin": "x"}',
@@ -97,23 +97,15 @@ def _corrupt_copy(drill: Drill, origin: str) -> int:
     """Publish a copy of the origin's next sequence that the orders policy refuses,
     wait until every peer quarantined it, then publish the real one (see the module
     docstring for why the drill, not a restarted relay, does that)."""
-    assert drill.loops is not None
-    drill.loops.stop(origin, ("relay",))
-    dsn = drill.config.region(origin).dsn
-    lease = pg.connect(dsn, autocommit=True, region=origin)
-    conn = pg.connect(dsn, region=origin)
-    try:
-        epoch = pg.acquire_lease(lease, origin, "drill-poisoner")
+    with relay_stood_in_for(drill, origin) as relay:
         last = int(drill.scalar(origin, "SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s",
                                 (origin,)))
         peers = [p for p in drill.regions if p != origin]
         before = {p: _quarantined(drill, p, "invalid_payload") for p in peers}
-        topic = drill.config.events_topic(origin)
-        producer = kafka.producer(drill.config.kafka_settings(origin))
-        producer.produce(topic, key=b"ord-1", value=_event(
+        relay.producer.produce(relay.topic, key=b"ord-1", value=_event(
             origin, last + 1, "orders", Timestamp(int(time.time() * 1000), 0),
             {"key": {"id": "ord-1"}, "values": {"status": "x"}, "deltas": {"total_cents": 5}}))
-        if producer.flush(30):
+        if relay.producer.flush(30):
             raise RuntimeError("corrupt copy not acknowledged")
         drill.wait_until(lambda: all(_quarantined(drill, p, "invalid_payload") > before[p] for p in peers), 30,
                          f"peers to quarantine the corrupt copy of {origin}:{last + 1}")
@@ -122,24 +114,15 @@ def _corrupt_copy(drill: Drill, origin: str) -> int:
         published = 0
         deadline = time.monotonic() + 15
         while published <= last and time.monotonic() < deadline:
-            batch = pg.claim_messages(conn, origin, epoch, 0, 500)
+            batch = relay.claim()
             if not batch:
                 time.sleep(0.1)
                 continue
-            for _seq, key, value in batch:
-                producer.produce(topic, key=key, value=value)
-            if producer.flush(30):
-                raise RuntimeError("real events not acknowledged")
-            pg.mark_published(conn, origin, epoch, batch[-1][0])
+            relay.publish(batch)
             published = batch[-1][0]
         if published <= last:
             raise RuntimeError(f"{origin}'s event {last + 1} was not numbered within 15 s")
         return last + 1
-    finally:
-        conn.close()
-        lease.close()
-        drill.loops.start(origin, ("relay",))
-
 
 SCENARIO = Scenario(
     name="poison-events",
