@@ -18,9 +18,11 @@ from . import wire
 from .config import TableConfig
 from .conflict import ConflictPolicy, ManualPolicy, policy_for, settle_parked
 from .errors import ClockSkewError, EventError, ReconcilerError, StoreError
+from .invariants import discard_of
 from .model import ConflictRecord, Event, Outcome, RowState
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
+from .store.invariants import queue_discards
 from .store.translate import translated
 
 
@@ -368,6 +370,7 @@ class Applier:
         for table, changed in decision.writes:
             pg.write_states(self.conn, self.writer(table), changed)
         pg.record_conflicts(self.conn, decision.conflicts)
+        queue_discards(self.conn, [d for d in map(discard_of, decision.conflicts) if d is not None])
         pg.close_parked(self.conn, decision.closed)
         pg.record_resolutions(self.conn, decision.applied)
 

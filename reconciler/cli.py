@@ -678,6 +678,7 @@ def prune(config_path: str, region: str, keep_hours: float | None, dry_run: bool
     click.echo(f"  outbox: {result.outbox_rows} relayed events"
                + (f" (sequences up to {result.outbox_through})" if result.outbox_through else ""))
     click.echo(f"  inbox:  {result.inbox_rows} applied events")
+    click.echo(f"  compensation outbox: {result.compensation_rows} published compensation events")
     for origin, (before, after) in sorted(result.inbox_floors.items()):
         click.echo(f"    from {origin}: everything up to sequence {after} applied (was {before})")
 

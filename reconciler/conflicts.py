@@ -120,16 +120,6 @@ class ConflictEntry:
         }
 
 
-def _version(doc: Mapping[str, Any]) -> Version:
-    values = doc.get("values")
-    return Version(
-        values=dict(values) if isinstance(values, Mapping) else None,
-        hlc=Timestamp.parse(str(doc.get("hlc") or "0.0")),
-        origin=str(doc.get("origin") or ""),
-        deleted=bool(doc.get("deleted")),
-    )
-
-
 def _entry(row: Sequence[Any]) -> ConflictEntry:
     (cid, table, key, kind, policy, outcome, status, local, remote, event_id, detected_at, resolved_by,
      resolved_at, reason, resolution, resolution_event) = row
@@ -150,8 +140,8 @@ def _entry(row: Sequence[Any]) -> ConflictEntry:
         policy=policy,
         outcome=outcome,
         status=status,
-        local=_version(local),
-        remote=_version(remote),
+        local=Version.from_dict(local),
+        remote=Version.from_dict(remote),
         event_id=str(event_id) if event_id else None,
         detected_at=detected_at,
         resolution=decided,

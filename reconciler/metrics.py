@@ -163,7 +163,8 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("reconciler_anti_entropy_repaired_keys_total", "counter", ("table",),
                "Keys anti-entropy rewrote from replication metadata (anti_entropy.repair)."),
     MetricSpec("reconciler_events_pruned_total", "counter", ("store",),
-               "Events older than retention.keep_hours deleted from this region's inbox or outbox."),
+               "Events older than retention.keep_hours deleted from this region's inbox, outbox or"
+               " compensation outbox."),
     MetricSpec("reconciler_loop_errors_total", "counter", ("component",),
                "Errors raised by one of the sidecar's loops (each is retried or fails the loop)."),
     MetricSpec("reconciler_loop_last_success_timestamp_seconds", "gauge", ("component",),

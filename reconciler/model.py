@@ -218,6 +218,16 @@ class Version:
             "deleted": self.deleted,
         }
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Version:
+        values = doc.get("values")
+        return cls(
+            values=dict(values) if isinstance(values, Mapping) else None,
+            hlc=Timestamp.parse(str(doc.get("hlc") or "0.0")),
+            origin=str(doc.get("origin") or ""),
+            deleted=bool(doc.get("deleted")),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ConflictRecord:

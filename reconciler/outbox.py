@@ -21,8 +21,10 @@ from typing import Any
 
 from .conflict import policy_for
 from .errors import ConflictError, EventError
-from .model import Event, Operation, encode_key
+from .invariants import resolution_discards
+from .model import Event, Operation, Version, encode_key
 from .store import postgres as pg
+from .store.invariants import queue_discards
 from .store.translate import translated
 
 
@@ -191,6 +193,11 @@ def write_resolution(
         if outcome.state is not None:
             pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
         pg.record_resolutions(conn, [event])
+        kept = Version(None if values is None else {**values, **key}, event.hlc, region, values is None)
+        decision = {"policy": config.policy, "conflict_id": conflict_id, "conflict_kind": kind,
+                    "resolved_by": by, "reason": reason}
+        sides = [Version.from_dict(local), Version.from_dict(remote)]
+        queue_discards(conn, resolution_discards(table, key_text, sides, kept, decision))
     return event
 
 

@@ -47,4 +47,5 @@ def prune_region(
     if metrics is not None and not dry_run:
         metrics.events_pruned.labels(store="inbox").inc(result.inbox_rows)
         metrics.events_pruned.labels(store="outbox").inc(result.outbox_rows)
+        metrics.events_pruned.labels(store="compensation").inc(result.compensation_rows)
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +22,15 @@ from psycopg import sql
 from ..config import TableConfig
 from ..errors import ConfigError, StoreError
 from ..hlc import Timestamp
-from ..invariants import MAX_CONTRIBUTING, Contribution, Violation, compensation_event, violation_id
+from ..invariants import (
+    MAX_CONTRIBUTING,
+    Contribution,
+    Discard,
+    Violation,
+    compensation_event,
+    discard_event,
+    violation_id,
+)
 from .translate import translated
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -317,6 +325,42 @@ def open_counts(conn: Connection) -> dict[tuple[str, str], int]:
             " GROUP BY table_name, invariant"
         ).fetchall()
     return {(t, i): int(n) for t, i, n in rows}
+
+
+def queue_discards(conn: Connection, discards: Sequence[Discard]) -> int:
+    """Queue one compensation event per discarded write, in the caller's transaction
+    (the one that decided the conflict, so the event exists exactly when the
+    decision does). Returns how many were new here; a write this region already
+    reported losing (to another winner, or replayed) queues nothing."""
+    if not discards:
+        return 0
+    with translated(step="queue discarded-write compensations"):
+        found = conn.execute("SELECT region_id, now() FROM reconciler.region").fetchone()
+        region, now = (found[0], found[1]) if found else ("", datetime.now().astimezone())
+        queued = 0
+        for discard in discards:
+            if discard.lost_event_id is None:
+                discard = replace(discard, lost_event_id=_event_id_of(conn, discard))
+            payload = discard_event(discard, region, now.isoformat())
+            inserted = conn.execute(
+                "INSERT INTO reconciler.compensation_outbox (id, payload) VALUES (%s, %s::jsonb)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                (discard.discard_id, _json(payload)),
+            ).fetchone()
+            queued += inserted is not None
+    return queued
+
+
+def _event_id_of(conn: Connection, discard: Discard) -> str | None:
+    """The replicated event that wrote the lost version: applied here from a peer
+    (inbox) or written here (outbox); None when neither is kept any more."""
+    found = conn.execute(
+        "SELECT event_id::text FROM reconciler.inbox WHERE table_name = %s AND row_key = %s AND origin = %s"
+        " AND hlc = %s UNION ALL SELECT id::text FROM reconciler.outbox WHERE aggregatetype = %s"
+        " AND aggregateid = %s AND origin = %s AND hlc = %s LIMIT 1",
+        (discard.table, discard.key, discard.lost.origin, discard.lost.hlc.pack()) * 2,
+    ).fetchone()
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- compensation publishing

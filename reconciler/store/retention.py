@@ -42,6 +42,8 @@ class PruneResult:
     outbox_rows: int = 0
     #: highest own sequence pruned from the outbox (0: none)
     outbox_through: int = 0
+    #: published compensation events older than the cutoff
+    compensation_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class PruneResult:
             "inbox_floors": {o: {"before": a, "after": b} for o, (a, b) in sorted(self.inbox_floors.items())},
             "outbox_rows": self.outbox_rows,
             "outbox_through": self.outbox_through,
+            "compensation_rows": self.compensation_rows,
         }
 
 
@@ -185,4 +188,26 @@ def prune(
         result.outbox_through = max(result.outbox_through, through)
         if dry_run or rows < limit:
             break
+    while not stop():
+        with translated(region=region, step="prune compensation outbox"), conn.transaction():
+            rows = _prune_compensation_batch(conn, cutoff, limit, dry_run)
+        result.compensation_rows += rows
+        if dry_run or rows < limit:
+            break
     return result
+
+
+def _prune_compensation_batch(conn: Connection, cutoff: Timestamp, limit: int, dry_run: bool) -> int:
+    """Published compensation events older than the cutoff. Kept until then so an
+    operator can find what was sent; afterwards the events that could make a region
+    detect the same thing again are pruned too (the inbox refuses them below its floor)."""
+    doomed = ("SELECT id FROM reconciler.compensation_outbox WHERE published_at IS NOT NULL"
+              " AND published_at < to_timestamp(%(cutoff_ms)s / 1000.0) ORDER BY published_at LIMIT %(limit)s")
+    params = {"cutoff_ms": cutoff.wall_ms, "limit": limit}
+    if dry_run:
+        query = f"SELECT count(*) FROM ({doomed}) AS d"
+    else:
+        query = (f"WITH gone AS (DELETE FROM reconciler.compensation_outbox WHERE id IN ({doomed}) RETURNING 1)"
+                 " SELECT count(*) FROM gone")
+    row = conn.execute(query, params).fetchone()
+    return int(row[0]) if row else 0

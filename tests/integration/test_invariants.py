@@ -293,3 +293,60 @@ def test_resolve_reports_a_region_it_could_not_reach_and_can_be_run_again(env2: 
     assert regions[A] == "resolved" and regions[B].startswith("not reached")
     again = cli_json(config, "violations", "resolve", vid, "--reason", "refunded", "--by", "bob", "--yes")
     assert again["regions"] == {A: "already resolved", B: "resolved"}
+
+
+def write_row(config: Config, region: str, table: str, op: str, key: dict[str, Any], **kwargs: Any) -> Event:
+    with connect(config, region) as conn, conn.transaction():
+        return outbox.write(conn, table, op, key, **kwargs)
+
+
+def test_a_write_that_lost_a_conflict_is_compensated_with_one_id(env2: Any) -> None:
+    """lww: the losing write was acknowledged in its region; each region that sees it
+    lose queues one event for it, every copy named by the lost write, and a later
+    write that saw the winner is no conflict and compensates nothing. manual: the
+    operator's resolution names the side it did not keep, from the resolving region."""
+    config, cluster = env2
+    write_row(config, A, "orders", "insert", {"id": "o1"},
+              values={"customer": "c1", "status": "new", "total_cents": 500})
+    write_row(config, A, "payments", "insert", {"id": "p1"},
+              values={"order_id": "o1", "status": "authorized", "amount_cents": 900})
+    heal(config, cluster)
+    cluster.stop_all()
+    order_a = write_row(config, A, "orders", "update", {"id": "o1"}, values={"status": "shipped"})
+    order_b = write_row(config, B, "orders", "update", {"id": "o1"}, values={"status": "cancelled"})
+    write_row(config, A, "payments", "update", {"id": "p1"}, values={"status": "captured"})
+    write_row(config, B, "payments", "update", {"id": "p1"}, values={"status": "refunded", "amount_cents": 0})
+    heal(config, cluster)
+
+    winner, loser = sorted((order_a, order_b), key=lambda e: (e.hlc, e.origin), reverse=True)
+    messages = [m for m in compensation_messages(config, expected=2) if m["kind"] == "discarded_write"]
+    assert len(messages) == 2, messages
+    assert {m["detected_by"] for m in messages} == {A, B}, "each region saw the loser lose"
+    assert len({m["id"] for m in messages}) == 1, "one idempotency key across regions"
+    for m in messages:
+        assert (m["table"], m["key"], m["decision"]["policy"]) == ("orders", "o1", "lww")
+        lost = m["discarded"]
+        assert (lost["event_id"], lost["origin"], lost["hlc"]) == (loser.event_id, loser.origin, str(loser.hlc))
+        assert lost["values"]["status"] == loser.payload["values"]["status"]
+        assert (m["kept"]["origin"], m["kept"]["hlc"]) == (winner.origin, str(winner.hlc))
+        assert m["row"]["status"] == winner.payload["values"]["status"]
+
+    after = write_row(config, loser.origin, "orders", "update", {"id": "o1"}, values={"status": "refunded"})
+    heal(config, cluster)
+    for region in (A, B):
+        assert scalar(config, region, "SELECT status FROM public.orders WHERE id = 'o1'") == "refunded"
+        assert int(scalar(config, region, "SELECT count(*) FROM reconciler.compensation_outbox"
+                                          " WHERE payload->>'kind' = 'discarded_write'")) == 1, \
+            f"{region}: {after.event_id} saw the winner, so it discarded nothing"
+
+    (entry,) = cli_json(config, "conflicts", "list", "--region", A, "--table", "payments")["conflicts"]
+    done = cli(config, "conflicts", "resolve", "--yes", "--region", A, entry["conflict_id"], "--take", B,
+               "--by", "alice", "--reason", "the PSP refunded it")
+    assert done.exit_code == 0, done.stderr
+    heal(config, cluster)
+    payments = [m for m in compensation_messages(config, expected=3) if m["table"] == "payments"]
+    assert len(payments) == 1, "only the resolving region reports an operator's decision"
+    (m,) = payments
+    assert m["detected_by"] == A and m["decision"]["resolved_by"] == "alice"
+    assert (m["discarded"]["origin"], m["discarded"]["values"]["status"]) == (A, "captured")
+    assert (m["kept"]["values"]["status"], m["row"]["status"]) == ("refunded", "refunded")

@@ -213,3 +213,21 @@ def test_the_sidecar_prunes_on_its_interval_and_counts_it(stack: Any, tmp_path: 
     finally:
         kept.stop.set()
         forever.join(5)
+
+
+def test_published_compensation_events_older_than_the_cutoff_go(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path)
+    region = list(config.regions)[0]
+    with pg.connect(config.region(region).dsn, region=region) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO reconciler.compensation_outbox (id, payload, created_at, published_at) VALUES"
+            " ('old-sent', '{}', now() - interval '3 hours', now() - interval '3 hours'),"
+            " ('old-unsent', '{}', now() - interval '3 hours', NULL),"
+            " ('new-sent', '{}', now() - interval '1 minute', now() - interval '1 minute')"
+        )
+    cutoff = Timestamp(int(time.time() * 1000) - 3_600_000, 0)
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+        assert retention.prune(conn, region, config.regions, cutoff, 100, dry_run=True).compensation_rows == 1
+    assert _prune(config, region, cutoff, batch=100).compensation_rows == 1
+    left = scalar(config, region, "SELECT string_agg(id, ',' ORDER BY id) FROM reconciler.compensation_outbox")
+    assert left == "new-sent,old-unsent", "never one the relay has not published, never a recent one"
