@@ -759,6 +759,51 @@ def _lifecycle_override(config_path: str, region: str, target: str, reason: str,
                f"audited in reconciler.lifecycle_log")
 
 
+@main.command("accept-loss")
+@config_option
+@click.option("--region", required=True, help="The region that misses the events.")
+@click.option("--origin", default=None, help="Only the events of this origin (default: every peer's).")
+@click.option("--reason", required=True, help="Why the loss is accepted, e.g. an incident id (audit trail).")
+@click.option("--by", default=None, help="Who accepts (audit trail; default: the operator's user name).")
+@click.option("--dry-run", is_flag=True, help="Show what is lost; record nothing.")
+@yes_option
+@json_option
+@handle_errors
+def accept_loss_command(config_path: str, region: str, origin: str | None, reason: str, by: str | None,
+                        dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Settle events no source holds any more (Kafka expired them, the origin's outbox and
+    every peer's inbox pruned them), so that gaps and the gate stop counting them;
+    `recover` then repairs the rows from the peers and gates as usual. Each sequence is
+    recorded in the region's quarantine (reason `lost`) with who and why. Refused while
+    any region is unreachable. Exit 1 when the region's own events are lost too (not
+    settled here: see the stale-backup runbook)."""
+    from .losses import accept_loss
+
+    config = load(config_path)
+    actor = by or f"cli:{_operator()}"
+    if not dry_run:
+        preview = accept_loss(config, region, actor=actor, reason=reason, origin=origin, dry_run=True)
+        if preview.count:
+            confirm(f"Accept {preview.count} event(s) as lost for region {region} for good? Reason: {reason}", yes,
+                    as_json)
+    result = accept_loss(config, region, actor=actor, reason=reason, origin=origin, dry_run=dry_run)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        verb = "would accept" if dry_run else "accepted"
+        if not result.lost:
+            click.echo(f"region {region}: no event of a peer is lost" + (f" from {origin}" if origin else ""))
+        for source, ranges in sorted(result.lost.items()):
+            shown = ", ".join(f"{lo}..{hi}" if lo != hi else str(lo) for lo, hi in ranges)
+            click.echo(f"region {region}: {verb} as lost from {source}: {shown}"
+                       + ("" if dry_run else f" ({result.recorded.get(source, 0)} recorded now, by {actor})"))
+        if result.own_lost:
+            click.echo(f"region {region}: {result.own_lost} of its own events are lost too; not settled here "
+                       "(runbooks/stale-backup-restore.md)")
+    if result.own_lost:
+        sys.exit(EXIT_FOUND)
+
+
 @main.command()
 @config_option
 @click.option("--region", required=True)

@@ -135,6 +135,32 @@ def settle(conn: Any, entry_ids: Sequence[int], how: str, actor: str, reason: st
     log(conn, entry_ids, action, how, actor, reason)
 
 
+def settle_lost(conn: Any, origin: str, ranges: Sequence[tuple[int, int]], actor: str, reason: str,
+                detail: str) -> int:
+    """Record, settled as discarded, one entry per sequence of ``origin`` in ``ranges``
+    that this region neither applied nor settled already: an operator's acceptance
+    that no source holds those events any more. Gap analysis then counts them as
+    settled, like any discarded entry. Returns how many were recorded."""
+    if not ranges:
+        return 0
+    row = conn.execute(
+        "WITH wanted AS (SELECT s FROM unnest(%(lo)s::bigint[], %(hi)s::bigint[]) AS r(lo, hi),"
+        "  generate_series(r.lo, r.hi) AS s"
+        "  WHERE NOT EXISTS (SELECT 1 FROM reconciler.inbox i WHERE i.origin = %(origin)s AND i.sequence = s)"
+        "  AND NOT EXISTS (SELECT 1 FROM reconciler.quarantine q WHERE q.origin = %(origin)s AND q.sequence = s"
+        "   AND q.settlement = 'discarded')),"
+        " added AS (INSERT INTO reconciler.quarantine (origin, sequence, reason, detail, settled_at, settled_by,"
+        "  settlement, settle_reason) SELECT %(origin)s, s, 'lost', %(detail)s, now(), %(actor)s, 'discarded',"
+        "  %(reason)s FROM wanted RETURNING id),"
+        " logged AS (INSERT INTO reconciler.quarantine_log (quarantine_id, action, outcome, actor, reason)"
+        "  SELECT id, 'discard', 'lost', %(actor)s, %(reason)s FROM added)"
+        " SELECT count(*) FROM added",
+        {"lo": [lo for lo, _ in ranges], "hi": [hi for _, hi in ranges], "origin": origin, "actor": actor,
+         "reason": reason, "detail": detail},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def log(conn: Any, entry_ids: Sequence[int], action: str, outcome: str, actor: str, reason: str) -> None:
     conn.execute(
         "INSERT INTO reconciler.quarantine_log (quarantine_id, action, outcome, actor, reason)"

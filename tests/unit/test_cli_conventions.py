@@ -44,6 +44,7 @@ COMMANDS: dict[str, list[str]] = {
     "prune": ["--region", "a", "--yes"],
     "fence": ["--region", "a", "--reason", "r", "--yes"],
     "activate": ["--region", "a", "--force", "--reason", "r", "--yes"],
+    "accept-loss": ["--region", "a", "--reason", "r", "--yes"],
     "diff": ["--table", "orders"],
     "config validate": [],
     "conflicts list": [],
@@ -59,11 +60,11 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 #: commands that change state: they ask first unless --yes, and take --json
-STATE_CHANGING = ("migrate", "recover", "prune", "fence", "activate", "conflicts resolve", "quarantine retry",
-                  "quarantine discard", "violations resolve")
+STATE_CHANGING = ("migrate", "recover", "prune", "fence", "activate", "accept-loss", "conflicts resolve",
+                  "quarantine retry", "quarantine discard", "violations resolve")
 
 #: commands whose prompt comes before any connection, so a "no" can be seen here
-#: (fence/activate show the region's state in their question, so they connect first)
+#: (fence/activate show the region's state in their question, accept-loss what is lost, so they connect first)
 DECLINABLE: dict[str, list[str]] = {
     "recover": ["--region", "a"],
     "prune": ["--region", "a"],
