@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any, Final, Protocol
@@ -579,6 +579,12 @@ def _newer(a: list[Any] | None, b: Stamp) -> bool:
     return a is None or (int(a[0]), str(a[1])) < b
 
 
+def _later(a: Any, b: Any) -> Any:
+    """The greater of two stored stamps (``[hlc, origin]`` or None); ``a`` on a tie."""
+    mine, theirs = _as_stamp(a), _as_stamp(b)
+    return a if theirs is None or (mine is not None and mine >= theirs) else b
+
+
 def _stamp_list(stamp: Stamp) -> list[Any]:
     return [stamp[0], stamp[1]]
 
@@ -864,6 +870,86 @@ def _field_value(entry: Mapping[str, Any], tombstone: Stamp | None) -> Any:
                 present.append(json.loads(k))
         return sorted(present, key=_order_key)
     return entry["value"]
+
+
+def join_merge_states(target: RowState | None, donor: RowState,
+                      counter_totals: Mapping[str, Mapping[str, int | str]]) -> RowState:
+    """A merge row holding what both states hold, for a repair that cannot wait for
+    events that will never come (accepted as lost).
+
+    Every member of the metadata but a counter's per-origin totals is a max-register
+    (row write and delete stamps, lww fields' stamped values, set elements' add and
+    remove stamps, max/min values) and joins by taking the greater. A total is a sum,
+    which no join can merge: the caller works out what each origin's total must be
+    (:func:`counter_total_with_lost`) and passes them as ``counter_totals`` (column ->
+    origin -> total); other totals stay the target's. With no target state the
+    target applied nothing of the key, so the donor's state is taken whole.
+    """
+    if target is None:
+        return _render(json.loads(json.dumps(dict(donor.meta)))) if "write" in donor.meta else donor
+    mine, theirs = json.loads(json.dumps(dict(target.meta))), dict(donor.meta)
+    if "fields" not in mine or "fields" not in theirs:
+        return target  # a row without merge metadata: nothing to join by
+    for member in ("write", "delete"):
+        mine[member] = _later(mine.get(member), theirs.get(member))
+
+    def top(meta: Mapping[str, Any]) -> Stamp:
+        return _as_stamp(_later(meta.get("write"), meta.get("delete"))) or (0, "")
+
+    mine["key"] = max((theirs, dict(target.meta)), key=top).get("key")
+    fields: dict[str, Any] = mine["fields"]
+    for column, other in theirs["fields"].items():
+        rule = other.get("rule")
+        entry = fields.setdefault(column, _fresh_field(str(rule)))
+        if entry.get("rule") != rule:
+            continue
+        if rule == "lww":
+            if _later(entry["at"], other["at"]) is not entry["at"]:
+                entry["at"], entry["value"] = other["at"], other["value"]
+        elif rule == "counter":
+            entry["by_origin"].update(counter_totals.get(column, {}))
+        elif rule == "set":
+            for member in ("add", "remove"):
+                for element, stamp in other[member].items():
+                    entry[member][element] = _later(entry[member].get(element), stamp)
+        else:  # max / min
+            value, held = other.get("value"), entry.get("value")
+            if value is not None and (held is None or (rule == "max" and _order_key(value) > _order_key(held))
+                                      or (rule == "min" and _order_key(value) < _order_key(held))):
+                entry["value"] = value
+    return _render(mine)
+
+
+def counter_contribution(operation: str, payload: Mapping[str, Any], column: str) -> int | str:
+    """What one event adds to a counter column, as :class:`MergePolicy` counts it: an
+    INSERT's value and any delta."""
+    total: int | str = 0
+    value = (payload.get("values") or {}).get(column) if operation == Operation.INSERT.value else None
+    for part in (value, (payload.get("deltas") or {}).get(column)):
+        if part is not None and _is_number(part):
+            total = _add_numbers(total, part)
+    return total
+
+
+def counter_total_with_lost(donor_total: int | str, donor_newer: Iterable[int | str],
+                            target_newer: Iterable[int | str]) -> int | str:
+    """An origin's counter total for a region that lost some of its events, exactly.
+
+    Below a floor the donor counted every event of the origin and the target all of
+    them but the ones accepted as lost; above it each counted what it applied. So the
+    target's right total is the donor's without the donor's contributions above the
+    floor (``donor_newer``), plus the target's own above it (``target_newer``): the
+    lost events come in, whatever is still in flight either way does not."""
+    total: int | str = donor_total
+    for part in donor_newer:
+        total = _add_numbers(total, _negated(part))
+    for part in target_newer:
+        total = _add_numbers(total, part)
+    return total
+
+
+def _negated(number: int | str) -> int | str:
+    return -number if isinstance(number, int) else format(-Decimal(number), "f")
 
 
 # -- selection ----------------------------------------------------------------------

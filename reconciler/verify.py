@@ -45,14 +45,18 @@ from decimal import Decimal
 from typing import Any
 
 from .config import Config, TableConfig
+from .conflict import counter_contribution, counter_total_with_lost, join_merge_states
 from .diff import diff_regions
 from .errors import ReconcilerError, StoreError
+from .gaps import SeqRanges
 from .hlc import Timestamp
 from .lifecycle import RootComparison
 from .merkle import DiffResult, Key
 from .model import RowState, decode_key, encode_key
 from .store import merkle_leaves
 from .store import postgres as pg
+from .store import quarantine as quarantine_store
+from .store.counted import Counted, counted
 from .store.merkle_scan import bucket_sql, key_hash_sql, row_hash_sql
 from .store.translate import translated
 
@@ -251,6 +255,8 @@ class TableComparison:
 
     root: RootComparison
     divergent: tuple[str, ...]
+    #: keys that differ only by events above the watermark
+    in_flight: tuple[str, ...] = ()
 
 
 def compare_table(
@@ -295,7 +301,7 @@ def compare_table(
         divergent_keys=named, divergent_key_count=len(divergent), divergent_buckets=buckets,
         in_flight_keys=len(in_flight), parked_keys=len(parked_here), note="; ".join(notes),
     )
-    return TableComparison(root=root, divergent=tuple(sorted(divergent)))
+    return TableComparison(root=root, divergent=tuple(sorted(divergent)), in_flight=tuple(sorted(in_flight)))
 
 
 # ---------------------------------------------------------------- repair
@@ -332,9 +338,14 @@ def repair_keys(
     policy = config.tables[table].policy
     targets = list(regions) if targets is None else targets
     states: dict[str, dict[str, RowState]] = {}
+    donors: dict[str, Counted] = {}
     for r in regions:
         with pg.connect(config.region(r).dsn, region=r) as conn:
+            # one snapshot: a merge row's counters are judged against the events its region counted
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             states[r] = pg.load_states(conn, table, keys)
+            if policy == "merge":
+                donors[r] = counted(conn, r, table, keys)
             conn.commit()
     outcome = RepairOutcome([], [])
     for key in keys:
@@ -349,7 +360,7 @@ def repair_keys(
         refused = False
         for r in targets:
             try:
-                _repair_one(config, table, key, r, policy, present)
+                _repair_one(config, table, key, r, policy, present, donors)
             except StoreError as exc:
                 if exc.retryable:
                     raise
@@ -361,21 +372,59 @@ def repair_keys(
 
 
 def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
-                present: dict[str, RowState]) -> None:
+                present: dict[str, RowState], donors: dict[str, Counted]) -> None:
     with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="repair"), \
             conn.transaction():
         pg.lock_keys(conn, [(table, key)])
         # read again under the key lock: the inbox may have applied an event since
         # `present` was read, and writing an older state over it would undo it
         fresh = pg.load_states(conn, table, [key]).get(key)
+        state: RowState | None
         if policy != "merge":
             state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
-        elif fresh is not None:
-            state = fresh
         else:
-            return
+            # a merge row is left to its events, except for the events this region
+            # accepted as lost: those will never come, and a peer's state has them
+            lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
+            if not lost:
+                return
+            mine = counted(conn, region, table, [key])
+            applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
+            state = fresh
+            for name, theirs in present.items():
+                if name != region and name in donors:
+                    totals = _totals_with_lost(key, region, theirs, donors[name], mine, applied, lost)
+                    state = join_merge_states(state, theirs, totals)
+            if state is None or state == fresh:
+                return
         writer = pg.TableWriter.build(conn, config.tables[table])
         pg.write_states(conn, writer, {key: state})
+
+
+def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Counted, mine: Counted,
+                      applied: dict[str, SeqRanges], lost: dict[str, SeqRanges]) -> dict[str, dict[str, int | str]]:
+    """column -> origin -> the counter total this region must hold for ``key`` with its
+    lost events counted (:func:`reconciler.conflict.counter_total_with_lost`), for
+    each origin where that can be known exactly: the donor applied everything of it up
+    to its floor, and this region everything below that floor but its lost events,
+    with nothing of its own pruned above it."""
+    totals: dict[str, dict[str, int | str]] = {}
+    fields = donor_state.meta.get("fields") or {}
+    for origin, floor in donor.floors.items():
+        if origin == region or floor <= 0 or not lost.get(origin):
+            continue
+        missing = SeqRanges.span(1, floor) - applied.get(origin, SeqRanges()) - lost[origin]
+        if missing or mine.floors.get(origin, 0) > floor:
+            continue
+        theirs, ours = donor.newer(key, origin, floor), mine.newer(key, origin, floor)
+        for column, entry in fields.items():
+            if entry.get("rule") != "counter":
+                continue
+            totals.setdefault(column, {})[origin] = counter_total_with_lost(
+                entry["by_origin"].get(origin, 0),
+                [counter_contribution(e.operation, e.payload, column) for e in theirs],
+                [counter_contribution(e.operation, e.payload, column) for e in ours])
+    return totals
 
 
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> bool:
@@ -466,6 +515,13 @@ class Verification:
     leaves_rebuilt: dict[str, int] = field(default_factory=dict)
 
 
+def _has_accepted_losses(config: Config, region: str) -> bool:
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+        found = bool(quarantine_store.lost(conn))
+        conn.commit()
+    return found
+
+
 def verify_and_repair(
     config: Config, region: str, *, now_ms: Callable[[], int] = wall_ms, repair: bool = True,
 ) -> Verification:
@@ -481,7 +537,9 @@ def verify_and_repair(
     peers = reachable_peers(config, region)
     parked = parked_keys(config, [region, *peers])
     out = Verification({}, {}, {}, [])
+    losses = _has_accepted_losses(config, region)
     for name in config.tables:
+        merge_losses = losses and config.tables[name].policy == "merge"
         stale = check_leaves(config, name, region).stale_buckets
         if stale and repair:
             rebuild_leaves(config, name, region)
@@ -491,9 +549,13 @@ def verify_and_repair(
             mark, ceiling = bounds(config, now_ms())
             found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
                                   parked=parked.get(name, set()))
-            if found.divergent and repair:
+            # a merge key that keeps changing is always in flight, and may also miss
+            # events this region accepted as lost: its repair joins only those in
+            # (never an event still on its way), so such keys are repaired too
+            suspects = [*found.divergent, *(found.in_flight if merge_losses else ())]
+            if suspects and repair:
                 done = out.repaired.setdefault(name, [])
-                fixed = repair_keys(config, name, list(found.divergent), [region, peer])
+                fixed = repair_keys(config, name, suspects, [region, peer])
                 done.extend(k for k in fixed.repaired if k not in done)
                 mark, ceiling = bounds(config, now_ms())
                 found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,

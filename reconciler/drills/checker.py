@@ -227,6 +227,7 @@ def _from_outbox(e: CommittedEvent, tables: Mapping[str, TableSpec]) -> Write:
 def committed_writes(
     history: Sequence[WriteRecord], snapshots: Mapping[str, RegionSnapshot],
     attempts: Sequence[WriteRecord] = (), tables: Mapping[str, TableSpec] | None = None,
+    forgotten: Mapping[str, frozenset[str]] | None = None,
 ) -> list[Write]:
     """The writes the models start from.
 
@@ -243,6 +244,8 @@ def committed_writes(
     for snap in snapshots.values():
         held.update(e.event_id for e in snap.inbox)
         held.update(e.event_id for e in snap.outbox if e.origin == snap.region)
+    for ids in (forgotten or {}).values():
+        held.update(ids)
     for r in attempts:
         if r.event_id in held and r.event_id not in seen:
             seen.add(r.event_id)
@@ -304,14 +307,20 @@ def check(
     expectations: Expectations = Expectations(),
     rto_seconds: float | None = None,
     attempts: Sequence[WriteRecord] = (),
+    forgotten: Mapping[str, frozenset[str]] | None = None,
 ) -> Verdict:
     """Judge a drill. Every check is computed even when an earlier one fails, so a
     report always says everything that went wrong, not just the first thing.
 
-    ``attempts`` are the workload's in-doubt writes (commit outcome unknown)."""
+    ``attempts`` are the workload's in-doubt writes (commit outcome unknown).
+    ``forgotten``: per region, event ids it no longer holds by the scenario's own
+    doing, which the scenario recorded as it did it (rows retention pruned after the
+    region held them, events an operator accepted as lost there); the models still
+    count those writes, since their effect on the rows must survive."""
     regions = sorted(snapshots)
     checks: list[Check] = []
-    writes = committed_writes(history, snapshots, attempts, tables)
+    forgotten = forgotten or {}
+    writes = committed_writes(history, snapshots, attempts, tables, forgotten)
     in_doubt = sum(1 for w in writes if not w.acknowledged and w.op != "resolve")
     expected_open = _model_parked(writes, tables)
     parked = _parked(snapshots)
@@ -323,11 +332,11 @@ def check(
         "unreachable: " + ", ".join(f"{r} ({snapshots[r].error})" for r in unreachable),
     ))
 
-    lost_check, events_lost = _lost(history, snapshots)
+    lost_check, events_lost = _lost(history, snapshots, forgotten)
     checks.append(lost_check)
     dup_check, duplicates = _duplicates(snapshots)
     checks.append(dup_check)
-    checks.append(_delivered(snapshots))
+    checks.append(_delivered(snapshots, forgotten))
     checks.append(_counters(writes, snapshots, tables))
     checks.append(_sets(writes, snapshots, tables))
     checks.append(_merge_rows(writes, snapshots, tables))
@@ -380,8 +389,9 @@ def _held(snap: RegionSnapshot) -> set[str]:
     return ids
 
 
-def _lost(history: Sequence[WriteRecord], snapshots: Mapping[str, RegionSnapshot]) -> tuple[Check, int]:
-    held = {r: _held(s) for r, s in snapshots.items()}
+def _lost(history: Sequence[WriteRecord], snapshots: Mapping[str, RegionSnapshot],
+          forgotten: Mapping[str, frozenset[str]]) -> tuple[Check, int]:
+    held = {r: _held(s) | forgotten.get(r, frozenset()) for r, s in snapshots.items()}
     missing: dict[str, list[str]] = {}
     for record in history:
         absent = [r for r, ids in held.items() if record.event_id not in ids]
@@ -413,10 +423,12 @@ def _duplicates(snapshots: Mapping[str, RegionSnapshot]) -> tuple[Check, int]:
     return Check("nothing_applied_twice", not extra, detail, {"duplicates": extra}), extra
 
 
-def _delivered(snapshots: Mapping[str, RegionSnapshot]) -> Check:
+def _delivered(snapshots: Mapping[str, RegionSnapshot], forgotten: Mapping[str, frozenset[str]]) -> Check:
     """Inbox rows per origin == that origin's relayed outbox rows, by event id; and
-    nothing left unrelayed. Holds for in-doubt events too (they committed)."""
+    nothing left unrelayed. Holds for in-doubt events too (they committed). Events
+    forgotten anywhere are left out of the comparison on both sides."""
     problems: list[str] = []
+    gone = frozenset().union(*forgotten.values()) if forgotten else frozenset()
     relayed: dict[str, set[str]] = {}
     for origin, snap in snapshots.items():
         own = [e for e in snap.outbox if e.origin == origin]
@@ -431,7 +443,7 @@ def _delivered(snapshots: Mapping[str, RegionSnapshot]) -> Check:
         for origin in sorted(snapshots):
             if origin == dest:
                 continue
-            have, want = by_origin.get(origin, set()), relayed.get(origin, set())
+            have, want = by_origin.get(origin, set()) - gone, relayed.get(origin, set()) - gone
             if have != want:
                 problems.append(f"{dest} holds {len(have)} events of {origin}, whose outbox relayed {len(want)} "
                                 f"({len(want - have)} missing, {len(have - want)} unknown to the origin)")

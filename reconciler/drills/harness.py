@@ -90,6 +90,9 @@ class Drill:
     minutes: float | None = None
     #: keys a scenario adds to the top of its report (the nemesis: seed, faults)
     report_fields: dict[str, Any] = field(default_factory=dict)
+    #: per region, event ids the scenario made it stop holding on purpose (pruned,
+    #: accepted as lost), recorded as it did it, for the checker
+    forgotten: dict[str, set[str]] = field(default_factory=dict)
     _history: HistoryWriter = field(init=False)
     _stopped_pg: set[str] = field(default_factory=set)
     _kafka_stopped: bool = False
@@ -222,18 +225,24 @@ class Drill:
             return None
 
     def _counts(self) -> dict[str, tuple[int, int, dict[str, int]]] | None:
-        """Per region: (own outbox rows, published through, {origin: inbox rows})."""
+        """Per region: (own events written, published through, {origin: events applied}).
+        Pruned rows count as written and applied (pruning takes a relayed prefix of the
+        outbox and an applied prefix of the inbox), events accepted as lost as applied."""
         counts: dict[str, tuple[int, int, dict[str, int]]] = {}
         try:
             for region in self.regions:
                 with psycopg.connect(self.env.direct.region(region).dsn, connect_timeout=2, autocommit=True) as c:
                     row = c.execute(
-                        "SELECT (SELECT count(*) FROM reconciler.outbox WHERE origin = %s),"
+                        "SELECT (SELECT count(*) FROM reconciler.outbox WHERE origin = %s)"
+                        "  + (SELECT coalesce(max(pruned_through), 0) FROM reconciler.relay_state WHERE origin = %s),"
                         " (SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state"
                         "  WHERE origin = %s),"
-                        " (SELECT coalesce(json_object_agg(origin, n), '{}') FROM"
-                        "  (SELECT origin, count(*) n FROM reconciler.inbox GROUP BY origin) i)",
-                        (region, region)).fetchone()
+                        " (SELECT coalesce(json_object_agg(origin, n), '{}') FROM (SELECT origin, sum(n) AS n FROM ("
+                        "   SELECT origin, count(*) AS n FROM reconciler.inbox GROUP BY origin"
+                        "   UNION ALL SELECT origin, through FROM reconciler.inbox_floor"
+                        "   UNION ALL SELECT origin, count(*) FROM reconciler.quarantine WHERE reason = 'lost'"
+                        "   GROUP BY origin) AS parts GROUP BY origin) AS i)",
+                        (region, region, region)).fetchone()
                     assert row is not None
                     counts[region] = (int(row[0]), int(row[1]), dict(row[2]))
         except psycopg.Error:
@@ -434,8 +443,10 @@ class Drill:
                 snapshots[region] = dataclasses.replace(snap, roots=roots)
         diffs = observe.pair_diffs(config)
         self.extra["transitions"] = self._transitions()
+        if self.forgotten:
+            self.extra["forgotten"] = {r: len(ids) for r, ids in sorted(self.forgotten.items())}
         return judge(history, snapshots, diffs, tables, self.scenario.expectations, self.sampler.rto(),
-                     attempts=attempts)
+                     attempts=attempts, forgotten={r: frozenset(ids) for r, ids in self.forgotten.items()})
 
     def _transitions(self) -> list[dict[str, Any]]:
         out = []

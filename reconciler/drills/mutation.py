@@ -158,14 +158,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "    if measured.gap_events:\n",
         "    if False and measured.gap_events:\n",
         "the lifecycle gate lets a region with missing events become ACTIVE",
-        ("stale-backup-restore", "retention-expiry"),
+        ("lost-beyond-retention", "stale-backup-restore"),
     ),
     Mutant(
         "gate-ignores-lost", "lifecycle.py",
         "    if measured.lost_events:\n",
         "    if False and measured.lost_events:\n",
         "the lifecycle gate lets a region become ACTIVE although events are lost",
-        ("stale-backup-restore", "retention-expiry"),
+        ("lost-beyond-retention", "stale-backup-restore"),
     ),
     Mutant(
         "relay-skips-a-row", "relay.py",

@@ -322,6 +322,9 @@ def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, in
         " e->>8, e->9 FROM jsonb_array_elements(%s::jsonb) AS e"
         " LEFT JOIN reconciler.inbox_floor f ON f.origin = e->>0"
         " WHERE (e->>1)::bigint > coalesce(f.through, 0)"
+        # accepted as lost: its effect came by repair (migration 015)
+        " AND NOT EXISTS (SELECT 1 FROM reconciler.quarantine q WHERE q.reason = 'lost'"
+        "  AND q.origin = e->>0 AND q.sequence = (e->>1)::bigint)"
         " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence",
         (doc,),
     ).fetchall()
@@ -650,7 +653,15 @@ def mark_alive(conn: Connection, clean_stop: bool = False) -> None:
 def inbox_ranges(conn: Connection) -> dict[str, list[tuple[int, int]]]:
     """Applied sequences per origin as islands (gaps-and-islands in SQL, so a region
     that applied millions of events ships a few ranges), pruned ones included: an
-    origin's floor (migration 006) is the run 1..floor."""
+    origin's floor (migration 006) is the run 1..floor. Ends the read's transaction."""
+    ranges = applied_ranges(conn)
+    with translated(step="inbox ranges"):
+        conn.commit()
+    return ranges
+
+
+def applied_ranges(conn: Connection) -> dict[str, list[tuple[int, int]]]:
+    """:func:`inbox_ranges` inside the caller's transaction (its snapshot)."""
     with translated(step="inbox ranges"):
         rows = conn.execute(
             "SELECT origin, 1, through FROM reconciler.inbox_floor UNION ALL"
@@ -658,7 +669,6 @@ def inbox_ranges(conn: Connection) -> dict[str, list[tuple[int, int]]]:
             "  SELECT origin, sequence, sequence - row_number() OVER (PARTITION BY origin ORDER BY sequence) AS g"
             "  FROM reconciler.inbox) s GROUP BY origin, g ORDER BY 1, 2"
         ).fetchall()
-        conn.commit()
     out: dict[str, list[tuple[int, int]]] = {}
     for origin, lo, hi in rows:
         ranges = out.setdefault(origin, [])

@@ -135,6 +135,17 @@ def settle(conn: Any, entry_ids: Sequence[int], how: str, actor: str, reason: st
     log(conn, entry_ids, action, how, actor, reason)
 
 
+def lost(conn: Any) -> dict[str, list[tuple[int, int]]]:
+    """Per origin, the sequences accepted as lost here (:func:`settle_lost`), in the
+    caller's transaction."""
+    rows = conn.execute(
+        "SELECT origin, sequence FROM reconciler.quarantine WHERE reason = 'lost' ORDER BY 1, 2").fetchall()
+    out: dict[str, list[tuple[int, int]]] = {}
+    for origin, sequence in rows:
+        out.setdefault(str(origin), []).append((int(sequence), int(sequence)))
+    return out
+
+
 def settle_lost(conn: Any, origin: str, ranges: Sequence[tuple[int, int]], actor: str, reason: str,
                 detail: str) -> int:
     """Record, settled as discarded, one entry per sequence of ``origin`` in ``ranges``

@@ -23,6 +23,9 @@ from reconciler.conflict import (
     ManualPolicy,
     MergePolicy,
     classify,
+    counter_contribution,
+    counter_total_with_lost,
+    join_merge_states,
     policy_for,
 )
 from reconciler.errors import ConfigError, EventError
@@ -657,3 +660,34 @@ def test_merge_adopts_a_row_that_has_no_metadata_yet() -> None:
     assert result.state.meta["fields"]["n"]["by_origin"] == {"eu": 10, "us": 2}
     gone = merge.apply(RowState({}, T(2), "eu", deleted=True), ev(Operation.UPDATE, "us", T(1), deltas={"n": 1}))
     assert gone.state is not None and gone.state.deleted
+
+
+# -- joining merge states for a repair after a loss ---------------------------------
+
+
+def test_a_join_brings_in_what_only_the_donor_has_and_keeps_counters_it_is_told_to() -> None:
+    policy = MergePolicy((("stock", "counter"), ("tags", "set")))
+    base = ev(Operation.INSERT, "a", T(100), values={"stock": 10, "tags": ["x"], "name": "mug"})
+    lost = ev(Operation.UPDATE, "a", T(110), prior=T(100), deltas={"stock": -3}, set_add={"tags": ["sale"]},
+              values={"name": "big mug"})
+    mine = ev(Operation.UPDATE, "b", T(120), prior=T(100), deltas={"stock": -1})
+    donor = deliver(policy, [base, lost, mine])["1"]
+    target = deliver(policy, [base, mine])["1"]
+    joined = join_merge_states(target, donor, {"stock": {"a": 7}})
+    assert joined.values == donor.values == {"id": 1, "stock": 6, "tags": ["sale", "x"], "name": "big mug"}
+    untold = join_merge_states(target, donor, {})
+    assert untold.values["stock"] == 9, "a total it was not told about stays the target's"
+    assert untold.values["name"] == "big mug" and untold.values["tags"] == ["sale", "x"]
+    assert join_merge_states(target, target, {}) == target, "joining a state with itself changes nothing"
+    assert join_merge_states(None, donor, {}).values == donor.values
+
+
+def test_a_counter_total_with_lost_events_counts_them_and_nothing_in_flight() -> None:
+    # below the floor the donor counted 1+2+4, the target 1+4 (2 was lost); above it
+    # the donor counted 8 the target has not yet, and the target 16 the donor has not
+    donor_total, donor_newer, target_newer = 1 + 2 + 4 + 8, [8], [16]
+    assert counter_total_with_lost(donor_total, donor_newer, target_newer) == 1 + 2 + 4 + 16
+    assert counter_total_with_lost("0.5", ["0.25"], [0.125]) == "0.375"
+    assert counter_contribution("insert", {"values": {"stock": 3}, "deltas": {"stock": 2}}, "stock") == 5
+    assert counter_contribution("update", {"values": {"stock": 3}, "deltas": {"stock": -2}}, "stock") == -2
+    assert counter_contribution("delete", {"key": {"id": 1}}, "stock") == 0

@@ -205,3 +205,26 @@ def test_merge_oracle_is_an_lww_element_set_and_counts_every_delta() -> None:
     expected = merge_oracle(writes, {"stock": "counter", "tags": "set"})
     # x: removed at (110, a), added at (110, b): the greater stamp is the add, so x stays
     assert expected == {"k": {"stock": 3, "tags": ["x"]}}
+
+
+def test_an_event_forgotten_on_purpose_is_not_lost_but_any_other_still_is() -> None:
+    history = [record("e1", A, "orders", "o1", "insert", 100, values=ORDER),
+               record("e2", A, "orders", "o2", "insert", 101, values={**ORDER, "id": "o2"})]
+    rows = {"orders": {"o1": ORDER, "o2": {**ORDER, "id": "o2"}}}
+    snaps = world(history, rows)
+    # A's retention pruned e1 from its outbox; B never got e1 and accepted it as lost
+    snaps[A] = replace(snaps[A], outbox=snaps[A].outbox[1:])
+    snaps[B] = replace(snaps[B], inbox=snaps[B].inbox[1:])
+    v = check(history, snaps, [PairDiff(t, A, B) for t in TABLES], TABLES, NO_RTO,
+              forgotten={A: frozenset({"e1"}), B: frozenset({"e1"})})
+    assert v.passed, [c for c in v.checks if not c.passed]
+    # the models still count a forgotten write: its row must be there
+    gone = {"orders": {"o2": {**ORDER, "id": "o2"}}}
+    v = check(history, world(history, gone), [PairDiff(t, A, B) for t in TABLES], TABLES, NO_RTO,
+              forgotten={B: frozenset({"e1"})})
+    assert "lww_oracle" in failed(v)
+    # forgetting one event excuses no other
+    snaps[B] = replace(snaps[B], inbox=())
+    v = check(history, snaps, [PairDiff(t, A, B) for t in TABLES], TABLES, NO_RTO,
+              forgotten={A: frozenset({"e1"}), B: frozenset({"e1"})})
+    assert v.events_lost == 1 and {"no_acknowledged_write_lost", "inbox_matches_outbox"} <= failed(v)

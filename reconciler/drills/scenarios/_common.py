@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import psycopg
 
 from ...store import postgres as pg
 from ...transport import kafka
+from .. import runbook
 from ..harness import Drill
 
 #: the HLC critical section's advisory lock (reconciler/sql/001_foundation.sql)
@@ -175,3 +177,14 @@ def relay_stood_in_for(drill: Drill, origin: str) -> Iterator[StandInRelay]:
         lease.close()
         drill.loops.start(origin, ("relay",))
 
+
+def cli_json(drill: Drill, *args: str) -> tuple[int, Any]:
+    """An operator command with --json, its document parsed (drill.cli keeps only a summary)."""
+    argv = ("reconciler", *args, "--json", "--config", str(drill.config.path))
+    started = time.monotonic()
+    code, out, err = runbook.run_cli(argv, 120)
+    drill.mark(f"$ reconciler {' '.join(args)} --json -> exit {code}", seconds=round(time.monotonic() - started, 2))
+    try:
+        return code, json.loads(out)
+    except json.JSONDecodeError:
+        return code, {"unparsed": (out + err)[-2000:]}

@@ -29,11 +29,10 @@ from typing import Any
 import psycopg
 
 from ...transport import kafka
-from .. import runbook
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from ._common import relay_stood_in_for
+from ._common import cli_json, relay_stood_in_for
 
 BIG = 2**63
 SKU = "pz-revived"
@@ -142,18 +141,6 @@ def run(drill: Drill) -> None:
     drill.sleep(2)
 
 
-def _cli_json(drill: Drill, *args: str) -> tuple[int, Any]:
-    """An operator command with --json, its document parsed (drill.cli keeps only a summary)."""
-    argv = ("reconciler", *args, "--json", "--config", str(drill.config.path))
-    started = time.monotonic()
-    code, out, err = runbook.run_cli(argv, 120)
-    drill.mark(f"$ reconciler {' '.join(args)} --json -> exit {code}", seconds=round(time.monotonic() - started, 2))
-    try:
-        return code, json.loads(out)
-    except json.JSONDecodeError:
-        return code, {"unparsed": (out + err)[-2000:]}
-
-
 def _others_caught_up(drill: Drill, origin: str, timeout: float) -> bool:
     """Every other origin's events committed so far applied by every peer."""
     first = drill._counts()  # noqa: SLF001 - the harness's own delivery counts
@@ -219,7 +206,7 @@ def _poison(drill: Drill, origin: str, peers: list[str], seqs: list[int]) -> Non
     drill.check("peers_keep_applying", _others_caught_up(drill, origin, 30),
                 "the other regions' writes kept reaching every peer with the poison quarantined")
 
-    code, doc = _cli_json(drill, "gaps")
+    code, doc = cli_json(drill, "gaps")
     refused = doc.get("refused") or {}
     listed = {p: {(e.get("event_id"), e.get("reason")) for e in refused.get(p, [])} for p in peers}
     expected = {(ids[k], want[k][0]) for k in ids}
@@ -231,7 +218,7 @@ def _poison(drill: Drill, origin: str, peers: list[str], seqs: list[int]) -> Non
 
     refused_gate = {}
     for peer in peers:
-        code, doc = _cli_json(drill, "recover", "--yes", "--region", peer)
+        code, doc = cli_json(drill, "recover", "--yes", "--region", peer)
         gate = doc.get("gate") or {}
         reasons = gate.get("reasons") or []
         refused_gate[peer] = code != 0 and gate.get("passed") is False and any("refused" in str(r) for r in reasons)
@@ -244,10 +231,10 @@ def _poison(drill: Drill, origin: str, peers: list[str], seqs: list[int]) -> Non
         entries = [str(e[0]) for e in _quarantined(drill, peer, every).values() if not e[3]]
         if not entries:
             continue
-        code, doc = _cli_json(drill, "quarantine", "discard", *entries, "--yes", "--region", peer, "--by",
+        code, doc = cli_json(drill, "quarantine", "discard", *entries, "--yes", "--region", peer, "--by",
                               "drill-operator", "--reason", "DRILL: forged events, nothing real to apply")
         drill.check(f"discard_{peer}", code == 0, f"`quarantine discard` of entries {entries} exit {code}")
-    code, doc = _cli_json(drill, "gaps")
+    code, doc = cli_json(drill, "gaps")
     still = {p: [e.get("event_id") for e in (doc.get("refused") or {}).get(p, [])] for p in peers}
     drill.check("gaps_settled_after_discard", not any(still.values()),
                 f"after the discard `gaps` lists refused {still}")

@@ -1,0 +1,55 @@
+"""What a region has counted into one table's merge counters, read in the caller's
+snapshot: the input of the repair that brings in events accepted as lost
+(:func:`reconciler.verify.repair_keys`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .postgres import Connection
+from .translate import translated
+
+
+@dataclass(frozen=True)
+class CountedEvent:
+    origin: str
+    #: None: the region's own event, not numbered yet
+    sequence: int | None
+    operation: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A region's floors (per origin, everything up to here applied and pruned; its own
+    origin: the outbox prefix pruned) and, per key, the events still held above them."""
+
+    floors: dict[str, int]
+    events: dict[str, list[CountedEvent]]
+
+    def newer(self, key: str, origin: str, floor: int) -> list[CountedEvent]:
+        """The key's events of ``origin`` above ``floor`` (own events not numbered yet included)."""
+        return [e for e in self.events.get(key, [])
+                if e.origin == origin and (e.sequence is None or e.sequence > floor)]
+
+
+def counted(conn: Connection, region: str, table: str, keys: Sequence[str]) -> Counted:
+    with translated(region=region, table=table, step="read counted events"):
+        floors = {str(o): int(t) for o, t in conn.execute(
+            "SELECT origin, through FROM reconciler.inbox_floor UNION ALL"
+            " SELECT origin, pruned_through FROM reconciler.relay_state WHERE origin = %s", (region,)).fetchall()}
+        rows = conn.execute(
+            "SELECT row_key, origin, sequence, operation, payload FROM reconciler.inbox"
+            " WHERE table_name = %s AND row_key = ANY(%s) UNION ALL"
+            " SELECT o.aggregateid, o.origin, s.relay_sequence, o.operation, o.payload FROM reconciler.outbox o"
+            " LEFT JOIN reconciler.outbox_sequence s ON s.position = o.position"
+            " WHERE o.origin = %s AND o.aggregatetype = %s AND o.aggregateid = ANY(%s)",
+            (table, list(keys), region, table, list(keys)),
+        ).fetchall()
+    events: dict[str, list[CountedEvent]] = {}
+    for key, origin, sequence, operation, payload in rows:
+        events.setdefault(str(key), []).append(
+            CountedEvent(str(origin), None if sequence is None else int(sequence), str(operation), dict(payload)))
+    return Counted(floors, events)
