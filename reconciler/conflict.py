@@ -883,10 +883,17 @@ def join_merge_states(target: RowState | None, donor: RowState,
     which no join can merge: the caller works out what each origin's total must be
     (:func:`counter_total_with_lost`) and passes them as ``counter_totals`` (column ->
     origin -> total); other totals stay the target's. With no target state the
-    target applied nothing of the key, so the donor's state is taken whole.
+    target counted nothing of the key: the donor's state is taken, its counters
+    only as ``counter_totals`` says (the rest of them may still be on their way).
     """
     if target is None:
-        return _render(json.loads(json.dumps(dict(donor.meta)))) if "write" in donor.meta else donor
+        if "fields" not in donor.meta:
+            return donor
+        taken = json.loads(json.dumps(dict(donor.meta)))
+        for column, entry in taken["fields"].items():
+            if entry.get("rule") == "counter":
+                entry["by_origin"] = dict(counter_totals.get(column, {}))
+        return _render(taken)
     mine, theirs = json.loads(json.dumps(dict(target.meta))), dict(donor.meta)
     if "fields" not in mine or "fields" not in theirs:
         return target  # a row without merge metadata: nothing to join by

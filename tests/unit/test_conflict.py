@@ -679,7 +679,8 @@ def test_a_join_brings_in_what_only_the_donor_has_and_keeps_counters_it_is_told_
     assert untold.values["stock"] == 9, "a total it was not told about stays the target's"
     assert untold.values["name"] == "big mug" and untold.values["tags"] == ["sale", "x"]
     assert join_merge_states(target, target, {}) == target, "joining a state with itself changes nothing"
-    assert join_merge_states(None, donor, {}).values == donor.values
+    fresh = join_merge_states(None, donor, {"stock": {"a": 7}})
+    assert fresh.values == {**donor.values, "stock": 7}, "of counters, only what it is told: b's -1 is on its way"
 
 
 def test_a_counter_total_with_lost_events_counts_them_and_nothing_in_flight() -> None:
