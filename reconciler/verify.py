@@ -56,7 +56,7 @@ from .model import RowState, decode_key, encode_key
 from .store import merkle_leaves
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
-from .store.counted import Counted, counted
+from .store.counted import Counted, counted, keys_with_metadata
 from .store.merkle_scan import bucket_sql, key_hash_sql, row_hash_sql
 from .store.translate import translated
 
@@ -515,6 +515,14 @@ class Verification:
     leaves_rebuilt: dict[str, int] = field(default_factory=dict)
 
 
+def _all_keys(config: Config, table: str, regions: list[str]) -> set[str]:
+    keys: set[str] = set()
+    for r in regions:
+        with pg.connect(config.region(r).dsn, region=r) as conn:
+            keys.update(keys_with_metadata(conn, table))
+    return keys
+
+
 def _has_accepted_losses(config: Config, region: str) -> bool:
     with pg.connect(config.region(region).dsn, region=region) as conn:
         found = bool(quarantine_store.lost(conn))
@@ -549,10 +557,12 @@ def verify_and_repair(
             mark, ceiling = bounds(config, now_ms())
             found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
                                   parked=parked.get(name, set()))
-            # a merge key that keeps changing is always in flight, and may also miss
-            # events this region accepted as lost: its repair joins only those in
-            # (never an event still on its way), so such keys are repaired too
-            suspects = [*found.divergent, *(found.in_flight if merge_losses else ())]
+            # after a loss every merge key may miss what the lost events counted, and
+            # neither the gate's view (a busy key is always in flight) nor the rows
+            # (other in-flight events can offset the loss) shows which: all are joined,
+            # which brings in the lost contributions only (never an event on its way)
+            suspects = sorted({*found.divergent, *_all_keys(config, name, [region, peer])}) if merge_losses \
+                else list(found.divergent)
             if suspects and repair:
                 done = out.repaired.setdefault(name, [])
                 fixed = repair_keys(config, name, suspects, [region, peer])

@@ -53,3 +53,12 @@ def counted(conn: Connection, region: str, table: str, keys: Sequence[str]) -> C
         events.setdefault(str(key), []).append(
             CountedEvent(str(origin), None if sequence is None else int(sequence), str(operation), dict(payload)))
     return Counted(floors, events)
+
+
+def keys_with_metadata(conn: Connection, table: str) -> list[str]:
+    """Every key of ``table`` this region holds replication metadata for."""
+    with translated(table=table, step="list keys"):
+        rows = conn.execute("SELECT row_key FROM reconciler.row_meta WHERE table_name = %s ORDER BY 1",
+                            (table,)).fetchall()
+        conn.commit()
+    return [str(r[0]) for r in rows]
