@@ -5,7 +5,8 @@
 #                test suite, stack down.
 #   make demo    same set-up, then the regional-failover demo and its flash-sale second act, stack down.
 #   make unit    unit tests only, no stack.          make lint   ruff + mypy.
-#   make bench   same set-up, then every benchmarks/bench_*.py, stack down.
+#   make bench   same set-up, then every benchmarks/bench_*.py, stack down; bench_peers.py
+#                (reconciler against Debezium and logical replication) at PEERS_EVENTS.
 #   make stack-up / stack-down / stack-status        keep a stack running while you work.
 #
 # Recipes run with /bin/sh (dash on Debian): POSIX shell only, no bashisms.
@@ -46,7 +47,7 @@ with_stack = status=0; trap : INT; \
 	$(DEV) down --dir "$(DEV_DIR)" --purge || true; \
 	exit $$status
 
-.PHONY: all venv binaries postgres-bin prometheus-bin java-bin helm-bin stack-up stack-down stack-status \
+.PHONY: all venv binaries postgres-bin prometheus-bin java-bin peers-bin helm-bin stack-up stack-down stack-status \
 	stack-clean test demo unit bench lint
 
 all: test
@@ -90,6 +91,11 @@ java-bin:
 		$(SUDO) apt-get update && $(APT_INSTALL) openjdk-17-jre-headless maven; \
 	fi
 
+# Kafka Connect + Debezium for benchmarks/bench_peers.py (and its test): Maven resolves
+# benchmarks/peers/pom.xml once into a cache outside the checkout (again when the pom changes).
+peers-bin: venv java-bin
+	@$(PY) benchmarks/bench_peers.py --resolve-only
+
 # Without Go (or the proxy) the build is skipped with a warning, and so, loudly, are
 # the chart checks; helm's own major version is in the module path (v3 here).
 helm-bin:
@@ -116,15 +122,23 @@ stack-clean: venv
 	$(DEV) down --dir "$(DEV_DIR)" --purge
 	rm -rf "$(DEV_DIR)"
 
-test: venv binaries helm-bin
+test: venv binaries helm-bin peers-bin
 	@$(call with_stack,$(PY) -m pytest tests)
 
 demo: venv binaries
 	@$(call with_stack,$(PY) -m reconciler.demo)
 
-bench: venv binaries
+# bench_peers.py's size: the issue's is 200000 (about 10 minutes a run on 2 busy cores).
+PEERS_EVENTS ?= 20000
+PEERS_RUNS   ?= 1
+
+bench: venv binaries peers-bin
 	@$(call with_stack,( for f in benchmarks/bench_*.py; do [ -e "$$f" ] || continue; \
-		echo "== $$f"; $(PY) "$$f" || exit $$?; done ))
+		[ "$$f" = benchmarks/bench_peers.py ] && continue; \
+		echo "== $$f"; $(PY) "$$f" || exit $$?; done; \
+		echo "== benchmarks/bench_peers.py ($(PEERS_EVENTS) events, $(PEERS_RUNS) runs)"; \
+		$(PY) benchmarks/bench_peers.py --events $(PEERS_EVENTS) --runs $(PEERS_RUNS) \
+			--json-out benchmarks/results/peers.json ))
 
 unit: venv helm-bin
 	$(PY) -m pytest tests/unit

@@ -64,6 +64,7 @@ from reconciler import wire
 from reconciler.apply import Applier
 from reconciler.config import DEFAULT_APPLY_BATCH, DEFAULT_RELAY_BATCH, Config, load_config
 from reconciler.devstack import DevStack
+from reconciler.errors import TransportError
 from reconciler.hlc import Timestamp
 from reconciler.inbox import InboxConsumer
 from reconciler.model import Event, Operation, RowState
@@ -248,7 +249,7 @@ def _in_transactions(producer: Any) -> bool:
     """Whether the producer was made transactional (the relay's is: one transaction per batch)."""
     try:
         producer.begin_transaction()
-    except confluent_kafka.KafkaException:
+    except (confluent_kafka.KafkaException, TransportError):  # raw, or translated by kafka.EventProducer
         return False
     producer.abort_transaction(10)
     return True
