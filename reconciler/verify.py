@@ -320,11 +320,13 @@ def repair_keys(
 
     - a row that disagrees with its own region's metadata (written around the
       pipeline) is rewritten from that metadata;
-    - where regions' metadata disagree, last-writer-wins and manual tables take the
-      newest version by (HLC, region) everywhere, so a repair never puts an older
-      version over a newer one (idempotent: the event that produced it, arriving
-      later, changes nothing); merge tables keep each region's own state and are
-      left to their events;
+    - where regions' metadata disagree, last-writer-wins tables take the newest
+      version by (HLC, region) everywhere, so a repair never puts an older version
+      over a newer one (idempotent: the event that produced it, arriving later,
+      changes nothing); merge and manual tables keep each region's own state and are
+      left to their events (a manual version copied in ahead of its event would make
+      that event a no-op there, so two concurrent versions would be parked only in
+      the regions that met them as events);
     - a row no region has metadata for exists only by direct writes: with
       ``copy_unmanaged`` the first region is made to match the second, otherwise it
       is only reported.
@@ -368,7 +370,7 @@ def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
         # read again under the key lock: the inbox may have applied an event since
         # `present` was read, and writing an older state over it would undo it
         fresh = pg.load_states(conn, table, [key]).get(key)
-        if policy != "merge":
+        if policy == "lww":
             state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
         elif fresh is not None:
             state = fresh

@@ -168,6 +168,17 @@ MUTANTS: tuple[Mutant, ...] = (
         ("stale-backup-restore", "retention-expiry"),
     ),
     Mutant(
+        "gate-ignores-roots", "lifecycle.py",
+        "        if count:\n            reasons.append(f\"{table}: {count} keys differ from peers\")\n"
+        "    for root in sorted(measured.roots, key=lambda r: (r.table, r.peer)):\n        if not root.equal:\n",
+        "        if False and count:\n            reasons.append(f\"{table}: {count} keys differ from peers\")\n"
+        "    for root in sorted(measured.roots, key=lambda r: (r.table, r.peer)):\n"
+        "        if False and not root.equal:\n",
+        "the lifecycle gate lets a region become ACTIVE while keys differ from a peer below the watermark"
+        " (the roots' comparison is left to the sampled gate check)",
+        ("nemesis",),
+    ),
+    Mutant(
         "relay-skips-a-row", "relay.py",
         "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
         "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch[1:]])\n",
