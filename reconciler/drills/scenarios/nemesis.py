@@ -249,6 +249,7 @@ class GateWatch:
         self.drill = drill
         self.bypassed = bypassed
         self.samples: list[dict[str, Any]] = []
+        self.passes = 0
         self.unsampled: list[dict[str, Any]] = []
         self._polls: list[tuple[float, dict[str, int], set[str]]] = []
         self._seen: dict[str, int] = {}
@@ -322,6 +323,7 @@ class GateWatch:
         if snaps[region].error is not None:
             self.unsampled.append({"region": region, "why": f"unreadable: {snaps[region].error}"})
             return
+        self.passes += 1
         events = {e.event_id: EventFacts(e.event_id, e.origin, e.sequence, e.table, e.key, e.hlc)
                   for s in snaps.values() for e in s.outbox}
         applied = {r: {e.event_id for e in s.outbox} | {i.event_id for i in s.inbox} for r, s in snaps.items()}
@@ -350,14 +352,15 @@ class GateWatch:
 
     def verdict(self) -> None:
         bad = [s for s in self.samples if s["divergent_count"]]
+        passes = self.passes
         self.drill.report_fields["gate_samples"] = {
-            "compared": len(self.samples), "divergent": len(bad), "unsampled": len(self.unsampled),
-            "first_divergent": bad[:3],
+            "gate_passes": passes, "pairs_compared": len(self.samples), "divergent": len(bad),
+            "unsampled": len(self.unsampled), "first_divergent": bad[:3],
         }
         self.drill.check(
             "gate_never_active_while_roots_differ", not bad,
-            f"{len(self.samples)} gate passes compared with a reachable peer as they happened"
-            f" ({len(self.unsampled)} not sampled); " + (
+            f"{passes} gate passes sampled as they happened, {len(self.samples)} region pairs compared"
+            f" ({len(self.unsampled)} passes not sampled); " + (
                 f"{len(bad)} left keys differing below the watermark, first: {bad[0]}" if bad
                 else "none left a key differing below the watermark outside parked keys"))
 
