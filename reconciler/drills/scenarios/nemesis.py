@@ -10,7 +10,9 @@ healed before the next begins, because the guarantees are stated for any *single
 failure. After ``--minutes`` the writers stop, everything heals, every region must
 reach ACTIVE through the gate (an operator's ``recover`` is run, at most three
 times, for a region whose own catch-up did not get there), and the checker judges
-the history of acknowledged writes.
+the history of acknowledged writes. While the faults run, :class:`GateWatch` samples
+the gate itself: every time a region passes it, the region's rows are compared with
+its reachable peers' at a watermark (``gate_never_active_while_roots_differ``).
 
 What a fault may legitimately cost is kept out of the history: the restore from
 an older backup stops the region's users and waits until its writes reached every
