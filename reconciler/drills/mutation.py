@@ -222,6 +222,9 @@ def copy_package(dest_root: Path, mutant: Mutant | None = None, source: Path = P
     to the copy only; returns ``dest_root`` (the directory to put on sys.path)."""
     target = dest_root / "reconciler"
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pom = source.parent / "pom.xml"
+    if pom.is_file():  # a drill that restarts the broker finds its jars through it (devstack's default pom)
+        shutil.copy2(pom, dest_root / "pom.xml")
     if mutant is not None:
         path = target / mutant.file
         if not path.is_file():
