@@ -19,7 +19,7 @@ from . import wire
 from .apply import Applier, ApplyReport, Rejected
 from .config import Config
 from .conflicts import retry_held
-from .errors import EventError, ReconcilerError
+from .errors import EventError, ReconcilerError, TransportError
 from .logs import component_logger
 from .metrics import Metrics
 from .store import postgres as pg
@@ -27,6 +27,10 @@ from .transport import kafka
 
 #: how often held (future-stamped) events are looked at again
 HELD_RETRY_SECONDS = 1.0
+#: how often the inbox asks the broker whether its (asynchronous) offset commits land
+COMMIT_CHECK_SECONDS = 10.0
+#: how long closing a consumer may take before it is left to finish on its own
+CLOSE_SECONDS = 10.0
 
 
 class InboxConsumer:
@@ -44,6 +48,10 @@ class InboxConsumer:
         self._consumer: Any = None
         self._applier: Applier | None = None
         self._next_held_check = 0.0
+        self._commit_check_at = 0.0
+        #: offsets asked to commit since the last check, and those asked before it
+        self._asked: dict[tuple[str, int], int] = {}
+        self._due: dict[tuple[str, int], int] = {}
 
     @property
     def group_id(self) -> str:
@@ -58,14 +66,17 @@ class InboxConsumer:
         self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
         self._consumer = kafka.consumer(settings, self.group_id)
         self._consumer.subscribe(self.topics)
+        self._asked, self._due, self._commit_check_at = {}, {}, time.monotonic() + COMMIT_CHECK_SECONDS
         self.log.info("inbox started", extra={"fields": {"topics": self.topics}})
 
     def close(self) -> None:
         if self._consumer is not None:
-            try:
-                self._consumer.close()
-            except Exception:  # noqa: BLE001 - a broken consumer must not mask the real error
-                pass
+            # bounded: a consumer whose group coordinator is stuck can block in close()
+            # too, and the loop must still be able to rebuild it or stop
+            closer = threading.Thread(target=_close_quietly, args=(self._consumer,), daemon=True,
+                                      name=f"inbox-{self.region}-close")
+            closer.start()
+            closer.join(CLOSE_SECONDS)
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -115,14 +126,21 @@ class InboxConsumer:
                 continue
             events.append(event)
         self._retry_held()
+        self._check_commits()
         if not positions:
             return ApplyReport()
         started = time.perf_counter()
         report = self._applier.apply_remote(events, rejected)
         try:
+            # asynchronous: librdkafka's synchronous commit has no timeout, and after a
+            # broker restart it can wait for the group coordinator forever (the inbox then
+            # applied nothing more and could not stop). A commit that never lands costs a
+            # redelivery, which the inbox drops; _check_commits rebuilds a consumer whose
+            # commits stopped landing.
             self._consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=False
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=True
             )
+            self._asked.update({key: o + 1 for key, o in positions.items()})
         except KafkaException as exc:
             # The batch is applied; only its offsets are not recorded. A rebuilt consumer is
             # redelivered the batch and the inbox drops it, so this is always worth retrying
@@ -138,6 +156,29 @@ class InboxConsumer:
                 "reasons": sorted({q["reason"] for q in report.quarantined}),
             }})
         return report
+
+    def _check_commits(self) -> None:
+        """Every few seconds: have the offsets asked to commit before the last check
+        landed? If not (or the broker cannot say in time), raise a retryable error so
+        that the loop rebuilds the consumer: its group coordinator is lost for good."""
+        now = time.monotonic()
+        if now < self._commit_check_at:
+            return
+        self._commit_check_at = now + COMMIT_CHECK_SECONDS
+        due, self._due, self._asked = self._due, self._asked, {}
+        if not due:
+            return
+        try:
+            landed = self._consumer.committed([TopicPartition(t, p) for t, p in due], timeout=COMMIT_CHECK_SECONDS)
+        except KafkaException as exc:
+            error = kafka.translate(exc, region=self.region, step="check offset commits")
+            error.retryable = True
+            raise error from exc
+        behind = sorted(f"{tp.topic}[{tp.partition}]" for tp in landed if tp.offset < due[(tp.topic, tp.partition)])
+        if behind:
+            raise TransportError(f"offset commits asked {COMMIT_CHECK_SECONDS:.0f}s ago have not landed on {behind}:"
+                                 " rebuilding the consumer", retryable=True, region=self.region,
+                                 step="check offset commits")
 
     def _retry_held(self) -> None:
         """Every few seconds, apply the held events (future stamps) whose stamp is no
@@ -187,3 +228,10 @@ class InboxConsumer:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
         self.close()
+
+
+def _close_quietly(consumer: Any) -> None:
+    try:
+        consumer.close()
+    except Exception:  # noqa: BLE001 - a broken consumer must not mask the real error
+        pass

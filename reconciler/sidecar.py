@@ -241,10 +241,12 @@ class Sidecar:
 
     def _join(self) -> bool:
         """Wait for the loops to finish their batches; True when nothing is left in flight."""
-        limits = {"relay": self.drain_seconds + 15, "inbox": 60.0, "replay": 5.0}
+        limits = {"relay": self.drain_seconds + 15, "inbox": 60.0, "replay": 5.0, "merkle": 5.0}
         for name, thread in self._threads.items():
             thread.join(limits.get(name, 15.0))
-        stuck = [name for name, t in self._threads.items() if t.is_alive() and name != "replay"]
+        # catch-up and anti-entropy are resumable (every repair is its own transaction):
+        # a pass cut short is redone, so neither makes a stop unclean
+        stuck = [name for name, t in self._threads.items() if t.is_alive() and name not in ("replay", "merkle")]
         if stuck:
             self.log.error("loops did not stop in time", extra={"fields": {"loops": stuck}})
         if self._threads.get("replay") and self._threads["replay"].is_alive():

@@ -326,11 +326,15 @@ def repair_keys(
 
     - a row that disagrees with its own region's metadata (written around the
       pipeline) is rewritten from that metadata;
-    - where regions' metadata disagree, last-writer-wins and manual tables take the
-      newest version by (HLC, region) everywhere, so a repair never puts an older
-      version over a newer one (idempotent: the event that produced it, arriving
-      later, changes nothing); merge tables keep each region's own state and are
-      left to their events;
+    - where regions' metadata disagree, last-writer-wins tables take the newest
+      version by (HLC, region) everywhere, so a repair never puts an older version
+      over a newer one (idempotent: the event that produced it, arriving later,
+      changes nothing); merge and manual tables keep each region's own state and are
+      left to their events (a manual version copied in ahead of its event would make
+      that event a no-op there, so two concurrent versions would be parked only in
+      the regions that met them as events), except what events this region
+      accepted as lost counted into a merge row: those never come, so it is joined
+      in from the peers' states (:func:`reconciler.conflict.join_merge_states`);
     - a row no region has metadata for exists only by direct writes: with
       ``copy_unmanaged`` the first region is made to match the second, otherwise it
       is only reported.
@@ -380,25 +384,35 @@ def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
         # `present` was read, and writing an older state over it would undo it
         fresh = pg.load_states(conn, table, [key]).get(key)
         state: RowState | None
-        if policy != "merge":
+        if policy == "lww":
             state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
         else:
-            # a merge row is left to its events, except for the events this region
-            # accepted as lost: those will never come, and a peer's state has them
-            lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
-            if not lost:
-                return
-            mine = counted(conn, region, table, [key])
-            applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
+            # merge and manual rows are rewritten from their own metadata (a write
+            # around the pipeline) and otherwise left to their events, but for the
+            # events this region accepted as lost: those never come, a peer's merge
+            # state has what they counted
             state = fresh
-            for name, theirs in present.items():
-                if name != region and name in donors:
-                    totals = _totals_with_lost(key, region, theirs, donors[name], mine, applied, lost)
-                    state = join_merge_states(state, theirs, totals)
-            if state is None or state == fresh:
+            if policy == "merge":
+                state = _join_lost(conn, key, region, table, fresh, present, donors)
+            if state is None:
                 return
         writer = pg.TableWriter.build(conn, config.tables[table])
         pg.write_states(conn, writer, {key: state})
+
+
+def _join_lost(conn: pg.Connection, key: str, region: str, table: str, fresh: RowState | None,
+               present: dict[str, RowState], donors: dict[str, Counted]) -> RowState | None:
+    lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
+    if not lost:
+        return fresh
+    mine = counted(conn, region, table, [key])
+    applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
+    state = fresh
+    for name, theirs in present.items():
+        if name != region and name in donors:
+            state = join_merge_states(state, theirs, _totals_with_lost(key, region, theirs, donors[name], mine,
+                                                                      applied, lost))
+    return state
 
 
 def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Counted, mine: Counted,

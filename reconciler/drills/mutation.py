@@ -168,6 +168,17 @@ MUTANTS: tuple[Mutant, ...] = (
         ("lost-beyond-retention", "stale-backup-restore"),
     ),
     Mutant(
+        "gate-ignores-roots", "lifecycle.py",
+        "        if count:\n            reasons.append(f\"{table}: {count} keys differ from peers\")\n"
+        "    for root in sorted(measured.roots, key=lambda r: (r.table, r.peer)):\n        if not root.equal:\n",
+        "        if False and count:\n            reasons.append(f\"{table}: {count} keys differ from peers\")\n"
+        "    for root in sorted(measured.roots, key=lambda r: (r.table, r.peer)):\n"
+        "        if False and not root.equal:\n",
+        "the lifecycle gate lets a region become ACTIVE while keys differ from a peer below the watermark"
+        " (the roots' comparison is left to the sampled gate check)",
+        ("nemesis",),
+    ),
+    Mutant(
         "relay-skips-a-row", "relay.py",
         "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
         "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch[1:]])\n",
@@ -211,6 +222,9 @@ def copy_package(dest_root: Path, mutant: Mutant | None = None, source: Path = P
     to the copy only; returns ``dest_root`` (the directory to put on sys.path)."""
     target = dest_root / "reconciler"
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pom = source.parent / "pom.xml"
+    if pom.is_file():  # a drill that restarts the broker finds its jars through it (devstack's default pom)
+        shutil.copy2(pom, dest_root / "pom.xml")
     if mutant is not None:
         path = target / mutant.file
         if not path.is_file():

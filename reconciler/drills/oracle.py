@@ -345,3 +345,69 @@ def concurrent_keys(writes: Iterable[Write]) -> dict[str, set[str]]:
         if len({w.origin for w in group}) > 1 and concurrent_pairs(group):
             out[table].add(key)
     return dict(out)
+
+
+# ---------------------------------------------------------------- the gate, sampled
+
+
+@dataclass(frozen=True)
+class EventFacts:
+    """What the checker knows of one committed event, from its origin's outbox."""
+
+    event_id: str
+    origin: str
+    #: its relay sequence, None while unnumbered
+    sequence: int | None
+    table: str
+    key: str
+    #: packed HLC (wall milliseconds << 16 | logical)
+    hlc: int
+
+
+def unexplained_differences(
+    rows: tuple[Mapping[str, Mapping[str, Mapping[str, Any]]], Mapping[str, Mapping[str, Mapping[str, Any]]]],
+    applied: tuple[set[str], set[str]],
+    events: Mapping[str, EventFacts],
+    watermark: int,
+    published: Mapping[str, int],
+    excused: Mapping[str, set[str]],
+) -> dict[str, list[str]]:
+    """table -> keys two regions hold differently with no excuse: what a gate that
+    passed must never leave.
+
+    The definition, from the design's gate and nothing of its code: as of an HLC
+    ``watermark``, two regions agree on every key except those parked for an operator
+    (or otherwise ``excused``, e.g. written around the pipeline just now) and those
+    whose difference is explained by events in flight -- every event one region
+    applied and the other did not is stamped above the watermark, or was not
+    published by its origin yet when the gate passed (its sequence is above
+    ``published[origin]``, or it has none). A key whose rows differ although both
+    applied the same events is never explained (a write around the pipeline, a
+    non-deterministic policy). ``rows`` are per region table -> key -> row,
+    ``applied`` per region the event ids it applied or wrote itself; ``events`` must
+    know every event of both: an applied event it does not know makes the keys it
+    might explain unjudgeable, so they are left out rather than guessed at.
+    """
+    by_key: dict[tuple[str, str], list[EventFacts]] = defaultdict(list)
+    for facts in events.values():
+        by_key[(facts.table, facts.key)].append(facts)
+    unknown = (applied[0] ^ applied[1]) - events.keys()
+    out: dict[str, list[str]] = {}
+    for table in sorted(set(rows[0]) | set(rows[1])):
+        a, b = rows[0].get(table, {}), rows[1].get(table, {})
+        bad = []
+        for key in sorted(set(a) | set(b)):
+            if key in excused.get(table, set()) or visible(a.get(key)) == visible(b.get(key)):
+                continue
+            differing = [e for e in by_key.get((table, key), [])
+                         if (e.event_id in applied[0]) != (e.event_id in applied[1])]
+            in_flight = [e.hlc > watermark or e.sequence is None or e.sequence > published.get(e.origin, 0)
+                         for e in differing]
+            if differing and all(in_flight):
+                continue
+            if not differing and unknown:
+                continue  # an event nobody's outbox shows may be what differs
+            bad.append(key)
+        if bad:
+            out[table] = bad
+    return out

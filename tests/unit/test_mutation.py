@@ -86,3 +86,13 @@ def test_equivalent_mutants_are_not_scored_but_a_false_alarm_is_reported(tmp_pat
     twice = next(m for m in MUTANTS if m.equivalent)
     doc = run_mutants([twice], FakeDrills({"d1": twice.new}), drills=["d1"], self_test=False, workdir=tmp_path)
     assert doc["score"]["scored"] == 0 and doc["score"]["equivalent_flagged"] == [twice.name]
+
+
+def test_the_copy_carries_the_checkouts_pom(tmp_path: Path) -> None:
+    """A drill run from the copy restarts the broker through devstack, which finds the
+    broker's jars through the pom beside the package (the nemesis' broker restart
+    failed in a mutant's copy without it)."""
+    (tmp_path / "checkout" / "reconciler").mkdir(parents=True)
+    (tmp_path / "checkout" / "pom.xml").write_text("<project/>")
+    root = copy_package(tmp_path / "copy", source=tmp_path / "checkout" / "reconciler")
+    assert (root / "pom.xml").read_text() == "<project/>"

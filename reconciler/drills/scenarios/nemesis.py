@@ -10,7 +10,9 @@ healed before the next begins, because the guarantees are stated for any *single
 failure. After ``--minutes`` the writers stop, everything heals, every region must
 reach ACTIVE through the gate (an operator's ``recover`` is run, at most three
 times, for a region whose own catch-up did not get there), and the checker judges
-the history of acknowledged writes.
+the history of acknowledged writes. While the faults run, :class:`GateWatch` samples
+the gate itself: every time a region passes it, the region's rows are compared with
+its reachable peers' at a watermark (``gate_never_active_while_roots_differ``).
 
 What a fault may legitimately cost is kept out of the history: the restore from
 an older backup stops the region's users and waits until its writes reached every
@@ -25,14 +27,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from typing import Any
 
 import psycopg
 
 from ...transport import kafka
+from .. import observe
 from ..checker import Expectations
 from ..harness import Drill, Scenario
+from ..oracle import EventFacts, unexplained_differences
 from ..workload import WorkloadSpec
 from ._common import ClockSkew, relayed_everywhere
 
@@ -64,23 +70,31 @@ def run(drill: Drill) -> None:
     faults: Counter[str] = Counter()
     drill.report_fields.update(seed=seed, minutes=minutes, faults=faults)
     nemesis = _Nemesis(drill, rnd)
-    deadline = time.monotonic() + minutes * 60
-    drill.sleep(2)
-    while time.monotonic() < deadline - 5:
-        kind = rnd.choice(list(FAULTS))
-        region = rnd.choice(drill.regions)
-        drill.mark(f"nemesis: {kind}", region)
-        getattr(nemesis, kind)(region)
-        faults[kind] += 1
-        time.sleep(rnd.uniform(*PAUSE))
-    drill.mark("nemesis: faults over", faults=dict(faults))
-    nemesis.heal()
+    gates = GateWatch(drill, nemesis.bypassed)
+    gates.start()
+    try:
+        deadline = time.monotonic() + minutes * 60
+        drill.sleep(2)
+        while time.monotonic() < deadline - 5:
+            kind = rnd.choice(list(FAULTS))
+            region = rnd.choice(drill.regions)
+            drill.mark(f"nemesis: {kind}", region)
+            getattr(nemesis, kind)(region)
+            faults[kind] += 1
+            time.sleep(rnd.uniform(*PAUSE))
+        drill.mark("nemesis: faults over", faults=dict(faults))
+        nemesis.heal()
+    finally:
+        gates.stop()
+    gates.verdict()
 
 
 class _Nemesis:
     def __init__(self, drill: Drill, rnd: random.Random) -> None:
         self.drill = drill
         self.rnd = rnd
+        #: (wall time, table, key) of every row changed around the pipeline
+        self.bypassed: list[tuple[float, str, str]] = []
 
     # ---------------------------------------------------------------- faults
 
@@ -182,6 +196,8 @@ class _Nemesis:
             row = conn.execute(
                 "UPDATE orders SET note = 'changed around the pipeline' WHERE id = ("
                 " SELECT id FROM orders ORDER BY random() LIMIT 1) RETURNING id").fetchone()
+        if row:
+            self.bypassed.append((time.time(), "orders", str(row[0])))
         self.drill.mark("row changed around the pipeline", region, key=row[0] if row else None)
 
     # ---------------------------------------------------------------- the end
@@ -207,6 +223,148 @@ class _Nemesis:
         states = {r: drill.state(r) for r in drill.regions}
         drill.check("every_region_active_by_the_gate", all(s == "ACTIVE" for s in states.values()),
                     f"after the faults: {states}")
+
+
+class GateWatch:
+    """The gate, sampled while the faults run: each time a region passes it (its
+    lifecycle log goes VERIFYING -> ACTIVE), every region is read at once and the
+    region's rows are compared with each reachable peer's by
+    :func:`oracle.unexplained_differences`, as of a watermark no later than the
+    gate's (entering VERIFYING, minus the lag allowance, minus a second).
+
+    An event counts as published when the gate passed only if its sequence is at
+    most what its origin had published at a poll that started before the gate's
+    transition (a lower bound: anything published later is taken for in flight). A
+    peer that was unreachable around the gate (the gate skipped it too) is not
+    compared; rows written around the pipeline within the last minute are excused
+    (anti-entropy's to find, not the gate's, when they sit in a peer).
+    """
+
+    #: how often every region's lifecycle log and relay position are read
+    INTERVAL = 0.5
+    #: polls kept (each with its wall time and what every origin had published)
+    KEEP = 600
+    #: rows changed around the pipeline this recently are excused, seconds
+    BYPASS_GRACE = 60.0
+
+    def __init__(self, drill: Drill, bypassed: list[tuple[float, str, str]]) -> None:
+        self.drill = drill
+        self.bypassed = bypassed
+        self.samples: list[dict[str, Any]] = []
+        self.passes = 0
+        self.unsampled: list[dict[str, Any]] = []
+        self._polls: list[tuple[float, dict[str, int], set[str]]] = []
+        self._seen: dict[str, int] = {}
+        self._verifying_at: dict[str, float] = {}
+        self._conns: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nemesis-gate-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+        for conn in self._conns.values():
+            conn.close()
+
+    def _query(self, region: str, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        conn = self._conns.get(region)
+        try:
+            if conn is None:
+                conn = psycopg.connect(self.drill.config.region(region).dsn, connect_timeout=1, autocommit=True)
+                self._conns[region] = conn
+            return list(conn.execute(query, params).fetchall())
+        except (psycopg.Error, OSError):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a dead connection
+                    pass
+            self._conns.pop(region, None)
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL):
+            started = time.time()
+            published: dict[str, int] = {}
+            up: set[str] = set()
+            for region in self.drill.regions:
+                found = self._query(region, "SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state"
+                                            " WHERE origin = %s", (region,))
+                if found is not None:
+                    published[region] = int(found[0][0])
+                    up.add(region)
+            gates = []
+            for region in self.drill.regions:
+                entries = self._query(region, "SELECT id, extract(epoch FROM at)::float8, from_state, to_state"
+                                              " FROM reconciler.lifecycle_log WHERE id > %s ORDER BY id",
+                                      (self._seen.get(region, 0),))
+                if entries is None:
+                    up.discard(region)
+                    continue
+                for ident, at, old, new in entries:
+                    self._seen[region] = int(ident)
+                    if new == "VERIFYING":
+                        self._verifying_at[region] = float(at)
+                    elif new == "ACTIVE" and old == "VERIFYING" and region in self._verifying_at:
+                        gates.append((region, float(at), self._verifying_at[region]))
+            self._polls = [*self._polls[-self.KEEP:], (started, published, up)]
+            for region, at, verifying_at in gates:
+                self._judge(region, at, verifying_at)
+
+    def _judge(self, region: str, at: float, verifying_at: float) -> None:
+        drill = self.drill
+        before = [p for p in self._polls if p[0] < at]
+        if not before:
+            self.unsampled.append({"region": region, "why": "no poll before the gate"})
+            return
+        _, published, up_then = before[-1]
+        snaps = {r: observe.read_snapshot(drill.config, r) for r in drill.regions}
+        if snaps[region].error is not None:
+            self.unsampled.append({"region": region, "why": f"unreadable: {snaps[region].error}"})
+            return
+        self.passes += 1
+        events = {e.event_id: EventFacts(e.event_id, e.origin, e.sequence, e.table, e.key, e.hlc)
+                  for s in snaps.values() for e in s.outbox}
+        applied = {r: {e.event_id for e in s.outbox} | {i.event_id for i in s.inbox} for r, s in snaps.items()}
+        allowance = drill.config.lifecycle.max_lag_seconds
+        watermark = int((verifying_at - allowance - 1.0) * 1000) << 16
+        recent = time.time() - self.BYPASS_GRACE
+        for peer in drill.regions:
+            if peer == region or snaps[peer].error is not None or peer not in up_then:
+                continue
+            excused: dict[str, set[str]] = {}
+            for snap in (snaps[region], snaps[peer]):
+                for c in snap.conflicts:
+                    if c.status == "open":
+                        excused.setdefault(c.table, set()).add(c.key)
+            for when, table, key in list(self.bypassed):
+                if when >= recent:
+                    excused.setdefault(table, set()).add(key)
+            keys = unexplained_differences((snaps[region].rows, snaps[peer].rows), (applied[region], applied[peer]),
+                                           events, watermark, published, excused)
+            sample = {"t": round(drill.now(), 3), "region": region, "peer": peer,
+                      "watermark_ms": watermark >> 16, "divergent": {t: k[:10] for t, k in keys.items()},
+                      "divergent_count": sum(len(k) for k in keys.values())}
+            self.samples.append(sample)
+            if keys:
+                drill.mark("gate passed while keys differ", region, peer=peer, divergent=sample["divergent"])
+
+    def verdict(self) -> None:
+        bad = [s for s in self.samples if s["divergent_count"]]
+        passes = self.passes
+        self.drill.report_fields["gate_samples"] = {
+            "gate_passes": passes, "pairs_compared": len(self.samples), "divergent": len(bad),
+            "unsampled": len(self.unsampled), "first_divergent": bad[:3],
+        }
+        self.drill.check(
+            "gate_never_active_while_roots_differ", not bad,
+            f"{passes} gate passes sampled as they happened, {len(self.samples)} region pairs compared"
+            f" ({len(self.unsampled)} passes not sampled); " + (
+                f"{len(bad)} left keys differing below the watermark, first: {bad[0]}" if bad
+                else "none left a key differing below the watermark outside parked keys"))
 
 
 def workload(scale: float) -> WorkloadSpec:
