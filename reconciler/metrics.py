@@ -168,6 +168,10 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Errors raised by one of the sidecar's loops (each is retried or fails the loop)."),
     MetricSpec("reconciler_loop_last_success_timestamp_seconds", "gauge", ("component",),
                "Unix time of the last successful iteration of a sidecar loop."),
+    MetricSpec("reconciler_loop_iterations_total", "counter", ("component",),
+               "Steps a sidecar loop completed (reconciler.loop)."),
+    MetricSpec("reconciler_loop_errors_by_kind_total", "counter", ("component", "kind"),
+               "Errors raised by one of the sidecar's loops, by error class (ReconcilerError subclasses)."),
 )
 
 
@@ -248,6 +252,8 @@ class Metrics:
     events_pruned: Counter
     loop_errors: Counter
     loop_last_success_timestamp_seconds: Gauge
+    loop_iterations: Counter
+    loop_errors_by_kind: Counter
 
     def __init__(self, region: str, registry: CollectorRegistry, inner: CollectorRegistry) -> None:
         self.region = region
@@ -304,6 +310,7 @@ class Metrics:
             self.region_state.labels(state=state).set(0)
         for component in COMPONENTS:
             self.loop_errors.labels(component=component)
+            self.loop_iterations.labels(component=component)
         for store in PRUNED_STORES:
             self.events_pruned.labels(store=store)
         for peer in peers:
@@ -388,8 +395,13 @@ class Metrics:
             time.time() if now is None else now
         )
 
-    def loop_failed(self, component: str) -> None:
+    def loop_failed(self, component: str, kind: str | None = None) -> None:
         self.loop_errors.labels(component=component).inc()
+        if kind is not None:
+            self.loop_errors_by_kind.labels(component=component, kind=kind).inc()
+
+    def loop_iteration(self, component: str) -> None:
+        self.loop_iterations.labels(component=component).inc()
 
     def render(self) -> bytes:
         """The text exposition ``/metrics`` serves."""
