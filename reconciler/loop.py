@@ -213,7 +213,7 @@ class SupervisedLoop:
         """Count the failure, release the worker's resources, and say whether it ends the loop."""
         self.failures += 1
         if self.metrics is not None:
-            self.metrics.loop_failed(self.name, kind=type(exc).__name__)
+            self.metrics.loop_failed(self.name, kind=_kind(exc))
         if self.on_error is not None:
             self.on_error(exc)
         self._close()
@@ -252,7 +252,7 @@ class SupervisedLoop:
             except ReconcilerError as exc:
                 self.failures += 1
                 if self.metrics is not None:
-                    self.metrics.loop_failed(self.name, kind=type(exc).__name__)
+                    self.metrics.loop_failed(self.name, kind=_kind(exc))
                 self._close()
                 attempt += 1
                 delay = min(self.drain_backoff.delay(attempt, self.rand), max(0.0, deadline - self.clock()))
@@ -278,6 +278,14 @@ class SupervisedLoop:
             self.worker.close()
         except Exception as exc:  # noqa: BLE001 - a failing close must not mask why the loop ended
             self.log.warning(f"{self.name} close failed", extra={"fields": {"error": repr(exc)[:300]}})
+
+
+def _kind(exc: BaseException) -> str:
+    """The ``kind`` label of an error: its class when it is one of ours, else "unexpected"."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == ReconcilerError.__module__:
+            return cls.__name__
+    return "unexpected"
 
 
 def run_guarded(loop: SupervisedLoop, failures: list[BaseException], stop: threading.Event) -> None:

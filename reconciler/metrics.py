@@ -71,6 +71,15 @@ COMPONENTS: Final[tuple[str, ...]] = (
     "relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle", "stats", "retention",
 )
 
+#: What a loop's error was (``kind`` of reconciler_loop_errors_by_kind_total): the classes
+#: of reconciler.errors, and "unexpected" for any other exception (a bug). A closed set,
+#: pre-created at 0 like every counter here.
+LOOP_ERROR_KINDS: Final[tuple[str, ...]] = (
+    "ReconcilerError", "ConfigError", "ClockSkewError", "EventError", "ConflictError", "StoreError",
+    "StoreUnavailable", "TransportError", "TransportUnavailable", "FencedError", "LifecycleError",
+    "DataLossError", "unexpected",
+)
+
 #: Where pruned events were kept (retention).
 PRUNED_STORES: Final[tuple[str, ...]] = ("inbox", "outbox")
 
@@ -311,6 +320,8 @@ class Metrics:
         for component in COMPONENTS:
             self.loop_errors.labels(component=component)
             self.loop_iterations.labels(component=component)
+            for kind in LOOP_ERROR_KINDS:
+                self.loop_errors_by_kind.labels(component=component, kind=kind)
         for store in PRUNED_STORES:
             self.events_pruned.labels(store=store)
         for peer in peers:
@@ -398,6 +409,8 @@ class Metrics:
     def loop_failed(self, component: str, kind: str | None = None) -> None:
         self.loop_errors.labels(component=component).inc()
         if kind is not None:
+            if kind not in LOOP_ERROR_KINDS:
+                kind = "unexpected"
             self.loop_errors_by_kind.labels(component=component, kind=kind).inc()
 
     def loop_iteration(self, component: str) -> None:

@@ -705,6 +705,7 @@ class _RecoverySteps:
         self.db = _Reconnecting(sidecar.dsn, sidecar.region, retry_seconds=1.0)
         self.warned = False
         self.refused = 0
+        self.retry_at = 0.0
 
     def start(self) -> None:
         pass
@@ -718,8 +719,11 @@ class _RecoverySteps:
         if status is None:
             return Pause(0.5, progressed=False)
         if status.state not in (State.CATCHING_UP, State.VERIFYING):
-            self.refused = 0
+            self.refused, self.retry_at = 0, 0.0
             return Pause(0.5)  # nothing to catch up is progress too
+        if time.monotonic() < self.retry_at:
+            # the gate refused: keep reading the state meanwhile, it will not pass sooner
+            return Pause(min(0.5, self.retry_at - time.monotonic()))
         if self.recover is None:
             if not self.warned:
                 self.log.warning("catch-up is not available in this build; run `reconciler recover`")
@@ -732,10 +736,11 @@ class _RecoverySteps:
         state = str(getattr(report, "state", ""))
         self.log.info("catch-up finished", extra={"fields": {"state": state}})
         if state == State.ACTIVE.value:
-            self.refused = 0
+            self.refused, self.retry_at = 0, 0.0
             return GO_ON
         self.refused += 1
-        return Pause(self.REFUSED_WAIT.nominal(self.refused))
+        self.retry_at = time.monotonic() + self.REFUSED_WAIT.nominal(self.refused)
+        return Pause(0.5)
 
     def close(self) -> None:
         self.db.close()
