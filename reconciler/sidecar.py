@@ -31,6 +31,7 @@ acknowledged, so an interrupted batch is redone and the inbox drops the duplicat
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import threading
@@ -258,10 +259,30 @@ class Sidecar:
             raise ReconcilerError(f"sidecar loop failed: {first}", region=self.region) from first
         if drained and self._mark_clean_stop():
             self.log.info("sidecar stopped cleanly", extra={"fields": {"clean_stop": True}})
+            if install_signals:
+                self._exit_if_stuck(0)
             return 0
         self.log.error("sidecar stopped without a complete drain; the next start will catch up",
                        extra={"fields": {"clean_stop": False}})
+        if install_signals:
+            self._exit_if_stuck(1)
         return 1
+
+    def _exit_if_stuck(self, code: int) -> None:
+        """End the process now when a loop is still running after the stop deadline.
+
+        A loop stuck in a driver call (a query waiting on a lock, a broker that does
+        not answer) may hold a worker of a thread pool, and the interpreter joins every
+        pool worker before it exits: without this, such a process would outlive its
+        stop by as long as the call hangs, and an orchestrator would SIGKILL it anyway.
+        Leaving without that wait loses nothing: every step commits before it
+        acknowledges, and the next start catches up (``clean_stop`` stays false)."""
+        alive = [name for name, t in self._threads.items() if t.is_alive()]
+        if not alive:
+            return
+        self.log.error("exiting with loops still running", extra={"fields": {"loops": alive, "exit_code": code}})
+        logging.shutdown()
+        os._exit(code)
 
     def _join(self) -> bool:
         """Wait for the loops to finish their batches; True when nothing is left in flight.
