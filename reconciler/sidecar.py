@@ -1,5 +1,9 @@
 """The always-on sidecar: one process per region, each loop on its own thread.
 
+This module is wiring: each loop is a :class:`reconciler.loop.SupervisedLoop` (which
+owns retries, backoff, which errors end the process, and the loop metrics) around a
+worker whose ``step`` does one unit of the duty below.
+
 Loops (``reconciler_loop_*{component=...}`` names them):
 
 - ``relay``      this region's outbox -> its Kafka topic (:mod:`reconciler.relay`);
@@ -24,7 +28,9 @@ is acknowledged by Kafka (so a planned stop strands nothing in the outbox; a reg
 FENCED or CATCHING_UP numbers no new rows, and those wait for its return), then
 ``clean_stop`` is persisted and the process exits 0. If the drain cannot finish (Kafka
 down), ``clean_stop`` stays false, the next start goes through catch-up, and the exit
-code is 1. SIGKILL loses nothing either: every step is committed before it is
+code is 1. The loops stop together under one deadline (``drain_seconds`` +
+JOIN_GRACE_SECONDS); one still stuck in a driver call after it does not keep the
+process alive. SIGKILL loses nothing either: every step is committed before it is
 acknowledged, so an interrupted batch is redone and the inbox drops the duplicates.
 """
 
