@@ -13,14 +13,13 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
-
 from . import wire
 from .apply import Applier, ApplyReport, Rejected
 from .config import Config
 from .conflicts import retry_held
 from .errors import EventError, ReconcilerError, TransportError
 from .logs import component_logger
+from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
 from .store import postgres as pg
 from .transport import kafka
@@ -87,19 +86,11 @@ class InboxConsumer:
     def step(self, timeout: float = 0.5) -> ApplyReport:
         """Consume, apply and commit one batch."""
         assert self._consumer is not None and self._applier is not None, "start() first"
-        try:
-            messages = self._consumer.consume(num_messages=self.config.apply_batch_size, timeout=timeout)
-        except KafkaException as exc:
-            raise kafka.translate(exc, region=self.region, step="consume") from exc
+        messages = kafka.consume(self._consumer, self.config.apply_batch_size, timeout, region=self.region)
         events = []
         rejected = []
         positions: dict[tuple[str, int], int] = {}
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise kafka.translate(err, region=self.region, step="consume")
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
             owner = self._origin_of.get(topic)
@@ -137,17 +128,14 @@ class InboxConsumer:
             # applied nothing more and could not stop). A commit that never lands costs a
             # redelivery, which the inbox drops; _check_commits rebuilds a consumer whose
             # commits stopped landing.
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()], asynchronous=True
-            )
+            kafka.commit_offsets(self._consumer, positions, wait=False, region=self.region)
             self._asked.update({key: o + 1 for key, o in positions.items()})
-        except KafkaException as exc:
+        except ReconcilerError as error:
             # The batch is applied; only its offsets are not recorded. A rebuilt consumer is
             # redelivered the batch and the inbox drops it, so this is always worth retrying
             # (UNKNOWN_MEMBER_ID: the broker expired this member while it was down).
-            error = kafka.translate(exc, region=self.region, step="commit offsets")
             error.retryable = True
-            raise error from exc
+            raise
         if self.metrics is not None:
             self._record(report, time.perf_counter() - started)
         if report.quarantined:
@@ -169,12 +157,11 @@ class InboxConsumer:
         if not due:
             return
         try:
-            landed = self._consumer.committed([TopicPartition(t, p) for t, p in due], timeout=COMMIT_CHECK_SECONDS)
-        except KafkaException as exc:
-            error = kafka.translate(exc, region=self.region, step="check offset commits")
+            landed = kafka.committed_offsets(self._consumer, list(due), COMMIT_CHECK_SECONDS, region=self.region)
+        except ReconcilerError as error:
             error.retryable = True
-            raise error from exc
-        behind = sorted(f"{tp.topic}[{tp.partition}]" for tp in landed if tp.offset < due[(tp.topic, tp.partition)])
+            raise
+        behind = sorted(f"{t}[{p}]" for (t, p), offset in landed.items() if offset < due[(t, p)])
         if behind:
             raise TransportError(f"offset commits asked {COMMIT_CHECK_SECONDS:.0f}s ago have not landed on {behind}:"
                                  " rebuilding the consumer", retryable=True, region=self.region,
@@ -208,26 +195,37 @@ class InboxConsumer:
         for conflict in report.conflicts:
             metrics.record_conflict(conflict.table, conflict.kind.value, conflict.outcome.value)
 
+    def loop(self, stop: threading.Event) -> SupervisedLoop:
+        """The inbox as the sidecar runs it (and the drills, through the same call).
+
+        Essential: an error no retry cures (an ACL refusal) ends the process. A
+        retryable one rebuilds the consumer, which resumes from the last committed
+        offsets, so nothing is skipped. After ``stop`` the batch in hand is applied
+        and its offsets committed before the loop returns."""
+        return SupervisedLoop("inbox", _InboxSteps(self), stop, log=self.log, metrics=self.metrics,
+                              backoff=Backoff(0.2, 5.0), essential=True)
+
     def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; a retryable failure rebuilds the consumer,
-        which resumes from the last committed offsets (so nothing is skipped)."""
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                if self._consumer is None:
-                    self.start()
-                self.step()
-                backoff = 0.2
-            except ReconcilerError as exc:
-                if not exc.retryable:
-                    self.log.error("inbox stopped", extra={"fields": exc.to_dict()})
-                    self.close()
-                    raise
-                self.log.warning("inbox retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                self.close()
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-        self.close()
+        """Consume until ``stop`` is set (:meth:`loop`, run on this thread)."""
+        self.loop(stop).run()
+
+
+class _InboxSteps:
+    """The inbox as a :class:`~reconciler.loop.Worker`: consuming waits for messages
+    itself (up to half a second), so a step never asks the loop to idle."""
+
+    def __init__(self, inbox: InboxConsumer) -> None:
+        self.inbox = inbox
+
+    def start(self) -> None:
+        self.inbox.start()
+
+    def step(self) -> Pause:
+        self.inbox.step()
+        return GO_ON
+
+    def close(self) -> None:
+        self.inbox.close()
 
 
 def _close_quietly(consumer: Any) -> None:

@@ -71,6 +71,15 @@ COMPONENTS: Final[tuple[str, ...]] = (
     "relay", "inbox", "replay", "lifecycle", "heartbeat", "merkle", "stats", "retention",
 )
 
+#: What a loop's error was (``kind`` of reconciler_loop_errors_by_kind_total): the classes
+#: of reconciler.errors, and "unexpected" for any other exception (a bug). A closed set,
+#: pre-created at 0 like every counter here.
+LOOP_ERROR_KINDS: Final[tuple[str, ...]] = (
+    "ReconcilerError", "ConfigError", "ClockSkewError", "EventError", "ConflictError", "StoreError",
+    "StoreUnavailable", "TransportError", "TransportUnavailable", "FencedError", "LifecycleError",
+    "DataLossError", "unexpected",
+)
+
 #: Where pruned events were kept (retention).
 PRUNED_STORES: Final[tuple[str, ...]] = ("inbox", "outbox")
 
@@ -169,6 +178,10 @@ SPECS: Final[tuple[MetricSpec, ...]] = (
                "Errors raised by one of the sidecar's loops (each is retried or fails the loop)."),
     MetricSpec("reconciler_loop_last_success_timestamp_seconds", "gauge", ("component",),
                "Unix time of the last successful iteration of a sidecar loop."),
+    MetricSpec("reconciler_loop_iterations_total", "counter", ("component",),
+               "Steps a sidecar loop completed (reconciler.loop)."),
+    MetricSpec("reconciler_loop_errors_by_kind_total", "counter", ("component", "kind"),
+               "Errors raised by one of the sidecar's loops, by error class (ReconcilerError subclasses)."),
 )
 
 
@@ -249,6 +262,8 @@ class Metrics:
     events_pruned: Counter
     loop_errors: Counter
     loop_last_success_timestamp_seconds: Gauge
+    loop_iterations: Counter
+    loop_errors_by_kind: Counter
 
     def __init__(self, region: str, registry: CollectorRegistry, inner: CollectorRegistry) -> None:
         self.region = region
@@ -305,6 +320,9 @@ class Metrics:
             self.region_state.labels(state=state).set(0)
         for component in COMPONENTS:
             self.loop_errors.labels(component=component)
+            self.loop_iterations.labels(component=component)
+            for kind in LOOP_ERROR_KINDS:
+                self.loop_errors_by_kind.labels(component=component, kind=kind)
         for store in PRUNED_STORES:
             self.events_pruned.labels(store=store)
         for peer in peers:
@@ -389,8 +407,15 @@ class Metrics:
             time.time() if now is None else now
         )
 
-    def loop_failed(self, component: str) -> None:
+    def loop_failed(self, component: str, kind: str | None = None) -> None:
         self.loop_errors.labels(component=component).inc()
+        if kind is not None:
+            if kind not in LOOP_ERROR_KINDS:
+                kind = "unexpected"
+            self.loop_errors_by_kind.labels(component=component, kind=kind).inc()
+
+    def loop_iteration(self, component: str) -> None:
+        self.loop_iterations.labels(component=component).inc()
 
     def render(self) -> bytes:
         """The text exposition ``/metrics`` serves."""

@@ -37,12 +37,13 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config
 from .errors import LifecycleError, ReconcilerError, TransportError
 from .lifecycle import State
-from .logs import component_logger
+from .logs import ComponentLogger, component_logger
+from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
 from .store import postgres as pg
 from .store.invariants import mark_compensations_published, pending_compensations
@@ -286,30 +287,55 @@ class Relay:
         if failures:
             raise refused()
 
-    def run(self, stop: threading.Event, idle_sleep: float = 0.05) -> None:
-        """Relay until ``stop`` is set; finishes the current batch before returning.
+    def loop(self, stop: threading.Event, *, drain_seconds: float = 0.0, idle_sleep: float = 0.05) -> SupervisedLoop:
+        """The relay as the sidecar runs it: :func:`relay_loop`."""
+        return relay_loop(self, stop, drain_seconds=drain_seconds, idle_sleep=idle_sleep)
 
-        Retryable failures (broker or database unreachable) back off and reconnect;
-        a lost lease (another relay took over) stops the loop.
-        """
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                if self._conn is None:
-                    self.start()
-                # producer errors arrive translated (kafka.EventProducer), retryable when a
-                # new producer can succeed
-                sent = self.step()
-                backoff = 0.2
-                if not sent:
-                    stop.wait(idle_sleep)
-            except ReconcilerError as exc:
-                if not exc.retryable:
-                    self.log.error("relay stopped", extra={"fields": exc.to_dict()})
-                    self.close()
-                    raise
-                self.log.warning("relay retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                self.close()
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-        self.close()
+    def run(self, stop: threading.Event, idle_sleep: float = 0.05) -> None:
+        """Relay until ``stop`` is set (:func:`relay_loop` on this thread, no drain)."""
+        self.loop(stop, idle_sleep=idle_sleep).run()
+
+
+class RelayLike(Protocol):
+    """What :func:`relay_loop` needs of a relay (tests stand in for one)."""
+
+    log: ComponentLogger
+    metrics: Metrics | None
+
+    def start(self) -> None: ...
+
+    def step(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def relay_loop(relay: RelayLike, stop: threading.Event, *, drain_seconds: float = 0.0,
+               idle_sleep: float = 0.05) -> SupervisedLoop:
+    """The relay's supervised loop, the one the sidecar and the drills run.
+
+    Essential: an error no retry cures (an ACL refusal) ends the process; a retryable
+    one (broker or database unreachable, a producer fenced by a newer relay) closes
+    everything, backs off and starts again, taking the lease anew. After ``stop`` the
+    batch in hand is finished; with ``drain_seconds`` the loop then keeps publishing
+    until a step finds the outbox empty (a planned stop strands nothing), for at most
+    that long."""
+    return SupervisedLoop("relay", _RelaySteps(relay, idle_sleep), stop, log=relay.log, metrics=relay.metrics,
+                          backoff=Backoff(0.2, 5.0), essential=True, drain_seconds=drain_seconds)
+
+
+class _RelaySteps:
+    """The relay as a :class:`~reconciler.loop.Worker`: idles only when a step
+    published nothing (which, during a drain, means the outbox is empty)."""
+
+    def __init__(self, relay: RelayLike, idle_sleep: float) -> None:
+        self.relay = relay
+        self.idle_sleep = idle_sleep
+
+    def start(self) -> None:
+        self.relay.start()
+
+    def step(self) -> Pause:
+        return GO_ON if self.relay.step() else Pause(self.idle_sleep)
+
+    def close(self) -> None:
+        self.relay.close()

@@ -1,5 +1,9 @@
 """The always-on sidecar: one process per region, each loop on its own thread.
 
+This module is wiring: each loop is a :class:`reconciler.loop.SupervisedLoop` (which
+owns retries, backoff, which errors end the process, and the loop metrics) around a
+worker whose ``step`` does one unit of the duty below.
+
 Loops (``reconciler_loop_*{component=...}`` names them):
 
 - ``relay``      this region's outbox -> its Kafka topic (:mod:`reconciler.relay`);
@@ -24,13 +28,16 @@ is acknowledged by Kafka (so a planned stop strands nothing in the outbox; a reg
 FENCED or CATCHING_UP numbers no new rows, and those wait for its return), then
 ``clean_stop`` is persisted and the process exits 0. If the drain cannot finish (Kafka
 down), ``clean_stop`` stays false, the next start goes through catch-up, and the exit
-code is 1. SIGKILL loses nothing either: every step is committed before it is
+code is 1. The loops stop together under one deadline (``drain_seconds`` +
+JOIN_GRACE_SECONDS); one still stuck in a driver call after it does not keep the
+process alive. SIGKILL loses nothing either: every step is committed before it is
 acknowledged, so an interrupted batch is redone and the inbox drops the duplicates.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import threading
@@ -38,8 +45,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol, cast
-
-from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
 from .anti_entropy import AntiEntropy
 from .config import Config
@@ -49,10 +54,11 @@ from .hlc import Timestamp
 from .inbox import InboxConsumer
 from .lifecycle import RegionStatus, State, needs_catch_up
 from .logs import ComponentLogger, component_logger
-from .metrics import REGION_STATES, Metrics, serve
+from .loop import GO_ON, Backoff, Pause, SupervisedLoop, run_guarded
+from .metrics import COMPONENTS, REGION_STATES, Metrics, serve
 from .peers import Heartbeat, PeerTracker, PeerView
 from .prune import prune_region
-from .relay import Relay
+from .relay import Relay, relay_loop
 from .store import health, merkle_leaves
 from .store import invariants as store_invariants
 from .store import postgres as pg
@@ -73,6 +79,10 @@ PEER_DB_RETRY_SECONDS = 10.0
 #: how often a loop with nothing to do stamps its progress metric: well under the 5
 #: minutes after which ReconcilerLoopStalled calls a loop stalled (alerts.yml)
 IDLE_STAMP_SECONDS = 15.0
+#: how long a stop waits for the loops beyond the relay's drain (all loops at once)
+JOIN_GRACE_SECONDS = 15.0
+#: how long a stop waits for catch-up, which resumes on the next start
+REPLAY_JOIN_SECONDS = 5.0
 
 
 class RecoverFn(Protocol):
@@ -129,6 +139,7 @@ class Sidecar:
         self.stats_interval = stats_interval
         self._recover = recover
         self._threads: dict[str, threading.Thread] = {}
+        self._loops: dict[str, SupervisedLoop] = {}
         self._loggers: list[ComponentLogger] = [self.log, self.inbox.log]
         # the persisted lifecycle state and when it was last read (monotonic)
         self._status: RegionStatus | None = None
@@ -171,20 +182,49 @@ class Sidecar:
 
     # ------------------------------------------------------------------ running
 
-    def _loop(self, name: str, body: Callable[[threading.Event], None]) -> threading.Thread:
-        def guarded() -> None:
-            # a loop that never completes one iteration must still age into the alert
-            self.metrics.loop_succeeded(name)
-            try:
-                body(self.stop)
-            except BaseException as exc:  # noqa: BLE001 - any loop dying must stop the whole sidecar
-                self.failures.append(exc)
-                self.log.error("loop died", extra={"fields": {"loop": name, "error": str(exc)}})
-                self.stop.set()
-
-        thread = threading.Thread(target=guarded, name=f"{self.region}-{name}", daemon=True)
+    def _start(self, loop: SupervisedLoop) -> threading.Thread:
+        thread = threading.Thread(target=run_guarded, args=(loop, self.failures, self.stop),
+                                  name=f"{self.region}-{loop.name}", daemon=True)
         thread.start()
         return thread
+
+    def loops(self) -> dict[str, SupervisedLoop]:
+        """Every loop of the sidecar, built afresh (each owns its worker's connections)."""
+        return {name: self._supervised(name) for name in COMPONENTS}
+
+    def _supervised(self, name: str) -> SupervisedLoop:
+        """The loop called ``name`` (a ``component`` of the loop metrics), stopped by ``self.stop``.
+
+        Relay and inbox are essential (an error no retry cures ends the process); catch-up
+        and anti-entropy contain bugs (they must never stop replication); the others
+        retry whatever ReconcilerError they meet and let a bug end the process."""
+        if name == "relay":
+            return relay_loop(self.relay, self.stop, drain_seconds=self.drain_seconds)
+        if name == "inbox":
+            return self.inbox.loop(self.stop)
+        log = component_logger(name, self.region)
+        self._loggers.append(log)
+        common: dict[str, Any] = {"log": log, "metrics": self.metrics, "idle_stamp_seconds": IDLE_STAMP_SECONDS}
+        if name == "lifecycle":
+            lifecycle = _LifecycleSteps(self, log)
+            return SupervisedLoop(name, lifecycle, self.stop, backoff=Backoff(0.5, 2.0),
+                                  on_error=lifecycle.failed, **common)
+        if name == "replay":
+            return SupervisedLoop(name, _RecoverySteps(self, log), self.stop, backoff=Backoff(1.0, 60.0),
+                                  contain_bugs=True, **common)
+        if name == "heartbeat":
+            return SupervisedLoop(name, _HeartbeatSteps(self, log), self.stop, backoff=Backoff(0.5, 5.0), **common)
+        if name == "stats":
+            return SupervisedLoop(name, _StatsSteps(self, log), self.stop,
+                                  backoff=Backoff.fixed(self.stats_interval), **common)
+        if name == "retention":
+            return SupervisedLoop(name, _RetentionSteps(self, log), self.stop,
+                                  backoff=Backoff.fixed(self.config.retention.interval_seconds), **common)
+        if name == "merkle":
+            return SupervisedLoop(name, _AntiEntropySteps(self, log), self.stop,
+                                  backoff=Backoff.fixed(self.config.anti_entropy.interval_seconds),
+                                  contain_bugs=True, **common)
+        raise ValueError(f"no sidecar loop called {name!r}; expected one of {COMPONENTS}")
 
     def run(self, install_signals: bool = True) -> int:
         """Run until signalled; returns the process exit code (see the module docstring)."""
@@ -211,17 +251,8 @@ class Sidecar:
             "pid": os.getpid(),
         }})
         try:
-            bodies: dict[str, Callable[[threading.Event], None]] = {
-                "lifecycle": self._lifecycle_loop,
-                "relay": self._relay_loop,
-                "inbox": self._inbox_loop,
-                "heartbeat": self._heartbeat_loop,
-                "stats": self._stats_loop,
-                "replay": self._recovery_loop,
-                "retention": self._retention_loop,
-                "merkle": self._anti_entropy_loop,
-            }
-            self._threads = {name: self._loop(name, body) for name, body in bodies.items()}
+            self._loops = self.loops()
+            self._threads = {name: self._start(loop) for name, loop in self._loops.items()}
             while not self.stop.wait(0.5):
                 pass
             drained = self._join()
@@ -234,24 +265,51 @@ class Sidecar:
             raise ReconcilerError(f"sidecar loop failed: {first}", region=self.region) from first
         if drained and self._mark_clean_stop():
             self.log.info("sidecar stopped cleanly", extra={"fields": {"clean_stop": True}})
+            if install_signals:
+                self._exit_if_stuck(0)
             return 0
         self.log.error("sidecar stopped without a complete drain; the next start will catch up",
                        extra={"fields": {"clean_stop": False}})
+        if install_signals:
+            self._exit_if_stuck(1)
         return 1
 
+    def _exit_if_stuck(self, code: int) -> None:
+        """End the process now when a loop is still running after the stop deadline.
+
+        A loop stuck in a driver call (a query waiting on a lock, a broker that does
+        not answer) may hold a worker of a thread pool, and the interpreter joins every
+        pool worker before it exits: without this, such a process would outlive its
+        stop by as long as the call hangs, and an orchestrator would SIGKILL it anyway.
+        Leaving without that wait loses nothing: every step commits before it
+        acknowledges, and the next start catches up (``clean_stop`` stays false)."""
+        alive = [name for name, t in self._threads.items() if t.is_alive()]
+        if not alive:
+            return
+        self.log.error("exiting with loops still running", extra={"fields": {"loops": alive, "exit_code": code}})
+        logging.shutdown()
+        os._exit(code)
+
     def _join(self) -> bool:
-        """Wait for the loops to finish their batches; True when nothing is left in flight."""
-        limits = {"relay": self.drain_seconds + 15, "inbox": 60.0, "replay": 5.0, "merkle": 5.0}
+        """Wait for the loops to finish their batches; True when nothing is left in flight.
+
+        One deadline for all of them, not one wait per loop: they stop in parallel, so a
+        stop takes at most ``drain_seconds + JOIN_GRACE_SECONDS`` however many loops hang
+        (waiting for each in turn could add up to minutes, past any orchestrator's grace
+        period, and read as a sidecar ignoring SIGTERM). Catch-up and anti-entropy get a
+        few seconds only: both are resumable (every repair is its own transaction), so a
+        pass cut short is redone and neither makes a stop unclean."""
+        deadline = time.monotonic() + self.drain_seconds + JOIN_GRACE_SECONDS
+        resumable = ("replay", "merkle")
         for name, thread in self._threads.items():
-            thread.join(limits.get(name, 15.0))
-        # catch-up and anti-entropy are resumable (every repair is its own transaction):
-        # a pass cut short is redone, so neither makes a stop unclean
-        stuck = [name for name, t in self._threads.items() if t.is_alive() and name not in ("replay", "merkle")]
+            left = max(0.0, deadline - time.monotonic())
+            thread.join(min(left, REPLAY_JOIN_SECONDS) if name in resumable else left)
+        stuck = [name for name, t in self._threads.items() if t.is_alive() and name not in resumable]
         if stuck:
             self.log.error("loops did not stop in time", extra={"fields": {"loops": stuck}})
         if self._threads.get("replay") and self._threads["replay"].is_alive():
-            # catch-up is resumable: whatever it did not commit is simply redone on the next start
             self.log.warning("leaving catch-up unfinished; it resumes on the next start")
+        self._relay_drained = bool(self._loops.get("relay") and self._loops["relay"].drained)
         return not stuck and self._relay_drained
 
     def _mark_clean_stop(self) -> bool:
@@ -267,139 +325,37 @@ class Sidecar:
         for logger in self._loggers:
             logger.bind(epoch=epoch)
 
-    # ------------------------------------------------------------------ relay and inbox
+    # ------------------------------------------------------------------ loops run on the calling thread (tests)
 
-    def _relay_loop(self, stop: threading.Event) -> None:
-        """Relay until stopped, then drain (see :meth:`_drain_relay`).
-
-        The same retry rules as :meth:`Relay.run`, plus loop metrics and the drain,
-        which ``Relay.run`` does not do: it stops after the batch in hand.
-        """
-        relay, started, backoff = self.relay, False, 0.2
+    def _relay_loop(self, _stop: threading.Event) -> None:
+        loop = self._supervised("relay")
         try:
-            while not stop.is_set():
-                try:
-                    if not started:
-                        relay.start()
-                        started = True
-                    sent = relay.step()
-                    self.metrics.loop_succeeded("relay")
-                    backoff = 0.2
-                    if not sent:
-                        stop.wait(0.05)
-                except ReconcilerError as exc:
-                    self.metrics.loop_failed("relay")
-                    relay.close()
-                    started = False
-                    if not exc.retryable:
-                        self.log.error("relay stopped", extra={"fields": exc.to_dict()})
-                        raise
-                    relay.log.warning("relay retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-            started = self._drain_relay(started)
+            loop.run()
         finally:
-            relay.close()
+            self._relay_drained = loop.drained
 
-    def _drain_relay(self, started: bool) -> bool:
-        """Publish everything committed to the outbox until a step finds nothing left.
+    def _inbox_loop(self, _stop: threading.Event) -> None:
+        self._supervised("inbox").run()
 
-        A writer that keeps committing during the drain keeps it going, up to
-        ``drain_seconds``; a transient failure is retried inside that budget.
-        """
-        relay = self.relay
-        deadline = time.monotonic() + self.drain_seconds
-        published, backoff = 0, 0.2
-        while time.monotonic() < deadline:
-            try:
-                if not started:
-                    relay.start()
-                    started = True
-                sent = relay.step()
-                published += sent
-                if not sent:
-                    self._relay_drained = True
-                    relay.log.info("relay drained", extra={"fields": {"published": published}})
-                    return started
-            except ReconcilerError as exc:
-                relay.close()
-                started = False
-                relay.log.warning("relay drain retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                if not exc.retryable:
-                    break
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-        relay.log.error("relay drain incomplete: committed events remain in the outbox",
-                        extra={"fields": {"published": published, "drain_seconds": self.drain_seconds}})
-        return started
+    def _lifecycle_loop(self, _stop: threading.Event) -> None:
+        self._supervised("lifecycle").run()
 
-    def _inbox_loop(self, stop: threading.Event) -> None:
-        """Apply peers' events until stopped; the batch in hand is applied and its
-        offsets committed before the loop returns."""
-        inbox, started, backoff = self.inbox, False, 0.2
-        try:
-            while not stop.is_set():
-                try:
-                    if not started:
-                        inbox.start()
-                        started = True
-                    inbox.step()
-                    self.metrics.loop_succeeded("inbox")
-                    backoff = 0.2
-                except ReconcilerError as exc:
-                    self.metrics.loop_failed("inbox")
-                    inbox.close()
-                    started = False
-                    if not exc.retryable:
-                        self.log.error("inbox stopped", extra={"fields": exc.to_dict()})
-                        raise
-                    inbox.log.warning("inbox retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-        finally:
-            inbox.close()
+    def _recovery_loop(self, _stop: threading.Event) -> None:
+        self._supervised("replay").run()
+
+    def _heartbeat_loop(self, _stop: threading.Event) -> None:
+        self._supervised("heartbeat").run()
+
+    def _retention_loop(self, _stop: threading.Event) -> None:
+        self._supervised("retention").run()
+
+    def _anti_entropy_loop(self, _stop: threading.Event) -> None:
+        self._supervised("merkle").run()
+
+    def _stats_loop(self, _stop: threading.Event) -> None:
+        self._supervised("stats").run()
 
     # ------------------------------------------------------------------ lifecycle
-
-    def _lifecycle_loop(self, stop: threading.Event) -> None:
-        log = component_logger("lifecycle", self.region)
-        self._loggers.append(log)
-        interval = self.config.heartbeat.interval_seconds
-        conn: pg.Connection | None = None
-        decided = False
-        lost = False  # the database stopped answering after the start decision
-        next_alive = 0.0
-        backoff = 0.5
-        try:
-            while not stop.is_set():
-                try:
-                    if conn is None:
-                        conn = pg.connect(self.dsn, region=self.region)
-                    if not decided:
-                        self._decide_at_start(conn, log)
-                        decided = True
-                    elif lost:
-                        self._decide_after_outage(conn, log)
-                        lost = False
-                    if time.monotonic() >= next_alive:
-                        pg.mark_alive(conn, clean_stop=False)
-                        next_alive = time.monotonic() + interval
-                    self._publish_state(pg.region_status(conn), log)
-                    self.metrics.loop_succeeded("lifecycle")
-                    backoff = 0.5
-                    stop.wait(min(1.0, interval))
-                except ReconcilerError as exc:
-                    # the state can no longer be vouched for: not ready until it is read again
-                    self._status_read_at = float("-inf")
-                    self.metrics.loop_failed("lifecycle")
-                    log.warning("lifecycle retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                    _close(conn)
-                    conn = None
-                    lost = decided
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 2.0)
-        finally:
-            _close(conn)
 
     def _decide_at_start(self, conn: pg.Connection, log: ComponentLogger) -> None:
         """Catch up first if the last run ended badly or long ago.
@@ -461,129 +417,6 @@ class Sidecar:
                 "reason": status.reason,
             }})
 
-    def _recovery_loop(self, stop: threading.Event) -> None:
-        """Run catch-up whenever the persisted state asks for it.
-
-        VERIFYING counts too: a sidecar killed during verification leaves the region
-        there, and nobody else would move it. A recover that another process is
-        already running is refused by its lock and simply retried later. Any
-        exception is survived: a bug in catch-up must not stop relay and inbox,
-        which keep the region's data flowing meanwhile.
-        """
-        log = component_logger("replay", self.region)
-        self._loggers.append(log)
-        recover = self._recover or load_recover()
-        db = _Reconnecting(self.dsn, self.region, retry_seconds=1.0)
-        backoff = 1.0
-        warned = False
-        while not stop.is_set():
-            # decide on a fresh read, not on the lifecycle loop's copy: just after a
-            # successful catch-up that copy still says CATCHING_UP, and recovering an
-            # ACTIVE region again would fence it
-            status = self._status and db.run(pg.region_status)
-            if status is None or status.state not in (State.CATCHING_UP, State.VERIFYING):
-                if status is not None:
-                    self.metrics.loop_succeeded("replay")  # nothing to catch up is progress too
-                stop.wait(0.5)
-                continue
-            if recover is None:
-                if not warned:
-                    log.warning("catch-up is not available in this build; run `reconciler recover`")
-                    warned = True
-                stop.wait(5.0)
-                continue
-            try:
-                log.info("catch-up starting", extra={"fields": {"state": status.state.value}})
-                report = recover(self.config, self.region, actor="sidecar", metrics=self.metrics)
-                # a gate that refuses has still done its work; ReconcilerCatchUpTooLong
-                # is the alert for a catch-up that never ends
-                self.metrics.loop_succeeded("replay")
-                state = str(getattr(report, "state", ""))
-                log.info("catch-up finished", extra={"fields": {"state": state}})
-                if state == State.ACTIVE.value:
-                    backoff = 1.0
-                    continue
-                # the gate refused: wait before measuring again, it will not pass sooner
-            except ReconcilerError as exc:
-                self.metrics.loop_failed("replay")
-                log.warning("catch-up failed", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                self.metrics.loop_failed("replay")
-                log.error("catch-up crashed", extra={"fields": {
-                    "error": f"{type(exc).__name__}: {exc}", "backoff_s": backoff}})
-            stop.wait(backoff)
-            backoff = min(backoff * 2, 60.0)
-        db.close()
-
-    # ------------------------------------------------------------------ heartbeats
-
-    def _heartbeat_loop(self, stop: threading.Event) -> None:
-        """Send a heartbeat every interval, read everyone's, judge the peers.
-
-        The control topic is read by assignment at its end, not by group subscription:
-        every region must see every partition anyway, and assignment skips the group
-        rebalance that would delay the first heartbeats by seconds. Old heartbeats are
-        worthless, hence the start at the end (``auto.offset.reset=latest`` too).
-
-        A heartbeat carries an HLC stamp from the region's database, so it vouches for
-        the region, not just for this process: while the database does not answer,
-        none is sent.
-        """
-        hb = self.config.heartbeat
-        log = component_logger("heartbeat", self.region)
-        self._loggers.append(log)
-        tracker = PeerTracker(self.config.peers(self.region), hb.suspect_after_seconds, hb.failed_after_seconds,
-                              started_mono=time.monotonic())
-        link = _ControlLink(self.config, self.region, log)
-        db = _Reconnecting(self.dsn, self.region, retry_seconds=2.0)
-        last_liveness: dict[str, str] = {}
-        withheld = False
-        view_unsaved = False
-        next_send = 0.0
-        backoff = 0.5
-        try:
-            while not stop.is_set():
-                try:
-                    link.open()
-                    now = time.monotonic()
-                    if now >= next_send:
-                        beat = self._heartbeat(db)
-                        if beat.hlc is None:
-                            if not withheld:
-                                # a region without its database serves nothing: let peers see
-                                # it go silent, SUSPECT then FAILED, rather than vouch for it
-                                log.warning("heartbeats withheld: database unreachable",
-                                            extra={"fields": {"error": db.error}})
-                            withheld = True
-                        elif self._status_fresh():
-                            link.send(beat)
-                            if withheld:
-                                log.info("heartbeats resumed: database answers again")
-                            withheld = False
-                        # else: at start or after an outage, the lifecycle loop has not yet
-                        # judged the state (it may send the region to catch-up): wait for it
-                        next_send = now + hb.interval_seconds
-                        views = tracker.view(time.monotonic())
-                        self._publish_peers(views, last_liveness, log)
-                        db.run(partial(health.save_peer_views, views=list(views.values())))
-                        if db.error and not view_unsaved:
-                            log.warning("peer view not saved (status will not show it)",
-                                        extra={"fields": {"error": db.error}})
-                        view_unsaved = db.error is not None
-                    for beat in link.receive(timeout=max(0.01, min(0.25, next_send - time.monotonic()))):
-                        tracker.observe(beat, time.monotonic(), _wall_ms())
-                    self.metrics.loop_succeeded("heartbeat")
-                    backoff = 0.5
-                except ReconcilerError as exc:
-                    self.metrics.loop_failed("heartbeat")
-                    log.warning("heartbeat retrying", extra={"fields": {**exc.to_dict(), "backoff_s": backoff}})
-                    link.close()
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-        finally:
-            link.close()
-            db.close()
-
     def _heartbeat(self, db: _Reconnecting) -> Heartbeat:
         status = self._status
         stamp = db.run(_stamp)
@@ -613,94 +446,6 @@ class Sidecar:
             last[peer] = view.liveness
 
     # ------------------------------------------------------------------ measurements
-
-    def _retention_loop(self, stop: threading.Event) -> None:
-        """Prune events older than retention.keep_hours every retention.interval_seconds.
-
-        The first pass waits one interval, so a sidecar restarting in a loop does not
-        prune in a loop; a pass stops between batches when the sidecar drains.
-        Between passes the loop stamps its progress every IDLE_STAMP_SECONDS while the
-        last pass succeeded: waiting for the next pass is not a stall, a failing one is.
-        """
-        if self.config.retention.keep_hours is None:
-            # alive all the same: /healthz wants every loop running
-            while not stop.wait(IDLE_STAMP_SECONDS):
-                self.metrics.loop_succeeded("retention")
-            return
-        log = component_logger("retention", self.region)
-        self._loggers.append(log)
-        interval = self.config.retention.interval_seconds
-        next_pass = time.monotonic() + interval
-        last_ok = True
-        while not stop.wait(max(0.0, min(IDLE_STAMP_SECONDS, next_pass - time.monotonic()))):
-            if time.monotonic() < next_pass:
-                if last_ok:
-                    self.metrics.loop_succeeded("retention")
-                continue
-            next_pass = time.monotonic() + interval
-            try:
-                result = prune_region(self.config, self.region, metrics=self.metrics, stop=stop.is_set)
-                self.metrics.loop_succeeded("retention")
-                last_ok = True
-                if result is not None and (result.inbox_rows or result.outbox_rows):
-                    log.info("pruned old events", extra={"fields": result.to_dict()})
-            except ReconcilerError as exc:
-                self.metrics.loop_failed("retention")
-                last_ok = False
-                log.warning("pruning failed; retrying next interval", extra={"fields": exc.to_dict()})
-
-    def _anti_entropy_loop(self, stop: threading.Event) -> None:
-        """Compare this region with its peers every anti_entropy.interval_seconds while
-        it is ACTIVE (see :mod:`reconciler.anti_entropy`)."""
-        settings = self.config.anti_entropy
-        if not settings.enabled:
-            stop.wait()  # alive all the same: /healthz wants every loop running
-            return
-        log = component_logger("merkle", self.region)
-        self._loggers.append(log)
-        runner = AntiEntropy(self.config, self.region, self.metrics, log)
-        while not stop.wait(settings.interval_seconds):
-            status = self.status
-            if status is None or status.state is not State.ACTIVE:
-                continue
-            try:
-                runner.run_pass()
-                self.metrics.loop_succeeded("merkle")
-            except ReconcilerError as exc:
-                self.metrics.loop_failed("merkle")
-                log.warning("anti-entropy pass failed; retrying next interval", extra={"fields": exc.to_dict()})
-            except Exception as exc:  # noqa: BLE001 - a comparison must never stop replication
-                self.metrics.loop_failed("merkle")
-                log.error("anti-entropy pass failed unexpectedly; retrying next interval",
-                          extra={"fields": {"error": repr(exc)[:500]}})
-
-    def _stats_loop(self, stop: threading.Event) -> None:
-        log = component_logger("stats", self.region)
-        self._loggers.append(log)
-        own = _Reconnecting(self.dsn, self.region, retry_seconds=1.0)
-        peers = {p: _Reconnecting(self.config.region(p).dsn, p, retry_seconds=PEER_DB_RETRY_SECONDS, timeout=3)
-                 for p in self.config.peers(self.region)}
-        warned: set[str] = set()
-        compacted_at = time.monotonic()
-        try:
-            while not stop.is_set():
-                try:
-                    self._measure(own, peers, log, warned)
-                    if time.monotonic() - compacted_at > LEAF_COMPACTION_SECONDS:
-                        # the maintained Merkle leaves are an insert-only delta log: fold it so
-                        # that reading a table's leaves stays a small GROUP BY
-                        compacted_at = time.monotonic()
-                        own.run(lambda conn: merkle_leaves.compact_all(conn, self.config.tables))
-                    self.metrics.loop_succeeded("stats")
-                except ReconcilerError as exc:
-                    self.metrics.loop_failed("stats")
-                    log.warning("measurement failed", extra={"fields": exc.to_dict()})
-                    own.close()
-                stop.wait(self.stats_interval)
-        finally:
-            own.close()
-            for conn in peers.values():
-                conn.close()
 
     def _measure(
         self, own: _Reconnecting, peers: dict[str, _Reconnecting], log: ComponentLogger, warned: set[str],
@@ -871,12 +616,10 @@ class _ControlLink:
             settings, f"{self.config.topic_prefix}.heartbeat.{self.region}", **{"auto.offset.reset": "latest"}
         )
         try:
-            meta = self._consumer.list_topics(self.topic, timeout=10)
-            partitions = sorted(meta.topics[self.topic].partitions) if self.topic in meta.topics else [0]
-            self._consumer.assign([TopicPartition(self.topic, p, OFFSET_END) for p in partitions])
-        except Exception as exc:
+            kafka.assign_at_end(self._consumer, self.topic, region=self.region, step="assign control topic")
+        except ReconcilerError:
             self.close()
-            raise kafka.translate(exc, region=self.region, topic=self.topic, step="assign control topic") from exc
+            raise
 
     def send(self, beat: Heartbeat) -> None:
         def delivered(err: Any, _msg: Any) -> None:
@@ -887,8 +630,6 @@ class _ControlLink:
             self._producer.produce(self.topic, key=beat.region.encode(), value=beat.encode(), on_delivery=delivered)
         except BufferError:
             self._undelivered += 1  # the queue is full of heartbeats nobody received: skip this one
-        except Exception as exc:
-            raise kafka.translate(exc, region=self.region, topic=self.topic, step="send heartbeat") from exc
         self._producer.poll(0)
         if self._undelivered and time.monotonic() - self._warned_at > 10:
             self.log.warning("heartbeats not delivered", extra={"fields": {"count": self._undelivered}})
@@ -902,16 +643,12 @@ class _ControlLink:
         timeout unless n messages arrive, and that wait would be read as network
         delay (skew) and heartbeat age.
         """
-        first = self._consumer.poll(timeout)
+        where = {"region": self.region, "topic": self.topic, "step": "read heartbeats"}
+        first = kafka.poll(self._consumer, timeout, **where)
         if first is None:
             return []
         beats = []
-        for msg in [first, *self._consumer.consume(num_messages=100, timeout=0)]:
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise kafka.translate(err, region=self.region, topic=self.topic, step="read heartbeats")
+        for msg in [first, *kafka.consume(self._consumer, 100, 0, **where)]:
             beat = Heartbeat.decode(msg.value())
             if beat is not None:
                 beats.append(beat)
@@ -929,3 +666,270 @@ class _ControlLink:
             except Exception:  # noqa: BLE001 - a broken client must not mask the real error
                 pass
         self._producer = self._consumer = None
+
+
+# ---------------------------------------------------------------------- the loops' steps
+# Each is a reconciler.loop.Worker: start opens what the loop needs, step does one unit
+# of work and says how long to idle, close releases everything. Retrying, backing off,
+# stopping and the loop metrics are SupervisedLoop's.
+
+
+class _LifecycleSteps:
+    """Decides at start (and again when the database answers after an outage) whether
+    the region must catch up, stamps ``last_alive_at``, publishes the persisted state."""
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        self.sidecar = sidecar
+        self.log = log
+        self.interval = sidecar.config.heartbeat.interval_seconds
+        self.conn: pg.Connection | None = None
+        self.decided = False
+        self.lost = False  # the database stopped answering after the start decision
+        self.next_alive = 0.0
+
+    def start(self) -> None:
+        sidecar = self.sidecar
+        self.conn = pg.connect(sidecar.dsn, region=sidecar.region)
+        if not self.decided:
+            sidecar._decide_at_start(self.conn, self.log)
+            self.decided = True
+        elif self.lost:
+            sidecar._decide_after_outage(self.conn, self.log)
+            self.lost = False
+
+    def step(self) -> Pause:
+        assert self.conn is not None
+        if time.monotonic() >= self.next_alive:
+            pg.mark_alive(self.conn, clean_stop=False)
+            self.next_alive = time.monotonic() + self.interval
+        self.sidecar._publish_state(pg.region_status(self.conn), self.log)
+        return Pause(min(1.0, self.interval))
+
+    def failed(self, _exc: BaseException) -> None:
+        # the state can no longer be vouched for: not ready until it is read again
+        self.sidecar._status_read_at = float("-inf")
+        self.lost = self.decided
+
+    def close(self) -> None:
+        _close(self.conn)
+        self.conn = None
+
+
+class _RecoverySteps:
+    """Runs catch-up whenever the persisted state asks for it.
+
+    VERIFYING counts too: a sidecar killed during verification leaves the region
+    there, and nobody else would move it. A recover that another process is already
+    running is refused by its lock and simply retried later. The loop contains any
+    exception: a bug in catch-up must not stop relay and inbox, which keep the
+    region's data flowing meanwhile."""
+
+    #: a gate that refused will not pass sooner: measure again after this, doubling
+    REFUSED_WAIT = Backoff(1.0, 60.0, jitter=0.0)
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        self.sidecar = sidecar
+        self.log = log
+        self.recover = sidecar._recover or load_recover()
+        self.db = _Reconnecting(sidecar.dsn, sidecar.region, retry_seconds=1.0)
+        self.warned = False
+        self.refused = 0
+        self.retry_at = 0.0
+
+    def start(self) -> None:
+        pass
+
+    def step(self) -> Pause:
+        sidecar = self.sidecar
+        # decide on a fresh read, not on the lifecycle loop's copy: just after a
+        # successful catch-up that copy still says CATCHING_UP, and recovering an
+        # ACTIVE region again would fence it
+        status = sidecar._status and self.db.run(pg.region_status)
+        if status is None:
+            return Pause(0.5, progressed=False)
+        if status.state not in (State.CATCHING_UP, State.VERIFYING):
+            self.refused, self.retry_at = 0, 0.0
+            return Pause(0.5)  # nothing to catch up is progress too
+        if time.monotonic() < self.retry_at:
+            # the gate refused: keep reading the state meanwhile, it will not pass sooner
+            return Pause(min(0.5, self.retry_at - time.monotonic()))
+        if self.recover is None:
+            if not self.warned:
+                self.log.warning("catch-up is not available in this build; run `reconciler recover`")
+                self.warned = True
+            return Pause(5.0, progressed=False)
+        self.log.info("catch-up starting", extra={"fields": {"state": status.state.value}})
+        report = self.recover(sidecar.config, sidecar.region, actor="sidecar", metrics=sidecar.metrics)
+        # a gate that refuses has still done its work; ReconcilerCatchUpTooLong is the
+        # alert for a catch-up that never ends
+        state = str(getattr(report, "state", ""))
+        self.log.info("catch-up finished", extra={"fields": {"state": state}})
+        if state == State.ACTIVE.value:
+            self.refused, self.retry_at = 0, 0.0
+            return GO_ON
+        self.refused += 1
+        self.retry_at = time.monotonic() + self.REFUSED_WAIT.nominal(self.refused)
+        return Pause(0.5)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _HeartbeatSteps:
+    """Sends a heartbeat every interval, reads everyone's, judges the peers.
+
+    The control topic is read by assignment at its end, not by group subscription:
+    every region must see every partition anyway, and assignment skips the group
+    rebalance that would delay the first heartbeats by seconds. Old heartbeats are
+    worthless, hence the start at the end (``auto.offset.reset=latest`` too).
+
+    A heartbeat carries an HLC stamp from the region's database, so it vouches for the
+    region, not just for this process: while the database does not answer, none is sent.
+    """
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        hb = sidecar.config.heartbeat
+        self.sidecar = sidecar
+        self.log = log
+        self.interval = hb.interval_seconds
+        self.tracker = PeerTracker(sidecar.config.peers(sidecar.region), hb.suspect_after_seconds,
+                                   hb.failed_after_seconds, started_mono=time.monotonic())
+        self.link = _ControlLink(sidecar.config, sidecar.region, log)
+        self.db = _Reconnecting(sidecar.dsn, sidecar.region, retry_seconds=2.0)
+        self.last_liveness: dict[str, str] = {}
+        self.withheld = False
+        self.view_unsaved = False
+        self.next_send = 0.0
+
+    def start(self) -> None:
+        self.link.open()
+
+    def step(self) -> Pause:
+        sidecar, log, db = self.sidecar, self.log, self.db
+        now = time.monotonic()
+        if now >= self.next_send:
+            beat = sidecar._heartbeat(db)
+            if beat.hlc is None:
+                if not self.withheld:
+                    # a region without its database serves nothing: let peers see it go
+                    # silent, SUSPECT then FAILED, rather than vouch for it
+                    log.warning("heartbeats withheld: database unreachable", extra={"fields": {"error": db.error}})
+                self.withheld = True
+            elif sidecar._status_fresh():
+                self.link.send(beat)
+                if self.withheld:
+                    log.info("heartbeats resumed: database answers again")
+                self.withheld = False
+            # else: at start or after an outage, the lifecycle loop has not yet judged
+            # the state (it may send the region to catch-up): wait for it
+            self.next_send = now + self.interval
+            views = self.tracker.view(time.monotonic())
+            sidecar._publish_peers(views, self.last_liveness, log)
+            db.run(partial(health.save_peer_views, views=list(views.values())))
+            if db.error and not self.view_unsaved:
+                log.warning("peer view not saved (status will not show it)", extra={"fields": {"error": db.error}})
+            self.view_unsaved = db.error is not None
+        # receiving waits for the next heartbeat, so the loop itself never idles
+        for beat in self.link.receive(timeout=max(0.01, min(0.25, self.next_send - time.monotonic()))):
+            self.tracker.observe(beat, time.monotonic(), _wall_ms())
+        return GO_ON
+
+    def close(self) -> None:
+        self.link.close()
+        self.db.close()
+
+
+class _StatsSteps:
+    """Measures backlog, lag, gaps and queues from the databases every few seconds."""
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        self.sidecar = sidecar
+        self.log = log
+        self.own = _Reconnecting(sidecar.dsn, sidecar.region, retry_seconds=1.0)
+        self.peers = {p: _Reconnecting(sidecar.config.region(p).dsn, p, retry_seconds=PEER_DB_RETRY_SECONDS, timeout=3)
+                      for p in sidecar.config.peers(sidecar.region)}
+        self.warned: set[str] = set()
+        self.compacted_at = time.monotonic()
+
+    def start(self) -> None:
+        pass
+
+    def step(self) -> Pause:
+        sidecar = self.sidecar
+        sidecar._measure(self.own, self.peers, self.log, self.warned)
+        if time.monotonic() - self.compacted_at > LEAF_COMPACTION_SECONDS:
+            # the maintained Merkle leaves are an insert-only delta log: fold it so that
+            # reading a table's leaves stays a small GROUP BY
+            self.compacted_at = time.monotonic()
+            self.own.run(lambda conn: merkle_leaves.compact_all(conn, sidecar.config.tables))
+        return Pause(sidecar.stats_interval)
+
+    def close(self) -> None:
+        self.own.close()
+        for conn in self.peers.values():
+            conn.close()
+
+
+class _RetentionSteps:
+    """Prunes events older than retention.keep_hours every retention.interval_seconds.
+
+    The first pass waits one interval, so a sidecar restarting in a loop does not prune
+    in a loop; a pass stops between batches when the sidecar drains. Waiting for the
+    next pass is idling (stamped as progress while the last pass succeeded), a failing
+    pass is an error retried at the next interval."""
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        self.sidecar = sidecar
+        self.log = log
+        self.interval = sidecar.config.retention.interval_seconds
+        self.next_pass = time.monotonic() + self.interval
+
+    def start(self) -> None:
+        pass
+
+    def step(self) -> Pause:
+        sidecar = self.sidecar
+        if sidecar.config.retention.keep_hours is None:
+            return Pause(float("inf"))  # alive all the same: /healthz wants every loop running
+        now = time.monotonic()
+        if now < self.next_pass:
+            return Pause(self.next_pass - now)
+        self.next_pass = now + self.interval
+        result = prune_region(sidecar.config, sidecar.region, metrics=sidecar.metrics, stop=sidecar.stop.is_set)
+        if result is not None and (result.inbox_rows or result.outbox_rows):
+            self.log.info("pruned old events", extra={"fields": result.to_dict()})
+        return Pause(self.interval)
+
+    def close(self) -> None:
+        pass
+
+
+class _AntiEntropySteps:
+    """Compares this region with its peers every anti_entropy.interval_seconds while it
+    is ACTIVE (see :mod:`reconciler.anti_entropy`); in any other state there is nothing
+    to compare, which is progress too."""
+
+    def __init__(self, sidecar: Sidecar, log: ComponentLogger) -> None:
+        self.sidecar = sidecar
+        self.settings = sidecar.config.anti_entropy
+        self.runner = (AntiEntropy(sidecar.config, sidecar.region, sidecar.metrics, log)
+                       if self.settings.enabled else None)
+        self.next_pass = time.monotonic() + self.settings.interval_seconds
+
+    def start(self) -> None:
+        pass
+
+    def step(self) -> Pause:
+        if self.runner is None:
+            return Pause(float("inf"))  # alive all the same: /healthz wants every loop running
+        now = time.monotonic()
+        if now < self.next_pass:
+            return Pause(self.next_pass - now)
+        self.next_pass = now + self.settings.interval_seconds
+        status = self.sidecar.status
+        if status is not None and status.state is State.ACTIVE:
+            self.runner.run_pass()
+        return Pause(self.settings.interval_seconds)
+
+    def close(self) -> None:
+        pass

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import Config
 from ..inbox import InboxConsumer
+from ..loop import SupervisedLoop
 from ..metrics import Metrics
 from ..relay import Relay
 
@@ -52,10 +53,14 @@ class LoopCluster:
                 else InboxConsumer(self.config, region, metrics=self.metrics[region])
             )
 
-            def body(worker: Relay | InboxConsumer = worker, stop: threading.Event = stop,
-                     name: str = f"{region}/{component}") -> None:
+            # the daemon's own loop (reconciler.loop via Relay.loop / InboxConsumer.loop):
+            # same retries, backoff and fatal errors as the sidecar; no drain, a drill's
+            # stop means "stop after the batch in hand"
+            loop = worker.loop(stop)
+
+            def body(loop: SupervisedLoop = loop, name: str = f"{region}/{component}") -> None:
                 try:
-                    worker.run(stop)
+                    loop.run()
                 except BaseException as exc:  # noqa: BLE001 - reported in the drill's checks
                     self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
@@ -567,3 +567,80 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
         else:
             out.append((seq, seq))
     return out
+
+
+# -- consuming, for services: messages in, driver errors translated, nothing of the driver out
+
+
+def consume(consumer: Consumer, num_messages: int, timeout: float, **context: Any) -> list[Any]:
+    """Up to ``num_messages`` messages, waiting up to ``timeout`` for them.
+
+    End-of-partition markers are dropped (they are news, not messages); a message that
+    carries an error, and an error of the call itself, are raised translated, so a
+    caller retries on ``retryable`` without knowing the driver's exceptions."""
+    context.setdefault("step", "consume")
+    try:
+        messages = consumer.consume(num_messages=num_messages, timeout=timeout)
+    except KafkaException as exc:
+        raise translate(exc, **context) from exc
+    return [msg for msg in messages if not _failed(msg, context)]
+
+
+def poll(consumer: Consumer, timeout: float, **context: Any) -> Any | None:
+    """The next message, waiting up to ``timeout``; None when none came (or only an
+    end-of-partition marker). Errors as in :func:`consume`."""
+    context.setdefault("step", "poll")
+    try:
+        msg = consumer.poll(timeout)
+    except KafkaException as exc:
+        raise translate(exc, **context) from exc
+    if msg is None or _failed(msg, context):
+        return None
+    return msg
+
+
+def _failed(msg: Any, context: dict[str, Any]) -> bool:
+    """True for an end-of-partition marker; raises the error a message carries."""
+    err = msg.error()
+    if err is None:
+        return False
+    if err.code() == KafkaError._PARTITION_EOF:
+        return True
+    raise translate(err, **context)
+
+
+def commit_offsets(consumer: Consumer, processed: Mapping[tuple[str, int], int], *, wait: bool = True,
+                   **context: Any) -> None:
+    """Commit that every message up to ``processed[(topic, partition)]`` (an offset) is
+    done: the group resumes after it. ``wait=False`` only asks (see
+    :func:`committed_offsets` to learn whether it landed)."""
+    context.setdefault("step", "commit offsets")
+    try:
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in processed.items()]
+        if wait:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        else:
+            consumer.commit(offsets=offsets, asynchronous=True)
+    except KafkaException as exc:
+        raise translate(exc, **context) from exc
+
+
+def committed_offsets(consumer: Consumer, partitions: Sequence[tuple[str, int]], timeout: float,
+                      **context: Any) -> dict[tuple[str, int], int]:
+    """The group's committed offset of each (topic, partition), as the broker has it."""
+    context.setdefault("step", "check offset commits")
+    try:
+        found = consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=timeout)
+    except KafkaException as exc:
+        raise translate(exc, **context) from exc
+    return {(tp.topic, tp.partition): tp.offset for tp in found}
+
+
+def assign_at_end(consumer: Consumer, topic: str, timeout: float = 10.0, **context: Any) -> None:
+    """Read every partition of ``topic`` from its end (no group rebalance, nothing old)."""
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout)
+        partitions = sorted(meta.topics[topic].partitions) if topic in meta.topics else [0]
+        consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+    except KafkaException as exc:
+        raise translate(exc, topic=topic, **context) from exc

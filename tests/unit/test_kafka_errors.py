@@ -65,6 +65,7 @@ class FlakyRelay:
         self.starts = 0
         self.closes = 0
         self.log = log
+        self.metrics: Any = None
         self.stop = stop
 
     def start(self) -> None:

@@ -23,6 +23,7 @@ from reconciler import sidecar as sidecar_module
 from reconciler.config import Config, RegionConfig, RetentionConfig
 from reconciler.errors import StoreUnavailable
 from reconciler.lifecycle import RegionStatus, State
+from reconciler.loop import Pause, SupervisedLoop
 from reconciler.sidecar import Sidecar
 
 METRIC = "reconciler_loop_last_success_timestamp_seconds"
@@ -87,10 +88,19 @@ def quick_idle_stamps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_loop_is_stamped_when_it_starts_so_one_that_never_succeeds_still_ages() -> None:
     sidecar = make_sidecar(RetentionConfig())
-    def never_completes(stop: threading.Event) -> None:
-        stop.wait()
 
-    thread = sidecar._loop("stats", never_completes)
+    class NeverCompletes:
+        def start(self) -> None:
+            sidecar.stop.wait()
+
+        def step(self) -> Pause:
+            raise AssertionError("never reached")
+
+        def close(self) -> None:
+            pass
+
+    thread = sidecar._start(SupervisedLoop("stats", NeverCompletes(), sidecar.stop, log=sidecar.log,
+                                           metrics=sidecar.metrics))
     try:
         wait_for(lambda: stamp(sidecar, "stats") is not None, "the start stamp")
         assert abs((stamp(sidecar, "stats") or 0) - time.time()) < 5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from reconciler.config import Config, RegionConfig
 from reconciler.sidecar import Sidecar
@@ -37,7 +38,7 @@ def test_an_unfinished_anti_entropy_pass_does_not_make_the_stop_unclean() -> Non
     scanning.start()
     done.start()
     sidecar._threads = {"relay": done, "merkle": scanning}
-    sidecar._relay_drained = True
+    sidecar._loops = {"relay": SimpleNamespace(drained=True)}  # type: ignore[dict-item]
     began = time.monotonic()
     try:
         assert sidecar._join() is True
