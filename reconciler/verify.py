@@ -333,8 +333,9 @@ def repair_keys(
       left to their events (a manual version copied in ahead of its event would make
       that event a no-op there, so two concurrent versions would be parked only in
       the regions that met them as events), except what events this region
-      accepted as lost counted into a merge row: those never come, so it is joined
-      in from the peers' states (:func:`reconciler.conflict.join_merge_states`);
+      accepted as lost wrote: those never come, so a merge row joins it in from the
+      peers' states (:func:`reconciler.conflict.join_merge_states`) and a manual row
+      takes a peer's newer version that such an event wrote;
     - a row no region has metadata for exists only by direct writes: with
       ``copy_unmanaged`` the first region is made to match the second, otherwise it
       is only reported.
@@ -348,7 +349,7 @@ def repair_keys(
             # one snapshot: a merge row's counters are judged against the events its region counted
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             states[r] = pg.load_states(conn, table, keys)
-            if policy == "merge":
+            if policy != "lww":
                 donors[r] = counted(conn, r, table, keys)
             conn.commit()
     outcome = RepairOutcome([], [])
@@ -394,6 +395,8 @@ def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
             state = fresh
             if policy == "merge":
                 state = _join_lost(conn, key, region, table, fresh, present, donors)
+            else:
+                state = _newest_lost(conn, key, region, fresh, present, donors)
             if state is None:
                 return
         writer = pg.TableWriter.build(conn, config.tables[table])
@@ -413,6 +416,40 @@ def _join_lost(conn: pg.Connection, key: str, region: str, table: str, fresh: Ro
             state = join_merge_states(state, theirs, _totals_with_lost(key, region, theirs, donors[name], mine,
                                                                       applied, lost))
     return state
+
+
+def _newest_lost(conn: pg.Connection, key: str, region: str, fresh: RowState | None,
+                 present: dict[str, RowState], donors: dict[str, Counted]) -> RowState | None:
+    """A peer's newer manual version whose event this region will never apply (it
+    accepted it as lost), taken as the event would have; else the region's own."""
+    lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
+    if not lost:
+        return fresh
+    applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
+    state = fresh
+    for name, theirs in sorted(present.items(), key=lambda item: (item[1].hlc, item[1].origin), reverse=True):
+        if name == region or name not in donors or theirs.origin == region:
+            continue
+        if state is not None and (state.hlc, state.origin) >= (theirs.hlc, theirs.origin):
+            break
+        if _written_by_a_lost_event(key, theirs, donors[name], applied, lost):
+            state = theirs
+            break
+    return state
+
+
+def _written_by_a_lost_event(key: str, version: RowState, donor: Counted, applied: dict[str, SeqRanges],
+                             lost: dict[str, SeqRanges]) -> bool:
+    """Whether the event that wrote ``version`` in the donor is one this region accepted
+    as lost: the donor still holds it under a lost sequence, or it lies below the
+    donor's floor, where this region applied everything but its lost events."""
+    origin = version.origin
+    for event in donor.events.get(key, []):
+        if event.origin == origin and event.hlc == version.hlc.pack():
+            return event.sequence is not None and event.sequence in lost.get(origin, SeqRanges())
+    floor = donor.floors.get(origin, 0)
+    return floor > 0 and bool(lost.get(origin)) and \
+        not (SeqRanges.span(1, floor) - applied.get(origin, SeqRanges()) - lost[origin])
 
 
 def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Counted, mine: Counted,

@@ -1,6 +1,6 @@
-"""What a region has counted into one table's merge counters, read in the caller's
-snapshot: the input of the repair that brings in events accepted as lost
-(:func:`reconciler.verify.repair_keys`)."""
+"""What a region has applied of one table's keys, read in the caller's snapshot:
+its floors and the events it still holds, the input of the repair that brings in
+what events accepted as lost wrote (:func:`reconciler.verify.repair_keys`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class CountedEvent:
     sequence: int | None
     operation: str
     payload: dict[str, Any]
+    #: packed HLC stamp
+    hlc: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,17 @@ def counted(conn: Connection, region: str, table: str, keys: Sequence[str]) -> C
             "SELECT origin, through FROM reconciler.inbox_floor UNION ALL"
             " SELECT origin, pruned_through FROM reconciler.relay_state WHERE origin = %s", (region,)).fetchall()}
         rows = conn.execute(
-            "SELECT row_key, origin, sequence, operation, payload FROM reconciler.inbox"
+            "SELECT row_key, origin, sequence, operation, payload, hlc FROM reconciler.inbox"
             " WHERE table_name = %s AND row_key = ANY(%s) UNION ALL"
-            " SELECT o.aggregateid, o.origin, s.relay_sequence, o.operation, o.payload FROM reconciler.outbox o"
+            " SELECT o.aggregateid, o.origin, s.relay_sequence, o.operation, o.payload, o.hlc FROM reconciler.outbox o"
             " LEFT JOIN reconciler.outbox_sequence s ON s.position = o.position"
             " WHERE o.origin = %s AND o.aggregatetype = %s AND o.aggregateid = ANY(%s)",
             (table, list(keys), region, table, list(keys)),
         ).fetchall()
     events: dict[str, list[CountedEvent]] = {}
-    for key, origin, sequence, operation, payload in rows:
-        events.setdefault(str(key), []).append(
-            CountedEvent(str(origin), None if sequence is None else int(sequence), str(operation), dict(payload)))
+    for key, origin, sequence, operation, payload, hlc in rows:
+        events.setdefault(str(key), []).append(CountedEvent(
+            str(origin), None if sequence is None else int(sequence), str(operation), dict(payload), int(hlc)))
     return Counted(floors, events)
 
 
