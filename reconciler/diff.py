@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from .config import TableConfig
 from .errors import ConfigError
 from .merkle import DifferenceKind, DiffResult, KeyDifference, WalkLimits
 from .store.merkle_scan import ScanOptions
@@ -70,4 +71,5 @@ def diff_tables(
         raise ConfigError("diff needs a table name")
     if not dsn_a or not dsn_b:
         raise ConfigError("diff needs two DSNs", table=f"{schema}.{table}")
-    return diff_full_scan(dsn_a, dsn_b, table, keys, schema=schema, options=options, clock=clock)
+    spec = TableConfig(name=table, key=keys, policy="lww", schema=schema)  # the policy plays no part
+    return diff_full_scan(dsn_a, dsn_b, spec, options=options, clock=clock)

@@ -189,20 +189,14 @@ def _row_of(leaf: Leaf | None, rows: Mapping[Locator, Row]) -> Row | None:
 
 
 def diff_full_scan(
-    dsn_a: str,
-    dsn_b: str,
-    table: str,
-    key_columns: Sequence[str],
-    *,
-    schema: str = "public",
-    options: ScanOptions | None = None,
-    clock: Callable[[], float] = time.perf_counter,
+    dsn_a: str, dsn_b: str, spec: TableConfig, *,
+    options: ScanOptions | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> DiffResult:
-    """Compare ``schema.table`` on two databases by hashing every row (nothing of ours
-    needs to be installed)."""
+    """Compare ``spec``'s table on two databases by hashing every row (nothing of ours
+    needs to be installed: only its name, schema and key columns are used)."""
     opts = options or ScanOptions()
     started = clock()
-    with open_scan(dsn_a, dsn_b, table, key_columns, schema=schema, options=opts, clock=clock) as tree:
+    with open_scan(dsn_a, dsn_b, spec, opts, clock) as tree:
         result = diff_trees(tree, opts.limits, clock=clock, started=started)
     # closing both snapshots counts too
     return dataclasses.replace(result, seconds=clock() - started)
@@ -236,21 +230,14 @@ def diff_replicated(
             return dataclasses.replace(result, seconds=clock() - started)
         except merkle_leaves.LeavesUnusable as exc:
             reason = exc.reason
-    result = diff_full_scan(dsn_a, dsn_b, spec.name, spec.key, schema=spec.schema, options=opts, clock=clock)
+    result = diff_full_scan(dsn_a, dsn_b, spec, options=opts, clock=clock)
     # the time spent finding out that the leaves could not answer counts too
     return dataclasses.replace(result, seconds=clock() - started, extra={**result.extra, "fallback_reason": reason})
 
 
 def diff_regions(
-    config: Config,
-    table: str,
-    region_a: str,
-    region_b: str,
-    *,
-    options: ScanOptions | None = None,
-    full_scan: bool = False,
-    compact_min_rows: int = merkle_leaves.COMPACT_MIN_ROWS,
-    clock: Callable[[], float] = time.perf_counter,
+    config: Config, table: str, region_a: str, region_b: str, *,
+    options: ScanOptions | None = None, full_scan: bool = False,
 ) -> DiffResult:
     """:func:`diff_replicated` for a table of ``config`` between two of its regions;
     raises :class:`~reconciler.errors.ConfigError` for an unknown table or region."""
@@ -258,7 +245,7 @@ def diff_regions(
     if region_a == region_b:
         raise ConfigError(f"diff compares two regions, got {region_a!r} twice", file=config.path)
     return diff_replicated(config.region(region_a).dsn, config.region(region_b).dsn, spec, options=options,
-                           full_scan=full_scan, compact_min_rows=compact_min_rows, clock=clock)
+                           full_scan=full_scan)
 
 
 # ---------------------------------------------------------------- watermark and peers

@@ -32,7 +32,6 @@ disaster-recovery comparison need not defend against.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from .. import merkle
+from ..config import TableConfig
 from ..errors import StoreError
 from ..merkle import Digest, Key, Leaf, LevelStats, Locator, Row, TreeShape
 from .dsn import redact_dsn, scrub
@@ -622,25 +622,17 @@ class ScanTree:
 
 
 @contextmanager
-def open_scan(
-    dsn_a: str,
-    dsn_b: str,
-    table: str,
-    key_columns: Sequence[str],
-    *,
-    schema: str = "public",
-    options: ScanOptions | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Iterator[ScanTree]:
+def open_scan(dsn_a: str, dsn_b: str, spec: TableConfig, options: ScanOptions,
+              clock: Callable[[], float]) -> Iterator[ScanTree]:
     """Connect to both databases, check they hash alike, and fix the compared columns:
     every column the two sides share, key columns included (a row hash that left the
-    key out could not tell a value moved from one key to another)."""
-    opts = options or ScanOptions()
-    keys = tuple(key_columns)
+    key out could not tell a value moved from one key to another). Of ``spec`` only
+    the name, schema and key count: the table need not be one of ours."""
+    schema, table, keys = spec.schema, spec.name, tuple(spec.key)
     if not keys:
         raise StoreError("at least one key column is needed", table=f"{schema}.{table}")
     timer = PhaseTimer(clock)
-    with open_pair(ScanSide("a", dsn_a, schema, table, opts), ScanSide("b", dsn_b, schema, table, opts)) as pair:
+    with open_pair(ScanSide("a", dsn_a, schema, table, options), ScanSide("b", dsn_b, schema, table, options)) as pair:
         timer.lap("connect")
         ia, ib = pair.run(ScanSide.describe)
         check_compatible(pair, ia, ib)
