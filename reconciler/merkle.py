@@ -246,6 +246,12 @@ def leaf_batches(
     return batches
 
 
+#: a key as PostgreSQL prints it: one text (or None) per key column
+Key = tuple[str | None, ...]
+#: a row as PostgreSQL prints it: column -> text (None for NULL)
+Row = Mapping[str, str | None]
+
+
 class DifferenceKind(enum.StrEnum):
     ONLY_IN_A = "only_in_a"
     ONLY_IN_B = "only_in_b"
@@ -267,6 +273,40 @@ def compare_leaves(a: Mapping[K, int], b: Mapping[K, int]) -> list[tuple[K, Diff
             out.append((key, DifferenceKind.CHANGED))
     out.extend((key, DifferenceKind.ONLY_IN_B) for key in b if key not in a)
     return out
+
+
+#: where a row lives in one side's snapshot, for fetching it later: (tableoid, ctid)
+Locator = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One key at the bottom of a side's tree: its row hash, and either where to
+    fetch its row (``locator``) or, where rows have no address, the row itself."""
+
+    hash: int
+    locator: Locator | None
+    row: Row | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TreeShape:
+    """What one comparison covers, as the store found it on both sides.
+
+    ``columns`` are the compared columns (their row text is what is hashed);
+    ``first_levels`` are levels the source keeps ready (see :func:`walk`), empty when
+    every level is computed from the rows and the first is sized from
+    ``estimated_rows``.
+    """
+
+    table: str
+    key_columns: tuple[str, ...]
+    columns: tuple[str, ...]
+    mode: str
+    estimated_rows: int | None = None
+    first_levels: tuple[int, ...] = ()
+    columns_only_in_a: tuple[str, ...] = ()
+    columns_only_in_b: tuple[str, ...] = ()
 
 
 #: fetches one level for both sides: (bits, parent_bits or None, parent buckets) -> digests a, b
@@ -326,6 +366,8 @@ def walk(
     fetch_leaves: LeafFetch[K, L],
     leaf_hash: Callable[[L], int],
     limits: WalkLimits = WalkLimits(),
+    *,
+    first_levels: Sequence[int] = (),
 ) -> Walk[K, L]:
     """Walk both trees from the top level down to the differing keys.
 
@@ -333,13 +375,29 @@ def walk(
     -- how fine the first level is, whether to descend before fetching leaves, how to
     batch leaf fetches, when to stop -- is taken here, so it is the same for every
     way of producing digests and testable without a database.
+
+    ``first_levels`` (ascending bits) are levels a source keeps ready, so reading them
+    costs little whatever their size (maintained leaves: sums over a log): the first
+    is read whole, each next one only under the previous one's differing buckets,
+    before any refinement is planned. Without them the first level's size is chosen
+    from ``estimated_rows``.
     """
-    bits = choose_top_bits(estimated_rows, rows_per_leaf=limits.rows_per_leaf, max_bits=limits.max_top_bits)
+    fixed = list(first_levels) or [
+        choose_top_bits(estimated_rows, rows_per_leaf=limits.rows_per_leaf, max_bits=limits.max_top_bits)]
+    if fixed != sorted(set(fixed)):
+        raise ValueError(f"first levels must be distinct and ascending, got {fixed}")
+    bits = fixed[0]
     da, db = fetch_level(bits, None, ())
     rows_a = sum(d.count for d in da.values())
     rows_b = sum(d.count for d in db.values())
     differing = differing_buckets(da, db)
     levels = [LevelStats(bits, 1 << bits, len(differing))]
+    for finer in fixed[1:]:
+        parents, parent_bits, bits = differing, bits, finer
+        if parents:
+            da, db = fetch_level(bits, parent_bits, parents)
+            differing = differing_buckets(da, db)
+        levels.append(LevelStats(bits, len(parents) << (bits - parent_bits), len(differing)))
     while True:
         fan = plan_refinement(
             differing,
@@ -378,11 +436,6 @@ def miss_probability_bound(comparisons: int) -> float:
 
 
 # --- results ------------------------------------------------------------------
-
-#: a key as PostgreSQL prints it: one text (or None) per key column
-Key = tuple[str | None, ...]
-#: a row as PostgreSQL prints it: column -> text (None for NULL)
-Row = Mapping[str, str | None]
 
 
 def natural_order(key: Key) -> tuple[tuple[int, int, str], ...]:

@@ -1,24 +1,35 @@
 """Verification: is a replicated table identical in two regions, and repair where not.
 
-One comparison routine, :func:`compare_table`, used by both callers: the gate back to
-ACTIVE (:func:`reconciler.recovery.recover`) and the sidecar's continuous
-anti-entropy. It reads the Merkle leaves from either source :mod:`reconciler.diff`
-offers -- the maintained leaves (cheap) or a full scan of the rows (needed when the
-leaves may be stale) -- and judges the differing keys as of an HLC watermark.
+Everything that compares Merkle trees goes through one routine, :func:`diff_trees`:
+walk both trees down from their first level (:func:`reconciler.merkle.walk` makes
+every decision), collect the differing buckets' keys, fetch those keys' rows and
+report them in key order. Two store modules feed it, through the same small
+interface (:class:`TreePair`: a level's digests, some buckets' leaves, some rows):
 
-The watermark is *now minus the lag allowance* (``lifecycle.max_lag_seconds``):
-an event stamped at or below it that one region has applied and the other has not
-is older than the gate tolerates for lag, so it is missing (or quarantined, or
-refused), never in flight. A differing key is left out of the comparison only when
-every event that one side has and the other lacks is stamped above the watermark;
-any other differing key, including one whose two regions applied exactly the same
-events, is divergent. One exception to the age rule: an event its origin has not
-published yet (still unnumbered or unacknowledged in its outbox) is on its way
-whatever its age -- a region out of ACTIVE relays nothing, so its own writes made
-during catch-up would otherwise hold the gate shut for good. Keys parked in the
-manual queue (on either side) are left out too. Comparing the roots over the
-remaining rows then amounts to "no divergent key": the differing keys are what the
-Merkle walk narrows the roots' difference to.
+- :mod:`reconciler.store.merkle_scan`: a full scan, the rows hashed and bucketed by
+  ``GROUP BY`` on both sides; works on any table of any two databases;
+- :mod:`reconciler.store.merkle_leaves`: the leaves maintained by triggers, whose
+  first levels are sums over a log, so only the rows of differing leaves are read.
+
+:func:`diff_replicated` picks the source (leaves where both sides can answer, else
+a full scan, saying why); ``reconciler diff`` (:mod:`reconciler.diff`), the gate back
+to ACTIVE (:func:`verify_and_repair`, called by :mod:`reconciler.recovery`) and the
+sidecar's continuous anti-entropy (:mod:`reconciler.anti_entropy`) all come here.
+
+:func:`compare_table` judges the differing keys of one table between two regions as
+of an HLC watermark. The watermark is *now minus the lag allowance*
+(``lifecycle.max_lag_seconds``): an event stamped at or below it that one region has
+applied and the other has not is older than the gate tolerates for lag, so it is
+missing (or quarantined, or refused), never in flight. A differing key is left out of
+the comparison only when every event that one side has and the other lacks is
+stamped above the watermark; any other differing key, including one whose two
+regions applied exactly the same events, is divergent. One exception to the age
+rule: an event its origin has not published yet (still unnumbered or unacknowledged
+in its outbox) is on its way whatever its age -- a region out of ACTIVE relays
+nothing, so its own writes made during catch-up would otherwise hold the gate shut
+for good. Keys parked in the manual queue (on either side) are left out too.
+Comparing the roots over the remaining rows then amounts to "no divergent key": the
+differing keys are what the Merkle walk narrows the roots' difference to.
 
 An event stamped further ahead of now than ``hlc.max_offset_ms`` (a skewed clock) is
 never in flight either: waiting for the watermark to pass it could take forever, so
@@ -30,38 +41,218 @@ difference, and computing it needs every origin reachable; the lag allowance nee
 neither and is what the gate already trusts for "in flight".
 
 Keys are named everywhere in the one canonical encoding of
-:func:`reconciler.model.encode_key`; :func:`canonical_keys` turns the text a Merkle
-walk reports for a key (PostgreSQL's output of each column) into it, through the
-table's own column types.
+:func:`reconciler.model.encode_key`; :func:`reconciler.store.verify_queries.canonical_keys`
+turns the text a Merkle walk reports for a key (PostgreSQL's output of each column)
+into it, through the table's own column types.
+
+This module decides and never speaks SQL: what it reads and writes goes through
+:mod:`reconciler.store` (``merkle_scan``, ``merkle_leaves``, ``verify_queries``),
+which translates driver errors.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
+from . import merkle
 from .config import Config, TableConfig
 from .conflict import counter_contribution, counter_total_with_lost, join_merge_states
-from .diff import diff_regions
-from .errors import ReconcilerError, StoreError
+from .errors import ConfigError, ReconcilerError, StoreError
 from .gaps import SeqRanges
 from .hlc import Timestamp
 from .lifecycle import RootComparison
-from .merkle import DiffResult, Key
-from .model import RowState, decode_key, encode_key
-from .store import merkle_leaves
+from .merkle import DiffResult, Digest, Key, KeyDifference, Leaf, LevelStats, Locator, Row, TreeShape, WalkLimits
+from .model import RowState
+from .store import merkle_leaves, verify_queries
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
-from .store.counted import Counted, counted, keys_with_metadata
-from .store.merkle_scan import bucket_sql, key_hash_sql, row_hash_sql
-from .store.translate import translated
+from .store.counted import Counted, counted, keys_with_metadata, states_and_counted
+from .store.merkle_scan import ScanOptions, open_scan
+from .store.verify_queries import KeyView
+
+__all__ = [
+    "MAX_NAMED_KEYS",
+    "KeyView",
+    "LeafCheck",
+    "RegionEvidence",
+    "RepairOutcome",
+    "TableComparison",
+    "TableEvidence",
+    "TreePair",
+    "Verification",
+    "bounds",
+    "check_leaves",
+    "compare_table",
+    "diff_full_scan",
+    "diff_regions",
+    "diff_replicated",
+    "diff_trees",
+    "judge_keys",
+    "judge_table",
+    "key_view",
+    "newest_state",
+    "parked_keys",
+    "reachable_peers",
+    "rebuild_leaves",
+    "repair_keys",
+    "stale_buckets",
+    "verify_and_repair",
+    "wall_ms",
+    "watermark",
+]
 
 #: divergent keys a comparison names (the count covers them all)
 MAX_NAMED_KEYS = 100
+
+
+# ---------------------------------------------------------------- the comparison routine
+
+
+class TreePair(Protocol):
+    """Two sides' Merkle trees of one table, as a leaf source feeds them.
+
+    Each call answers for both sides: ``level`` the digests of the non-empty buckets
+    at ``bits`` (only under ``parents``, buckets at ``parent_bits``, when given),
+    ``leaves`` every key of some buckets with its row hash, ``rows`` the rows at some
+    locators. ``figures`` is what the source reports besides the walk (time per
+    phase, ...), given the levels the walk read.
+    """
+
+    @property
+    def shape(self) -> TreeShape: ...
+
+    def level(
+        self, bits: int, parent_bits: int | None, parents: Sequence[int]
+    ) -> tuple[Mapping[int, Digest], Mapping[int, Digest]]: ...
+
+    def leaves(self, bits: int, buckets: Sequence[int]) -> tuple[Mapping[Key, Leaf], Mapping[Key, Leaf]]: ...
+
+    def rows(
+        self, wanted_a: Sequence[Locator], wanted_b: Sequence[Locator]
+    ) -> tuple[Mapping[Locator, Row], Mapping[Locator, Row]]: ...
+
+    def figures(self, levels: Sequence[LevelStats]) -> Mapping[str, Any]: ...
+
+
+def diff_trees(
+    tree: TreePair,
+    limits: WalkLimits | None = None,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    started: float | None = None,
+) -> DiffResult:
+    """The one comparison: walk both trees to the differing keys, fetch those keys'
+    rows (from the snapshot the walk read) and report them in key order."""
+    begun = clock() if started is None else started
+    shape = tree.shape
+    walked = merkle.walk(shape.estimated_rows, tree.level, tree.leaves, _leaf_hash, limits or WalkLimits(),
+                         first_levels=shape.first_levels)
+    rows_a, rows_b = tree.rows(
+        [x.locator for _, _, x, _ in walked.found if x is not None and x.locator is not None],
+        [y.locator for _, _, _, y in walked.found if y is not None and y.locator is not None],
+    )
+    differences = sorted(
+        (KeyDifference(key, kind, _row_of(x, rows_a), _row_of(y, rows_b)) for key, kind, x, y in walked.found),
+        key=lambda d: merkle.natural_order(d.key),
+    )
+    return DiffResult(
+        table=shape.table,
+        key_columns=shape.key_columns,
+        rows_a=walked.rows_a,
+        rows_b=walked.rows_b,
+        buckets_compared=walked.buckets_compared,
+        buckets_differing=walked.buckets_differing,
+        differences=tuple(differences),
+        seconds=clock() - begun,
+        columns=shape.columns,
+        columns_only_in_a=shape.columns_only_in_a,
+        columns_only_in_b=shape.columns_only_in_b,
+        truncated=walked.truncated,
+        mode=shape.mode,
+        levels=len(walked.levels),
+        extra={"tree": [level.to_dict() for level in walked.levels], **tree.figures(walked.levels)},
+    )
+
+
+def _leaf_hash(leaf: Leaf) -> int:
+    return leaf.hash
+
+
+def _row_of(leaf: Leaf | None, rows: Mapping[Locator, Row]) -> Row | None:
+    if leaf is None:
+        return None
+    if leaf.row is not None:
+        return leaf.row
+    if leaf.locator is None:
+        return None
+    return rows.get(leaf.locator)
+
+
+def diff_full_scan(
+    dsn_a: str, dsn_b: str, spec: TableConfig, *,
+    options: ScanOptions | None = None, clock: Callable[[], float] = time.perf_counter,
+) -> DiffResult:
+    """Compare ``spec``'s table on two databases by hashing every row (nothing of ours
+    needs to be installed: only its name, schema and key columns are used)."""
+    opts = options or ScanOptions()
+    started = clock()
+    with open_scan(dsn_a, dsn_b, spec, opts, clock) as tree:
+        result = diff_trees(tree, opts.limits, clock=clock, started=started)
+    # closing both snapshots counts too
+    return dataclasses.replace(result, seconds=clock() - started)
+
+
+def diff_replicated(
+    dsn_a: str,
+    dsn_b: str,
+    spec: TableConfig,
+    *,
+    options: ScanOptions | None = None,
+    full_scan: bool = False,
+    compact_min_rows: int = merkle_leaves.COMPACT_MIN_ROWS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DiffResult:
+    """Compare a replicated table on two databases, through its maintained leaves.
+
+    Uses the leaves (mode ``maintained-leaves``) when both databases have them and
+    they describe the table as it is; otherwise, or with ``full_scan``, the full scan
+    (mode ``full-scan``), whose ``extra["fallback_reason"]`` then says why. A long
+    leaf log is compacted first (``compact_min_rows``; a standby is only read).
+    """
+    started = clock()
+    opts = options or ScanOptions()
+    reason = "requested"
+    if not full_scan:
+        try:
+            with merkle_leaves.open_leaves(dsn_a, dsn_b, spec, options=opts, compact_min_rows=compact_min_rows,
+                                           clock=clock) as tree:
+                result = diff_trees(tree, opts.limits, clock=clock, started=started)
+            return dataclasses.replace(result, seconds=clock() - started)
+        except merkle_leaves.LeavesUnusable as exc:
+            reason = exc.reason
+    result = diff_full_scan(dsn_a, dsn_b, spec, options=opts, clock=clock)
+    # the time spent finding out that the leaves could not answer counts too
+    return dataclasses.replace(result, seconds=clock() - started, extra={**result.extra, "fallback_reason": reason})
+
+
+def diff_regions(
+    config: Config, table: str, region_a: str, region_b: str, *,
+    options: ScanOptions | None = None, full_scan: bool = False,
+) -> DiffResult:
+    """:func:`diff_replicated` for a table of ``config`` between two of its regions;
+    raises :class:`~reconciler.errors.ConfigError` for an unknown table or region."""
+    spec = config.table(table)
+    if region_a == region_b:
+        raise ConfigError(f"diff compares two regions, got {region_a!r} twice", file=config.path)
+    return diff_replicated(config.region(region_a).dsn, config.region(region_b).dsn, spec, options=options,
+                           full_scan=full_scan)
+
+
+# ---------------------------------------------------------------- watermark and peers
 
 
 def watermark(now_ms: int, allowance_seconds: float) -> Timestamp:
@@ -101,118 +292,13 @@ def parked_keys(config: Config, regions: Iterable[str]) -> dict[str, set[str]]:
     return parked
 
 
-# ---------------------------------------------------------------- keys
-
-
-def _key_records(spec: TableConfig, keys: Sequence[str]) -> str:
-    return json.dumps([decode_key(k, spec.key) for k in keys], default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)  # jsonb_populate_record reads a number from its text exactly
-    raise TypeError(f"not JSON: {value!r}")
-
-
-def canonical_keys(conn: pg.Connection, spec: TableConfig, keys: Sequence[Key]) -> list[str]:
-    """The canonical encoding of keys given as PostgreSQL prints each key column (what
-    a Merkle walk reports): each text goes through the column's own type, then
-    ``to_jsonb`` under UTC, so ``7.50`` becomes ``7.5`` and ``["7","x"]`` ``[7,"x"]``."""
-    if not keys:
-        return []
-    from psycopg import sql
-
-    records = json.dumps([dict(zip(spec.key, k, strict=True)) for k in keys])
-    query = sql.SQL(
-        "SELECT k.ordinality, jsonb_build_array({cols})::text"
-        " FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb) WITH ORDINALITY AS k ORDER BY k.ordinality"
-    ).format(
-        cols=sql.SQL(", ").join(sql.SQL("to_jsonb(k.{})").format(sql.Identifier(c)) for c in spec.key),
-        t=sql.Identifier(spec.schema, spec.name),
-    )
-    with translated(table=spec.name, step="canonical keys"), conn.transaction():
-        # the walk printed keys under the canonical settings; read them back the same way
-        with merkle_leaves.canonical_settings(conn):
-            found = conn.execute(query, (records,)).fetchall()
-    return [encode_key(dict(zip(spec.key, json.loads(text, parse_float=Decimal), strict=True)), spec.key)
-            for _ordinality, text in found]
-
-
-def _rows_by_key(conn: pg.Connection, spec: TableConfig, keys: Sequence[str]) -> dict[str, Any]:
-    """{key: the business row as JSON, or None}, matching keys by typed value."""
-    from psycopg import sql
-
-    if not keys:
-        return {}
-    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in spec.key)
-    query = sql.SQL(
-        "SELECT k.ordinality, to_jsonb(t) FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)"
-        " WITH ORDINALITY AS k JOIN {t} t ON {match}"
-    ).format(t=sql.Identifier(spec.schema, spec.name), match=match)
-    rows: dict[str, Any] = dict.fromkeys(keys)
-    for ordinality, row in conn.execute(query, (_key_records(spec, keys),)).fetchall():
-        rows[keys[int(ordinality) - 1]] = row
-    return rows
-
-
-def leaf_buckets(conn: pg.Connection, spec: TableConfig, keys: Sequence[str]) -> int:
-    """How many Merkle leaf buckets ``keys`` fall into."""
-    if not keys:
-        return 0
-    from psycopg import sql
-
-    query = sql.SQL("SELECT count(DISTINCT {b}) FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS k").format(
-        b=bucket_sql(key_hash_sql(spec.key), merkle_leaves.LEAF_BITS), t=sql.Identifier(spec.schema, spec.name))
-    with translated(table=spec.name, step="leaf buckets"), conn.transaction():
-        with merkle_leaves.canonical_settings(conn):
-            row = conn.execute(query, (_key_records(spec, keys),)).fetchone()
-    return int(row[0]) if row else 0
-
-
 # ---------------------------------------------------------------- judging keys
 
 
-@dataclass(frozen=True)
-class KeyView:
-    """One region's view of some keys, read in one snapshot."""
-
-    #: key -> (hlc, event id) of every event applied to it here (inbox and outbox)
-    events: dict[str, tuple[tuple[int, str], ...]]
-    #: key -> business row (None when absent)
-    rows: dict[str, Any]
-    #: events below this HLC may have been pruned
-    horizon: int
-    #: this region's own events not yet published to Kafka: no peer can have them
-    #: before this region's relay runs, which it does only while ACTIVE
-    pending: frozenset[str] = frozenset()
-
-
 def key_view(config: Config, table: str, keys: list[str], region: str) -> KeyView:
-    from psycopg import IsolationLevel
-
-    spec = config.tables[table]
-    with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="verify keys"):
-        conn.isolation_level = IsolationLevel.REPEATABLE_READ
-        with conn.transaction():
-            events: dict[str, tuple[tuple[int, str], ...]] = {}
-            pending: set[str] = set()
-            for k, hlc, e, unpublished in conn.execute(
-                "SELECT row_key, hlc, event_id::text, false FROM reconciler.inbox"
-                " WHERE table_name = %s AND row_key = ANY(%s)"
-                " UNION ALL SELECT o.aggregateid, o.hlc, o.id::text,"
-                " s.relay_sequence IS NULL OR s.relay_sequence > coalesce(r.published_through, 0)"
-                " FROM reconciler.outbox o"
-                " LEFT JOIN reconciler.outbox_sequence s ON s.position = o.position"
-                " LEFT JOIN reconciler.relay_state r ON r.origin = o.origin"
-                " WHERE o.aggregatetype = %s AND o.aggregateid = ANY(%s)",
-                (table, keys, table, keys)).fetchall():
-                events[k] = (*events.get(k, ()), (int(hlc), e))
-                if unpublished:
-                    pending.add(e)
-            row = conn.execute("SELECT horizon_hlc FROM reconciler.retention_state").fetchone()
-            horizon = int(row[0]) if row else 0
-            rows = _rows_by_key(conn, spec, keys)
-    return KeyView(events, rows, horizon, frozenset(pending))
+    """``region``'s events, rows and retention horizon for ``keys``, in one snapshot."""
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+        return verify_queries.read_key_view(conn, config.tables[table], keys, region=region)
 
 
 def judge_keys(
@@ -259,6 +345,46 @@ class TableComparison:
     in_flight: tuple[str, ...] = ()
 
 
+class TableEvidence(Protocol):
+    """What judging one table between a region (side a) and a peer (side b) reads:
+    the Merkle diff, the canonical names of the keys it reports, both sides' view of
+    some keys, and how many leaf buckets some keys fall into."""
+
+    def diff(self) -> DiffResult: ...
+
+    def canonical_keys(self, keys: Sequence[Key]) -> list[str]: ...
+
+    def key_views(self, keys: list[str]) -> tuple[KeyView, KeyView]: ...
+
+    def leaf_buckets(self, keys: Sequence[str]) -> int: ...
+
+
+@dataclass(frozen=True)
+class RegionEvidence:
+    """:class:`TableEvidence` read from two regions' databases."""
+
+    config: Config
+    table: str
+    region: str
+    peer: str
+    full_scan: bool = False
+
+    def diff(self) -> DiffResult:
+        return diff_regions(self.config, self.table, self.region, self.peer, full_scan=self.full_scan)
+
+    def canonical_keys(self, keys: Sequence[Key]) -> list[str]:
+        with pg.connect(self.config.region(self.region).dsn, region=self.region) as conn:
+            return verify_queries.canonical_keys(conn, self.config.tables[self.table], keys)
+
+    def key_views(self, keys: list[str]) -> tuple[KeyView, KeyView]:
+        return (key_view(self.config, self.table, keys, self.region),
+                key_view(self.config, self.table, keys, self.peer))
+
+    def leaf_buckets(self, keys: Sequence[str]) -> int:
+        with pg.connect(self.config.region(self.region).dsn, region=self.region) as conn:
+            return verify_queries.leaf_buckets(conn, self.config.tables[self.table], keys)
+
+
 def compare_table(
     config: Config,
     table: str,
@@ -271,17 +397,29 @@ def compare_table(
     full_scan: bool = False,
 ) -> TableComparison:
     """Compare ``table`` between ``region`` and ``peer`` as of ``mark`` (see module doc)."""
-    spec = config.tables[table]
-    diff: DiffResult = diff_regions(config, table, region, peer, full_scan=full_scan)
+    config.tables[table]  # an unknown table is a KeyError before anything connects
+    return judge_table(RegionEvidence(config, table, region, peer, full_scan), table, peer,
+                       mark=mark, ceiling=ceiling, parked=parked)
+
+
+def judge_table(
+    evidence: TableEvidence,
+    table: str,
+    peer: str,
+    *,
+    mark: Timestamp,
+    ceiling: Timestamp | None = None,
+    parked: set[str] | frozenset[str] = frozenset(),
+) -> TableComparison:
+    """The verdict of :func:`compare_table` from its evidence: the differing keys the
+    Merkle diff found, less parked keys and keys in flight (:func:`judge_keys`)."""
+    diff = evidence.diff()
     notes = []
     if diff.columns_only_in_a or diff.columns_only_in_b:
         notes.append(f"columns differ ({', '.join([*diff.columns_only_in_a, *diff.columns_only_in_b])})")
     if diff.truncated:
         notes.append(f"more than {len(diff.differences)} keys differ; the walk stopped there")
-    keys: list[str] = []
-    if diff.differences:
-        with pg.connect(config.region(region).dsn, region=region) as conn:
-            keys = canonical_keys(conn, spec, [d.key for d in diff.differences])
+    keys = evidence.canonical_keys([d.key for d in diff.differences]) if diff.differences else []
     candidates = set(keys)
     parked_here = candidates & set(parked)
     candidates -= parked_here
@@ -289,12 +427,8 @@ def compare_table(
     in_flight: set[str] = set()
     if candidates:
         ordered = sorted(candidates)
-        divergent, in_flight = judge_keys(
-            key_view(config, table, ordered, region), key_view(config, table, ordered, peer), ordered, mark, ceiling)
-    buckets = 0
-    if divergent:
-        with pg.connect(config.region(region).dsn, region=region) as conn:
-            buckets = leaf_buckets(conn, spec, sorted(divergent))
+        divergent, in_flight = judge_keys(*evidence.key_views(ordered), ordered, mark, ceiling)
+    buckets = evidence.leaf_buckets(sorted(divergent)) if divergent else 0
     named = tuple(sorted(divergent)[:MAX_NAMED_KEYS])
     root = RootComparison(
         table=table, peer=peer, equal=not divergent and not notes, watermark=str(mark), mode=diff.mode,
@@ -346,12 +480,9 @@ def repair_keys(
     donors: dict[str, Counted] = {}
     for r in regions:
         with pg.connect(config.region(r).dsn, region=r) as conn:
-            # one snapshot: a merge row's counters are judged against the events its region counted
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            states[r] = pg.load_states(conn, table, keys)
-            if policy != "lww":
-                donors[r] = counted(conn, r, table, keys)
-            conn.commit()
+            states[r], held = states_and_counted(conn, r, table, keys, with_counted=policy != "lww")
+        if held is not None:
+            donors[r] = held
     outcome = RepairOutcome([], [])
     for key in keys:
         present = {r: s[key] for r, s in states.items() if key in s}
@@ -376,31 +507,36 @@ def repair_keys(
     return outcome
 
 
+def newest_state(policy: str, present: Mapping[str, RowState], fresh: RowState | None) -> RowState | None:
+    """What a repair writes for one key in a region whose state, read under the key's
+    lock, is ``fresh``; None writes nothing.
+
+    Last-writer-wins tables: the newest version by (HLC, region) among every
+    region's (``present``) and ``fresh``, so a repair never puts an older version over
+    a newer one. Merge and manual tables: the region's own state (its row rewritten
+    from its own metadata), left to the events otherwise (a manual version copied in
+    ahead of its event would make that event a no-op there, so two concurrent
+    versions would be parked only in the regions that met them as events).
+    """
+    if policy != "lww":
+        return fresh
+    return max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
+
+
 def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
                 present: dict[str, RowState], donors: dict[str, Counted]) -> None:
-    with pg.connect(config.region(region).dsn, region=region) as conn, translated(region=region, step="repair"), \
-            conn.transaction():
-        pg.lock_keys(conn, [(table, key)])
-        # read again under the key lock: the inbox may have applied an event since
-        # `present` was read, and writing an older state over it would undo it
-        fresh = pg.load_states(conn, table, [key]).get(key)
-        state: RowState | None
-        if policy == "lww":
-            state = max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
-        else:
-            # merge and manual rows are rewritten from their own metadata (a write
-            # around the pipeline) and otherwise left to their events, but for the
-            # events this region accepted as lost: those never come, a peer's merge
-            # state has what they counted
-            state = fresh
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+
+        def choose(fresh: RowState | None) -> RowState | None:
+            # merge and manual rows are left to their events, except for the events this
+            # region accepted as lost: those never come, and a peer's state has them
             if policy == "merge":
-                state = _join_lost(conn, key, region, table, fresh, present, donors)
-            else:
-                state = _newest_lost(conn, key, region, fresh, present, donors)
-            if state is None:
-                return
-        writer = pg.TableWriter.build(conn, config.tables[table])
-        pg.write_states(conn, writer, {key: state})
+                return _join_lost(conn, key, region, table, fresh, present, donors)
+            if policy == "manual":
+                return _newest_lost(conn, key, region, fresh, present, donors)
+            return newest_state(policy, present, fresh)
+
+        verify_queries.rewrite_key(conn, config.tables[table], key, region=region, choose=choose)
 
 
 def _join_lost(conn: pg.Connection, key: str, region: str, table: str, fresh: RowState | None,
@@ -481,26 +617,9 @@ def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Count
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> bool:
     """Copy a row nobody has metadata for; False (nothing written) if the target has
     metadata for it by the time its key lock is held."""
-    from psycopg import sql
-
-    spec = config.tables[table]
-    ident = sql.Identifier(spec.schema, table)
-    with pg.connect(config.region(source).dsn, region=source) as src, translated(region=source, step="repair read"):
-        row = _rows_by_key(src, spec, [key])[key]
-    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in spec.key)
-    with pg.connect(config.region(target).dsn, region=target) as dst, translated(region=target, step="repair"), \
-            dst.transaction():
-        pg.lock_keys(dst, [(table, key)])
-        if pg.load_states(dst, table, [key]):
-            return False
-        # a copy of a row nobody has metadata for is a repair, not a new write to replicate
-        dst.execute("SELECT set_config('reconciler.capture', 'off', true)")
-        dst.execute(sql.SQL("DELETE FROM {t} AS t USING jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS k"
-                            " WHERE ").format(t=ident) + match, (_key_records(spec, [key]),))
-        if row is not None:
-            writer = pg.TableWriter.build(dst, spec)
-            dst.execute(writer.upsert, (pg.json_text([row]),))
-    return True
+    with pg.connect(config.region(source).dsn, region=source) as src, \
+            pg.connect(config.region(target).dsn, region=target) as dst:
+        return verify_queries.copy_unmanaged_row(src, dst, config.tables[table], key, source=source, target=target)
 
 
 # ---------------------------------------------------------------- leaves against rows
@@ -519,31 +638,21 @@ def check_leaves(config: Config, table: str, region: str) -> LeafCheck:
     """Recount ``table``'s leaves from its rows and compare with the maintained ones,
     in one snapshot (a write logs its leaf delta in its own transaction, so the two
     agree exactly unless a write bypassed the triggers)."""
-    from psycopg import IsolationLevel, sql
+    with pg.connect(config.region(region).dsn, region=region) as conn:
+        found = merkle_leaves.leaves_and_rows(conn, config.tables[table], region=region)
+    if found is None:
+        return LeafCheck(table, None, "no maintained leaves")
+    return LeafCheck(table, tuple(stale_buckets(*found)))
 
-    spec = config.tables[table]
-    with pg.connect(config.region(region).dsn, region=region) as conn, \
-            translated(region=region, table=table, step="check leaves against rows"):
-        leaf = merkle_leaves.load_leaf_table(conn, table)
-        conn.commit()
-        if leaf is None:
-            return LeafCheck(table, None, "no maintained leaves")
-        conn.isolation_level = IsolationLevel.REPEATABLE_READ
-        with conn.transaction(), merkle_leaves.canonical_settings(conn):
-            logged = {
-                int(b): (int(h) % (1 << 64), int(n)) for b, h, n in conn.execute(
-                    "SELECT bucket, sum(digest_delta)::text, sum(count_delta)::int8"
-                    " FROM reconciler.merkle_leaf_delta WHERE table_id = %s GROUP BY bucket", (leaf.table_id,))
-            }
-            counted = {
-                int(b): (int(h) % (1 << 64), int(n)) for b, h, n in conn.execute(sql.SQL(
-                    "SELECT {b}, sum({h})::text, count(*) FROM {t} GROUP BY 1").format(
-                    b=bucket_sql(key_hash_sql(leaf.key_columns), leaf.bits), h=row_hash_sql(leaf.columns),
-                    t=sql.Identifier(spec.schema, spec.name)))
-            }
+
+def stale_buckets(logged: Mapping[int, tuple[int, int]], counted: Mapping[int, tuple[int, int]]) -> list[int]:
+    """Leaf buckets whose logged (digest, rows) differ from the counted ones, ascending.
+
+    :func:`reconciler.merkle.differing_buckets`' rule on raw pairs: a log that missed
+    inserts (triggers disabled) and saw their deletes sums to a negative count, which
+    a :class:`~reconciler.merkle.Digest` refuses."""
     empty = (0, 0)
-    stale = sorted(b for b in logged.keys() | counted.keys() if logged.get(b, empty) != counted.get(b, empty))
-    return LeafCheck(table, tuple(stale))
+    return sorted(b for b in logged.keys() | counted.keys() if logged.get(b, empty) != counted.get(b, empty))
 
 
 def rebuild_leaves(config: Config, table: str, region: str) -> None:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .postgres import Connection
+from ..model import RowState
+from .postgres import Connection, load_states
 from .translate import translated
 
 
@@ -64,3 +65,15 @@ def keys_with_metadata(conn: Connection, table: str) -> list[str]:
                             (table,)).fetchall()
         conn.commit()
     return [str(r[0]) for r in rows]
+
+
+def states_and_counted(conn: Connection, region: str, table: str, keys: Sequence[str],
+                       with_counted: bool) -> tuple[dict[str, RowState], Counted | None]:
+    """The keys' states and, with ``with_counted``, what the region counted into them,
+    read in one snapshot (a merge row's counters are judged against those events)."""
+    with translated(region=region, table=table, step="read states"):
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        states = load_states(conn, table, keys)
+        found = counted(conn, region, table, keys) if with_counted else None
+        conn.commit()
+    return states, found

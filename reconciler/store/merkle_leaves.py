@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -54,19 +56,21 @@ from psycopg import sql
 from .. import merkle
 from ..config import TableConfig
 from ..errors import StoreError
-from ..merkle import DiffResult, Digest, Key, KeyDifference
+from ..merkle import Digest, Key, Leaf, LevelStats, TreeShape
 from .merkle_scan import (
     CANONICAL_SETTINGS,
     KEY_HASH_SEED,
     ROW_HASH_SEED,
-    Leaf,
-    Locator,
     Pair,
+    PhaseTimer,
     ScanOptions,
     ScanSide,
+    ScanTree,
     TableInfo,
     bucket_sql,
+    check_compatible,
     key_hash_sql,
+    open_pair,
     row_hash_sql,
 )
 from .translate import translated
@@ -541,6 +545,37 @@ class canonical_settings:  # noqa: N801 - used as a context manager, reads like 
             self.conn.execute("SELECT set_config(%s, %s, true)", (name, value))
 
 
+#: (digest mod 2**64, rows) per leaf bucket; rows may be negative in a log that missed inserts
+LeafCounts = dict[int, tuple[int, int]]
+
+
+def leaves_and_rows(conn: Connection, table: TableConfig, *, region: str | None = None) -> tuple[
+        LeafCounts, LeafCounts] | None:
+    """(logged, counted): every leaf bucket as the log sums it and as the rows hash
+    now, read in one ``REPEATABLE READ`` snapshot (a write logs its leaf delta in its
+    own transaction, so the two agree exactly unless a write bypassed the triggers);
+    None when the table has no leaves. ``conn`` must have no transaction open."""
+    with translated(region=region, table=table.name, step="check leaves against rows"):
+        leaf = load_leaf_table(conn, table.name)
+        conn.commit()
+        if leaf is None:
+            return None
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction(), canonical_settings(conn):
+            logged = {
+                int(b): (int(h) % (1 << 64), int(n)) for b, h, n in conn.execute(
+                    "SELECT bucket, sum(digest_delta)::text, sum(count_delta)::int8"
+                    " FROM reconciler.merkle_leaf_delta WHERE table_id = %s GROUP BY bucket", (leaf.table_id,))
+            }
+            counted = {
+                int(b): (int(h) % (1 << 64), int(n)) for b, h, n in conn.execute(sql.SQL(
+                    "SELECT {b}, sum({h})::text, count(*) FROM {t} GROUP BY 1").format(
+                    b=_leaf_bucket(leaf), h=row_hash_sql(leaf.columns),
+                    t=sql.Identifier(table.schema, table.name)))
+            }
+    return logged, counted
+
+
 def install_all(conn: Connection, tables: Iterable[TableConfig]) -> list[InstallResult]:
     return [install_leaves(conn, t) for t in tables]
 
@@ -649,15 +684,6 @@ def prepare_side(
     return SideStatus(leaf, compacted, standby)
 
 
-#: (bucket -> (hash mod 2**64, rows)) of one side's leaves
-RawLeaves = dict[int, tuple[int, int]]
-
-
-def differing_leaves(a: Mapping[int, tuple[int, int]], b: Mapping[int, tuple[int, int]]) -> list[int]:
-    """Buckets whose digests differ, ascending (pure; a missing bucket is empty)."""
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, (0, 0)) != b.get(k, (0, 0)))
-
-
 def leaf_ancestors(buckets: Iterable[int], bits: int, leaf_bits: int) -> list[int]:
     """The leaf buckets that contain ``buckets`` (``bits`` ≥ ``leaf_bits``), ascending."""
     if bits < leaf_bits:
@@ -691,7 +717,7 @@ class LeafSide(ScanSide):
         for name, value in settings.items():
             self._query("configuring the session", sql.SQL("SELECT set_config(%s, %s, true)"), (name, value))
 
-    def read_log(self, bits: int, within_bits: int | None = None, within: Sequence[int] = ()) -> RawLeaves:
+    def read_log(self, bits: int, within_bits: int | None = None, within: Sequence[int] = ()) -> dict[int, Digest]:
         """Digests at ``bits`` (≤ the leaf bits) summed from the log, optionally only
         inside ``within`` (buckets at the coarser ``within_bits``)."""
         shift = self.leaf.bits - bits
@@ -715,7 +741,7 @@ class LeafSide(ScanSide):
             ).format(sql.Literal(shift), where),
             params,
         )
-        out: RawLeaves = {}
+        out: dict[int, Digest] = {}
         for bucket, h, n in rows:
             if n < 0:
                 raise LeavesUnusable(
@@ -726,7 +752,7 @@ class LeafSide(ScanSide):
                 )
             digest = merkle.to_u64(int(h))
             if n or digest:
-                out[int(bucket)] = (digest, int(n))
+                out[int(bucket)] = Digest(digest, int(n))
         return out
 
     def _within(self, bits: int, buckets: Sequence[int]) -> tuple[sql.Composable, tuple[Any, ...]]:
@@ -742,10 +768,13 @@ class LeafSide(ScanSide):
         return where, params
 
     def level(self, bits: int, parent_bits: int | None = None, parents: Sequence[int] = ()) -> dict[int, Digest]:
-        """Digests below the leaves (the walk descends only into very large differing
-        leaves); levels at or above the leaves come from :meth:`read_log`."""
+        """Digests at ``bits``: summed from the log at or above the leaves, hashed from
+        the rows of ``parents`` (through the index) below them (the walk descends that
+        far only into very large differing leaves)."""
+        if bits <= self.leaf.bits:
+            return self.read_log(bits, parent_bits, parents)
         if parent_bits is None or parent_bits < self.leaf.bits:
-            raise ValueError("levels above the leaves are rolled up from the leaves, not scanned")
+            raise ValueError("levels below the leaves are scanned only under leaf buckets")
         self._info_or_fail()
         where, params = self._within(parent_bits, parents)
         query = sql.SQL("SELECT {} AS b, sum({}), count(*) FROM {} WHERE {} GROUP BY b").format(
@@ -779,161 +808,90 @@ class LeafSide(ScanSide):
         return out
 
 
-@dataclass
-class _Timer:
-    clock: Callable[[], float]
-    phases: dict[str, float] = field(default_factory=dict)
-    mark: float = 0.0
+class LeafTree(ScanTree):
+    """Both sides' maintained leaves, ready to walk: levels at or above the leaves come
+    from the log, and only the rows of differing leaves are read."""
 
-    def __post_init__(self) -> None:
-        self.mark = self.clock()
+    leaves_phase = "leaf_rows"
 
-    def lap(self, name: str) -> None:
-        now = self.clock()
-        self.phases[name] = round(self.phases.get(name, 0.0) + now - self.mark, 6)
-        self.mark = now
+    def __init__(
+        self, pair: Pair, shape: TreeShape, timer: PhaseTimer, status_a: SideStatus, status_b: SideStatus,
+    ) -> None:
+        super().__init__(pair, shape, timer)
+        self.status_a, self.status_b = status_a, status_b
+        self.leaf_rows_fetched = 0
+
+    def level_phase(self, bits: int, parent_bits: int | None) -> str:
+        return "leaves" if bits <= self.status_a.leaf.bits else "refine"
+
+    def leaves(self, bits: int, buckets: Sequence[int]) -> tuple[dict[Key, Leaf], dict[Key, Leaf]]:
+        la, lb = super().leaves(bits, buckets)
+        self.leaf_rows_fetched += len(la) + len(lb)
+        return la, lb
+
+    def figures(self, levels: Sequence[LevelStats]) -> dict[str, Any]:
+        leaf_a, leaf_b = self.status_a.leaf, self.status_b.leaf
+        return {
+            "phases": self.timer.phases,
+            "leaf_bits": leaf_a.bits,
+            "log_levels": [level.to_dict() for level in levels if level.bits <= leaf_a.bits],
+            "leaf_rows_fetched": self.leaf_rows_fetched,
+            "compacted": {"a": self.status_a.compacted, "b": self.status_b.compacted},
+            "indexed": {"a": leaf_a.index_name is not None, "b": leaf_b.index_name is not None},
+        }
 
 
-def maintained_leaves_diff(
+@contextmanager
+def open_leaves(
     dsn_a: str,
     dsn_b: str,
-    status_a: SideStatus,
-    status_b: SideStatus,
+    table: TableConfig,
     *,
     options: ScanOptions | None = None,
+    compact_min_rows: int = COMPACT_MIN_ROWS,
     clock: Callable[[], float] = time.perf_counter,
-    started: float | None = None,
-) -> DiffResult:
-    """Compare one table on two databases through their maintained leaves.
+) -> Iterator[LeafTree]:
+    """Both databases' leaves for ``table``, checked (:func:`prepare_side`, both at
+    once) and ready to walk. Two log reads per side take the place of the full scan's
+    first pass: a coarse level (2**-LOG_FANOUT_BITS of the leaves), then the leaves
+    under the coarse buckets that differ. Both scan the log on the server, but only a
+    few thousand rows cross the wire and get parsed, where all 65,536 leaves cost
+    ~90 ms a side (measured, 1M rows).
 
-    Each side reads its leaves and, in the same snapshot, only the rows of the
-    leaves that differ; equal leaves never leave the comparison. The result has the
-    full scan's shape (mode ``maintained-leaves``). Raises :class:`LeavesUnusable`
-    when the leaves cannot answer (the caller then full-scans).
+    Raises :class:`LeavesUnusable` when the leaves cannot answer (the caller then
+    full-scans); so may the walk, when a log turns out to undercount a bucket.
     """
     opts = options or ScanOptions()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="leaf-check") as pool:
+        checks = [
+            pool.submit(prepare_side, dsn, table, side=side, compact_min_rows=compact_min_rows)
+            for dsn, side in ((dsn_a, "a"), (dsn_b, "b"))
+        ]
+        status_a, status_b = (c.result() for c in checks)
     leaf_a, leaf_b = status_a.leaf, status_b.leaf
     reason = leaf_a.compatible_with(leaf_b)
     if reason:
         raise LeavesUnusable(reason, table=f"{leaf_a.schema_name}.{leaf_a.table_name}")
-    begun = clock() if started is None else started
-    timer = _Timer(clock)
-    pair = Pair(LeafSide("a", dsn_a, leaf_a, opts), LeafSide("b", dsn_b, leaf_b, opts))
-    try:
-        pair.run(lambda s: s.connect())
+    timer = PhaseTimer(clock)
+    with open_pair(LeafSide("a", dsn_a, leaf_a, opts), LeafSide("b", dsn_b, leaf_b, opts)) as pair:
         timer.lap("connect")
         ia, ib = pair.run(ScanSide.describe)
-        _check_sides(pair, ia, ib, leaf_a.columns)
+        check_compatible(pair, ia, ib)
+        _check_columns(pair, ia, ib, leaf_a.columns)
         pair.run(ScanSide.prepare, leaf_a.columns, leaf_a.key_columns)
         timer.lap("describe")
-        # two reads of the log per side: a coarse level (2**-LOG_FANOUT_BITS of the
-        # leaves), then the leaves of the coarse buckets that differ. Both scan the
-        # log on the server, but only a few thousand rows cross the wire and get
-        # parsed, where all 65,536 leaves cost ~90 ms a side (measured, 1M rows)
         coarse_bits = max(0, leaf_a.bits - LOG_FANOUT_BITS)
-        top_a, top_b = pair.run(lambda s: _leaf_side(s).read_log(coarse_bits))
-        coarse = differing_leaves(top_a, top_b)
-        log_levels = [merkle.LevelStats(coarse_bits, 1 << coarse_bits, len(coarse))]
-        raw_a, raw_b = top_a, top_b
-        if coarse and coarse_bits < leaf_a.bits:
-            raw_a, raw_b = pair.run(lambda s: _leaf_side(s).read_log(leaf_a.bits, coarse_bits, coarse))
-        differing = differing_leaves(raw_a, raw_b) if coarse else []
-        log_levels.append(merkle.LevelStats(leaf_a.bits, len(coarse) << (leaf_a.bits - coarse_bits), len(differing)))
-        timer.lap("leaves")
-        shipped = [0]
-
-        def fetch_level(
-            bits: int, parent_bits: int | None, parents: Sequence[int]
-        ) -> tuple[Mapping[int, Digest], Mapping[int, Digest]]:
-            if parent_bits is None:
-                # the walk only needs the differing buckets' digests: equal leaves agree
-                # at every level above, so leaving them out changes no decision
-                return (
-                    {k: Digest(*raw_a[k]) for k in differing if k in raw_a},
-                    {k: Digest(*raw_b[k]) for k in differing if k in raw_b},
-                )
-            levels = pair.run(lambda s: s.level(bits, parent_bits, parents))
-            timer.lap("refine")
-            return levels
-
-        def fetch_leaves(bits: int, buckets: Sequence[int]) -> tuple[dict[Key, Leaf], dict[Key, Leaf]]:
-            la, lb = pair.run(lambda s: s.leaves(bits, buckets))
-            shipped[0] += len(la) + len(lb)
-            timer.lap("leaf_rows")
-            return la, lb
-
-        limits = opts.limits
-        walked = merkle.walk(
-            None,
-            fetch_level,
-            fetch_leaves,
-            lambda leaf: leaf.hash,
-            merkle.WalkLimits(
-                rows_per_leaf=limits.rows_per_leaf,
-                max_top_bits=leaf_a.bits,
-                max_leaf_rows=limits.max_leaf_rows,
-                max_groups=limits.max_groups,
-                max_differences=limits.max_differences,
-            ),
+        shape = TreeShape(
+            table=f"{leaf_a.schema_name}.{leaf_a.table_name}",
+            key_columns=leaf_a.key_columns,
+            columns=leaf_a.columns,
+            mode="maintained-leaves",
+            first_levels=tuple(sorted({coarse_bits, leaf_a.bits})),
         )
-        wanted: dict[str, list[Locator]] = {
-            "a": [x.locator for _, _, x, _ in walked.found if x is not None and x.locator is not None],
-            "b": [y.locator for _, _, _, y in walked.found if y is not None and y.locator is not None],
-        }
-        rows_a, rows_b = pair.run(lambda s: s.rows(wanted[s.name]) if wanted[s.name] else {})
-        differences = sorted(
-            (
-                KeyDifference(
-                    key=key,
-                    kind=kind,
-                    row_a=rows_a.get(x.locator) if x is not None and x.locator is not None else None,
-                    row_b=rows_b.get(y.locator) if y is not None and y.locator is not None else None,
-                )
-                for key, kind, x, y in walked.found
-            ),
-            key=lambda d: merkle.natural_order(d.key),
-        )
-        timer.lap("rows")
-    finally:
-        pair.close()
-    return DiffResult(
-        table=f"{leaf_a.schema_name}.{leaf_a.table_name}",
-        key_columns=leaf_a.key_columns,
-        rows_a=sum(n for _, n in top_a.values()),
-        rows_b=sum(n for _, n in top_b.values()),
-        buckets_compared=walked.buckets_compared,
-        buckets_differing=walked.buckets_differing,
-        differences=tuple(differences),
-        seconds=clock() - begun,
-        columns=leaf_a.columns,
-        truncated=walked.truncated,
-        mode="maintained-leaves",
-        levels=len(walked.levels),
-        extra={
-            "tree": [level.to_dict() for level in walked.levels],
-            "phases": timer.phases,
-            "leaf_bits": leaf_a.bits,
-            "log_levels": [level.to_dict() for level in log_levels],
-            "leaf_rows_fetched": shipped[0],
-            "compacted": {"a": status_a.compacted, "b": status_b.compacted},
-            "indexed": {"a": leaf_a.index_name is not None, "b": leaf_b.index_name is not None},
-        },
-    )
+        yield LeafTree(pair, shape, timer, status_a, status_b)
 
 
-def _leaf_side(side: ScanSide) -> LeafSide:
-    assert isinstance(side, LeafSide)
-    return side
-
-
-def _check_sides(pair: Pair, ia: TableInfo, ib: TableInfo, columns: Sequence[str]) -> None:
-    if ia.server_encoding != ib.server_encoding:
-        raise pair.b.error(
-            "the two servers use different encodings, so equal text hashes differently:"
-            f" a={ia.server_encoding}, b={ib.server_encoding}"
-        )
-    if ia.probe_hash != ib.probe_hash:
-        raise pair.b.error("the two servers' hashtextextended() disagree (different byte order?)")
+def _check_columns(pair: Pair, ia: TableInfo, ib: TableInfo, columns: Sequence[str]) -> None:
     for side, info in ((pair.a, ia), (pair.b, ib)):
         if tuple(info.columns) != tuple(columns):
             # e.g. a column this role may not read: the leaves hash what the role cannot see
@@ -947,17 +905,18 @@ __all__ = [
     "LEAF_BITS",
     "InstallResult",
     "LeafSide",
+    "LeafTree",
     "LeafTable",
     "LeavesUnusable",
     "SideStatus",
     "compact_all",
     "compact_leaves",
-    "differing_leaves",
     "install_all",
     "install_leaves",
     "leaf_ancestors",
+    "leaves_and_rows",
     "load_leaf_table",
-    "maintained_leaves_diff",
+    "open_leaves",
     "prepare_side",
     "table_signature",
     "trigger_body",

@@ -1,10 +1,13 @@
-"""Full-scan Merkle comparison of one table across two PostgreSQL databases.
+"""Full-scan Merkle trees of one table on two PostgreSQL databases: the data the one
+comparison routine (:func:`reconciler.verify.diff_trees`) walks.
 
 All hashing happens inside PostgreSQL: each side answers ``GROUP BY bucket`` with
-``(bucket, sum of row hashes, row count)``, so equal buckets ship no rows. Only the
-buckets that differ are looked into (finer buckets when they are large, then their
-keys and row hashes), and only the keys that differ have their rows fetched, by
-``ctid`` from the same snapshot, which needs neither an index nor a third scan.
+``(bucket, sum of row hashes, row count)``, so equal buckets ship no rows. The walk
+asks only about the buckets that differ (finer buckets when they are large, then
+their keys and row hashes), and only the keys that differ have their rows fetched,
+by ``ctid`` from the same snapshot, which needs neither an index nor a third scan.
+This module answers those questions (:class:`ScanTree`); which to ask, and what the
+answers mean, is decided in :mod:`reconciler.verify` and :mod:`reconciler.merkle`.
 
 The two sides run concurrently, one thread and one connection each (or ``jobs``
 connections per side splitting each pass by block ranges), every side in a
@@ -29,7 +32,6 @@ disaster-recovery comparison need not defend against.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -40,8 +42,9 @@ import psycopg
 from psycopg import sql
 
 from .. import merkle
+from ..config import TableConfig
 from ..errors import StoreError
-from ..merkle import DiffResult, Digest, Key, KeyDifference, Row
+from ..merkle import Digest, Key, Leaf, LevelStats, Locator, Row, TreeShape
 from .dsn import redact_dsn, scrub
 from .translate import translate
 
@@ -157,17 +160,6 @@ class TableInfo:
     def has_ctid(self) -> bool:
         # tables, partitioned tables, materialized views; not views or foreign tables
         return self.relkind in ("r", "p", "m")
-
-
-#: where a row lives in a side's snapshot: (tableoid, ctid)
-Locator = tuple[int, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    hash: int
-    locator: Locator | None
-    row: Row | None  # filled directly when the relation has no ctid
 
 
 # --- error translation ---------------------------------------------------------------
@@ -548,19 +540,34 @@ class Pair:
 
 
 @contextmanager
-def open_pair(dsn_a: str, dsn_b: str, schema: str, table: str, options: ScanOptions) -> Iterator[Pair]:
-    pair = Pair(ScanSide("a", dsn_a, schema, table, options), ScanSide("b", dsn_b, schema, table, options))
+def open_pair(a: ScanSide, b: ScanSide) -> Iterator[Pair]:
+    pair = Pair(a, b)
     try:
-        pair.run(ScanSide.connect)
+        pair.run(lambda side: side.connect())  # a subclass's own connect
         yield pair
     finally:
         pair.close()
 
 
-# --- the comparison ----------------------------------------------------------------
+# --- both trees, ready to walk ---------------------------------------------------------
 
 
-def _check_compatible(pair: Pair, ia: TableInfo, ib: TableInfo) -> None:
+class PhaseTimer:
+    """Seconds spent per phase of one comparison (reported in the result's extra)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.phases: dict[str, float] = {}
+        self.mark = clock()
+
+    def lap(self, name: str) -> None:
+        now = self.clock()
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self.mark, 6)
+        self.mark = now
+
+
+def check_compatible(pair: Pair, ia: TableInfo, ib: TableInfo) -> None:
+    """Refuse two servers whose hashes of the same text would differ."""
     if ia.server_encoding != ib.server_encoding:
         raise pair.b.error(
             "the two servers use different encodings, so equal text hashes differently:"
@@ -569,118 +576,83 @@ def _check_compatible(pair: Pair, ia: TableInfo, ib: TableInfo) -> None:
     if ia.probe_hash != ib.probe_hash:
         raise pair.b.error(
             "the two servers' hashtextextended() disagree (different byte order?);"
-            " a full-scan comparison between them would report every row"
+            " a Merkle comparison between them would report every row"
         )
 
 
-def full_scan_diff(
-    dsn_a: str,
-    dsn_b: str,
-    table: str,
-    key_columns: Sequence[str],
-    *,
-    schema: str = "public",
-    options: ScanOptions | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> DiffResult:
-    """Compare ``schema.table`` on two databases; see the module docstring."""
-    opts = options or ScanOptions()
-    keys = tuple(key_columns)
+class ScanTree:
+    """Both sides of one comparison, described and ready to walk: each answer (a level's
+    digests, some buckets' leaves, some rows) comes from both sides at once, timed by
+    phase. It is what :func:`reconciler.verify.diff_trees` reads; a subclass changes
+    where the digests come from (:class:`reconciler.store.merkle_leaves.LeafTree`)."""
+
+    leaves_phase = "leaves"
+
+    def __init__(self, pair: Pair, shape: TreeShape, timer: PhaseTimer) -> None:
+        self.pair = pair
+        self.shape = shape
+        self.timer = timer
+
+    def level_phase(self, bits: int, parent_bits: int | None) -> str:
+        return "top_level" if parent_bits is None else "refine"
+
+    def level(
+        self, bits: int, parent_bits: int | None, parents: Sequence[int]
+    ) -> tuple[dict[int, Digest], dict[int, Digest]]:
+        levels = self.pair.run(lambda side: side.level(bits, parent_bits, parents))
+        self.timer.lap(self.level_phase(bits, parent_bits))
+        return levels
+
+    def leaves(self, bits: int, buckets: Sequence[int]) -> tuple[dict[Key, Leaf], dict[Key, Leaf]]:
+        found = self.pair.run(lambda side: side.leaves(bits, buckets))
+        self.timer.lap(self.leaves_phase)
+        return found
+
+    def rows(
+        self, wanted_a: Sequence[Locator], wanted_b: Sequence[Locator]
+    ) -> tuple[dict[Locator, Row], dict[Locator, Row]]:
+        wanted = {"a": wanted_a, "b": wanted_b}
+        found = self.pair.run(lambda side: side.rows(wanted[side.name]) if wanted[side.name] else {})
+        self.timer.lap("rows")
+        return found
+
+    def figures(self, levels: Sequence[LevelStats]) -> dict[str, Any]:
+        """What this source reports besides the walk: time per phase, connections."""
+        return {"phases": self.timer.phases, "jobs": {"a": self.pair.a.jobs, "b": self.pair.b.jobs}}
+
+
+@contextmanager
+def open_scan(dsn_a: str, dsn_b: str, spec: TableConfig, options: ScanOptions,
+              clock: Callable[[], float]) -> Iterator[ScanTree]:
+    """Connect to both databases, check they hash alike, and fix the compared columns:
+    every column the two sides share, key columns included (a row hash that left the
+    key out could not tell a value moved from one key to another). Of ``spec`` only
+    the name, schema and key count: the table need not be one of ours."""
+    schema, table, keys = spec.schema, spec.name, tuple(spec.key)
     if not keys:
         raise StoreError("at least one key column is needed", table=f"{schema}.{table}")
-    started = clock()
-    phases: dict[str, float] = {}
-    mark = started
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = clock()
-        phases[name] = round(phases.get(name, 0.0) + now - mark, 6)
-        mark = now
-
-    with open_pair(dsn_a, dsn_b, schema, table, opts) as pair:
-        lap("connect")
+    timer = PhaseTimer(clock)
+    with open_pair(ScanSide("a", dsn_a, schema, table, options), ScanSide("b", dsn_b, schema, table, options)) as pair:
+        timer.lap("connect")
         ia, ib = pair.run(ScanSide.describe)
-        _check_compatible(pair, ia, ib)
+        check_compatible(pair, ia, ib)
         for side, info in ((pair.a, ia), (pair.b, ib)):
             missing = [k for k in keys if k not in info.columns]
             if missing:
                 raise side.error(f"key column(s) {', '.join(missing)} not in {side.qualified} on side {side.name}")
-        # every shared column is hashed, the key columns included: a row hash that left
-        # the key out could not tell a value moved from one key to another
         columns = tuple(sorted(set(ia.columns) & set(ib.columns)))
         pair.run(ScanSide.prepare, columns, keys)
-
         estimates = [e for e in (ia.estimated_rows, ib.estimated_rows) if e is not None]
-        lap("describe")
-
-        def fetch_level(
-            bits: int, parent_bits: int | None, parents: Sequence[int]
-        ) -> tuple[dict[int, Digest], dict[int, Digest]]:
-            levels = pair.run(ScanSide.level, bits, parent_bits, parents)
-            lap("top_level" if parent_bits is None else "refine")
-            return levels
-
-        def fetch_leaves(bits: int, buckets: Sequence[int]) -> tuple[dict[Key, Leaf], dict[Key, Leaf]]:
-            leaves = pair.run(ScanSide.leaves, bits, buckets)
-            lap("leaves")
-            return leaves
-
-        walked = merkle.walk(
-            max(estimates) if len(estimates) == 2 else None,
-            fetch_level,
-            fetch_leaves,
-            lambda leaf: leaf.hash,
-            opts.limits,
-        )
-        found = walked.found
-        jobs = {"a": pair.a.jobs, "b": pair.b.jobs}
-
-        wanted: dict[str, list[Locator]] = {
-            "a": [la_.locator for _, _, la_, _ in found if la_ is not None and la_.locator is not None],
-            "b": [lb_.locator for _, _, _, lb_ in found if lb_ is not None and lb_.locator is not None],
-        }
-        rows_by_side = pair.run(lambda s: s.rows(wanted[s.name]) if wanted[s.name] else {})
-        differences = []
-        for key, kind, leaf_a, leaf_b in found:
-            differences.append(
-                KeyDifference(
-                    key=key,
-                    kind=kind,
-                    row_a=_row_of(leaf_a, rows_by_side[0]),
-                    row_b=_row_of(leaf_b, rows_by_side[1]),
-                )
-            )
-        differences.sort(key=lambda d: merkle.natural_order(d.key))
-        lap("rows")
-
-    return DiffResult(
-        table=f"{schema}.{table}",
-        key_columns=keys,
-        rows_a=walked.rows_a,
-        rows_b=walked.rows_b,
-        buckets_compared=walked.buckets_compared,
-        buckets_differing=walked.buckets_differing,
-        differences=tuple(differences),
-        seconds=clock() - started,
-        columns=columns,
-        columns_only_in_a=tuple(sorted(set(ia.columns) - set(ib.columns))),
-        columns_only_in_b=tuple(sorted(set(ib.columns) - set(ia.columns))),
-        truncated=walked.truncated,
-        mode="full-scan",
-        levels=len(walked.levels),
-        extra={"tree": [level.to_dict() for level in walked.levels], "phases": phases, "jobs": jobs},
-    )
-
-
-def _row_of(leaf: Leaf | None, rows: dict[Locator, Row]) -> Row | None:
-    if leaf is None:
-        return None
-    if leaf.row is not None:
-        return leaf.row
-    if leaf.locator is None:
-        return None
-    return rows.get(leaf.locator)
+        timer.lap("describe")
+        yield ScanTree(pair, TreeShape(
+            table=f"{schema}.{table}",
+            key_columns=keys,
+            columns=columns,
+            mode="full-scan",
+            estimated_rows=max(estimates) if len(estimates) == 2 else None,
+            columns_only_in_a=tuple(sorted(set(ia.columns) - set(ib.columns))),
+            columns_only_in_b=tuple(sorted(set(ib.columns) - set(ia.columns))),
+        ), timer)
 
 
 __all__ = [
@@ -688,14 +660,19 @@ __all__ = [
     "KEY_HASH_SEED",
     "ROW_HASH_SEED",
     "Leaf",
+    "Locator",
     "Pair",
+    "PhaseTimer",
     "ScanOptions",
     "ScanSide",
+    "ScanTree",
     "TableInfo",
     "bucket_sql",
-    "full_scan_diff",
+    "check_compatible",
     "key_hash_sql",
     "key_text_sql",
+    "open_pair",
+    "open_scan",
     "row_hash_sql",
     "row_text_sql",
     "translate_error",

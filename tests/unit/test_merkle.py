@@ -368,3 +368,22 @@ def test_result_to_dict_and_equality() -> None:
 def test_natural_order_sorts_numbers_numerically_and_nulls_first() -> None:
     keys: list[merkle.Key] = [("10",), ("9",), (None,), ("abc",), ("-3",)]
     assert sorted(keys, key=merkle.natural_order) == [(None,), ("-3",), ("9",), ("10",), ("abc",)]
+
+
+def test_first_levels_are_read_whole_then_only_under_differing_buckets() -> None:
+    a = {str(i): "x" for i in range(3000)}
+    b = dict(a, **{"17": "y"})
+    sa, sb = ModelSide(a), ModelSide(b)
+    asked: list[tuple[int, int | None, int]] = []
+
+    def level(bits: int, pb: int | None, ps: Sequence[int]) -> tuple[dict[int, Digest], dict[int, Digest]]:
+        asked.append((bits, pb, len(ps)))
+        return sa.level(bits, pb, ps), sb.level(bits, pb, ps)
+
+    walked = merkle.walk(None, level, lambda bits, bs: (sa.leaves(bits, bs), sb.leaves(bits, bs)), lambda h: h,
+                         first_levels=(3, 9))
+    assert asked[:2] == [(3, None, 0), (9, 3, 1)]  # the finer level only under the one differing bucket
+    assert [(lv.bits, lv.compared, lv.differing) for lv in walked.levels[:2]] == [(3, 8, 1), (9, 64, 1)]
+    assert [k for k, _, _, _ in walked.found] == ["17"]
+    with pytest.raises(ValueError, match="ascending"):
+        merkle.walk(None, level, lambda bits, bs: ({}, {}), lambda h: h, first_levels=(9, 3))
