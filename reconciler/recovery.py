@@ -16,17 +16,14 @@ ACTIVE only when the gate passes.
 
 from __future__ import annotations
 
-import heapq
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import wire
 from .apply import Applier
 from .config import Config
-from .errors import EventError, FencedError, ReconcilerError, StoreError
+from .errors import FencedError, ReconcilerError
 from .gaps import (
     GapPlan,
     Lag,
@@ -42,15 +39,13 @@ from .hlc import Timestamp
 from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
-from .model import Event
+from .replay import ApplierSink, Replayed, Replayer, merged_by_hlc, plan_events
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
-from .store import retention
-from .store.translate import translated
+from .store import recovery_queries, retention
 from .transport import kafka
+from .transport.port import EventLog
 from .verify import verify_and_repair
-
-_RECOVER_LOCK = 7165108713
 
 
 @dataclass
@@ -152,8 +147,8 @@ def collect_facts(config: Config) -> dict[str, RegionFacts]:
 
 
 def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
-    settings = config.kafka_settings(next(iter(config.regions)))
-    return {o: kafka.retained_sequences(settings, config.events_topic(o)) for o in config.regions}
+    log = _reader_log(config)
+    return {o: log.retained(o) for o in config.regions}
 
 
 def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
@@ -161,9 +156,13 @@ def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRan
     each range starts: between the first and the last retained sequence there can be
     holes (an aborted batch of a fenced relay, compaction), and a hole routed to Kafka
     would be replayed from there forever, never from a peer that has it."""
-    settings = config.kafka_settings(next(iter(config.regions)))
-    return {o: SeqRanges(kafka.retained_ranges(settings, config.events_topic(o), r.ranges))
-            for o, r in wanted.items() if r}
+    log = _reader_log(config)
+    return {o: SeqRanges(log.retained_ranges(o, r.ranges)) for o, r in wanted.items() if r}
+
+
+def _reader_log(config: Config) -> EventLog:
+    """Gap analysis reads every origin's topic with the first region's settings."""
+    return kafka.KafkaEventLog(config.kafka_settings(next(iter(config.regions))), config.events_topic)
 
 
 def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
@@ -295,26 +294,14 @@ def _hlc_span(
     holders = [origin] if origin in reachable and origin != plan.gap.destination else []
     holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
     for holder in holders:
-        # the origin numbered its events in outbox_sequence; a peer keeps them in its inbox
-        events = (
-            "reconciler.outbox_sequence t JOIN reconciler.outbox o ON o.position = t.position"
-            if holder == origin else "reconciler.inbox t"
-        )
-        sequence = "relay_sequence" if holder == origin else "sequence"
-        ranges = plan.gap.ranges.to_list()
         try:
-            with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn, translated(step="hlc span"):
-                row = conn.execute(
-                    f"SELECT min(hlc), max(hlc) FROM {events}"  # noqa: S608 - fixed names above
-                    " JOIN jsonb_to_recordset(%s::jsonb) AS r(lo bigint, hi bigint)"
-                    f" ON t.{sequence} BETWEEN r.lo AND r.hi"
-                    " WHERE t.origin = %s",
-                    (json.dumps([{"lo": lo, "hi": hi} for lo, hi in ranges]), origin),
-                ).fetchone()
+            with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn:
+                low, high = recovery_queries.hlc_span(conn, origin, plan.gap.ranges.ranges,
+                                                      holder_is_origin=holder == origin)
         except ReconcilerError:
             continue
-        if row and row[0] is not None:
-            return Timestamp.unpack(row[0]), Timestamp.unpack(row[1])
+        if low is not None:
+            return low, high
     return None, None
 
 
@@ -374,82 +361,6 @@ class RecoveryReport:
         }
 
 
-class _Replayer:
-    """Streams the events of a plan from their sources, in bounded batches."""
-
-    def __init__(self, config: Config, batch: int) -> None:
-        self.config = config
-        self.batch = batch
-
-    def stream(self, plan: GapPlan) -> Iterator[tuple[str, Event]]:
-        origin = plan.gap.origin
-        for part in plan.parts:
-            if part.source is Source.NOWHERE:
-                continue
-            if part.source is Source.KAFKA:
-                yield from self._from_kafka(origin, part.lo, part.hi)
-            else:
-                holder = part.holder or origin
-                yield from self._from_database(origin, holder, part.source, part.lo, part.hi)
-
-    def _from_kafka(self, origin: str, lo: int, hi: int) -> Iterator[tuple[str, Event]]:
-        settings = self.config.kafka_settings(origin)
-        seen: set[int] = set()
-        for batch in kafka.read_sequences(settings, self.config.events_topic(origin), lambda s: lo <= s <= hi,
-                                          batch=self.batch, from_sequence=lo):
-            for value, _partition, offset in batch:
-                try:
-                    event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)
-                except EventError:
-                    continue  # poison was quarantined when first consumed; nothing to replay
-                if event.origin != origin:
-                    continue  # claims another origin than its topic's: quarantined when consumed
-                if event.sequence in seen:
-                    continue  # a relay crash republished it; one copy is enough
-                seen.add(event.sequence or 0)
-                yield Source.KAFKA.value, event
-
-    def _from_database(
-        self, origin: str, holder: str, source: Source, lo: int, hi: int
-    ) -> Iterator[tuple[str, Event]]:
-        with pg.connect(self.config.region(holder).dsn, region=holder) as conn:
-            cursor = lo
-            while cursor <= hi:
-                if source is Source.PEER_OUTBOX:
-                    events = pg.outbox_range(conn, origin, cursor, hi, self.batch)
-                    conn.commit()
-                else:
-                    events = pg.inbox_events(conn, origin, cursor, hi, self.batch)
-                if not events:
-                    return
-                for event in events:
-                    yield source.value, event
-                cursor = (events[-1].sequence or hi) + 1
-
-
-def _merged_by_hlc(streams: list[Iterator[tuple[str, Event]]], lookahead: int) -> Iterator[tuple[str, Event]]:
-    """Merge the plans' streams by HLC with a bounded buffer per stream.
-
-    Each stream is in sequence order, which is commit order and very nearly HLC
-    order; the merge keeps the replay close to global HLC order without holding a
-    backlog in memory. (Policies converge in any order; this keeps the audit trail
-    and the lag figures natural.)
-    """
-    Item = tuple[tuple[Timestamp, str, int], int, str, Event]
-
-    def keyed(index: int, stream: Iterator[tuple[str, Event]]) -> Iterator[Item]:
-        buffer: list[Item] = []
-        for source, event in stream:
-            heapq.heappush(buffer, ((event.hlc, event.origin, event.sequence or 0), index, source, event))
-            if len(buffer) >= lookahead:
-                yield heapq.heappop(buffer)
-        while buffer:
-            yield heapq.heappop(buffer)
-
-    for _key, _index, source, event in heapq.merge(*(keyed(i, s) for i, s in enumerate(streams))):
-        yield source, event
-
-
 def recover(
     config: Config,
     region: str,
@@ -467,9 +378,7 @@ def recover(
     dsn = config.region(region).dsn
     lease = pg.connect(dsn, autocommit=True, region=region)
     try:
-        with translated(region=region, step="recover lease"):
-            row = lease.execute("SELECT pg_try_advisory_lock(%s)", (_RECOVER_LOCK,)).fetchone()
-        if not row or not row[0]:
+        if not recovery_queries.try_recover_lock(lease, region):
             raise FencedError("another recover is already running for this region", region=region)
         report = analyze_gaps(config, region)
         result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
@@ -532,64 +441,39 @@ def _replay(
     total = sum(p.gap.count - p.lost.count() for p in plans)
     if not total:
         return
-    replayer = _Replayer(config, config.apply_batch_size)
-    streams = [replayer.stream(p) for p in plans]
+    batch = config.apply_batch_size
+    logs: dict[str, EventLog] = {}
+
+    def log_for(origin: str) -> EventLog:
+        if origin not in logs:
+            logs[origin] = event_log(config, origin)
+        return logs[origin]
+
+    streams = [plan_events(p, log_for=log_for, dsn_of=lambda r: config.region(r).dsn, batch=batch) for p in plans]
     done = 0
+
+    def counted(replayed: Sequence[Replayed]) -> None:
+        nonlocal done
+        result.own_events_returned += sum(1 for r in replayed if r.event.origin == region)
+        for item in replayed:
+            result.replayed[item.key] = result.replayed.get(item.key, 0) + 1
+            if metrics is not None:
+                metrics.record_replayed(item.event.origin, item.source.value)
+        done += len(replayed)
+        if metrics is not None:
+            metrics.replay_remaining_events.set(max(total - done, 0))
+        notify(Progress(region, "replay", done, total))
+
     notify(Progress(region, "replay", 0, total))
     with pg.connect(config.region(region).dsn, region=region, autocommit=True) as conn:
-        applier = Applier(conn, region, config.tables, config.hlc_max_offset_ms)
-        batch: list[tuple[str, Event]] = []
-
-        def flush() -> None:
-            nonlocal done
-            remote = [e for _, e in batch if e.origin != region]
-            own = [e for _, e in batch if e.origin == region]
-            if remote:
-                applier.apply_remote(remote)
-            if own:
-                _return_own_events(conn, applier, own)
-                result.own_events_returned += len(own)
-            for source, event in batch:
-                key = f"{event.origin}:{source}"
-                result.replayed[key] = result.replayed.get(key, 0) + 1
-                if metrics is not None:
-                    metrics.record_replayed(event.origin, source)
-            done += len(batch)
-            if metrics is not None:
-                metrics.replay_remaining_events.set(max(total - done, 0))
-            notify(Progress(region, "replay", done, total))
-            batch.clear()
-
-        for item in _merged_by_hlc(streams, lookahead=config.apply_batch_size):
-            batch.append(item)
-            if len(batch) >= config.apply_batch_size:
-                flush()
-        if batch:
-            flush()
+        sink = ApplierSink(conn, Applier(conn, region, config.tables, config.hlc_max_offset_ms))
+        Replayer(sink, batch=batch, on_batch=counted).replay(merged_by_hlc(streams, lookahead=batch))
 
 
-def _return_own_events(conn: pg.Connection, applier: Applier, events: list[Event]) -> None:
-    """Apply this region's own events that it lost (stale backup) and put them back in
-    its outbox with their original numbers, in one transaction."""
-    with translated(region=applier.region, step="return own events"), conn.transaction():
-        known = {
-            str(r[0]) for r in conn.execute(
-                "SELECT id FROM reconciler.outbox WHERE id = ANY(%s::uuid[])", ([e.event_id for e in events],)
-            ).fetchall()
-        }
-        fresh = [e for e in events if e.event_id not in known]
-        # An event the backup holds but had not numbered yet was numbered (and published,
-        # and applied by peers) before the restore: it must keep that number, or the relay
-        # would number it again and peers would apply it a second time.
-        renumber = [e for e in events if e.event_id in known]
-        pg.give_back_numbers(conn, applier.region, renumber)
-        applied, bad, _conflicts = applier.apply_rows(fresh)
-        if bad:
-            raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",
-                             region=applier.region)
-        pg.restore_own_events(conn, fresh)
-        if applied:
-            pg.observe_hlc(conn, max(e.hlc for e in applied))
+def event_log(config: Config, origin: str) -> EventLog:
+    """The event log ``origin``'s topic is read through, with that region's Kafka
+    settings (its principal may read its own topic)."""
+    return kafka.KafkaEventLog(config.kafka_settings(origin), config.events_topic, region=origin)
 
 
 def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> None:
@@ -629,11 +513,8 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
 
 def _database_now_ms(config: Config, region: str) -> int:
     """The region's database clock, ms: the one clock stamps and skew are judged by."""
-    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn, \
-            translated(region=region, step="read the database clock"):
-        row = conn.execute("SELECT reconciler.physical_hlc() >> 16").fetchone()
-    assert row is not None
-    return int(row[0])
+    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn:
+        return recovery_queries.database_now_ms(conn, region)
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:
