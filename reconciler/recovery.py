@@ -6,12 +6,13 @@ islands, relay position) and Kafka what it still retains, and lets the pure
 planner (:mod:`reconciler.gaps`) say, for every (origin, destination) pair, what
 is missing and where it can be replayed from.
 
-``recover`` then fences the region, replays what it misses through the same
-inbox/apply path as live traffic (so dedup and conflict policies hold; a re-run
-after SIGKILL just finds smaller gaps), returns to a region restored from a
-stale backup the events it lost, verifies every replicated table against every
-reachable peer with Merkle trees, repairs what differs, and moves the region to
-ACTIVE only when the gate passes.
+``recover`` then fences the region, replays what it misses (:mod:`reconciler.replay`:
+through the same inbox/apply path as live traffic, so dedup and conflict policies
+hold and a re-run after SIGKILL just finds smaller gaps; a region restored from a
+stale backup gets the events it lost back), verifies every replicated table against
+every reachable peer with Merkle trees (:mod:`reconciler.verify`), repairs what
+differs, and moves the region to ACTIVE only when the gate passes. Its own SQL is in
+:mod:`reconciler.store.recovery_queries`; Kafka is read through the EventLog port.
 """
 
 from __future__ import annotations

@@ -696,6 +696,8 @@ class KafkaEventLog:
         self.topic_of = topic_of
         self.region = region
         self.timeout = timeout
+        #: messages read_range fetched after seeking (what a replay costs; the seek's few probes aside)
+        self.messages_read = 0
 
     def ensure_topics(self, topics: Iterable[str], partitions: int = 1) -> list[str]:
         return ensure_topics(self.settings, topics, partitions, region=self.region)
@@ -719,6 +721,7 @@ class KafkaEventLog:
                 out: list[Delivery] = []
                 for msg in _messages_from(reader, topic, p, start, high, batch, self.timeout,
                                           region=self.region, step="replay read"):
+                    self.messages_read += 1
                     delivery = decode(origin, topic, p, msg.offset() or 0, msg.value())
                     seq = delivery.sequence
                     if seq is None:
