@@ -160,6 +160,10 @@ def measure(read: Callable[[int, int], list[Event]], lo: int, hi: int) -> dict[s
     return {"seconds": round(seconds, 4), "messages_read": Counting.delivered, "events": len(events)}
 
 
+def _version(value: Any) -> str:
+    return str(value[0] if isinstance(value, tuple) else value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=1_000_000, help="events in the topic")
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {where:6} {name:18} {run['seconds']:8.3f} s {run['messages_read']:>10,} messages")
     finally:
         if not args.keep:
-            futures = kafka.admin(settings).delete_topics([topic], operation_timeout=30)
+            admin = kafka.admin(settings)  # kept until its futures are done: a collected client abandons them
+            futures = admin.delete_topics([topic], operation_timeout=30)
             for future in futures.values():
                 try:
                     future.result(30)
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "runs": runs,
         "environment": {"python": platform.python_version(), "machine": platform.machine(),
-                        "cpus": os.cpu_count(), "confluent_kafka": confluent_kafka.version()[0],
+                        "cpus": os.cpu_count(), "confluent_kafka": _version(confluent_kafka.version()),
                         "librdkafka": confluent_kafka.libversion()[0], "load_avg": list(os.getloadavg())},
     }
     out = Path(args.out)
