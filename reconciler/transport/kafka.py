@@ -720,7 +720,7 @@ class KafkaEventLog:
                 start = offset_of_sequence(reader, topic, p, low, high, lo, self.timeout)
                 out: list[Delivery] = []
                 for msg in _messages_from(reader, topic, p, start, high, batch, self.timeout,
-                                          region=self.region, step="replay read"):
+                                          settings=self.settings, region=self.region, step="replay read"):
                     self.messages_read += 1
                     delivery = decode(origin, topic, p, msg.offset() or 0, msg.value())
                     seq = delivery.sequence
