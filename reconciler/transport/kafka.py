@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from ..errors import FencedError, ReconcilerError, TransportError, TransportUnavailable
 from ..redact import safe_kafka_settings
-from .port import Delivery, decode, merge_sequences
+from .port import Delivery, chunks, decode, merge_sequences, within
 
 # error codes after which a retry (same call, later) can succeed
 _RETRYABLE = {
@@ -478,17 +478,10 @@ def read_sequences(
             start = low
             if from_sequence is not None and high > start:
                 start = offset_of_sequence(reader, topic, p, start, high, from_sequence, timeout)
-            out: list[tuple[bytes, int, int]] = []
-            for msg in _messages_from(reader, topic, p, start, high, batch, timeout,
-                                      settings=settings, step="replay read"):
-                seq = _sequence_of(msg.value())
-                if seq is not None and wanted(seq):
-                    out.append((msg.value() or b"", p, msg.offset() or 0))
-                if len(out) >= batch:
-                    yield out
-                    out = []
-            if out:
-                yield out
+            messages = _messages_from(reader, topic, p, start, high, batch, timeout,
+                                      settings=settings, step="replay read")
+            yield from chunks(((m.value() or b"", p, m.offset() or 0) for m in messages
+                               if (seq := _sequence_of(m.value())) is not None and wanted(seq)), batch)
     except KafkaException as exc:
         raise translate(exc, settings=settings, topic=topic, step="replay read") from exc
     finally:
@@ -718,30 +711,19 @@ class KafkaEventLog:
                 if high <= low:
                     continue
                 start = offset_of_sequence(reader, topic, p, low, high, lo, self.timeout)
-                out: list[Delivery] = []
-                for msg in _messages_from(reader, topic, p, start, high, batch, self.timeout,
-                                          settings=self.settings, region=self.region, step="replay read"):
-                    self.messages_read += 1
-                    delivery = decode(origin, topic, p, msg.offset() or 0, msg.value())
-                    seq = delivery.sequence
-                    if seq is None:
-                        continue
-                    if seq > hi and delivery.usable:
-                        # sequences grow with offsets; a republished suffix only repeats
-                        # what came before it, so nothing of the range lies further on
-                        break
-                    if lo <= seq <= hi:
-                        out.append(delivery)
-                        if len(out) >= batch:
-                            yield out
-                            out = []
-                if out:
-                    yield out
+                messages = _messages_from(reader, topic, p, start, high, batch, self.timeout,
+                                          settings=self.settings, region=self.region, step="replay read")
+                yield from chunks(within(self._decoded(origin, topic, p, messages), lo, hi), batch)
         except KafkaException as exc:
             raise translate(exc, settings=self.settings, region=self.region, topic=topic,
                             step="replay read") from exc
         finally:
             reader.close()
+
+    def _decoded(self, origin: str, topic: str, p: int, messages: Iterable[Any]) -> Iterator[Delivery]:
+        for msg in messages:
+            self.messages_read += 1
+            yield decode(origin, topic, p, msg.offset() or 0, msg.value())
 
     def retained(self, origin: str) -> tuple[int, int] | None:
         return retained_sequences(self.settings, self.topic_of(origin))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import wire
 from ..errors import FencedError, TransportError
-from .port import Delivery, decode, merge_sequences
+from .port import Delivery, chunks, decode, merge_sequences, within
 
 
 def default_topic_of(origin: str) -> str:
@@ -70,26 +70,16 @@ class MemoryEventLog:
         if hi < lo:
             return
         for p, part in enumerate(self._partitions(topic)):
-            out: list[Delivery] = []
-            for offset in range(self._offset_of_sequence(topic, p, lo), part.end):
-                with self._lock:
-                    if offset < part.start:
-                        continue  # expired while we read
-                    _key, raw = part.records[offset - part.start]
-                    self.messages_read += 1
-                delivery = decode(origin, topic, p, offset, raw)
-                seq = delivery.sequence
-                if seq is None:
-                    continue
-                if seq > hi and delivery.usable:
-                    break
-                if lo <= seq <= hi:
-                    out.append(delivery)
-                    if len(out) >= batch:
-                        yield out
-                        out = []
-            if out:
-                yield out
+            yield from chunks(within(self._read(origin, topic, p, part, lo), lo, hi), batch)
+
+    def _read(self, origin: str, topic: str, p: int, part: _Partition, lo: int) -> Iterator[Delivery]:
+        for offset in range(self._offset_of_sequence(topic, p, lo), part.end):
+            with self._lock:
+                if offset < part.start:
+                    continue  # expired while we read
+                _key, raw = part.records[offset - part.start]
+                self.messages_read += 1
+            yield decode(origin, topic, p, offset, raw)
 
     def retained(self, origin: str) -> tuple[int, int] | None:
         firsts: list[int] = []

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from .. import wire
 from ..errors import EventError
 from ..model import Event
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,33 @@ class EventLog(Protocol):
         """Which sequences of ``wanted`` (inclusive ranges) the topic really holds, as
         sorted, merged inclusive ranges."""
         ...
+
+
+def within(deliveries: Iterable[Delivery], lo: int, hi: int) -> Iterator[Delivery]:
+    """The deliveries of one partition, read in offset order from at or before ``lo``'s
+    first event, that fall in [lo, hi]; stops at the first well-formed event past
+    ``hi``: sequences grow with offsets, and a republished suffix only repeats what
+    came before it, so nothing of the range lies further on."""
+    for delivery in deliveries:
+        seq = delivery.sequence
+        if seq is None:
+            continue
+        if seq > hi and delivery.usable:
+            return
+        if lo <= seq <= hi:
+            yield delivery
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter, none is empty)."""
+    out: list[T] = []
+    for item in items:
+        out.append(item)
+        if len(out) >= size:
+            yield out
+            out = []
+    if out:
+        yield out
 
 
 def merge_sequences(found: Iterable[int]) -> list[tuple[int, int]]:

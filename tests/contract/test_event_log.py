@@ -157,6 +157,8 @@ def test_read_range_hands_over_poison_and_foreign_events_marked(harness: Harness
     assert poison.event is None and poison.error is not None and not poison.usable and poison.raw
     assert foreign.foreign and not foreign.usable
     assert [d.usable for d in got] == [True, True, False, False, True]
+    # past the range, poison and foreign events are not the range's either
+    assert [d.sequence for d in read(harness.log, "us-east", 1, 2)] == [1, 2]
 
 
 def test_a_missing_or_empty_topic_holds_nothing(harness: Harness) -> None:
