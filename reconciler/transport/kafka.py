@@ -438,8 +438,29 @@ def _partitions(reader: Consumer, topic: str, timeout: float) -> Iterator[tuple[
     (none when the topic does not exist)."""
     meta = reader.list_topics(topic, timeout=timeout)
     for p in sorted(meta.topics[topic].partitions) if topic in meta.topics else []:
-        low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-        yield p, low, high
+        yield (p, *_watermarks(reader, topic, p, timeout))
+
+
+#: a partition whose leader the broker has not settled yet (a topic created a moment ago)
+_LEADER_PENDING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                   KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _watermarks(reader: Consumer, topic: str, p: int, timeout: float) -> tuple[int, int]:
+    """(low, high) offsets of a partition; while its leader is being settled, asked again
+    (within ``timeout``) instead of failing a read of a topic that was just created."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p),
+                                                     timeout=max(0.1, deadline - time.monotonic()))
+            return int(low), int(high)
+        except KafkaException as exc:
+            kerr = exc.args[0] if exc.args else None
+            if not (isinstance(kerr, KafkaError) and kerr.code() in _LEADER_PENDING) \
+                    or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _messages_from(reader: Consumer, topic: str, p: int, start: int, high: int, batch: int,
