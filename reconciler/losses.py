@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import Config
 from .errors import DataLossError
-from .recovery import RegionFacts, analyze_gaps, collect_facts
+from .gap_analysis import RegionFacts, analyze_gaps, collect_facts
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
 from .store.translate import translated

@@ -1,321 +1,40 @@
-"""Regional recovery: gap analysis, catch-up replay, Merkle verification, repair,
-and the gate back to ACTIVE.
+"""Regional recovery: fence, catch-up replay, verification and repair, and the gate
+back to ACTIVE.
 
-``analyze_gaps`` asks every reachable region what it holds (outbox, inbox
-islands, relay position) and Kafka what it still retains, and lets the pure
-planner (:mod:`reconciler.gaps`) say, for every (origin, destination) pair, what
-is missing and where it can be replayed from.
-
-``recover`` then fences the region, replays what it misses through the same
-inbox/apply path as live traffic (so dedup and conflict policies hold; a re-run
-after SIGKILL just finds smaller gaps), returns to a region restored from a
-stale backup the events it lost, verifies every replicated table against every
-reachable peer with Merkle trees, repairs what differs, and moves the region to
-ACTIVE only when the gate passes.
+``recover`` takes the region's recover lock, plans from :func:`analyze_gaps`
+(:mod:`reconciler.gap_analysis`), fences the region, replays what it misses
+(:mod:`reconciler.replay`: through the same inbox/apply path as live traffic, so
+dedup and conflict policies hold and a re-run after SIGKILL just finds smaller gaps;
+a region restored from a stale backup gets the events it lost back), verifies every
+replicated table against every reachable peer with Merkle trees
+(:mod:`reconciler.verify`), repairs what differs, and moves the region to ACTIVE
+only when the gate passes. Its own SQL is in :mod:`reconciler.store.recovery_queries`.
 """
 
 from __future__ import annotations
 
-import heapq
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import wire
 from .apply import Applier
 from .config import Config
-from .errors import EventError, FencedError, ReconcilerError, StoreError
-from .gaps import (
-    GapPlan,
-    Lag,
-    SeqRanges,
-    Source,
-    by_origin,
-    kafka_retained_from,
-    measure_lag,
-    origin_high_water,
-    plan_gaps,
-)
-from .hlc import Timestamp
+from .errors import FencedError
+from .gap_analysis import GapReport, RegionFacts, analyze_gaps, database_now_ms
 from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
-from .model import Event
+from .replay import ApplierSink, Replayed, Replayer, merged_by_hlc, plan_events
 from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store import retention
-from .store.translate import translated
+from .store import recovery_queries
 from .transport import kafka
+from .transport.port import EventLog
 from .verify import verify_and_repair
 
-_RECOVER_LOCK = 7165108713
+#: gap analysis lives in its own module; these names are what callers of recover know
+__all__ = ["GapReport", "Progress", "RecoveryReport", "RegionFacts", "analyze_gaps", "event_log", "recover"]
 
-
-@dataclass
-class RegionFacts:
-    region: str
-    reachable: bool
-    error: str | None = None
-    last_sequence: int = 0
-    published_through: int = 0
-    #: applied sequences per origin, pruned ones included
-    inbox: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    #: per origin, applied up to here with the rows pruned: applied, but not servable
-    inbox_floors: dict[str, int] = field(default_factory=dict)
-    outbox: list[tuple[int, int]] = field(default_factory=list)
-    #: quarantined events not settled (see store.quarantine): missing, not in flight
-    refused: list[dict[str, Any]] = field(default_factory=list)
-    #: per origin, sequences discarded by an operator here (counted as settled in ``inbox``)
-    discarded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    #: own sequences this region accounts for (numbered rows and pruned prefix), never
-    #: inferred from its counter; None: not read (an older caller), the counter stands in
-    own: list[tuple[int, int]] | None = None
-
-    def inbox_held(self, origin: str) -> SeqRanges:
-        """Sequences of ``origin`` whose payload this region still has."""
-        applied = SeqRanges(self.inbox.get(origin, [])) - SeqRanges(self.discarded.get(origin, []))
-        floor = self.inbox_floors.get(origin, 0)
-        return applied - SeqRanges.span(1, floor) if floor else applied
-
-
-@dataclass
-class GapReport:
-    plans: list[GapPlan]
-    facts: dict[str, RegionFacts]
-    retained: dict[str, tuple[int, int] | None]
-    #: per plan (origin, destination): sequences the destination has not applied although
-    #: it applied later ones (holes), versus the in-flight tail a live consumer will still get
-    holes: dict[tuple[str, str], int] = field(default_factory=dict)
-    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]] = field(default_factory=dict)
-    #: per (origin, destination), origin != destination: gap and lag as reconciler.gaps defines them
-    lags: dict[tuple[str, str], Lag] = field(default_factory=dict)
-
-    @property
-    def lost_events(self) -> int:
-        return sum(p.lost.count() for p in self.plans)
-
-    def for_destination(self, region: str) -> list[GapPlan]:
-        return [p for p in self.plans if p.gap.destination == region]
-
-    def to_dict(self) -> dict[str, Any]:
-        plans = []
-        for plan in self.plans:
-            pair = (plan.gap.origin, plan.gap.destination)
-            doc = plan.to_dict()
-            low, high = self.hlc_spans.get(pair, (None, None))
-            doc["hlc_min"] = str(low) if low else None
-            doc["hlc_max"] = str(high) if high else None
-            doc["holes"] = self.holes.get(pair, 0)
-            doc["stale_backup"] = plan.gap.origin == plan.gap.destination
-            plans.append(doc)
-        return {
-            "gaps": plans,
-            "total_missing": sum(p.gap.count for p in self.plans),
-            "lost_events": self.lost_events,
-            "regions": {
-                r: {"reachable": f.reachable, "error": f.error, "last_sequence": f.last_sequence,
-                    "published_through": f.published_through, "inbox_floors": dict(sorted(f.inbox_floors.items()))}
-                for r, f in self.facts.items()
-            },
-            "kafka_retained": {o: list(r) if r else None for o, r in self.retained.items()},
-            "refused": {r: f.refused for r, f in self.facts.items() if f.refused},
-            "total_refused": sum(len(f.refused) for f in self.facts.values()),
-            "lag": {d: {o: lag.to_dict() for (o, dd), lag in sorted(self.lags.items()) if dd == d}
-                    for d in sorted({d for _, d in self.lags})},
-        }
-
-
-def collect_facts(config: Config) -> dict[str, RegionFacts]:
-    facts: dict[str, RegionFacts] = {}
-    for region in config.regions:
-        try:
-            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
-                last, published = pg.relay_position(conn, region)
-                inbox = pg.inbox_ranges(conn)
-                facts[region] = RegionFacts(
-                    region=region, reachable=True, last_sequence=last, published_through=published,
-                    # floors read after the ranges: a floor raised in between only makes
-                    # this region claim fewer payloads than it has, never more
-                    inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
-                    refused=quarantine_store.refused(conn),
-                    own=pg.own_ranges(conn, region),
-                )
-                # events an operator discarded here are settled: not missing, but not held either
-                for origin, ranges in quarantine_store.discarded(conn).items():
-                    facts[region].inbox[origin] = list(SeqRanges([*inbox.get(origin, []), *ranges]).ranges)
-                    facts[region].discarded[origin] = ranges
-        except ReconcilerError as exc:
-            facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
-    return facts
-
-
-def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
-    settings = config.kafka_settings(next(iter(config.regions)))
-    return {o: kafka.retained_sequences(settings, config.events_topic(o)) for o in config.regions}
-
-
-def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
-    """Which of ``wanted`` (per origin) each origin's topic really holds, read from where
-    each range starts: between the first and the last retained sequence there can be
-    holes (an aborted batch of a fenced relay, compaction), and a hole routed to Kafka
-    would be replayed from there forever, never from a peer that has it."""
-    settings = config.kafka_settings(next(iter(config.regions)))
-    return {o: SeqRanges(kafka.retained_ranges(settings, config.events_topic(o), r.ranges))
-            for o, r in wanted.items() if r}
-
-
-def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
-    """Every (origin, destination) gap, each range tagged with where to replay it from."""
-    if region is not None:
-        config.region(region)
-    facts = collect_facts(config)
-    retained = kafka_retention(config)
-    _reread_counters(config, facts)
-    reachable = {r: f for r, f in facts.items() if f.reachable}
-    origin_high = {r: f.last_sequence for r, f in reachable.items()}
-    applied: dict[tuple[str, str], SeqRanges] = {}
-    held: dict[tuple[str, str], SeqRanges] = {}
-    for dest, f in reachable.items():
-        held[(dest, dest)] = SeqRanges(f.outbox)
-        for origin, ranges in f.inbox.items():
-            applied[(origin, dest)] = SeqRanges(ranges)
-            held[(dest, origin)] = f.inbox_held(origin)
-    kafka_ranges = {o: SeqRanges.span(*r) for o, r in retained.items() if r}
-    own_held = {r: SeqRanges(f.own) for r, f in reachable.items() if f.own is not None}
-    plans = [
-        p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
-        if p.gap.destination in reachable and (region is None or p.gap.destination == region)
-    ]
-    # the bounds said Kafka; ask it which of those it really has, then plan again
-    asked: dict[str, SeqRanges] = {}
-    for plan in plans:
-        asked[plan.gap.origin] = asked.get(plan.gap.origin, SeqRanges()) | plan.ranges_from(Source.KAFKA)
-    if any(asked.values()):
-        verified = kafka_held(config, asked)
-        for origin, span in list(kafka_ranges.items()):
-            # what was not asked about keeps its bounds (it routes nothing); the last
-            # retained sequence was read, so it stays evidence of the origin's high-water
-            kafka_ranges[origin] = (span - asked.get(origin, SeqRanges())) | verified.get(origin, SeqRanges())
-        plans = [
-            p for p in plan_gaps(origin_high, applied, kafka_ranges, held, own_held)
-            if p.gap.destination in reachable and (region is None or p.gap.destination == region)
-        ]
-    report = GapReport(plans=plans, facts=facts, retained=retained)
-    for plan in plans:
-        pair = (plan.gap.origin, plan.gap.destination)
-        top = applied.get(pair, SeqRanges()).last or 0
-        report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
-        report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
-    report.lags = _lags(facts, retained, applied, kafka_ranges, region, report.hlc_spans,
-                        _clock_ms(config, region if region in reachable else next(iter(reachable), None)))
-    return report
-
-
-def _clock_ms(config: Config, region: str | None) -> float:
-    """Now by a region database's clock (the one stamps are judged by); the host's
-    clock only when no database answers."""
-    if region is not None:
-        try:
-            return float(_database_now_ms(config, region))
-        except ReconcilerError:
-            pass
-    return time.time() * 1000
-
-
-def _lags(
-    facts: dict[str, RegionFacts], retained: dict[str, tuple[int, int] | None],
-    applied: dict[tuple[str, str], SeqRanges], kafka_ranges: dict[str, SeqRanges], region: str | None,
-    hlc_spans: dict[tuple[str, str], tuple[Timestamp | None, Timestamp | None]], now_ms: float,
-) -> dict[tuple[str, str], Lag]:
-    """Gap and lag of every (origin, destination) pair, destinations limited to ``region``
-    when given. The lag's age is the oldest missing event's stamp: the in-flight tail's
-    age, or older when the pair also has holes (an overstatement the gate errs on)."""
-    lags: dict[tuple[str, str], Lag] = {}
-    for dest, f in facts.items():
-        if not f.reachable or (region is not None and dest != region):
-            continue
-        refused = by_origin(f.refused)
-        for origin, of in facts.items():
-            if origin == dest:
-                continue
-            settled = SeqRanges(f.discarded.get(origin, []))
-            done = SeqRanges(f.inbox.get(origin, [])) - settled
-            high = origin_high_water(
-                of.last_sequence if of.reachable else None, kafka_ranges.get(origin, SeqRanges()).last,
-                # the outbox is read after the counter: a live relay may have numbered past it
-                SeqRanges(of.outbox).last if of.reachable else None,
-                *(r.last for (o, _), r in applied.items() if o == origin),
-            )
-            low = hlc_spans.get((origin, dest), (None, None))[0]
-            lags[(origin, dest)] = measure_lag(
-                applied=done.count(), highest_applied=done.last or 0, origin_high=high,
-                refused=refused.get(origin, SeqRanges()), settled=settled,
-                kafka_retained_from=kafka_retained_from(
-                    retained.get(origin), of.published_through if of.reachable else None, high),
-                oldest_unapplied_age=max(0.0, (now_ms - low.wall_ms) / 1000) if low is not None else None,
-            )
-    return lags
-
-
-def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
-    """Read every origin's counter and outbox again, after its peers' inboxes and Kafka.
-
-    A live origin keeps numbering while the others are read; a counter read first
-    would be below sequences a peer or Kafka then shows, and the planner would take
-    the live region for one restored from a stale backup (a false self-gap). Read
-    last, a counter is at least everything anyone had seen of it (a really stale
-    counter, after a restore, stays below the evidence, as it must), and the outbox
-    read after it holds every sequence up to it, so no recent event looks lost. The
-    outbox may also hold a few more, numbered between the two reads; the planner
-    counts those as the origin's own, never as a self-gap nobody can fill.
-    """
-    for region, f in facts.items():
-        if not f.reachable:
-            continue
-        try:
-            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
-                last, published = pg.relay_position(conn, region)
-                outbox = pg.outbox_ranges(conn, region)
-                own = pg.own_ranges(conn, region)
-        except ReconcilerError:
-            continue
-        f.last_sequence = max(f.last_sequence, last)
-        f.published_through = max(f.published_through, published)
-        f.outbox = outbox
-        f.own = own
-
-
-def _hlc_span(
-    config: Config, plan: GapPlan, reachable: dict[str, RegionFacts]
-) -> tuple[Timestamp | None, Timestamp | None]:
-    """HLC bounds of a gap's events, asked of whichever region still holds them."""
-    origin = plan.gap.origin
-    holders = [origin] if origin in reachable and origin != plan.gap.destination else []
-    holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
-    for holder in holders:
-        # the origin numbered its events in outbox_sequence; a peer keeps them in its inbox
-        events = (
-            "reconciler.outbox_sequence t JOIN reconciler.outbox o ON o.position = t.position"
-            if holder == origin else "reconciler.inbox t"
-        )
-        sequence = "relay_sequence" if holder == origin else "sequence"
-        ranges = plan.gap.ranges.to_list()
-        try:
-            with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn, translated(step="hlc span"):
-                row = conn.execute(
-                    f"SELECT min(hlc), max(hlc) FROM {events}"  # noqa: S608 - fixed names above
-                    " JOIN jsonb_to_recordset(%s::jsonb) AS r(lo bigint, hi bigint)"
-                    f" ON t.{sequence} BETWEEN r.lo AND r.hi"
-                    " WHERE t.origin = %s",
-                    (json.dumps([{"lo": lo, "hi": hi} for lo, hi in ranges]), origin),
-                ).fetchone()
-        except ReconcilerError:
-            continue
-        if row and row[0] is not None:
-            return Timestamp.unpack(row[0]), Timestamp.unpack(row[1])
-    return None, None
 
 
 # ---------------------------------------------------------------- replay
@@ -374,82 +93,6 @@ class RecoveryReport:
         }
 
 
-class _Replayer:
-    """Streams the events of a plan from their sources, in bounded batches."""
-
-    def __init__(self, config: Config, batch: int) -> None:
-        self.config = config
-        self.batch = batch
-
-    def stream(self, plan: GapPlan) -> Iterator[tuple[str, Event]]:
-        origin = plan.gap.origin
-        for part in plan.parts:
-            if part.source is Source.NOWHERE:
-                continue
-            if part.source is Source.KAFKA:
-                yield from self._from_kafka(origin, part.lo, part.hi)
-            else:
-                holder = part.holder or origin
-                yield from self._from_database(origin, holder, part.source, part.lo, part.hi)
-
-    def _from_kafka(self, origin: str, lo: int, hi: int) -> Iterator[tuple[str, Event]]:
-        settings = self.config.kafka_settings(origin)
-        seen: set[int] = set()
-        for batch in kafka.read_sequences(settings, self.config.events_topic(origin), lambda s: lo <= s <= hi,
-                                          batch=self.batch, from_sequence=lo):
-            for value, _partition, offset in batch:
-                try:
-                    event = wire.decode(value, topic=self.config.events_topic(origin), offset=offset)
-                except EventError:
-                    continue  # poison was quarantined when first consumed; nothing to replay
-                if event.origin != origin:
-                    continue  # claims another origin than its topic's: quarantined when consumed
-                if event.sequence in seen:
-                    continue  # a relay crash republished it; one copy is enough
-                seen.add(event.sequence or 0)
-                yield Source.KAFKA.value, event
-
-    def _from_database(
-        self, origin: str, holder: str, source: Source, lo: int, hi: int
-    ) -> Iterator[tuple[str, Event]]:
-        with pg.connect(self.config.region(holder).dsn, region=holder) as conn:
-            cursor = lo
-            while cursor <= hi:
-                if source is Source.PEER_OUTBOX:
-                    events = pg.outbox_range(conn, origin, cursor, hi, self.batch)
-                    conn.commit()
-                else:
-                    events = pg.inbox_events(conn, origin, cursor, hi, self.batch)
-                if not events:
-                    return
-                for event in events:
-                    yield source.value, event
-                cursor = (events[-1].sequence or hi) + 1
-
-
-def _merged_by_hlc(streams: list[Iterator[tuple[str, Event]]], lookahead: int) -> Iterator[tuple[str, Event]]:
-    """Merge the plans' streams by HLC with a bounded buffer per stream.
-
-    Each stream is in sequence order, which is commit order and very nearly HLC
-    order; the merge keeps the replay close to global HLC order without holding a
-    backlog in memory. (Policies converge in any order; this keeps the audit trail
-    and the lag figures natural.)
-    """
-    Item = tuple[tuple[Timestamp, str, int], int, str, Event]
-
-    def keyed(index: int, stream: Iterator[tuple[str, Event]]) -> Iterator[Item]:
-        buffer: list[Item] = []
-        for source, event in stream:
-            heapq.heappush(buffer, ((event.hlc, event.origin, event.sequence or 0), index, source, event))
-            if len(buffer) >= lookahead:
-                yield heapq.heappop(buffer)
-        while buffer:
-            yield heapq.heappop(buffer)
-
-    for _key, _index, source, event in heapq.merge(*(keyed(i, s) for i, s in enumerate(streams))):
-        yield source, event
-
-
 def recover(
     config: Config,
     region: str,
@@ -467,9 +110,7 @@ def recover(
     dsn = config.region(region).dsn
     lease = pg.connect(dsn, autocommit=True, region=region)
     try:
-        with translated(region=region, step="recover lease"):
-            row = lease.execute("SELECT pg_try_advisory_lock(%s)", (_RECOVER_LOCK,)).fetchone()
-        if not row or not row[0]:
+        if not recovery_queries.try_recover_lock(lease, region):
             raise FencedError("another recover is already running for this region", region=region)
         report = analyze_gaps(config, region)
         result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
@@ -532,64 +173,39 @@ def _replay(
     total = sum(p.gap.count - p.lost.count() for p in plans)
     if not total:
         return
-    replayer = _Replayer(config, config.apply_batch_size)
-    streams = [replayer.stream(p) for p in plans]
+    batch = config.apply_batch_size
+    logs: dict[str, EventLog] = {}
+
+    def log_for(origin: str) -> EventLog:
+        if origin not in logs:
+            logs[origin] = event_log(config, origin)
+        return logs[origin]
+
+    streams = [plan_events(p, log_for=log_for, dsn_of=lambda r: config.region(r).dsn, batch=batch) for p in plans]
     done = 0
+
+    def counted(replayed: Sequence[Replayed]) -> None:
+        nonlocal done
+        result.own_events_returned += sum(1 for r in replayed if r.event.origin == region)
+        for item in replayed:
+            result.replayed[item.key] = result.replayed.get(item.key, 0) + 1
+            if metrics is not None:
+                metrics.record_replayed(item.event.origin, item.source.value)
+        done += len(replayed)
+        if metrics is not None:
+            metrics.replay_remaining_events.set(max(total - done, 0))
+        notify(Progress(region, "replay", done, total))
+
     notify(Progress(region, "replay", 0, total))
     with pg.connect(config.region(region).dsn, region=region, autocommit=True) as conn:
-        applier = Applier(conn, region, config.tables, config.hlc_max_offset_ms)
-        batch: list[tuple[str, Event]] = []
-
-        def flush() -> None:
-            nonlocal done
-            remote = [e for _, e in batch if e.origin != region]
-            own = [e for _, e in batch if e.origin == region]
-            if remote:
-                applier.apply_remote(remote)
-            if own:
-                _return_own_events(conn, applier, own)
-                result.own_events_returned += len(own)
-            for source, event in batch:
-                key = f"{event.origin}:{source}"
-                result.replayed[key] = result.replayed.get(key, 0) + 1
-                if metrics is not None:
-                    metrics.record_replayed(event.origin, source)
-            done += len(batch)
-            if metrics is not None:
-                metrics.replay_remaining_events.set(max(total - done, 0))
-            notify(Progress(region, "replay", done, total))
-            batch.clear()
-
-        for item in _merged_by_hlc(streams, lookahead=config.apply_batch_size):
-            batch.append(item)
-            if len(batch) >= config.apply_batch_size:
-                flush()
-        if batch:
-            flush()
+        sink = ApplierSink(conn, Applier(conn, region, config.tables, config.hlc_max_offset_ms))
+        Replayer(sink, batch=batch, on_batch=counted).replay(merged_by_hlc(streams, lookahead=batch))
 
 
-def _return_own_events(conn: pg.Connection, applier: Applier, events: list[Event]) -> None:
-    """Apply this region's own events that it lost (stale backup) and put them back in
-    its outbox with their original numbers, in one transaction."""
-    with translated(region=applier.region, step="return own events"), conn.transaction():
-        known = {
-            str(r[0]) for r in conn.execute(
-                "SELECT id FROM reconciler.outbox WHERE id = ANY(%s::uuid[])", ([e.event_id for e in events],)
-            ).fetchall()
-        }
-        fresh = [e for e in events if e.event_id not in known]
-        # An event the backup holds but had not numbered yet was numbered (and published,
-        # and applied by peers) before the restore: it must keep that number, or the relay
-        # would number it again and peers would apply it a second time.
-        renumber = [e for e in events if e.event_id in known]
-        pg.give_back_numbers(conn, applier.region, renumber)
-        applied, bad, _conflicts = applier.apply_rows(fresh)
-        if bad:
-            raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",
-                             region=applier.region)
-        pg.restore_own_events(conn, fresh)
-        if applied:
-            pg.observe_hlc(conn, max(e.hlc for e in applied))
+def event_log(config: Config, origin: str) -> EventLog:
+    """The event log ``origin``'s topic is read through, with that region's Kafka
+    settings (its principal may read its own topic)."""
+    return kafka.KafkaEventLog(config.kafka_settings(origin), config.events_topic, region=origin)
 
 
 def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> None:
@@ -620,20 +236,11 @@ def _verify_and_repair(config: Config, region: str, result: RecoveryReport) -> N
     The watermark is read off the region's database clock, as the stamps are: a host
     whose wall clock is off would otherwise compare keys still in flight (host ahead)
     or take every recent event for a future one (host behind)."""
-    found = verify_and_repair(config, region, now_ms=lambda: _database_now_ms(config, region))
+    found = verify_and_repair(config, region, now_ms=lambda: database_now_ms(config, region))
     for table, keys in found.repaired.items():
         done = result.repaired.setdefault(table, [])
         done.extend(k for k in keys if k not in done)
     result.divergent, result.parked, result.roots = found.divergent, found.parked, found.roots
-
-
-def _database_now_ms(config: Config, region: str) -> int:
-    """The region's database clock, ms: the one clock stamps and skew are judged by."""
-    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn, \
-            translated(region=region, step="read the database clock"):
-        row = conn.execute("SELECT reconciler.physical_hlc() >> 16").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _gate_input(config: Config, region: str, report: GapReport, result: RecoveryReport) -> GateInput:

@@ -25,6 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from ..errors import FencedError, ReconcilerError, TransportError, TransportUnavailable
 from ..redact import safe_kafka_settings
+from .port import Delivery, chunks, decode, merge_sequences, within
 
 # error codes after which a retry (same call, later) can succeed
 _RETRYABLE = {
@@ -437,51 +438,71 @@ def _partitions(reader: Consumer, topic: str, timeout: float) -> Iterator[tuple[
     (none when the topic does not exist)."""
     meta = reader.list_topics(topic, timeout=timeout)
     for p in sorted(meta.topics[topic].partitions) if topic in meta.topics else []:
-        low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-        yield p, low, high
+        yield (p, *_watermarks(reader, topic, p, timeout))
+
+
+#: a partition whose leader the broker has not settled yet (a topic created a moment ago)
+_LEADER_PENDING = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                   KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def _watermarks(reader: Consumer, topic: str, p: int, timeout: float) -> tuple[int, int]:
+    """(low, high) offsets of a partition; while its leader is being settled, asked again
+    (within ``timeout``) instead of failing a read of a topic that was just created."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p),
+                                                     timeout=max(0.1, deadline - time.monotonic()))
+            return int(low), int(high)
+        except KafkaException as exc:
+            kerr = exc.args[0] if exc.args else None
+            if not (isinstance(kerr, KafkaError) and kerr.code() in _LEADER_PENDING) \
+                    or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _messages_from(reader: Consumer, topic: str, p: int, start: int, high: int, batch: int,
+                   timeout: float, **context: Any) -> Iterator[Any]:
+    """Messages of partition ``p`` from offset ``start`` up to ``high`` (exclusive), in
+    batches of ``batch`` fetched at a time; ``timeout`` bounds a wait with no progress."""
+    if high <= start:
+        return
+    reader.assign([TopicPartition(topic, p, start)])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in reader.consume(num_messages=batch, timeout=0.5):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return
+                raise translate(err, topic=topic, partition=p, **context)
+            deadline = time.monotonic() + timeout
+            yield msg
+            if (msg.offset() or 0) >= high - 1:
+                return
 
 
 def read_sequences(
-    settings: Mapping[str, str], topic: str, wanted: Callable[[int], bool], start_hint: Mapping[int, int] | None = None,
+    settings: Mapping[str, str], topic: str, wanted: Callable[[int], bool],
     batch: int = 500, timeout: float = 30.0, from_sequence: int | None = None,
 ) -> Iterator[list[tuple[bytes, int, int]]]:
     """Batches of (value, partition, offset) of messages whose sequence ``wanted``
-    accepts, reading every partition from its start (or ``start_hint[partition]``, or
-    where ``from_sequence`` begins: see :func:`offset_of_sequence`) to its current end.
-    Memory is bounded by ``batch``."""
+    accepts, reading every partition from its start (or from where ``from_sequence``
+    begins: see :func:`offset_of_sequence`) to its current end. Memory is bounded by
+    ``batch``. Replay reads through :meth:`KafkaEventLog.read_range` instead, which
+    decodes once and stops past its range."""
     reader = _assigned_consumer(settings)
     try:
         for p, low, high in _partitions(reader, topic, timeout):
-            start = max(low, (start_hint or {}).get(p, low))
+            start = low
             if from_sequence is not None and high > start:
                 start = offset_of_sequence(reader, topic, p, start, high, from_sequence, timeout)
-            if high <= start:
-                continue
-            reader.assign([TopicPartition(topic, p, start)])
-            out: list[tuple[bytes, int, int]] = []
-            deadline = time.monotonic() + timeout
-            done = False
-            while not done and time.monotonic() < deadline:
-                for msg in reader.consume(num_messages=batch, timeout=0.5):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            done = True
-                            break
-                        raise translate(err, settings=settings, topic=topic, step="replay read")
-                    deadline = time.monotonic() + timeout
-                    seq = _sequence_of(msg.value())
-                    offset = msg.offset() or 0
-                    if seq is not None and wanted(seq):
-                        out.append((msg.value() or b"", p, offset))
-                    if offset >= high - 1:
-                        done = True
-                        break
-                if len(out) >= batch:
-                    yield out
-                    out = []
-            if out:
-                yield out
+            messages = _messages_from(reader, topic, p, start, high, batch, timeout,
+                                      settings=settings, step="replay read")
+            yield from chunks(((m.value() or b"", p, m.offset() or 0) for m in messages
+                               if (seq := _sequence_of(m.value())) is not None and wanted(seq)), batch)
     except KafkaException as exc:
         raise translate(exc, settings=settings, topic=topic, step="replay read") from exc
     finally:
@@ -560,13 +581,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
         raise translate(exc, topic=topic, step="read retention") from exc
     finally:
         reader.close()
-    out: list[tuple[int, int]] = []
-    for seq in sorted(found):
-        if out and out[-1][1] + 1 == seq:
-            out[-1] = (out[-1][0], seq)
-        else:
-            out.append((seq, seq))
-    return out
+    return merge_sequences(found)
 
 
 # -- consuming, for services: messages in, driver errors translated, nothing of the driver out
@@ -644,3 +659,172 @@ def assign_at_end(consumer: Consumer, topic: str, timeout: float = 10.0, **conte
         consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
     except KafkaException as exc:
         raise translate(exc, topic=topic, **context) from exc
+
+
+# ---------------------------------------------------------------- the EventLog port
+
+
+class KafkaPublisher:
+    """:class:`~reconciler.transport.port.Publisher` on a transactional producer."""
+
+    def __init__(self, settings: Mapping[str, str], transactional_id: str, *, region: str | None = None) -> None:
+        self._settings = settings
+        self._region = region
+        self._producer = transactional_producer(settings, transactional_id)
+        if region is not None:
+            self._producer.name_in_errors(region=region)
+
+    def publish(self, topic: str, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """One Kafka transaction: committed once every message is acknowledged, else
+        aborted (also when a newer publisher fenced this one) and invisible to
+        read_committed readers. A message the broker refused raises; an ACL or
+        credentials refusal as not retryable, since only an operator can fix it."""
+        producer = self._producer
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        def refused() -> ReconcilerError:
+            if is_access_error(failures[0]):
+                return translate(failures[0], settings=self._settings, region=self._region, topic=topic)
+            return TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
+                                  retryable=True, region=self._region, topic=topic)
+
+        try:
+            producer.begin_transaction()
+            for key, value in messages:
+                while True:
+                    try:
+                        producer.produce(topic, value=value, key=key, on_delivery=delivered)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            if failures:
+                raise refused()
+            producer.commit_transaction(30)
+        except BaseException:
+            try:
+                producer.abort_transaction(10)
+            except ReconcilerError:
+                pass  # fenced or fatal: the broker aborts it when the next publisher takes the id
+            raise
+        if failures:
+            raise refused()
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(10)
+        except ReconcilerError:
+            pass  # a fenced producer: nothing of it may reach the topic anyway
+
+
+class KafkaSubscription:
+    """:class:`~reconciler.transport.port.Subscription` on a consumer group."""
+
+    def __init__(self, settings: Mapping[str, str], group_id: str, origin_of: Mapping[str, str],
+                 *, region: str | None = None) -> None:
+        self._origin_of = dict(origin_of)
+        self._region = region
+        self._consumer = consumer(settings, group_id)
+        try:
+            self._consumer.subscribe(list(self._origin_of))
+        except KafkaException as exc:
+            self._consumer.close()
+            raise translate(exc, region=region, group=group_id, step="subscribe") from exc
+
+    def poll(self, max_messages: int, timeout: float) -> list[Delivery]:
+        try:
+            messages = self._consumer.consume(num_messages=max_messages, timeout=timeout)
+        except KafkaException as exc:
+            raise translate(exc, region=self._region, step="consume") from exc
+        out: list[Delivery] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise translate(err, region=self._region, step="consume")
+            topic = msg.topic() or ""
+            out.append(decode(self._origin_of.get(topic, ""), topic, msg.partition() or 0, msg.offset() or 0,
+                              msg.value()))
+        return out
+
+    def commit(self, deliveries: Iterable[Delivery]) -> None:
+        positions: dict[tuple[str, int], int] = {}
+        for d in deliveries:
+            positions[(d.topic, d.partition)] = max(positions.get((d.topic, d.partition), -1), d.offset)
+        if not positions:
+            return
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()],
+                                  asynchronous=False)
+        except KafkaException as exc:
+            # what was polled is applied, only its position is not recorded: a new
+            # subscription gets it again and the inbox drops it, so a retry always helps
+            error = translate(exc, region=self._region, step="commit offsets")
+            error.retryable = True
+            raise error from exc
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError):
+            pass  # already closed, or broken: nothing left to release
+
+
+class KafkaEventLog:
+    """:class:`~reconciler.transport.port.EventLog` on a Kafka cluster.
+
+    ``topic_of`` names an origin's events topic (``Config.events_topic``); ``region``
+    only locates errors. Every confluent_kafka error leaves this module translated.
+    """
+
+    def __init__(self, settings: Mapping[str, str], topic_of: Callable[[str], str], *,
+                 region: str | None = None, timeout: float = 30.0) -> None:
+        self.settings = dict(settings)
+        self.topic_of = topic_of
+        self.region = region
+        self.timeout = timeout
+        #: messages read_range fetched after seeking (what a replay costs; the seek's few probes aside)
+        self.messages_read = 0
+
+    def ensure_topics(self, topics: Iterable[str], partitions: int = 1) -> list[str]:
+        return ensure_topics(self.settings, topics, partitions, region=self.region)
+
+    def publisher(self, transactional_id: str) -> KafkaPublisher:
+        return KafkaPublisher(self.settings, transactional_id, region=self.region)
+
+    def subscribe(self, group_id: str, origins: Sequence[str]) -> KafkaSubscription:
+        return KafkaSubscription(self.settings, group_id, {self.topic_of(o): o for o in origins}, region=self.region)
+
+    def read_range(self, origin: str, lo: int, hi: int, *, batch: int = 500) -> Iterator[list[Delivery]]:
+        topic = self.topic_of(origin)
+        if hi < lo:
+            return
+        reader = _assigned_consumer(self.settings)
+        try:
+            for p, low, high in _partitions(reader, topic, self.timeout):
+                if high <= low:
+                    continue
+                start = offset_of_sequence(reader, topic, p, low, high, lo, self.timeout)
+                messages = _messages_from(reader, topic, p, start, high, batch, self.timeout,
+                                          settings=self.settings, region=self.region, step="replay read")
+                yield from chunks(within(self._decoded(origin, topic, p, messages), lo, hi), batch)
+        except KafkaException as exc:
+            raise translate(exc, settings=self.settings, region=self.region, topic=topic,
+                            step="replay read") from exc
+        finally:
+            reader.close()
+
+    def _decoded(self, origin: str, topic: str, p: int, messages: Iterable[Any]) -> Iterator[Delivery]:
+        for msg in messages:
+            self.messages_read += 1
+            yield decode(origin, topic, p, msg.offset() or 0, msg.value())
+
+    def retained(self, origin: str) -> tuple[int, int] | None:
+        return retained_sequences(self.settings, self.topic_of(origin))
+
+    def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        return retained_ranges(self.settings, self.topic_of(origin), wanted, timeout=self.timeout)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler import recovery, sidecar
+from reconciler import gap_analysis, recovery, sidecar
 from reconciler.config import Config, load_config
 from reconciler.gaps import (
     SeqRanges,
@@ -202,7 +202,7 @@ def facts_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(health, "quarantined", lambda conn: len(dest_only.get(conn, [])))
     monkeypatch.setattr(store_invariants, "open_counts", lambda conn: {})
     # the fake databases have no clock: the host's stands in for the region database's
-    monkeypatch.setattr(recovery, "_database_now_ms", lambda _config, _region: int(time.time() * 1000))
+    monkeypatch.setattr(gap_analysis, "database_now_ms", lambda _config, _region: int(time.time() * 1000))
 
 
 def via_status(config: Config) -> tuple[int, int, float]:
@@ -249,12 +249,12 @@ def via_sidecar(config: Config) -> tuple[int, int, float]:
 
 
 def via_gate(config: Config, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, float]:
-    monkeypatch.setattr(recovery, "kafka_held", lambda _c, wanted: {o: r & SeqRanges.span(*retained(o))
+    monkeypatch.setattr(gap_analysis, "kafka_held", lambda _c, wanted: {o: r & SeqRanges.span(*retained(o))
                                                                     for o, r in wanted.items()})
     # the gaps' oldest HLC: us-east's hole 5 is older than the in-flight tail, and the
     # gate errs on the older stamp; stamp it the tail's age so the three can be compared
     oldest = Timestamp(int(time.time() * 1000 - AGE * 1000), 0)
-    monkeypatch.setattr(recovery, "_hlc_span", lambda _c, plan, _r: (oldest, oldest)
+    monkeypatch.setattr(gap_analysis, "_hlc_span", lambda _c, plan, _r: (oldest, oldest)
                         if plan.gap.origin == ORIGIN else (None, None))
     report = recovery.analyze_gaps(config, DEST)
     doc = report.to_dict()["lag"][DEST][ORIGIN]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from reconciler import recovery
+from reconciler import gap_analysis, recovery
 from reconciler.config import Config, load_config
 from reconciler.gaps import SeqRanges, Source, plan_gaps
 from reconciler.store import postgres as pg
@@ -151,10 +151,10 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
     monkeypatch.setattr(quarantine_store, "refused", lambda _conn: [])
     monkeypatch.setattr(quarantine_store, "discarded", lambda _conn: {})
-    monkeypatch.setattr(recovery, "kafka_retention", sim.retained)
-    monkeypatch.setattr(recovery, "kafka_held", lambda _c, wanted: dict(wanted))
-    monkeypatch.setattr(recovery, "_hlc_span", lambda *_a: (None, None))
-    monkeypatch.setattr(recovery, "_clock_ms", lambda *_a: 0.0)  # the simulated databases have no clock
+    monkeypatch.setattr(gap_analysis, "kafka_retention", sim.retained)
+    monkeypatch.setattr(gap_analysis, "kafka_held", lambda _c, wanted: dict(wanted))
+    monkeypatch.setattr(gap_analysis, "_hlc_span", lambda *_a: (None, None))
+    monkeypatch.setattr(gap_analysis, "_clock_ms", lambda *_a: 0.0)  # the simulated databases have no clock
     return sim, load_config(path)
 
 
@@ -187,7 +187,7 @@ def test_analysis_still_reports_a_hole_nobody_holds(
         return [(1, 199), (202, ranges[0][1])] if origin == "us-east" else ranges
 
     monkeypatch.setattr(pg, "outbox_ranges", outbox_without_the_hole)
-    monkeypatch.setattr(recovery, "kafka_retention", lambda c: {**retained(c), "us-east": (300, 490)})
+    monkeypatch.setattr(gap_analysis, "kafka_retention", lambda c: {**retained(c), "us-east": (300, 490)})
     report = recovery.analyze_gaps(config, "eu-west")
     lost = {(p.gap.origin, p.gap.destination): p.lost for p in report.plans if p.lost}
     assert lost == {("us-east", "eu-west"): SeqRanges.span(200, 201)}
@@ -234,7 +234,7 @@ def test_a_counter_raised_past_unreturned_own_events_hides_none_of_them(
     monkeypatch.setattr(pg, "own_ranges", own)
     monkeypatch.setattr(pg, "outbox_ranges", outbox)
     monkeypatch.setattr(pg, "relay_position", lambda conn, origin: (sim.regions[conn].last_sequence, 480))
-    monkeypatch.setattr(recovery, "kafka_retention", lambda c: {o: None for o in REGIONS})
+    monkeypatch.setattr(gap_analysis, "kafka_retention", lambda c: {o: None for o in REGIONS})
     report = recovery.analyze_gaps(config, "us-east")
     own_gap = next(p for p in report.plans if p.gap.origin == p.gap.destination == "us-east")
     assert own_gap.gap.ranges == SeqRanges.span(301, 419)
@@ -256,7 +256,7 @@ def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
     def held(_config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
         return {o: r - SeqRanges.span(300, 309) if o == "us-east" else r for o, r in wanted.items()}
 
-    monkeypatch.setattr(recovery, "kafka_held", held)
+    monkeypatch.setattr(gap_analysis, "kafka_held", held)
     report = recovery.analyze_gaps(config, "eu-west")
     plan = next(p for p in report.plans if (p.gap.origin, p.gap.destination) == ("us-east", "eu-west"))
     assert not plan.ranges_from(Source.KAFKA) & SeqRanges.span(300, 309)

@@ -16,7 +16,7 @@ held (an event is not taken for a future one because the host is late); every he
 event is applied once its stamp is allowed, by the inbox or by the next recover.
 
 This drill found recover reading the host's clock in two places, both now read off
-the region's database clock (``recovery._database_now_ms``): the verification
+the region's database clock (``gap_analysis.database_now_ms``): the verification
 watermark (a host 120 s behind took every recent event for a future one, so the
 roots never agreed under traffic and the gate never passed: the region stayed
 CATCHING_UP, its relay numbering nothing) and the gate's lag in seconds (a host 120 s
