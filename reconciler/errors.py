@@ -29,6 +29,11 @@ from typing import Any
 
 from .redact import scrub
 
+__all__ = [
+    "ClockSkewError", "ConfigError", "ConflictError", "DataLossError", "DevStackError", "EventError", "FencedError",
+    "LifecycleError", "ReconcilerError", "StoreError", "StoreUnavailable", "TransportError", "TransportUnavailable",
+]
+
 
 class ReconcilerError(Exception):
     """Base of every error reconciler raises on purpose.

@@ -220,3 +220,7 @@ def _plain_json(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Round-trip through JSON so the local apply sees exactly what peers will see
     (Decimal, datetime and UUID values become their JSON text)."""
     return dict(json.loads(pg.json_text(payload)))
+
+
+#: what services call; ``write_resolution`` is the conflict queue's (``reconciler conflicts resolve``)
+__all__ = ["write"]
