@@ -31,6 +31,7 @@ def test_bench_peers_moves_every_event_on_both_sides(stack: DevStack, tmp_path: 
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--dev-dir", str(stack.root),
          "--events", str(N), "--runs", "1", "--lag-seconds", "2", "--relay-rate", "500", "--apply-rate", "200",
+         "--jvm-warm-up", "0",
          "--json-out", str(out)],
         capture_output=True, text=True, timeout=900, check=False, stdin=subprocess.DEVNULL,
     )
