@@ -36,7 +36,6 @@ acknowledged, so an interrupted batch is redone and the inbox drops the duplicat
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -44,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from .anti_entropy import AntiEntropy
 from .config import Config
@@ -91,19 +90,11 @@ class RecoverFn(Protocol):
     def __call__(self, config: Config, region: str, *, actor: str = ..., metrics: Metrics | None = ...) -> Any: ...
 
 
-def load_recover() -> RecoverFn | None:
-    """The catch-up service, or None when this build does not have it.
+def load_recover() -> RecoverFn:
+    """The catch-up service (imported on first use: the sidecar's start needs none of it)."""
+    from .recovery import recover
 
-    Imported lazily: only a missing module is tolerated. A recovery module that is
-    present but broken raises, because silently never recovering would be worse.
-    """
-    try:
-        module = importlib.import_module("reconciler.recovery")
-    except ModuleNotFoundError as exc:
-        if exc.name == "reconciler.recovery":
-            return None
-        raise
-    return cast(RecoverFn, module.recover)
+    return recover
 
 
 class Sidecar:
@@ -732,7 +723,6 @@ class _RecoverySteps:
         self.log = log
         self.recover = sidecar._recover or load_recover()
         self.db = _Reconnecting(sidecar.dsn, sidecar.region, retry_seconds=1.0)
-        self.warned = False
         self.refused = 0
         self.retry_at = 0.0
 
@@ -753,11 +743,6 @@ class _RecoverySteps:
         if time.monotonic() < self.retry_at:
             # the gate refused: keep reading the state meanwhile, it will not pass sooner
             return Pause(min(0.5, self.retry_at - time.monotonic()))
-        if self.recover is None:
-            if not self.warned:
-                self.log.warning("catch-up is not available in this build; run `reconciler recover`")
-                self.warned = True
-            return Pause(5.0, progressed=False)
         self.log.info("catch-up starting", extra={"fields": {"state": status.state.value}})
         report = self.recover(sidecar.config, sidecar.region, actor="sidecar", metrics=sidecar.metrics)
         # a gate that refuses has still done its work; ReconcilerCatchUpTooLong is the
