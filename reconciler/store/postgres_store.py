@@ -56,7 +56,8 @@ class PostgresRegionStore(RegionStore):
     def autocommit(self) -> bool:
         return bool(self._conn.autocommit)
 
-    def _step(self, step: str, **context: Any) -> Any:
+    def translating(self, step: str, **context: Any) -> Any:
+        """Driver errors inside become reconciler errors naming this region and ``step``."""
         return translated(region=self.region, step=step, **context)
 
     def close(self) -> None:
@@ -71,12 +72,12 @@ class PostgresRegionStore(RegionStore):
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._step("transaction"), self._conn.transaction():
+        with self.translating("transaction"), self._conn.transaction():
             yield
 
     def commit(self) -> None:
         """End the implicit transaction a read opened on a non-autocommit session."""
-        with self._step("commit"):
+        with self.translating("commit"):
             self._conn.commit()
 
     # ------------------------------------------------------------ catalogue
@@ -98,36 +99,36 @@ class PostgresRegionStore(RegionStore):
     # ------------------------------------------------------------ rows
 
     def lock_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
-        with self._step("lock keys"):
+        with self.translating("lock keys"):
             pg.lock_keys(self._conn, pairs)
 
     def load_state_rows(self, table: str, keys: Sequence[str]) -> list[StateRow]:
-        with self._step("load row states", table=table):
+        with self.translating("load row states", table=table):
             return pg.load_state_rows(self._conn, table, keys)
 
     def write_states(self, table: TableConfig, states: Mapping[str, RowState]) -> None:
         writer = self.writer(table)
-        with self._step("write row states", table=table.name):
+        with self.translating("write row states", table=table.name):
             pg.write_states(self._conn, writer, states)
 
     def hlc_now(self) -> Timestamp:
-        with self._step("hlc now"):
+        with self.translating("hlc now"):
             return pg.hlc_now(self._conn)
 
     def observe_hlc(self, stamp: Timestamp) -> Timestamp:
-        with self._step("hlc observe"):
+        with self.translating("hlc observe"):
             return pg.observe_hlc(self._conn, stamp)
 
     # ------------------------------------------------------------ inbox
 
     def insert_inbox(self, events: Sequence[Event]) -> set[tuple[str, int]]:
-        with self._step("insert inbox"):
+        with self.translating("insert inbox"):
             return pg.insert_inbox(self._conn, events)
 
     def forget_inbox(self, pairs: Sequence[tuple[str, int]]) -> None:
         if not pairs:
             return
-        with self._step("forget inbox rows"):
+        with self.translating("forget inbox rows"):
             self._conn.execute(
                 "DELETE FROM reconciler.inbox WHERE (origin, sequence) IN"
                 " (SELECT * FROM unnest(%s::text[], %s::bigint[]))",
@@ -137,19 +138,19 @@ class PostgresRegionStore(RegionStore):
     # ------------------------------------------------------------ conflicts
 
     def record_conflicts(self, records: Sequence[ConflictRecord]) -> None:
-        with self._step("record conflicts"):
+        with self.translating("record conflicts"):
             pg.record_conflicts(self._conn, records)
 
     def record_resolutions(self, events: Sequence[Event]) -> None:
-        with self._step("record resolutions"):
+        with self.translating("record resolutions"):
             pg.record_resolutions(self._conn, events)
 
     def open_parked_events(self, table: str, keys: Sequence[str]) -> ParkedEvents:
-        with self._step("read parked events", table=table):
+        with self.translating("read parked events", table=table):
             return pg.open_parked_events(self._conn, table, keys)
 
     def close_parked(self, closed: Sequence[tuple[str, str]]) -> None:
-        with self._step("close parked entries"):
+        with self.translating("close parked entries"):
             pg.close_parked(self._conn, closed)
 
     def conflict_rows(self, table: str | None = None, status: str | None = None) -> list[ConflictRow]:
@@ -162,13 +163,13 @@ class PostgresRegionStore(RegionStore):
             where.append("status = %s")
             params.append(status)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        with self._step("list conflicts", table=table):
+        with self.translating("list conflicts", table=table):
             return self._conn.execute(
                 f"{_CONFLICT_SELECT}{clause} ORDER BY detected_at, conflict_id", params
             ).fetchall()
 
     def conflict_row(self, conflict_id: str, *, lock: bool = False) -> ConflictRow | None:
-        with self._step("read conflict", conflict_id=conflict_id):
+        with self.translating("read conflict", conflict_id=conflict_id):
             return self._conn.execute(
                 f"{_CONFLICT_SELECT} WHERE conflict_id = %s{' FOR UPDATE' if lock else ''}", (conflict_id,)
             ).fetchone()
@@ -176,22 +177,22 @@ class PostgresRegionStore(RegionStore):
     # ------------------------------------------------------------ quarantine
 
     def quarantine(self, items: Sequence[Mapping[str, Any]]) -> None:
-        with self._step("quarantine"):
+        with self.translating("quarantine"):
             quarantine_store.insert(self._conn, items)
 
     def apply_checks(self, events: Sequence[Event]) -> ApplyChecks:
-        with self._step("apply checks"):
+        with self.translating("apply checks"):
             if self._conn.autocommit:
                 return quarantine_store.apply_checks(self._conn, events)
             with self._conn.transaction():  # never leave a caller's session idle in a transaction this opened
                 return quarantine_store.apply_checks(self._conn, events)
 
     def still_refused(self, entry_id: int, reason: str, detail: str, actor: str, action: str) -> None:
-        with self._step("keep quarantine entry", quarantine_id=entry_id):
+        with self.translating("keep quarantine entry", quarantine_id=entry_id):
             quarantine_store.still_refused(self._conn, entry_id, reason, detail, actor, action)
 
     def settle_quarantine(self, entry_ids: Sequence[int], how: str, actor: str, reason: str, action: str) -> None:
-        with self._step("settle quarantine entries"):
+        with self.translating("settle quarantine entries"):
             quarantine_store.settle(self._conn, entry_ids, how, actor, reason, action)
 
     def quarantine_entries(self, *, limit: int = 100, status: str = "all",
@@ -202,18 +203,18 @@ class PostgresRegionStore(RegionStore):
         return quarantine_store.audit(self._conn, entry_id)
 
     def held_due(self, limit: int) -> list[tuple[int, bytes]]:
-        with self._step("read held events"):
+        with self.translating("read held events"):
             return quarantine_store.held_due(self._conn, limit)
 
     # ------------------------------------------------------------ outbox and relay
 
     def insert_outbox(self, event: Event) -> None:
-        with self._step("insert outbox", table=event.table, key=event.key):
+        with self.translating("insert outbox", table=event.table, key=event.key):
             pg.insert_outbox(self._conn, event)
 
     def events_held(self, event_ids: Sequence[str]) -> int:
         ids = list(event_ids)
-        with self._step("count held events"):
+        with self.translating("count held events"):
             row = self._conn.execute(
                 "SELECT count(DISTINCT e) FROM (SELECT event_id::text AS e FROM reconciler.inbox"
                 " WHERE event_id::text = ANY(%s) UNION ALL SELECT id::text FROM reconciler.outbox"

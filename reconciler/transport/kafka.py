@@ -567,3 +567,9 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
         else:
             out.append((seq, seq))
     return out
+
+
+def assign_from(consumer: Consumer, topic: str, partition: int = 0, offset: int = 0) -> None:
+    """Read one partition of ``topic`` from ``offset``, whatever a group committed
+    (readers of the whole history: the compensation saga, drills)."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
