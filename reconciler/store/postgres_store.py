@@ -53,6 +53,11 @@ class PostgresRegionStore(RegionStore):
         return self._conn
 
     @property
+    def closed(self) -> bool:
+        """The session is closed or broken (a client reopens rather than reuse it)."""
+        return bool(self._conn.closed or self._conn.broken)
+
+    @property
     def autocommit(self) -> bool:
         return bool(self._conn.autocommit)
 
