@@ -47,7 +47,7 @@ def migrated(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str,
     return admin_dsn(dsn, "postgres"), dsn.rsplit("/", 1)[1]
 
 
-@pytest.fixture(params=["postgres", "memory"])
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.integration), "memory"])
 def store(request: pytest.FixtureRequest) -> Iterator[Any]:
     if request.param == "memory":
         yield MemoryRegionStore(REGION, _tables(), max_offset_ms=1000)
