@@ -113,7 +113,9 @@ class PostgresRegionStore(RegionStore):
 
     def write_states(self, table: TableConfig, states: Mapping[str, RowState]) -> None:
         writer = self.writer(table)
-        with self.translating("write row states", table=table.name):
+        # one key (a service's write): name it, as a refusal is about that row
+        one = {"key": next(iter(states))} if len(states) == 1 else {}
+        with self.translating("write row states", table=table.name, **one):
             pg.write_states(self._conn, writer, states)
 
     def hlc_now(self) -> Timestamp:
