@@ -72,8 +72,14 @@ class PostgresRegionStore(RegionStore):
     def __enter__(self) -> PostgresRegionStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_rest: object) -> None:
+        """As a psycopg connection's block ends: what is still open commits unless the block
+        failed, then an owned connection closes."""
+        try:
+            if exc_type is None and not self._conn.closed:
+                self.commit()
+        finally:
+            self.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
