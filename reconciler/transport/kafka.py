@@ -581,12 +581,13 @@ def watermarks(consumer: Consumer, topic: str, partition: int = 0, timeout: floa
     return int(low), int(high)
 
 
-def rewind_group(settings: Mapping[str, str], group: str, partitions: Iterable[tuple[str, int]],
+def rewind_group(client: AdminClient, group: str, partitions: Iterable[tuple[str, int]],
                  offset: int = 0, timeout: float = 10.0) -> None:
     """Set consumer group ``group``'s committed offsets of (topic, partition) pairs to ``offset``
-    (the group must have no live member: the broker refuses otherwise, and this raises)."""
+    (the group must have no live member: the broker refuses otherwise, and this raises).
+    ``client`` (from :func:`admin`) is the caller's, so retries reuse its connections."""
     from confluent_kafka import ConsumerGroupTopicPartitions
 
     offsets = [TopicPartition(topic, p, offset) for topic, p in partitions]
-    for future in admin(settings).alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)]).values():
+    for future in client.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)]).values():
         future.result(timeout)

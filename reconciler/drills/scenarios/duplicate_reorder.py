@@ -80,10 +80,11 @@ def _rewind(drill: Drill, region: str) -> None:
     config = drill.config
     group = f"{config.topic_prefix}.inbox.{region}"
     partitions = [(config.events_topic(o), p) for o in config.peers(region) for p in range(config.topic_partitions)]
+    client = kafka.admin(config.kafka_settings(region))
     deadline = time.monotonic() + 30
     while True:
         try:
-            kafka.rewind_group(config.kafka_settings(region), group, partitions)
+            kafka.rewind_group(client, group, partitions)
             return
         except Exception:
             if time.monotonic() > deadline:
