@@ -20,10 +20,8 @@ from .conflict import ConflictPolicy, ManualPolicy, policy_for, settle_parked
 from .errors import ClockSkewError, EventError, ReconcilerError, StoreError
 from .invariants import discard_of
 from .model import ConflictRecord, Event, Outcome, RowState
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store.invariants import queue_discards
-from .store.translate import translated
+from .store.port import ApplyStore, ParkedEvents, StateRow, states_from_rows
+from .store.postgres_store import as_store
 
 
 @dataclass
@@ -87,33 +85,33 @@ def refused_by_database(exc: ReconcilerError) -> bool:
 
 
 class Applier:
-    """Applies batches of events to one region's database."""
+    """Applies batches of events to one region's database (any :class:`ApplyStore`;
+    a psycopg connection is wrapped in the PostgreSQL store)."""
 
     def __init__(
         self,
-        conn: pg.Connection,
+        store: ApplyStore | Any,
         region: str,
         tables: Mapping[str, TableConfig],
         max_offset_ms: int,
         now_ms: Callable[[], int] | None = None,
     ) -> None:
-        self.conn = conn
+        self.store: ApplyStore = as_store(store, region=region)
         self.region = region
         self.tables = dict(tables)
         #: used only with an injected ``now_ms``; otherwise the database's clock and the
         #: max offset `migrate` stored decide, as they do in SQL hlc_observe
         self.max_offset_ms = max_offset_ms
         self.now_ms = now_ms
-        self._writers: dict[str, pg.TableWriter] = {}
         self._policies: dict[str, ConflictPolicy] = {
             name: policy_for(t.policy, t.fields) for name, t in self.tables.items()
         }
         self._executor: ThreadPoolExecutor | None = None
 
-    def writer(self, table: str) -> pg.TableWriter:
-        if table not in self._writers:
-            self._writers[table] = pg.TableWriter.build(self.conn, self.tables[table])
-        return self._writers[table]
+    def writer(self, table: str) -> object:
+        """Prepare the store's statements for ``table`` now rather than on its first batch."""
+        prepare = getattr(self.store, "writer", None)
+        return prepare(self.tables[table]) if prepare is not None else None
 
     def apply_remote(
         self, events: Sequence[Event], rejected: Sequence[Rejected] = (), *,
@@ -169,12 +167,7 @@ class Applier:
                 quarantine.append(_rejection(event, "other", "an event of this region came back as remote"))
             else:
                 candidates.append(event)
-        with translated(region=self.region, step="apply checks"):
-            if self.conn.autocommit:
-                db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
-            else:  # never leave a caller's session idle in a transaction this opened
-                with self.conn.transaction():
-                    db_now, db_max_offset, held = quarantine_store.apply_checks(self.conn, candidates)
+        db_now, db_max_offset, held = self.store.apply_checks(candidates)
         now, max_offset = (self.now_ms(), self.max_offset_ms) if self.now_ms is not None else (db_now, db_max_offset)
         kept: list[Event] = []
         for event in candidates:
@@ -225,7 +218,7 @@ class Applier:
         """One transaction: apply ``candidates`` and keep ``quarantine``; all or nothing."""
         report = ApplyReport()
         quarantine = list(quarantine)
-        with translated(region=self.region, step="apply batch"), self.conn.transaction():
+        with self.store.transaction():
             # Keys locked and states loaded first (for every candidate), then the inbox
             # insert runs on the server while the policies decide on a worker thread
             # (pure Python over the loaded states; psycopg releases the GIL while it
@@ -236,7 +229,7 @@ class Applier:
             parked = self._load_parked(candidates)
             speculative = self._pool().submit(self._decide, candidates, loaded, parked) if candidates else None
             try:
-                new = pg.insert_inbox(self.conn, candidates)
+                new = self.store.insert_inbox(candidates)
             except BaseException:
                 if speculative is not None:
                     wait((speculative,))  # never leave it running past the transaction
@@ -252,19 +245,15 @@ class Applier:
             applied, bad, conflicts = decision.applied, decision.bad, decision.conflicts
             if bad:
                 # an event its policy refused must stay a gap (replayable once fixed), not count as applied
-                self.conn.execute(
-                    "DELETE FROM reconciler.inbox WHERE (origin, sequence) IN"
-                    " (SELECT * FROM unnest(%s::text[], %s::bigint[]))",
-                    ([e.origin for e, _ in bad], [e.sequence for e, _ in bad]),
-                )
+                self.store.forget_inbox([(e.origin, e.sequence or 0) for e, _ in bad])
                 quarantine.extend(_rejection(e, "invalid_payload", str(err)) for e, err in bad)
             if applied:
-                pg.observe_hlc(self.conn, max(e.hlc for e in applied))
+                self.store.observe_hlc(max(e.hlc for e in applied))
             self._keep(quarantine, retrying, actor, action)
             refused_now = {(q["origin"], q["sequence"], str(q["event_id"]).lower()) for q in quarantine}
             settled = [entry for key, entry in retrying.items()
                        if key in {event_key(e) for e in candidates} and key not in refused_now]
-            quarantine_store.settle(self.conn, settled, "applied", actor, "applied on retry", action)
+            self.store.settle_quarantine(settled, "applied", actor, "applied on retry", action)
         report.applied = applied
         report.quarantined = quarantine
         report.conflicts = conflicts
@@ -281,8 +270,8 @@ class Applier:
             if entry is None:
                 fresh.append(item)
             else:
-                quarantine_store.still_refused(self.conn, entry, item["reason"], item["detail"], actor, action)
-        pg.quarantine(self.conn, fresh)
+                self.store.still_refused(entry, item["reason"], item["detail"], actor, action)
+        self.store.quarantine(fresh)
 
     def apply_rows(
         self, events: Sequence[Event]
@@ -303,28 +292,28 @@ class Applier:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.region}")
         return self._executor
 
-    def _lock_and_load(self, events: Sequence[Event]) -> dict[str, list[pg.StateRow]]:
+    def _lock_and_load(self, events: Sequence[Event]) -> dict[str, list[StateRow]]:
         """Lock every key of ``events`` (one sorted order, so batches never deadlock) and
         load the current states of their rows, per table, still encoded (decoded by
         _decide, on the worker thread when there is one)."""
         keys: dict[str, set[str]] = defaultdict(set)
         for event in events:
             keys[event.table].add(event.key)
-        pg.lock_keys(self.conn, ((e.table, e.key) for e in events))
-        return {table: pg.load_state_rows(self.conn, table, sorted(table_keys))
+        self.store.lock_keys((e.table, e.key) for e in events)
+        return {table: self.store.load_state_rows(table, sorted(table_keys))
                 for table, table_keys in sorted(keys.items())}
 
-    def _load_parked(self, events: Sequence[Event]) -> dict[str, dict[str, list[tuple[str, Event]]]]:
+    def _load_parked(self, events: Sequence[Event]) -> dict[str, ParkedEvents]:
         """table -> key -> the open manual-queue entries of the (locked) keys of
         ``events`` in manual tables, with their parked events."""
         keys: dict[str, set[str]] = defaultdict(set)
         for event in events:
             if isinstance(self._policies.get(event.table), ManualPolicy):
                 keys[event.table].add(event.key)
-        return {table: pg.open_parked_events(self.conn, table, sorted(table_keys))
+        return {table: self.store.open_parked_events(table, sorted(table_keys))
                 for table, table_keys in sorted(keys.items())}
 
-    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[pg.StateRow]],
+    def _decide(self, events: Sequence[Event], loaded: Mapping[str, list[StateRow]],
                 parked: Mapping[str, Mapping[str, list[tuple[str, Event]]]] | None = None) -> _Decision:
         """The policies' decisions for ``events`` over the ``loaded`` states (not
         modified), and the encoded writes. Pure: no I/O, safe on the worker thread.
@@ -339,7 +328,7 @@ class Applier:
         decision = _Decision()
         for table, table_events in sorted(by_table.items()):
             policy = self._policies[table]
-            states = pg.states_from_rows(loaded.get(table, ()))
+            states = states_from_rows(loaded.get(table, ()))
             changed: dict[str, RowState] = {}
             waiting = {k: list(v) for k, v in (parked or {}).get(table, {}).items()}
             for event in sorted(table_events, key=lambda e: (e.hlc, e.origin)):
@@ -368,11 +357,11 @@ class Applier:
 
     def _write(self, decision: _Decision) -> None:
         for table, changed in decision.writes:
-            pg.write_states(self.conn, self.writer(table), changed)
-        pg.record_conflicts(self.conn, decision.conflicts)
-        queue_discards(self.conn, [d for d in map(discard_of, decision.conflicts) if d is not None])
-        pg.close_parked(self.conn, decision.closed)
-        pg.record_resolutions(self.conn, decision.applied)
+            self.store.write_states(self.tables[table], changed)
+        self.store.record_conflicts(decision.conflicts)
+        self.store.queue_discards([d for d in map(discard_of, decision.conflicts) if d is not None])
+        self.store.close_parked(decision.closed)
+        self.store.record_resolutions(decision.applied)
 
 
 @dataclass

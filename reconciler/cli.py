@@ -230,6 +230,14 @@ def _region_connection(config: Config, region: str | None) -> tuple[str, Any]:
     return name, pg.connect(config.region(name).dsn, region=name)
 
 
+def _region_store(config: Config, region: str | None) -> tuple[str, Any]:
+    """The chosen region (default: the config's first) and its region store."""
+    from .store.postgres_store import RegionDatabases
+
+    name = region or next(iter(config.regions))
+    return name, RegionDatabases(config).open(name)
+
+
 def _age(seconds: float) -> str:
     s = int(seconds)
     for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
@@ -279,7 +287,7 @@ def conflicts_list(config_path: str, region: str | None, table: str | None, stat
     config = load(config_path)
     if table is not None:
         config.table(table)  # an unknown table is a typo, not an empty queue
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     with conn:
         found = list_conflicts(conn, table=table, status=status)
     now = datetime.now(UTC)
@@ -312,7 +320,7 @@ def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_js
     from .conflicts import show_conflict
 
     config = load(config_path)
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     with conn:
         entry = show_conflict(conn, conflict_id)
     now = datetime.now(UTC)
@@ -386,7 +394,7 @@ def conflicts_resolve(
         config.region(take_region)  # a mistyped region is a clearer error here than "neither version"
     chosen = f"{take_region}'s version" if take_region else f"the value {value}"
     confirm(f"Resolve conflict {conflict_id} with {chosen}, replicated to every region?", yes, as_json)
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     with conn:
         event = resolve_conflict(conn, conflict_id, take_region=take_region, value=value, by=by, reason=reason)
     values = event.payload.get("values")
@@ -424,7 +432,7 @@ def quarantine_list(config_path: str, region: str | None, limit: int, status: st
     from .conflicts import list_quarantine
 
     config = load(config_path)
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     with conn:
         found = list_quarantine(conn, limit, status)
     if as_json:
@@ -454,7 +462,7 @@ def quarantine_show(config_path: str, region: str | None, entry_id: int, as_json
     from .conflicts import show_quarantined
 
     config = load(config_path)
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     with conn:
         entry, trail = show_quarantined(conn, entry_id)
     if as_json:
@@ -525,7 +533,7 @@ def quarantine_discard(config_path: str, region: str | None, entry_ids: tuple[in
     from .conflicts import discard_quarantined
 
     config = load(config_path)
-    name, conn = _region_connection(config, region)
+    name, conn = _region_store(config, region)
     actor = by or f"cli:{_operator()}"
     confirm(f"Give up {len(entry_ids)} quarantined event(s) in region {name} for good? Reason: {reason}", yes,
             as_json)

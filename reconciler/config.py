@@ -296,9 +296,7 @@ class _Parser:
 
     def dsn(self, value: Any, key: str) -> str:
         """A libpq connection string, checked by libpq's own parser; its secrets registered."""
-        from psycopg import Error as DriverError  # the driver at the edge only: the core never imports config's
-        from psycopg.conninfo import conninfo_to_dict
-
+        from .store.conninfo import ConninfoError, parse_conninfo
         from .store.dsn import secret_forms
 
         text = self.secret_text(value, key)
@@ -307,8 +305,8 @@ class _Parser:
         # registered before parsing: the parse may fail, and the error must not show them
         redact.register(secret_forms(text))
         try:
-            params = conninfo_to_dict(text)
-        except DriverError as exc:
+            params = parse_conninfo(text)
+        except ConninfoError as exc:
             hint = ""
             if re.match(r"^\s*postgres(ql)?:(?!//)", text, re.IGNORECASE):
                 hint = " (a URL starts postgresql:// or postgres://)"

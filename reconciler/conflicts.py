@@ -26,9 +26,8 @@ from .apply import Applier, ApplyReport, event_key
 from .errors import ConflictError, EventError
 from .hlc import Timestamp
 from .model import Event, Version, encode_key
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store.translate import translated
+from .store.port import RegionStore
+from .store.postgres_store import as_region_store
 
 __all__ = [
     "STATUSES",
@@ -43,12 +42,6 @@ __all__ = [
 
 #: what ``list --status`` accepts; "all" (or None) does not filter
 STATUSES: Final = ("open", "resolved", "auto", "all")
-
-_COLUMNS: Final = (
-    "conflict_id, table_name, row_key, kind, policy, outcome, status, local_version, remote_version, event_id,"
-    " detected_at, resolved_by, resolved_at, resolution_reason, resolution, resolution_event"
-)
-
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -148,7 +141,8 @@ def _entry(row: Sequence[Any]) -> ConflictEntry:
     )
 
 
-def list_conflicts(conn: pg.Connection, table: str | None = None, status: str | None = None) -> list[ConflictEntry]:
+def list_conflicts(conn: RegionStore | Any, table: str | None = None, status: str | None = None
+                   ) -> list[ConflictEntry]:
     """Conflicts recorded in this region, oldest first.
 
     ``status``: ``open`` (the manual queue), ``resolved``, ``auto`` (decided by an
@@ -156,36 +150,25 @@ def list_conflicts(conn: pg.Connection, table: str | None = None, status: str | 
     """
     if status is not None and status not in STATUSES:
         raise ConflictError(f"unknown conflict status {status!r}; expected one of {', '.join(STATUSES)}")
-    where = []
-    params: list[Any] = []
-    if table is not None:
-        where.append("table_name = %s")
-        params.append(table)
-    if status not in (None, "all"):
-        where.append("status = %s")
-        params.append(status)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    store = as_region_store(conn)
     # transaction(): a read must not leave the session idle in an open transaction
-    with translated(step="list conflicts", table=table), conn.transaction():
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM reconciler.conflicts{clause} ORDER BY detected_at, conflict_id", params
-        ).fetchall()
+    with store.transaction():
+        rows = store.conflict_rows(table, status)
     return [_entry(r) for r in rows]
 
 
-def show_conflict(conn: pg.Connection, conflict_id: str) -> ConflictEntry:
+def show_conflict(conn: RegionStore | Any, conflict_id: str) -> ConflictEntry:
     """One conflict of this region; refused with a hint when it is not here."""
-    with translated(step="show conflict", conflict_id=conflict_id), conn.transaction():
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM reconciler.conflicts WHERE conflict_id = %s", (conflict_id,)
-        ).fetchone()
+    store = as_region_store(conn)
+    with store.transaction():
+        row = store.conflict_row(conflict_id)
         if row is None:
-            raise _missing(conn, conflict_id)
+            raise _missing(store, conflict_id)
     return _entry(row)
 
 
-def _missing(conn: pg.Connection, conflict_id: str) -> ConflictError:
-    region = pg.region_id(conn)
+def _missing(store: RegionStore, conflict_id: str) -> ConflictError:
+    region = store.region_id()
     return ConflictError(
         f"no conflict {conflict_id} in region {region}; `reconciler conflicts list --status all` shows the ids"
         " this region knows (a conflict not yet replicated here may be listed in another region)",
@@ -195,7 +178,7 @@ def _missing(conn: pg.Connection, conflict_id: str) -> ConflictError:
 
 
 def resolve_conflict(
-    conn: pg.Connection,
+    conn: RegionStore | Any,
     conflict_id: str,
     *,
     take_region: str | None = None,
@@ -225,21 +208,19 @@ def resolve_conflict(
         raise ConflictError("--by must name who decides (audit trail)", conflict_id=conflict_id)
     if not reason.strip():
         raise ConflictError("--reason must say why (audit trail)", conflict_id=conflict_id)
-    with translated(step="resolve conflict", conflict_id=conflict_id), conn.transaction():
-        # FOR UPDATE: a second resolver of this entry waits here until the first
-        # commits, then reads the entry as resolved and is refused below
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM reconciler.conflicts WHERE conflict_id = %s FOR UPDATE",
-            (conflict_id,),
-        ).fetchone()
+    store = as_region_store(conn)
+    with store.transaction():
+        # lock: a second resolver of this entry waits here until the first commits,
+        # then reads the entry as resolved and is refused below
+        row = store.conflict_row(conflict_id, lock=True)
         if row is None:
-            raise _missing(conn, conflict_id)
+            raise _missing(store, conflict_id)
         entry = _entry(row)
         _check_open(entry)
         if take_region is not None:
             values = _take(entry, take_region)
         else:
-            values = _given_value(conn, entry, value)
+            values = _given_value(store, entry, value)
         return outbox.write_resolution(conn, conflict_id, values, by.strip(), reason.strip(), at=now())
 
 
@@ -275,7 +256,7 @@ def _take(entry: ConflictEntry, region: str) -> dict[str, Any] | None:
 
 
 def _given_value(
-    conn: pg.Connection, entry: ConflictEntry, value: str | Mapping[str, Any] | None
+    store: RegionStore, entry: ConflictEntry, value: str | Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
     if isinstance(value, str):
         try:
@@ -290,7 +271,7 @@ def _given_value(
         raise ConflictError(
             "--value must be a JSON object (the full row) or null (delete the row)", conflict_id=entry.conflict_id
         )
-    tables = pg.replicated_tables(conn)
+    tables = store.replicated_tables()
     config = tables.get(entry.table)
     if config is None:
         raise ConflictError(f"table {entry.table} is no longer replicated", conflict_id=entry.conflict_id)
@@ -308,7 +289,7 @@ def _given_value(
         )
     # the chosen value replaces the whole row in every region, so a partial row
     # would null the columns it leaves out: ask for them rather than guess
-    columns = pg.TableWriter.build(conn, config).columns
+    columns = store.table_columns(config)
     unknown = sorted(c for c in parsed if c not in columns)
     if unknown:
         raise ConflictError(
@@ -415,24 +396,26 @@ def _quarantine_entry(r: Sequence[Any]) -> QuarantineEntry:
     )
 
 
-def list_quarantine(conn: pg.Connection, limit: int = 100, status: str = "all") -> list[QuarantineEntry]:
+def list_quarantine(conn: RegionStore | Any, limit: int = 100, status: str = "all") -> list[QuarantineEntry]:
     """The most recent ``limit`` quarantined events of this region, newest first."""
     if status not in QUARANTINE_STATUSES:
         raise ConflictError(f"unknown quarantine status {status!r}; expected one of {', '.join(QUARANTINE_STATUSES)}")
-    with conn.transaction():
-        rows = quarantine_store.entries(conn, limit=limit, status=status)
+    store = as_region_store(conn)
+    with store.transaction():
+        rows = store.quarantine_entries(limit=limit, status=status)
     return [_quarantine_entry(r) for r in rows]
 
 
-def show_quarantined(conn: pg.Connection, entry_id: int) -> tuple[QuarantineEntry, list[dict[str, Any]]]:
+def show_quarantined(conn: RegionStore | Any, entry_id: int) -> tuple[QuarantineEntry, list[dict[str, Any]]]:
     """One entry and its audit trail (every retry and discard, who, when, why)."""
-    with conn.transaction():
-        rows = quarantine_store.entries(conn, ids=[entry_id], limit=1)
+    store = as_region_store(conn)
+    with store.transaction():
+        rows = store.quarantine_entries(ids=[entry_id], limit=1)
         if not rows:
             raise ConflictError(
-                f"no quarantine entry {entry_id} in region {pg.region_id(conn)}; `reconciler quarantine list`"
+                f"no quarantine entry {entry_id} in region {store.region_id()}; `reconciler quarantine list`"
                 " shows the ids", quarantine_id=entry_id)
-        trail = quarantine_store.audit(conn, entry_id)
+        trail = store.quarantine_audit(entry_id)
     return _quarantine_entry(rows[0]), [
         {"at": at.isoformat(), "action": action, "outcome": outcome, "actor": actor, "reason": reason}
         for at, action, outcome, actor, reason in trail
@@ -450,7 +433,7 @@ class RetryOutcome:
         return {"id": self.id, "outcome": self.outcome, "reason": self.reason, "detail": self.detail}
 
 
-def _settle_check(conn: pg.Connection, entry_id: int, verb: str) -> QuarantineEntry:
+def _settle_check(conn: RegionStore | Any, entry_id: int, verb: str) -> QuarantineEntry:
     entry, _trail = show_quarantined(conn, entry_id)
     if entry.settlement:
         raise ConflictError(
@@ -459,7 +442,7 @@ def _settle_check(conn: pg.Connection, entry_id: int, verb: str) -> QuarantineEn
     return entry
 
 
-def retry_quarantined(conn: pg.Connection, applier: Applier, entry_id: int, *, by: str) -> RetryOutcome:
+def retry_quarantined(conn: RegionStore | Any, applier: Applier, entry_id: int, *, by: str) -> RetryOutcome:
     """Apply a quarantined event again through the normal apply path (after its cause
     was fixed: a column type, a policy, a clock). Success settles the entry as
     applied; a new refusal keeps it open with the new reason. Audited as ``by``."""
@@ -487,25 +470,27 @@ def retry_quarantined(conn: pg.Connection, applier: Applier, entry_id: int, *, b
     return RetryOutcome(entry_id, "still_refused", again.get("reason"), again.get("detail"))
 
 
-def discard_quarantined(conn: pg.Connection, entry_id: int, *, by: str, reason: str) -> QuarantineEntry:
+def discard_quarantined(conn: RegionStore | Any, entry_id: int, *, by: str, reason: str) -> QuarantineEntry:
     """Settle an entry without applying it: gaps and the gate stop counting it. The
     entry, its raw message and the audit trail are kept."""
     if not by.strip():
         raise ConflictError("--by must name who discards (audit trail)", quarantine_id=entry_id)
     if not reason.strip():
         raise ConflictError("--reason must say why the event is given up (audit trail)", quarantine_id=entry_id)
-    with translated(step="discard quarantined", quarantine_id=entry_id), conn.transaction():
-        _settle_check(conn, entry_id, "discard")
-        quarantine_store.settle(conn, [entry_id], "discarded", by.strip(), reason.strip(), "discard")
-    entry, _trail = show_quarantined(conn, entry_id)
+    store = as_region_store(conn)
+    with store.transaction():
+        _settle_check(store, entry_id, "discard")
+        store.settle_quarantine([entry_id], "discarded", by.strip(), reason.strip(), "discard")
+    entry, _trail = show_quarantined(store, entry_id)
     return entry
 
 
-def retry_held(conn: pg.Connection, applier: Applier, limit: int) -> ApplyReport:
+def retry_held(conn: RegionStore | Any, applier: Applier, limit: int) -> ApplyReport:
     """Apply the held events (future stamps) whose stamp is no longer too far ahead
     of the database's clock; each one applied settles its entry."""
-    with translated(step="read held events"), conn.transaction():
-        due = quarantine_store.held_due(conn, limit)
+    store = as_region_store(conn)
+    with store.transaction():
+        due = store.held_due(limit)
     report = ApplyReport()
     if not due:
         return report

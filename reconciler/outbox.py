@@ -23,37 +23,38 @@ from .conflict import policy_for
 from .errors import ConflictError, EventError
 from .invariants import resolution_discards
 from .model import Event, Operation, Version, encode_key
-from .store import postgres as pg
-from .store.invariants import queue_discards
-from .store.translate import translated
+from .store.port import CONFLICT_COLUMNS, ApplyStore, RegionStore, json_text
+from .store.postgres_store import as_region_store, as_store
 
 
 class _Catalogue:
-    """What a connection's database says about itself, read once per connection."""
+    """What a database says about itself, read once per connection (or store), and the
+    statements prepared for it. Holds nothing that refers back to the connection, or
+    the weak key below could never die."""
 
-    def __init__(self, conn: pg.Connection) -> None:
-        self.region = pg.region_id(conn)
-        self.tables = pg.replicated_tables(conn)
-        self.writers: dict[str, pg.TableWriter] = {}
-
-    def writer(self, conn: pg.Connection, table: str) -> pg.TableWriter:
-        if table not in self.writers:
-            self.writers[table] = pg.TableWriter.build(conn, self.tables[table])
-        return self.writers[table]
+    def __init__(self, store: ApplyStore) -> None:
+        self.region = store.region_id()
+        self.tables = store.replicated_tables()
+        self.prepared: dict[str, Any] = {}
 
 
 _catalogues: weakref.WeakKeyDictionary[Any, _Catalogue] = weakref.WeakKeyDictionary()
 
 
-def _catalogue(conn: pg.Connection) -> _Catalogue:
-    found = _catalogues.get(conn)
+def _catalogue(target: ApplyStore | Any) -> tuple[_Catalogue, ApplyStore]:
+    """Keyed by what the caller holds (a service's connection, or a store), so a
+    service calling write() on one connection many times reads the catalogue once."""
+    store = as_store(target)
+    found = _catalogues.get(target)
     if found is None:
-        found = _catalogues[conn] = _Catalogue(conn)
-    return found
+        found = _catalogues[target] = _Catalogue(store)
+    if store is not target:
+        store = as_store(target, prepared=found.prepared)
+    return found, store
 
 
 def write(
-    conn: pg.Connection,
+    conn: ApplyStore | Any,
     table: str,
     operation: Operation | str,
     key: Mapping[str, Any],
@@ -73,7 +74,7 @@ def write(
     op = Operation(operation)
     if op is Operation.RESOLVE:
         raise EventError("resolutions are written by `reconciler conflicts resolve`, not by services", table=table)
-    catalogue = _catalogue(conn)
+    catalogue, store = _catalogue(conn)
     region, tables = catalogue.region, catalogue.tables
     if table not in tables:
         raise EventError(f"table {table!r} is not replicated (run `reconciler migrate`)", region=region)
@@ -82,9 +83,9 @@ def write(
         key_text = encode_key(key, config.key)
     except KeyError as exc:
         raise EventError(f"key is missing column {exc.args[0]!r}", table=table, region=region) from exc
-    with translated(region=region, table=table, key=key_text), conn.transaction():
-        pg.lock_keys(conn, [(table, key_text)])
-        current = pg.load_states(conn, table, [key_text]).get(key_text)
+    with store.transaction():
+        store.lock_keys([(table, key_text)])
+        current = store.load_states(table, [key_text]).get(key_text)
         live = current is not None and not current.deleted
         if op is Operation.INSERT and live:
             raise EventError("insert of a row that already exists", table=table, key=key_text, region=region)
@@ -108,7 +109,7 @@ def write(
             table=table,
             key=key_text,
             operation=op,
-            hlc=pg.hlc_now(conn),
+            hlc=store.hlc_now(),
             payload=_plain_json(payload),
             prior=current.hlc if current is not None else None,
             event_type=event_type or f"{table}.{op.value}",
@@ -116,14 +117,14 @@ def write(
         outcome = policy_for(config.policy, config.fields).apply(current, event)
         # queued before the row is written: the invariant check in write_states lists
         # the key's events, this one included
-        pg.insert_outbox(conn, event)
+        store.insert_outbox(event)
         if outcome.state is not None:
-            pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
+            store.write_states(config, {key_text: outcome.state})
     return event
 
 
 def write_resolution(
-    conn: pg.Connection,
+    conn: RegionStore | Any,
     conflict_id: str,
     values: Mapping[str, Any] | None,
     by: str,
@@ -145,18 +146,16 @@ def write_resolution(
     (:func:`reconciler.conflicts.resolve_conflict`); this function only refuses
     what would corrupt the queue: an unknown entry, or one that is not open.
     """
-    catalogue = _catalogue(conn)
-    region = catalogue.region
+    catalogue, some_store = _catalogue(conn)
+    store, region = as_region_store(some_store), catalogue.region
     when = at or datetime.now(UTC)
-    with translated(region=region, conflict_id=conflict_id), conn.transaction():
-        found = conn.execute(
-            "SELECT table_name, row_key, kind, status, local_version, remote_version FROM reconciler.conflicts"
-            " WHERE conflict_id = %s FOR UPDATE",
-            (conflict_id,),
-        ).fetchone()
+    with store.transaction():
+        found = store.conflict_row(conflict_id, lock=True)
         if found is None:
             raise ConflictError("no such conflict", conflict_id=conflict_id, region=region)
-        table, key_text, kind, status, local, remote = found
+        row = dict(zip(CONFLICT_COLUMNS, found, strict=True))
+        table, key_text, kind, status = row["table_name"], row["row_key"], row["kind"], row["status"]
+        local, remote = row["local_version"], row["remote_version"]
         if status != "open":
             raise ConflictError(f"conflict is not open (status {status})", conflict_id=conflict_id, region=region)
         config = catalogue.tables.get(table)
@@ -166,8 +165,8 @@ def write_resolution(
         if encode_key(key, config.key) != key_text:
             raise ConflictError("the chosen row's key is not the conflict's key", conflict_id=conflict_id,
                                 key=key_text, region=region)
-        pg.lock_keys(conn, [(table, key_text)])
-        current = pg.load_states(conn, table, [key_text]).get(key_text)
+        store.lock_keys([(table, key_text)])
+        current = store.load_states(table, [key_text]).get(key_text)
         payload = {
             "key": key,
             "conflict_id": conflict_id,
@@ -183,21 +182,21 @@ def write_resolution(
             table=table,
             key=key_text,
             operation=Operation.RESOLVE,
-            hlc=pg.hlc_now(conn),
+            hlc=store.hlc_now(),
             payload=_plain_json(payload),
             prior=current.hlc if current is not None else None,
             event_type=f"{table}.resolve",
         )
         outcome = policy_for(config.policy, config.fields).apply(current, event)
-        pg.insert_outbox(conn, event)  # before the row: the invariant check lists this event too
+        store.insert_outbox(event)  # before the row: the invariant check lists this event too
         if outcome.state is not None:
-            pg.write_states(conn, catalogue.writer(conn, table), {key_text: outcome.state})
-        pg.record_resolutions(conn, [event])
+            store.write_states(config, {key_text: outcome.state})
+        store.record_resolutions([event])
         kept = Version(None if values is None else {**values, **key}, event.hlc, region, values is None)
         decision = {"policy": config.policy, "conflict_id": conflict_id, "conflict_kind": kind,
                     "resolved_by": by, "reason": reason}
         sides = [Version.from_dict(local), Version.from_dict(remote)]
-        queue_discards(conn, resolution_discards(table, key_text, sides, kept, decision))
+        store.queue_discards(resolution_discards(table, key_text, sides, kept, decision))
     return event
 
 
@@ -219,7 +218,7 @@ def _resolution_key(
 def _plain_json(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Round-trip through JSON so the local apply sees exactly what peers will see
     (Decimal, datetime and UUID values become their JSON text)."""
-    return dict(json.loads(pg.json_text(payload)))
+    return dict(json.loads(json_text(payload)))
 
 
 #: what services call; ``write_resolution`` is the conflict queue's (``reconciler conflicts resolve``)

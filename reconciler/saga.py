@@ -21,22 +21,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from . import outbox
 from .config import Config
 from .hlc import Timestamp
 from .invariants import KIND_INVARIANT
 from .model import Event
+from .store.demo_domain import DemoDomain
+from .store.port import RegionStore
+from .store.postgres_store import as_region_store, open_store
 from .transport import kafka
 
 INVARIANT = "stock_not_negative"
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS public.saga_compensations ("
-    " id text PRIMARY KEY, sku text NOT NULL, cancelled jsonb NOT NULL DEFAULT '[]',"
-    " handled_at timestamptz NOT NULL DEFAULT now())"
-)
 
 
 @dataclass
@@ -49,34 +44,27 @@ class Handled:
     events: list[Event] = field(default_factory=list)
 
 
-def prepare(conn: psycopg.Connection[Any]) -> None:
-    with conn.transaction():
-        conn.execute(_SCHEMA)
+def prepare(conn: RegionStore | Any) -> None:
+    DemoDomain(conn).prepare_saga()
 
 
-def handle(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> Handled:
-    """Act on one compensation event in this connection's region (see the module doc)."""
+def handle(conn: RegionStore | Any, event: Mapping[str, Any]) -> Handled:
+    """Act on one compensation event in this store's (or connection's) region (see the module doc)."""
     ident = str(event["id"])
     if event.get("kind") != KIND_INVARIANT or event.get("table") != "inventory" or event.get("invariant") != INVARIANT:
         return Handled(ident, "ignored")
     sku = str(event["key"])
     contributing = [c for c in event.get("contributing", []) if isinstance(c, Mapping)]
     ids = [str(c["event_id"]) for c in contributing]
-    with conn.transaction():
-        held = conn.execute(
-            "SELECT count(DISTINCT e) FROM (SELECT event_id::text AS e FROM reconciler.inbox"
-            " WHERE event_id::text = ANY(%s) UNION ALL SELECT id::text FROM reconciler.outbox"
-            " WHERE id::text = ANY(%s)) AS x",
-            (ids, ids),
-        ).fetchone()
-        if held is None or int(held[0]) < len(set(ids)):
+    store = as_region_store(conn)
+    demo = DemoDomain(store)
+    with store.transaction():
+        if store.events_held(ids) < len(set(ids)):
             return Handled(ident, "not_ready")
-        fresh = conn.execute("INSERT INTO public.saga_compensations (id, sku) VALUES (%s, %s)"
-                             " ON CONFLICT (id) DO NOTHING RETURNING id", (ident, sku)).fetchone()
-        if fresh is None:
+        if not demo.claim_compensation(ident, sku):
             return Handled(ident, "duplicate")
-        row = conn.execute("SELECT stock FROM public.inventory WHERE sku = %s", (sku,)).fetchone()
-        deficit = -int(row[0]) if row is not None else 0
+        stock = demo.stock(sku)
+        deficit = -stock if stock is not None else 0
         done = Handled(ident, "nothing_to_do")
         newest_first = sorted(contributing, key=lambda c: Timestamp.parse(str(c["hlc"])), reverse=True)
         for sale in newest_first:
@@ -85,8 +73,7 @@ def handle(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> Handled:
             sold = -int((sale.get("payload") or {}).get("deltas", {}).get("stock", 0))
             if sold <= 0:
                 continue
-            order = conn.execute("SELECT id, total_cents FROM public.orders WHERE note = %s AND status = 'paid'",
-                                 (str(sale["event_id"]),)).fetchone()
+            order = demo.paid_order(str(sale["event_id"]))
             if order is None:
                 continue
             order_id, total = order
@@ -102,8 +89,7 @@ def handle(conn: psycopg.Connection[Any], event: Mapping[str, Any]) -> Handled:
             deficit -= sold
         if done.cancelled:
             done.outcome = "compensated"
-            conn.execute("UPDATE public.saga_compensations SET cancelled = %s::jsonb WHERE id = %s",
-                         (json.dumps(done.cancelled), ident))
+            demo.record_cancelled(ident, done.cancelled)
     return done
 
 
@@ -111,14 +97,12 @@ def run(config: Config, region: str, stop: threading.Event, *, dsn: str | None =
         on_handled: Callable[[Handled], None] = lambda _h: None, poll_seconds: float = 0.5) -> None:
     """Consume the compensation topic from its start and handle every event in ``region``
     until ``stop`` is set; an event whose writes this region does not hold yet is retried."""
-    from confluent_kafka import TopicPartition  # the Kafka client at the edge only
-
     consumer = kafka.consumer(config.kafka_settings(region), f"{config.topic_prefix}.order-saga.{region}")
     waiting: list[dict[str, Any]] = []
 
-    with psycopg.connect(dsn or config.region(region).dsn) as conn:
-        prepare(conn)
-        consumer.assign([TopicPartition(config.compensation_topic, 0, 0)])
+    with open_store(dsn or config.region(region).dsn, region=region) as store:
+        prepare(store)
+        kafka.assign_from(consumer, config.compensation_topic)
         try:
             while not stop.is_set():
                 msg = consumer.poll(poll_seconds)
@@ -126,7 +110,7 @@ def run(config: Config, region: str, stop: threading.Event, *, dsn: str | None =
                     waiting.append(json.loads(msg.value() or b"{}"))
                 still: list[dict[str, Any]] = []
                 for event in waiting:
-                    outcome = handle(conn, event)
+                    outcome = handle(store, event)
                     if outcome.outcome == "not_ready":
                         still.append(event)
                     else:

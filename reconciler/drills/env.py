@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import yaml
 
 from ..config import Config, load_config
 from ..devstack import DevStack
+from ..errors import ReconcilerError
 from ..provision import migrate
+from ..store.inspection import Inspector, create_database, drop_database
 from ..transport import kafka
 from .proxy import TcpProxy
 
@@ -86,14 +87,11 @@ class DrillEnv:
             drill_regions: dict[str, dict[str, Any]] = {}
             for region in stack.regions:
                 admin = stack.dsn(region)
-                with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f'CREATE DATABASE "{tag}"')
-                env.created.append(region)
                 dsn = _with_database(admin, tag)
+                create_database(admin, tag)
+                env.created.append(region)
                 if ddl:  # the scenario's own tables, before migrate installs what they need
-                    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-                        for statement in ddl:
-                            conn.execute(statement.encode())
+                    Inspector(dsn, region, timeout=10).execute(*ddl)
                 doc = {"dsn": dsn, "metrics_address": f"127.0.0.1:{free_port()}"}
                 direct_regions[region] = doc
                 if region in proxied:
@@ -128,9 +126,8 @@ class DrillEnv:
             proxy.close()
         for region in self.created:
             try:
-                with psycopg.connect(self.stack.dsn(region), autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f'DROP DATABASE IF EXISTS "{self.tag}" WITH (FORCE)')
-            except psycopg.Error as exc:
+                drop_database(self.stack.dsn(region), self.tag)
+            except ReconcilerError as exc:
                 problems.append(f"drop database {self.tag} in {region}: {exc}")
         self.created = []
         try:

@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from ..devstack import DevStack
+from ..errors import StoreError
+from ..store.inspection import Inspector
 from . import observe, runbook
 from .checker import Check, Expectations, TableSpec, Verdict, expected_parked
 from .checker import check as judge
@@ -212,16 +212,18 @@ class Drill:
 
     # ---------------------------------------------------------------- reading the regions
 
+    def db(self, region: str, *, timeout: int = 3) -> Inspector:
+        """The drill's reads of a region's database, made directly (never through a proxy)."""
+        return Inspector(self.env.direct.region(region).dsn, region, timeout=timeout)
+
     def scalar(self, region: str, query: str, params: Sequence[Any] | None = None) -> Any:
-        """One value from a region's database, read directly (never through a proxy)."""
-        with psycopg.connect(self.env.direct.region(region).dsn, connect_timeout=3, autocommit=True) as conn:
-            row = conn.execute(query, params).fetchone()
-        return row[0] if row else None
+        """One value of an ad hoc query on a region's database, read directly."""
+        return self.db(region).scalar(query, params)
 
     def state(self, region: str) -> str | None:
         try:
-            return str(self.scalar(region, "SELECT state FROM reconciler.region"))
-        except psycopg.Error:
+            return str(self.db(region).state())
+        except StoreError:
             return None
 
     def _counts(self) -> dict[str, tuple[int, int, dict[str, int]]] | None:
@@ -231,21 +233,8 @@ class Drill:
         counts: dict[str, tuple[int, int, dict[str, int]]] = {}
         try:
             for region in self.regions:
-                with psycopg.connect(self.env.direct.region(region).dsn, connect_timeout=2, autocommit=True) as c:
-                    row = c.execute(
-                        "SELECT (SELECT count(*) FROM reconciler.outbox WHERE origin = %s)"
-                        "  + (SELECT coalesce(max(pruned_through), 0) FROM reconciler.relay_state WHERE origin = %s),"
-                        " (SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state"
-                        "  WHERE origin = %s),"
-                        " (SELECT coalesce(json_object_agg(origin, n), '{}') FROM (SELECT origin, sum(n) AS n FROM ("
-                        "   SELECT origin, count(*) AS n FROM reconciler.inbox GROUP BY origin"
-                        "   UNION ALL SELECT origin, through FROM reconciler.inbox_floor"
-                        "   UNION ALL SELECT origin, count(*) FROM reconciler.quarantine WHERE reason = 'lost'"
-                        "   GROUP BY origin) AS parts GROUP BY origin) AS i)",
-                        (region, region, region)).fetchone()
-                    assert row is not None
-                    counts[region] = (int(row[0]), int(row[1]), dict(row[2]))
-        except psycopg.Error:
+                counts[region] = self.db(region, timeout=2).delivery_counts(region)
+        except StoreError:
             return None
         return counts
 
@@ -269,7 +258,7 @@ class Drill:
             try:
                 if predicate():
                     return True
-            except (psycopg.Error, OSError):
+            except (StoreError, OSError):  # a region's database not answering yet
                 pass
             time.sleep(interval)
         self.mark(f"timed out after {timeout:.0f}s waiting for {what}")

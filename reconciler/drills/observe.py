@@ -17,14 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
 from .. import merkle
 from ..config import Config, TableConfig
 from ..diff import diff_tables
 from ..errors import ReconcilerError
-from ..store.merkle_scan import CANONICAL_SETTINGS, key_text_sql, row_hash_sql
+from ..store.inspection import Inspector
 from .checker import CommittedEvent, ConflictEntry, InboxEntry, PairDiff, RegionSnapshot, row_key
 
 # ---------------------------------------------------------------- final state
@@ -34,49 +31,26 @@ def read_snapshot(config: Config, region: str) -> RegionSnapshot:
     """Everything of one region the checker needs (roots are added later, once the
     parked keys of every region are known)."""
     try:
-        with psycopg.connect(config.region(region).dsn, connect_timeout=5, autocommit=True) as conn:
-            state_row = conn.execute("SELECT state FROM reconciler.region").fetchone()
-            outbox = tuple(
-                CommittedEvent(str(i), o, seq, t, k, op, int(h), None if p is None else int(p), payload)
-                for i, o, seq, t, k, op, h, p, payload in conn.execute(
-                    "SELECT id::text, origin, relay_sequence, aggregatetype, aggregateid, operation, hlc, prior_hlc,"
-                    " payload FROM reconciler.outbox_numbered WHERE origin = %s", (region,))
-            )
-            inbox = tuple(InboxEntry(o, int(s), str(e)) for o, s, e in conn.execute(
-                "SELECT origin, sequence, event_id::text FROM reconciler.inbox"))
-            conflicts = tuple(ConflictEntry(*row) for row in conn.execute(
-                "SELECT conflict_id, table_name, row_key, kind, policy, outcome, status FROM reconciler.conflicts"))
-            quarantine = {str(r): int(n) for r, n in conn.execute(
-                "SELECT reason, count(*) FROM reconciler.quarantine GROUP BY reason")}
-            rows: dict[str, dict[str, dict[str, Any]]] = {}
-            for name, table in config.tables.items():
-                found = conn.execute(
-                    sql.SQL("SELECT to_jsonb(t) FROM {} t").format(sql.Identifier(table.schema, name))).fetchall()
-                # keyed by the checker's own key encoding, not the implementation's
-                rows[name] = {row_key(doc, table.key): doc for (doc,) in found}
-    except (psycopg.Error, OSError) as exc:
+        stored = Inspector(config.region(region).dsn, region, timeout=5).stored(region, config.tables.values())
+    except (ReconcilerError, OSError) as exc:
         return RegionSnapshot(region=region, state=None, error=str(exc).splitlines()[0] if str(exc) else repr(exc))
+    outbox = tuple(CommittedEvent(str(i), o, seq, t, k, op, int(h), None if p is None else int(p), payload)
+                   for i, o, seq, t, k, op, h, p, payload in stored.outbox)
+    inbox = tuple(InboxEntry(o, int(s), str(e)) for o, s, e in stored.inbox)
+    conflicts = tuple(ConflictEntry(*row) for row in stored.conflicts)
+    # keyed by the checker's own key encoding, not the implementation's
+    rows = {name: {row_key(doc, table.key): doc for doc in stored.rows[name]} for name, table in config.tables.items()}
     return RegionSnapshot(
-        region=region, state=str(state_row[0]) if state_row else None, outbox=outbox, inbox=inbox, rows=rows,
-        conflicts=conflicts, quarantine=quarantine,
+        region=region, state=stored.state, outbox=outbox, inbox=inbox, rows=rows,
+        conflicts=conflicts, quarantine=stored.quarantine,
     )
 
 
 def merkle_root(dsn: str, table: TableConfig, excluded: Iterable[str] = ()) -> tuple[int, int]:
     """The table's Merkle root (sum of row hashes mod 2**64, row count), hashed by the
     server with the same row hash ``reconciler diff`` uses, without ``excluded`` keys."""
-    with psycopg.connect(dsn, connect_timeout=5) as conn, conn.transaction():
-        for name, value in CANONICAL_SETTINGS.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-        columns = [r[0] for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s"
-            " ORDER BY ordinal_position", (table.schema, table.name))]
-        query = sql.SQL("SELECT coalesce(sum(h), 0), count(*) FROM (SELECT {h} AS h FROM {t}"
-                        " WHERE NOT ({k} = ANY(%s::text[]))) s").format(
-            h=row_hash_sql(columns), t=sql.Identifier(table.schema, table.name), k=key_text_sql(table.key))
-        row = conn.execute(query, (sorted(excluded),)).fetchone()
-    assert row is not None
-    return merkle.to_u64(int(row[0])), int(row[1])
+    total, count = Inspector(dsn, timeout=5).merkle_sum(table, excluded)
+    return merkle.to_u64(total), count
 
 
 def merkle_roots(config: Config, region: str, parked: Mapping[str, set[str]]) -> dict[str, tuple[int, int]]:
@@ -106,26 +80,14 @@ def pair_diffs(config: Config) -> list[PairDiff]:
 
 def lifecycle_log(config: Config, region: str) -> list[dict[str, Any]]:
     try:
-        with psycopg.connect(config.region(region).dsn, connect_timeout=5) as conn:
-            rows = conn.execute("SELECT extract(epoch FROM at), from_state, to_state, epoch, reason, actor"
-                                " FROM reconciler.lifecycle_log ORDER BY id").fetchall()
-    except psycopg.Error:
+        rows = Inspector(config.region(region).dsn, region, timeout=5).lifecycle_rows()
+    except ReconcilerError:
         return []
     return [{"at": float(at), "region": region, "from": f, "to": t, "epoch": int(e), "reason": r, "actor": a}
             for at, f, t, e, r, a in rows]
 
 
 # ---------------------------------------------------------------- the timeline
-
-_SAMPLE_SQL = (
-    "SELECT r.state,"
-    " (SELECT count(*) FROM reconciler.outbox o WHERE o.origin = r.region_id),"
-    " (SELECT coalesce(max(published_through), 0) FROM reconciler.relay_state s WHERE s.origin = r.region_id),"
-    " (SELECT coalesce(json_object_agg(origin, n), '{}') FROM"
-    "   (SELECT origin, count(*) AS n FROM reconciler.inbox GROUP BY origin) i),"
-    " (SELECT count(*) FROM reconciler.quarantine)"
-    " FROM reconciler.region r"
-)
 
 
 @dataclass
@@ -164,7 +126,7 @@ class Sampler:
         self.t0 = time.monotonic()
         self.wall0 = time.time()
         self.samples: list[dict[str, Any]] = []
-        self._conns: dict[str, psycopg.Connection[Any] | None] = {r: None for r in config.regions}
+        self._conns: dict[str, Inspector | None] = {r: None for r in config.regions}
         self._retry_at: dict[str, float] = {r: 0.0 for r in config.regions}
         self._last: dict[str, RegionSample] = {}
         self._watches: list[_Watch] = []
@@ -239,14 +201,14 @@ class Sampler:
             if now < self._retry_at[region]:
                 return RegionSample(up=False)
             try:
-                conn = psycopg.connect(self.config.region(region).dsn, connect_timeout=1, autocommit=True)
+                conn = Inspector(self.config.region(region).dsn, region, timeout=1).connected()
                 self._conns[region] = conn
-            except (psycopg.Error, OSError):
+            except (ReconcilerError, OSError):
                 self._retry_at[region] = now + 1.0
                 return RegionSample(up=False)
         try:
-            row = conn.execute(_SAMPLE_SQL).fetchone()
-        except (psycopg.Error, OSError):
+            row = conn.sample()
+        except (ReconcilerError, OSError):
             try:
                 conn.close()
             except Exception:  # noqa: BLE001 - closing a dead connection

@@ -23,17 +23,16 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from .. import outbox
-from ..errors import ReconcilerError, StoreUnavailable
+from ..errors import ReconcilerError, StoreError, StoreUnavailable
 from ..model import Event
+from ..store.demo_domain import DemoDomain
+from ..store.inspection import Inspector
+from ..store.postgres_store import PostgresRegionStore, open_store
 from .history import HistoryWriter, WriteRecord
 
 TAGS = ("new", "sale", "clearance", "gift", "eco", "bulk")
 
-#: the advisory lock around the HLC's setval (reconciler/sql/001_foundation.sql)
-_HLC_LOCK = 7165108711
 ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
 PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
 
@@ -121,26 +120,15 @@ class Workload:
         pair = self.regions[:2]
         for attempt in range(attempts):
             key = f"ord-tie-{attempt}"
-            conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5, autocommit=True) for r in pair}
+            dbs = {r: Inspector(self.dsns[r], r, timeout=5).connected() for r in pair}
             try:
-                ahead = 0
-                for conn in conns.values():
-                    row = conn.execute(
-                        "SELECT greatest((SELECT last_value FROM reconciler.hlc_clock),"
-                        " (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16)").fetchone()
-                    assert row is not None
-                    ahead = max(ahead, int(row[0]))
+                ahead = max(db.clock_or_physical() for db in dbs.values())
                 target = ahead + (300 << 16)  # 300 ms ahead: well inside any max offset
-                for conn in conns.values():
-                    conn.execute("SELECT pg_advisory_lock(%s)", (_HLC_LOCK,))
-                    try:
-                        conn.execute("SELECT setval('reconciler.hlc_clock', greatest(%s,"
-                                     " (SELECT last_value FROM reconciler.hlc_clock)))", (target,))
-                    finally:
-                        conn.execute("SELECT pg_advisory_unlock(%s)", (_HLC_LOCK,))
+                for db in dbs.values():
+                    db.push_clock(at_least=target)
             finally:
-                for conn in conns.values():
-                    conn.close()
+                for db in dbs.values():
+                    db.close()
             events = self._insert_together(pair, key)
             if len(events) == len(pair) and len({e.hlc for e in events.values()}) == 1:
                 self.tied = key
@@ -183,26 +171,26 @@ class Workload:
         """One scenario-directed write, recorded once its commit returned; ``hold_seconds``
         keeps its transaction open that long after the write (stamped early, committed late)."""
         attempt = _Attempt()
-        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
+        with open_store(self.dsns[region], region=region, timeout=5) as store:
             try:
-                with conn.transaction():
-                    event = attempt.write(conn, table, op, key, **kwargs)
+                with store.transaction():
+                    event = attempt.write(store, table, op, key, **kwargs)
                     if hold_seconds:
                         time.sleep(hold_seconds)
-            except (psycopg.Error, OSError):
-                self._record_in_doubt(attempt, "drill")
+            except (ReconcilerError, OSError):
+                self._record_in_doubt(attempt, "drill")  # only once its event was built: the commit failed
                 raise
         self._record(attempt, "drill")
         return event
 
     def write_together(
-        self, region: str, body: Callable[[psycopg.Connection[Any]], list[Event]], writer: str = "drill",
+        self, region: str, body: Callable[[PostgresRegionStore], list[Event]], writer: str = "drill",
     ) -> list[Event]:
         """Several writes in one transaction (a purchase: the stock and the order), each
         recorded once the commit returned; ``body`` may write nothing."""
-        with psycopg.connect(self.dsns[region], connect_timeout=5) as conn:
-            with conn.transaction():
-                events = body(conn)
+        with open_store(self.dsns[region], region=region, timeout=5) as store:
+            with store.transaction():
+                events = body(store)
         self.record(events, writer)
         return events
 
@@ -216,21 +204,21 @@ class Workload:
     def _insert_together(self, regions: list[str], key: str) -> dict[str, Event]:
         """Each region inserts ``key`` at the same moment (connections opened first)."""
         events: dict[str, Event] = {}
-        conns = {r: psycopg.connect(self.dsns[r], connect_timeout=5) for r in regions}
+        stores = {r: open_store(self.dsns[r], region=r, timeout=5) for r in regions}
         barrier = threading.Barrier(len(regions))
 
         def insert(region: str) -> None:
             attempt = _Attempt()
             barrier.wait(10)
             try:
-                with conns[region].transaction():
-                    attempt.write(conns[region], "orders", "insert", {"id": key}, values={
+                with stores[region].transaction():
+                    attempt.write(stores[region], "orders", "insert", {"id": key}, values={
                         "customer": f"cust-{region}", "status": "new", "total_cents": 100, "note": f"tie@{region}"})
-            except (psycopg.Error, OSError):
+            except (ReconcilerError, OSError):
+                # built but not committed: in doubt; refused before (no orders table in this
+                # drill, say): nothing to record, no tie
                 self._record_in_doubt(attempt, "drill")
                 return
-            except ReconcilerError:
-                return  # refused (no orders table in this drill, say): no tie, nothing written
             self._record(attempt, "drill")
             assert attempt.event is not None
             events[region] = attempt.event
@@ -242,8 +230,8 @@ class Workload:
             for t in threads:
                 t.join(30)
         finally:
-            for conn in conns.values():
-                conn.close()
+            for store in stores.values():
+                store.close()
         return events
 
     def _record(self, attempt: _Attempt, writer: str) -> None:
@@ -266,7 +254,7 @@ class Workload:
         rnd = random.Random(f"{self.spec.seed}:{stats.name}")
         deadline = time.monotonic() + self.spec.seconds
         interval = 1.0 / self.spec.rate if self.spec.rate > 0 else 0.0
-        conn: psycopg.Connection[Any] | None = None
+        conn: PostgresRegionStore | None = None
         connected_to: str | None = None
         own_payments: list[str] = []
         backoff = 0.1
@@ -279,16 +267,16 @@ class Workload:
                 if target is None:
                     self.stop_event.wait(0.1)
                     continue
-                if conn is not None and (connected_to != target or conn.closed or conn.broken):
+                if conn is not None and (connected_to != target or conn.closed):
                     _close(conn)
                     conn = None
                 attempt = _Attempt()
                 try:
                     if conn is None:
-                        conn = psycopg.connect(self.dsns[target], connect_timeout=2)
+                        conn = open_store(self.dsns[target], region=target, timeout=2)
                         connected_to = target
                     self._one_write(conn, attempt, stats, rnd, n, own_payments)
-                except (psycopg.Error, ReconcilerError, OSError) as exc:
+                except (ReconcilerError, OSError) as exc:
                     # unacknowledged: recorded only as in doubt; a dead connection is reopened
                     self._record_in_doubt(attempt, stats.name)
                     stats.failed += 1
@@ -316,7 +304,7 @@ class Workload:
             _close(conn)
 
     def _one_write(
-        self, conn: psycopg.Connection[Any], attempt: _Attempt, stats: WriterStats, rnd: random.Random, n: int,
+        self, conn: PostgresRegionStore, attempt: _Attempt, stats: WriterStats, rnd: random.Random, n: int,
         own_payments: list[str],
     ) -> Event:
         spec = self.spec
@@ -325,7 +313,7 @@ class Workload:
             if pick < spec.mix[0]:
                 key = f"ord-{rnd.randrange(spec.order_keys)}"
                 # the client looks at its own table, as a service would, not at replication metadata
-                live = conn.execute("SELECT 1 FROM orders WHERE id = %s", (key,)).fetchone() is not None
+                live = DemoDomain(conn).order_exists(key)
                 values = {"status": rnd.choice(ORDER_STATUSES), "total_cents": rnd.randint(100, 50_000),
                           "note": f"{stats.name}#{n}"}
                 if not live:
@@ -368,7 +356,7 @@ class _Attempt:
         self.key: dict[str, Any] = {}
         self.values: dict[str, Any] | None = None
 
-    def write(self, conn: psycopg.Connection[Any], table: str, op: str, key: dict[str, Any],
+    def write(self, conn: PostgresRegionStore, table: str, op: str, key: dict[str, Any],
               **kwargs: Any) -> Event:
         self.key = dict(key)
         self.values = dict(kwargs.get("values") or {})
@@ -376,19 +364,24 @@ class _Attempt:
         return self.event
 
 
+#: steps of the client's own statements (its read, its commit), outside outbox.write:
+#: a refusal there is the database's, not the write path's
+_CLIENT_STEPS = ("transaction", "read order")
+
+
 def _failure_kind(exc: BaseException) -> str:
-    if isinstance(exc, psycopg.OperationalError | OSError):
+    if isinstance(exc, OSError):
         return "unreachable"
     if isinstance(exc, ReconcilerError):
         if exc.retryable or isinstance(exc, StoreUnavailable):
             return "unreachable"
+        if isinstance(exc, StoreError) and exc.context.get("step") in _CLIENT_STEPS:
+            return "database_error"
         return "refused"
-    if isinstance(exc, psycopg.Error):
-        return "database_error"
     return "other"
 
 
-def _close(conn: psycopg.Connection[Any] | None) -> None:
+def _close(conn: PostgresRegionStore | None) -> None:
     if conn is not None:
         try:
             conn.close()

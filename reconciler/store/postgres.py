@@ -27,6 +27,9 @@ from ..model import ConflictRecord, Event, Operation, RowState
 from . import quarantine as quarantine_store
 from .invariants import check_invariants, validate_invariants
 from .merkle_leaves import install_leaves
+from .port import StateRow as StateRow
+from .port import json_text as json_text
+from .port import states_from_rows as states_from_rows
 from .translate import translated
 
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -44,12 +47,7 @@ def connect(dsn: str, *, autocommit: bool = False, region: str | None = None, ti
     return conn
 
 
-#: one encoder for every document sent to the server (compact; str() for uuids, dates, decimals)
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
-def json_text(value: Any) -> str:
-    return _encode(value)
+_encode = json_text  # one encoder for every document sent to the server (see port.json_text)
 
 
 def key_lock_id(table: str, key: str) -> int:
@@ -245,8 +243,6 @@ def load_states(conn: Connection, table: str, keys: Sequence[str]) -> dict[str, 
     return states_from_rows(load_state_rows(conn, table, keys))
 
 
-#: a row_meta row as load_state_rows returns it, JSON still text
-StateRow = tuple[str, int, str, bool, str, str]
 
 
 def load_state_rows(conn: Connection, table: str, keys: Sequence[str]) -> list[StateRow]:
@@ -257,15 +253,6 @@ def load_state_rows(conn: Connection, table: str, keys: Sequence[str]) -> list[S
         " WHERE table_name = %s AND row_key = ANY(%s)",
         (table, list(keys)),
     ).fetchall()
-
-
-def states_from_rows(rows: Iterable[StateRow]) -> dict[str, RowState]:
-    loads = json.loads  # what psycopg's jsonb loader would have called on the same text
-    return {
-        key: RowState(values=loads(values), hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted,
-                      meta=loads(meta))
-        for key, hlc, origin, deleted, meta, values in rows
-    }
 
 
 def write_states(conn: Connection, writer: TableWriter, states: Mapping[str, RowState]) -> None:

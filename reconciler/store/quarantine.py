@@ -11,10 +11,10 @@ event arrived after it leaves nothing missing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ..model import Event
+from .port import HeldEntry
 from .translate import translated
 
 #: the largest value of a PostgreSQL bigint (sequences, HLC stamps)
@@ -32,12 +32,7 @@ _REFUSED = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class OpenEntry:
-    id: int
-    reason: str
-    #: settled by an operator's discard: never applied, never quarantined again
-    discarded: bool = False
+OpenEntry = HeldEntry  # the port's type: apply reads it from either store
 
 
 def clean_text(value: Any) -> str | None:

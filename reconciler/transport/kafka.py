@@ -828,3 +828,30 @@ class KafkaEventLog:
 
     def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         return retained_ranges(self.settings, self.topic_of(origin), wanted, timeout=self.timeout)
+
+
+# -- readers outside a group (the saga, drills)
+
+
+def assign_from(consumer: Consumer, topic: str, partition: int = 0, offset: int = 0) -> None:
+    """Read one partition of ``topic`` from ``offset``, whatever a group committed
+    (readers of the whole history: the compensation saga, drills)."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+
+
+def watermarks(consumer: Consumer, topic: str, partition: int = 0, timeout: float = 10.0) -> tuple[int, int]:
+    """(low, high) offsets of one partition of ``topic``."""
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+    return int(low), int(high)
+
+
+def rewind_group(client: AdminClient, group: str, partitions: Iterable[tuple[str, int]],
+                 offset: int = 0, timeout: float = 10.0) -> None:
+    """Set consumer group ``group``'s committed offsets of (topic, partition) pairs to ``offset``
+    (the group must have no live member: the broker refuses otherwise, and this raises).
+    ``client`` (from :func:`admin`) is the caller's, so retries reuse its connections."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    offsets = [TopicPartition(topic, p, offset) for topic, p in partitions]
+    for future in client.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)]).values():
+        future.result(timeout)

@@ -1,9 +1,12 @@
-"""Contract suites: one set of tests per port, run against every implementation.
+"""Fixtures shared by the contract suites: each port's one suite runs against the
+real servers of the local stack and against its in-memory implementation.
 
-The real-server implementations use the local stack through the integration
-tests' ``stack`` fixture, which FAILS (never skips) when the stack is not up.
+The real side uses the integration tests' stack fixture, so a missing or dead
+stack fails these tests as it fails those (never a skip that tested nothing).
 """
 
 from __future__ import annotations
 
-from tests.integration.conftest import stack  # noqa: F401 - re-exported as a fixture
+from tests.integration.conftest import config_path, stack
+
+__all__ = ["config_path", "stack"]

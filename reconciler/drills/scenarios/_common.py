@@ -9,15 +9,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
-
-from ...store import postgres as pg
+from ...errors import ReconcilerError
+from ...store.postgres_store import PostgresRegionStore, open_store
 from ...transport import kafka
 from .. import runbook
 from ..harness import Drill
-
-#: the HLC critical section's advisory lock (reconciler/sql/001_foundation.sql)
-HLC_LOCK = 7165108711
 
 
 def expire_retention(
@@ -75,34 +71,23 @@ class ClockSkew:
         self._thread.join(5)
 
     def _run(self) -> None:
-        conns = {r: psycopg.connect(self.drill.env.direct.region(r).dsn, autocommit=True) for r in self.regions}
+        dbs = {r: self.drill.db(r, timeout=5).connected() for r in self.regions}
         try:
             while not self._stop.is_set():
-                for region, conn in conns.items():
+                for region, db in dbs.items():
                     try:
-                        conn.execute("SELECT pg_advisory_lock(%s)", (HLC_LOCK,))
-                        try:
-                            # only ever forward: setval below the current value would reissue stamps
-                            conn.execute(
-                                "SELECT setval('reconciler.hlc_clock', greatest("
-                                " (SELECT last_value FROM reconciler.hlc_clock),"
-                                " ((floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + %s) << 16)))",
-                                (self.offset_ms,))
-                        finally:
-                            conn.execute("SELECT pg_advisory_unlock(%s)", (HLC_LOCK,))
-                    except psycopg.Error as exc:
+                        db.push_clock(ahead_ms=self.offset_ms)  # forward only: never reissues stamps
+                    except ReconcilerError as exc:
                         self.errors.append(f"{region}: {exc}")
                 self._stop.wait(0.05)
         finally:
-            for conn in conns.values():
-                conn.close()
+            for db in dbs.values():
+                db.close()
 
 
 def hlc_ahead_ms(drill: Drill, region: str) -> int:
     """How far the region's HLC is ahead of physical time, in ms."""
-    value = drill.scalar(region, "SELECT (last_value >> 16) - floor(extract(epoch FROM clock_timestamp()) * 1000)"
-                                 "::bigint FROM reconciler.hlc_clock")
-    return int(value)
+    return drill.db(region).clock_ahead_ms()
 
 
 def phase(drill: Drill, base: float, started: float) -> None:
@@ -114,14 +99,13 @@ def phase(drill: Drill, base: float, started: float) -> None:
 
 def own_outbox_rows(drill: Drill, region: str) -> int:
     """How many of its own events the region's outbox holds."""
-    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,)))
+    return drill.db(region).outbox_count(region)
 
 
 def relayed_everywhere(drill: Drill, region: str) -> bool:
     """Every event in the region's outbox is applied by every peer."""
     written = own_outbox_rows(drill, region)
-    return all(int(drill.scalar(p, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s", (region,))) == written
-               for p in drill.regions if p != region)
+    return all(drill.db(p).inbox_count(region) == written for p in drill.regions if p != region)
 
 
 def back_in_service(drill: Drill, region: str, report: Any) -> None:
@@ -143,14 +127,14 @@ class StandInRelay:
     the region's events itself and publishes them when it chooses, so that forged
     messages can take chosen sequences first."""
 
-    def __init__(self, drill: Drill, origin: str, conn: pg.Connection, epoch: int) -> None:
-        self.drill, self.origin, self.conn, self.epoch = drill, origin, conn, epoch
+    def __init__(self, drill: Drill, origin: str, store: PostgresRegionStore, epoch: int) -> None:
+        self.drill, self.origin, self.store, self.epoch = drill, origin, store, epoch
         self.topic = drill.config.events_topic(origin)
         self.producer = kafka.producer(drill.config.kafka_settings(origin))
 
     def claim(self, after: int = 0) -> list[tuple[int, bytes, bytes]]:
         """The next events to publish (numbered now if none waits)."""
-        return pg.claim_messages(self.conn, self.origin, self.epoch, after, 500)
+        return self.store.claim_messages(self.origin, self.epoch, after, 500)
 
     def publish(self, batch: list[tuple[int, bytes, bytes]]) -> None:
         """Publish a claimed batch and record it published, as the relay would."""
@@ -158,7 +142,7 @@ class StandInRelay:
             self.producer.produce(self.topic, key=key, value=value)
         if self.producer.flush(30):
             raise RuntimeError(f"{self.origin}'s real events were not acknowledged by the broker")
-        pg.mark_published(self.conn, self.origin, self.epoch, batch[-1][0])
+        self.store.mark_published(self.origin, self.epoch, batch[-1][0])
 
 
 @contextlib.contextmanager
@@ -168,12 +152,12 @@ def relay_stood_in_for(drill: Drill, origin: str) -> Iterator[StandInRelay]:
     assert drill.loops is not None
     drill.loops.stop(origin, ("relay",))
     dsn = drill.config.region(origin).dsn
-    lease = pg.connect(dsn, autocommit=True, region=origin)
-    conn = pg.connect(dsn, region=origin)
+    lease = open_store(dsn, autocommit=True, region=origin)
+    store = open_store(dsn, region=origin)
     try:
-        yield StandInRelay(drill, origin, conn, pg.acquire_lease(lease, origin, "drill-poisoner"))
+        yield StandInRelay(drill, origin, store, lease.acquire_lease(origin, "drill-poisoner"))
     finally:
-        conn.close()
+        store.close()
         lease.close()
         drill.loops.start(origin, ("relay",))
 

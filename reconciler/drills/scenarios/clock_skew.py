@@ -22,7 +22,7 @@ from ._common import ClockSkew, hlc_ahead_ms
 
 
 def _skew_quarantined(drill: Drill, region: str) -> int:
-    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.quarantine WHERE reason = 'clock_skew'"))
+    return drill.db(region).quarantine_count("clock_skew")
 
 
 def run(drill: Drill) -> None:

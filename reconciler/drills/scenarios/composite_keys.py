@@ -32,8 +32,6 @@ import threading
 from functools import partial
 from typing import Any
 
-import psycopg
-
 from ...errors import ReconcilerError
 from ..checker import Expectations
 from ..env import DEMO_TABLES
@@ -89,9 +87,7 @@ class CompositeWriter:
         return alive
 
     def _live(self, query: str, key: tuple[int, int]) -> bool:
-        dsn = self.drill.env.direct.region(self.home).dsn
-        with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
-            return conn.execute(query.encode(), key).fetchone() is not None
+        return bool(self.drill.db(self.home, timeout=5).rows(query, key))
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -100,7 +96,7 @@ class CompositeWriter:
                 continue
             try:
                 table, op = self._one(target)
-            except (psycopg.Error, OSError, ReconcilerError):
+            except (OSError, ReconcilerError):
                 # refused (a row inserted by a peer since the look) or in doubt (recorded as
                 # such by the workload): either way not acknowledged
                 self.failed += 1

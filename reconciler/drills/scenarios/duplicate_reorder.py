@@ -22,9 +22,7 @@ import random
 import threading
 import time
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-
-from ...store import postgres as pg
+from ...store.postgres_store import open_store
 from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -39,11 +37,11 @@ def _shuffled_batch(drill: Drill, origin: str, rnd: random.Random, out: dict[str
     dsn = drill.config.region(origin).dsn
     settings = drill.config.kafka_settings(origin)
     topic = drill.config.events_topic(origin)
-    lease = pg.connect(dsn, autocommit=True, region=origin)
-    conn = pg.connect(dsn, region=origin)
+    lease = open_store(dsn, autocommit=True, region=origin)
+    store = open_store(dsn, region=origin)
     try:
-        epoch = pg.acquire_lease(lease, origin, "drill-shuffler")
-        batch = pg.claim_messages(conn, origin, epoch, 0, 500)
+        epoch = lease.acquire_lease(origin, "drill-shuffler")
+        batch = store.claim_messages(origin, epoch, 0, 500)
         messages = [(key, value) for _seq, key, value in batch]
         messages += rnd.sample(messages, len(messages) // 3)  # some twice
         rnd.shuffle(messages)
@@ -56,10 +54,10 @@ def _shuffled_batch(drill: Drill, origin: str, rnd: random.Random, out: dict[str
                 raise RuntimeError(f"shuffled publish to {topic} not acknowledged")
             time.sleep(0.7)  # separate consumer batches
         if batch:
-            pg.mark_published(conn, origin, epoch, batch[-1][0])
+            store.mark_published(origin, epoch, batch[-1][0])
         out[origin] = len(messages)
     finally:
-        conn.close()
+        store.close()
         lease.close()
         drill.loops.start(origin, ("relay",))
 
@@ -81,14 +79,12 @@ def _republish(drill: Drill, origin: str, rnd: random.Random) -> int:
 def _rewind(drill: Drill, region: str) -> None:
     config = drill.config
     group = f"{config.topic_prefix}.inbox.{region}"
-    offsets = [TopicPartition(config.events_topic(o), p, 0)
-               for o in config.peers(region) for p in range(config.topic_partitions)]
+    partitions = [(config.events_topic(o), p) for o in config.peers(region) for p in range(config.topic_partitions)]
     client = kafka.admin(config.kafka_settings(region))
     deadline = time.monotonic() + 30
     while True:
         try:
-            for future in client.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)]).values():
-                future.result(10)
+            kafka.rewind_group(client, group, partitions)
             return
         except Exception:
             if time.monotonic() > deadline:

@@ -23,11 +23,10 @@ import time
 from collections import Counter
 from typing import Any
 
-import psycopg
-
 from ... import outbox, saga
 from ...model import Event
-from ...store import postgres as pg
+from ...store.demo_domain import DemoDomain
+from ...store.postgres_store import PostgresRegionStore
 from ...transport import kafka
 from ..checker import Expectations
 from ..env import DEMO_TABLES
@@ -41,10 +40,10 @@ PRICE_CENTS = 1999
 
 
 def _buyer(region: str, numbers: itertools.count[int], lock: threading.Lock) -> Any:
-    def buy(conn: psycopg.Connection[Any]) -> list[Event]:
-        pg.lock_keys(conn, [("inventory", SKU)])  # the local stock check and the sale under one lock
-        row = conn.execute("SELECT stock FROM public.inventory WHERE sku = %s", (SKU,)).fetchone()
-        if row is None or row[0] < 1:
+    def buy(conn: PostgresRegionStore) -> list[Event]:
+        conn.lock_keys([("inventory", SKU)])  # the local stock check and the sale under one lock
+        stock = DemoDomain(conn).stock(SKU)
+        if stock is None or stock < 1:
             return []
         with lock:
             n = next(numbers)
@@ -78,15 +77,12 @@ def _shop(drill: Drill, region: str, sold: list[str]) -> None:
 
 
 def _topic_messages(drill: Drill) -> list[dict[str, Any]]:
-    from confluent_kafka import TopicPartition
-
     config = drill.env.direct
     consumer = kafka.consumer(config.kafka_settings(drill.regions[0]), f"{config.topic_prefix}.flash-sale-check")
     found: list[dict[str, Any]] = []
     try:
-        partition = TopicPartition(config.compensation_topic, 0)
-        _low, high = consumer.get_watermark_offsets(partition, timeout=10)
-        consumer.assign([TopicPartition(config.compensation_topic, 0, 0)])
+        _low, high = kafka.watermarks(consumer, config.compensation_topic, 0, timeout=10)
+        kafka.assign_from(consumer, config.compensation_topic)
         deadline = time.monotonic() + 20
         while len(found) < high and time.monotonic() < deadline:
             msg = consumer.poll(1.0)
@@ -97,9 +93,11 @@ def _topic_messages(drill: Drill) -> list[dict[str, Any]]:
     return found
 
 
-def _rows(drill: Drill, region: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with psycopg.connect(drill.env.direct.region(region).dsn, connect_timeout=3, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
+def _stock(drill: Drill, region: str) -> int:
+    stock = drill.db(region).stock(SKU)
+    if stock is None:
+        raise RuntimeError(f"{SKU} is missing in {region}")
+    return stock
 
 
 def run(drill: Drill) -> None:
@@ -148,15 +146,14 @@ def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
         drill.outage_end(outage)
 
     def violations(region: str) -> list[tuple[Any, ...]]:
-        return _rows(drill, region, "SELECT violation_id, status FROM reconciler.violations"
-                                    " WHERE table_name = 'inventory' AND row_key = %s", (SKU,))
+        return drill.db(region).violations("inventory", SKU)
 
     def restored() -> bool:
         # the partitioned regions must have seen the oversell; the third may apply both
         # sides and the saga's compensation in one batch and never see stock below zero
         return all(violations(r) for r in (a, b)) and all(
             all(s == "resolved" for _, s in violations(r))
-            and int(drill.scalar(r, "SELECT stock FROM public.inventory WHERE sku = %s", (SKU,))) >= 0
+            and _stock(drill, r) >= 0
             for r in drill.regions)
 
     ok = drill.wait_until(restored, 90, "the invariant restored in every region", interval=0.3)
@@ -170,9 +167,7 @@ def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
     drill.check("violation_recorded_in_both_partitioned_regions", bool(recorded[a] and recorded[b]),
                 f"violations of stock_not_negative on {SKU} per region: "
                 f"{ {r: len(v) for r, v in recorded.items()} }")
-    queued = {r: {str(i): p is not None for i, p in _rows(
-        drill, r, "SELECT id, published_at FROM reconciler.compensation_outbox WHERE payload->>'key' = %s", (SKU,))}
-        for r in drill.regions}
+    queued = {r: drill.db(r).compensations_for_key(SKU) for r in drill.regions}
     one_each = all(set(q) == {str(v) for v, _ in recorded[r]} and all(q.values()) for r, q in queued.items())
     drill.check("one_compensation_queued_and_published_per_violation", one_each,
                 f"compensation events per region (id: published): {queued}")
@@ -194,10 +189,9 @@ def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
     purchases = sorted(o for s in sold.values() for o in s)
     oversold = len(purchases) - STOCK
     for region in drill.regions:
-        status = dict(_rows(drill, region, "SELECT id, status FROM public.orders WHERE id = ANY(%s)", (purchases,)))
-        refunds = Counter(o for (o,) in _rows(drill, region, "SELECT order_id FROM public.payments"
-                                               " WHERE order_id = ANY(%s) AND status = 'refunded'", (purchases,)))
-        stock = int(drill.scalar(region, "SELECT stock FROM public.inventory WHERE sku = %s", (SKU,)))
+        status = drill.db(region).order_statuses(purchases)
+        refunds = Counter(drill.db(region).refunded_orders(purchases))
+        stock = _stock(drill, region)
         paid = [o for o in purchases if status.get(o) == "paid"]
         cancelled = [o for o in purchases if status.get(o) == "cancelled"]
         once = (len(paid) + len(cancelled) == len(purchases) and len(cancelled) == oversold

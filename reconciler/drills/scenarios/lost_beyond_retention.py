@@ -36,31 +36,17 @@ Copies = dict[str, tuple[str, int]]
 
 def _copies(drill: Drill, region: str) -> Copies:
     """Every event whose payload the region holds: its own numbered outbox rows and its inbox."""
-    with pg.connect(drill.config.region(region).dsn, region=region, autocommit=True) as conn:
-        own = conn.execute(
-            "SELECT o.id::text, o.origin, s.relay_sequence FROM reconciler.outbox o"
-            " JOIN reconciler.outbox_sequence s ON s.position = o.position WHERE o.origin = %s", (region,)).fetchall()
-        applied = conn.execute("SELECT event_id::text, origin, sequence FROM reconciler.inbox").fetchall()
-    return {str(i): (str(o), int(s)) for i, o, s in [*own, *applied]}
+    return drill.db(region).event_copies(region)
 
 
 def _both_applied_before(drill: Drill, survivors: list[str], cutoff: Timestamp) -> bool:
     """Every event a survivor stamped before ``cutoff`` is relayed and applied by the others."""
     for origin in survivors:
-        written = int(drill.scalar(origin, "SELECT count(*) FROM reconciler.outbox o JOIN reconciler.outbox_sequence s"
-                                           " ON s.position = o.position WHERE o.origin = %s AND o.hlc < %s"
-                                           " AND s.relay_sequence <= (SELECT published_through FROM"
-                                           " reconciler.relay_state WHERE origin = %s)",
-                                   (origin, cutoff.pack(), origin)))
-        unrelayed = int(drill.scalar(origin, "SELECT count(*) FROM reconciler.outbox o LEFT JOIN"
-                                             " reconciler.outbox_sequence s ON s.position = o.position"
-                                             " WHERE o.origin = %s AND o.hlc < %s AND s.relay_sequence IS NULL",
-                                     (origin, cutoff.pack())))
-        if unrelayed:
+        relayed, unnumbered = drill.db(origin).relayed_before(origin, cutoff.pack())
+        if unnumbered:
             return False
         for peer in survivors:
-            if peer != origin and int(drill.scalar(peer, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s"
-                                                         " AND hlc < %s", (origin, cutoff.pack()))) != written:
+            if peer != origin and drill.db(peer).applied_before(origin, cutoff.pack()) != relayed:
                 return False
     return True
 
@@ -99,8 +85,7 @@ def run(drill: Drill) -> None:
     drill.stop_postgres(region, mode="immediate")
     drill.sleep(4)
 
-    with pg.connect(drill.config.region(survivors[0]).dsn, region=survivors[0], autocommit=True) as conn:
-        cutoff = pg.hlc_now(conn)
+    cutoff = Timestamp.unpack(drill.db(survivors[0]).clock_stamp())
     drill.wait_until(lambda: _both_applied_before(drill, survivors, cutoff), 60,
                      "the survivors hold each other's events up to the cutoff")
     before = {s: _copies(drill, s) for s in survivors}

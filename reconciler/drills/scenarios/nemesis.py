@@ -32,8 +32,8 @@ import time
 from collections import Counter
 from typing import Any
 
-import psycopg
-
+from ...errors import ReconcilerError
+from ...store.inspection import Inspector
 from ...transport import kafka
 from .. import observe
 from ..checker import Expectations
@@ -190,12 +190,10 @@ class _Nemesis:
         Anti-entropy must find the row different from its peers' and put it back from
         what replication metadata says.
         """
-        dsn = self.drill.env.direct.region(region).dsn
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute("SET session_replication_role = replica")
-            row = conn.execute(
-                "UPDATE orders SET note = 'changed around the pipeline' WHERE id = ("
-                " SELECT id FROM orders ORDER BY random() LIMIT 1) RETURNING id").fetchone()
+        changed = self.drill.db(region, timeout=5).bypass_update(
+            "UPDATE orders SET note = 'changed around the pipeline' WHERE id = ("
+            " SELECT id FROM orders ORDER BY random() LIMIT 1) RETURNING id")
+        row = changed[0] if changed else None
         if row:
             self.bypassed.append((time.time(), "orders", str(row[0])))
         self.drill.mark("row changed around the pipeline", region, key=row[0] if row else None)
@@ -256,7 +254,7 @@ class GateWatch:
         self._polls: list[tuple[float, dict[str, int], set[str]]] = []
         self._seen: dict[str, int] = {}
         self._verifying_at: dict[str, float] = {}
-        self._conns: dict[str, Any] = {}
+        self._sessions: dict[str, Inspector] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nemesis-gate-watch", daemon=True)
 
@@ -266,23 +264,20 @@ class GateWatch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(120)
-        for conn in self._conns.values():
-            conn.close()
+        for session in self._sessions.values():
+            session.close()
 
     def _query(self, region: str, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
-        conn = self._conns.get(region)
+        """Rows of ``query`` on one kept-open session per region; None while the region is down."""
+        session = self._sessions.get(region)
         try:
-            if conn is None:
-                conn = psycopg.connect(self.drill.config.region(region).dsn, connect_timeout=1, autocommit=True)
-                self._conns[region] = conn
-            return list(conn.execute(query, params).fetchall())
-        except (psycopg.Error, OSError):
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # noqa: BLE001 - closing a dead connection
-                    pass
-            self._conns.pop(region, None)
+            if session is None:
+                session = self._sessions[region] = self.drill.db(region, timeout=1).connected()
+            return session.rows(query, params)
+        except ReconcilerError:
+            if session is not None:
+                session.close()
+            self._sessions.pop(region, None)
             return None
 
     def _run(self) -> None:

@@ -27,10 +27,9 @@ from ..workload import WorkloadSpec
 def _positions(drill: Drill, region: str) -> dict[str, int]:
     peers = [p for p in drill.regions if p != region]
     return {
-        "outbox": int(drill.scalar(region, "SELECT count(*) FROM reconciler.outbox WHERE origin = %s", (region,))),
-        "inbox": int(drill.scalar(region, "SELECT count(*) FROM reconciler.inbox")),
-        "peers_applied": sum(int(drill.scalar(p, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s",
-                                              (region,))) for p in peers),
+        "outbox": drill.db(region).outbox_count(region),
+        "inbox": drill.db(region).inbox_count(),
+        "peers_applied": sum(drill.db(p).inbox_count(region) for p in peers),
     }
 
 

@@ -26,8 +26,6 @@ import time
 import uuid
 from typing import Any
 
-import psycopg
-
 from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -53,32 +51,25 @@ def _message(origin: str, sequence: int, table: str, key: dict[str, Any], op: st
 
 def _db_hlc(drill: Drill, region: str) -> int:
     """A stamp of the region's clock now, without ticking it."""
-    return int(drill.scalar(region, "SELECT greatest((SELECT last_value FROM reconciler.hlc_clock),"
-                                    " reconciler.physical_hlc())"))
+    return drill.db(region).clock_stamp()
 
 
-def _ddl(drill: Drill, statement: str) -> None:
-    for region in drill.regions:
-        with psycopg.connect(drill.env.direct.region(region).dsn, connect_timeout=5, autocommit=True) as conn:
-            conn.execute(statement)
 
 
 def _quarantined(drill: Drill, region: str, ids: list[str]) -> dict[str, tuple[int, str, str, bool]]:
     """event id -> (entry id, reason, detail, settled) for the forged events."""
-    with psycopg.connect(drill.env.direct.region(region).dsn, connect_timeout=5, autocommit=True) as conn:
-        found = conn.execute("SELECT event_id::text, id, reason, detail, settled_at IS NOT NULL"
-                             " FROM reconciler.quarantine WHERE event_id = ANY(%s::uuid[])", (ids,)).fetchall()
-    return {str(e): (int(i), str(r), str(d), bool(s)) for e, i, r, d, s in found}
+    return drill.db(region, timeout=5).quarantined_events(ids)
 
 
 def _present(drill: Drill, region: str) -> bool:
-    return bool(drill.scalar(region, "SELECT EXISTS (SELECT 1 FROM public.inventory WHERE sku = %s)", (SKU,)))
+    return drill.db(region).sku_exists(SKU)
 
 
 def run(drill: Drill) -> None:
     assert drill.loops is not None
     origin, peers = drill.regions[0], drill.regions[1:]
-    _ddl(drill, "ALTER TABLE public.inventory ALTER COLUMN name SET NOT NULL")
+    for region in drill.regions:
+        drill.db(region, timeout=5).set_not_null("public", "inventory", "name")
     drill.mark("inventory.name NOT NULL in every region")
     drill.sleep(2)
 
@@ -110,17 +101,12 @@ def run(drill: Drill) -> None:
     drill.outage_end(outage, watch=False)
     # (not wait_caught_up: the peers whose gate refused stay CATCHING_UP, numbering
     # nothing of their own, until their recover below)
-    drill.wait_until(lambda: all(int(drill.scalar(p, "SELECT count(*) FROM reconciler.inbox WHERE origin = %s"
-                                                     " AND sequence = ANY(%s)", (origin, seqs))) == len(seqs)
-                                 for p in peers), 60, "the origin's real events under the poisoned sequences")
+    drill.wait_until(lambda: all(drill.db(p).inbox_count(origin, seqs) == len(seqs) for p in peers), 60,
+                     "the origin's real events under the poisoned sequences")
     real = {}
     for peer in peers:
-        with psycopg.connect(drill.env.direct.region(peer).dsn, connect_timeout=5, autocommit=True) as c:
-            real[peer] = [str(r[0]) for r in c.execute(
-                "SELECT event_id::text FROM reconciler.inbox WHERE origin = %s AND sequence = ANY(%s)"
-                " ORDER BY sequence", (origin, seqs))]
-    with psycopg.connect(drill.env.direct.region(origin).dsn, connect_timeout=5, autocommit=True) as c:
-        own = {str(r[0]) for r in c.execute("SELECT id::text FROM reconciler.outbox WHERE origin = %s", (origin,))}
+        real[peer] = drill.db(peer, timeout=5).inbox_event_ids(origin, seqs)
+    own = drill.db(origin, timeout=5).outbox_ids(origin)
     forged_ids = set(drill.extra["forged_ids"].values())
     ok = all(len(v) == 3 and set(v) <= own and not set(v) & forged_ids for v in real.values())
     drill.check("real_events_still_arrive", ok,

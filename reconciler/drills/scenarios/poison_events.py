@@ -48,7 +48,7 @@ def _event(origin: str, sequence: int, table: str, hlc: Timestamp, payload: dict
 
 
 def _quarantined(drill: Drill, region: str, reason: str) -> int:
-    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.quarantine WHERE reason = %s", (reason,)))
+    return drill.db(region).quarantine_count(reason)
 
 
 def run(drill: Drill) -> None:
@@ -98,8 +98,7 @@ def _corrupt_copy(drill: Drill, origin: str) -> int:
     wait until every peer quarantined it, then publish the real one (see the module
     docstring for why the drill, not a restarted relay, does that)."""
     with relay_stood_in_for(drill, origin) as relay:
-        last = int(drill.scalar(origin, "SELECT last_sequence FROM reconciler.relay_state WHERE origin = %s",
-                                (origin,)))
+        last = drill.db(origin).relay_counter(origin)
         peers = [p for p in drill.regions if p != origin]
         before = {p: _quarantined(drill, p, "invalid_payload") for p in peers}
         relay.producer.produce(relay.topic, key=b"ord-1", value=_event(

@@ -50,10 +50,7 @@ HOST_OFFSET_MS = 120_000
 
 def _held(drill: Drill, region: str) -> tuple[int, int, int]:
     """clock_skew entries: (all, still open, settled by applying)."""
-    row = drill.scalar(region, "SELECT json_build_array(count(*), count(*) FILTER (WHERE settled_at IS NULL),"
-                               " count(*) FILTER (WHERE settlement = 'applied')) FROM reconciler.quarantine"
-                               " WHERE reason = 'clock_skew'")
-    return int(row[0]), int(row[1]), int(row[2])
+    return drill.db(region).held_summary()
 
 
 def _recover_on_skewed_host(drill: Drill, region: str, offset_ms: int) -> tuple[int, dict[str, Any], str]:

@@ -29,8 +29,7 @@ ROUNDS = 2
 
 
 def _restores_recognised(drill: Drill, region: str) -> int:
-    return int(drill.scalar(region, "SELECT count(*) FROM reconciler.lifecycle_log"
-                                    " WHERE actor = 'relay' AND to_state = 'CATCHING_UP'"))
+    return drill.db(region).restores_recognised()
 
 
 def _recognised_at_least(drill: Drill, region: str, count: int) -> bool:

@@ -32,8 +32,7 @@ def run(drill: Drill) -> None:
     drill.sleep(3)
     outage = drill.outage_begin(region, "regional outage")
     drill.loops.stop(region)
-    applied = {o: int(drill.scalar(region, "SELECT coalesce(max(sequence), 0) FROM reconciler.inbox"
-                                           " WHERE origin = %s", (o,)) or 0) for o in peers}
+    applied = {o: drill.db(region).applied_through(o) for o in peers}
     drill.stop_postgres(region, mode="immediate")
     drill.sleep(3)
     for origin in peers:

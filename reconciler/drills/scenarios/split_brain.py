@@ -14,7 +14,7 @@ replicates everywhere.
 from __future__ import annotations
 
 from ...conflicts import ConflictEntry, list_conflicts
-from ...store import postgres as pg
+from ...store.postgres_store import open_store
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
@@ -24,8 +24,8 @@ PAYMENTS = ("pay-split-0", "pay-split-1", "pay-split-2")
 
 def _open(drill: Drill, region: str) -> list[ConflictEntry]:
     """The region's manual queue for payments (what `reconciler conflicts list` shows)."""
-    with pg.connect(drill.env.direct.region(region).dsn, region=region) as conn:
-        return list_conflicts(conn, table="payments", status="open")
+    with open_store(drill.env.direct.region(region).dsn, region=region) as store:
+        return list_conflicts(store, table="payments", status="open")
 
 
 def run(drill: Drill) -> None:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 
-import psycopg
 import yaml
 
 from ...model import Event
@@ -43,11 +42,7 @@ def _late_commit(drill: Drill, region: str, hold: float) -> Event:
 
 def _unreturned_under_counter(drill: Drill, region: str) -> int:
     """Own sequences at or below the relay counter that the outbox does not hold."""
-    return int(drill.scalar(
-        region, "SELECT r.last_sequence - r.pruned_through - (SELECT count(*) FROM reconciler.outbox_sequence s"
-                " WHERE s.origin = r.origin AND s.relay_sequence > r.pruned_through"
-                " AND s.relay_sequence <= r.last_sequence) FROM reconciler.relay_state r WHERE r.origin = %s",
-        (region,)) or 0)
+    return drill.db(region).unreturned_under_counter(region)
 
 
 def run(drill: Drill) -> None:
@@ -81,11 +76,9 @@ def run(drill: Drill) -> None:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         drill.mark("$ reconciler recover (to be killed while it returns own events)", region)
         deadline = time.monotonic() + 60
-        with psycopg.connect(drill.env.direct.region(region).dsn, connect_timeout=3, autocommit=True) as watch:
+        with drill.db(region).session() as watch:
             while time.monotonic() < deadline and proc.poll() is None:
-                row = watch.execute("SELECT EXISTS (SELECT 1 FROM reconciler.outbox WHERE id = %s)",
-                                    (late.event_id,)).fetchone()
-                if row and row[0]:
+                if watch.outbox_has(late.event_id):
                     break
                 time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)

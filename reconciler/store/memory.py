@@ -1,0 +1,419 @@
+"""The region store port in memory, for unit tests of the pure parts of the pipeline.
+
+Implements what apply, the relay's claim/publish step and gap analysis ask of a
+region (:class:`~reconciler.store.port.ApplyStore`,
+:class:`~reconciler.store.port.RelayStore`, :class:`~reconciler.store.port.GapStore`)
+with plain dictionaries, and is held to PostgreSQL's behaviour by the contract
+suite (tests/contract/test_region_store.py). It has no Merkle leaves, capture
+triggers or invariant checks: what needs those is tested against PostgreSQL.
+
+One store is one session on one region. Transactions are real (a failure inside
+``transaction()`` leaves nothing behind, nested ones are savepoints); per-key
+locks are not needed in one thread and are only checked for their order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import wire
+from ..config import TableConfig
+from ..errors import FencedError, StoreError
+from ..hlc import HybridLogicalClock, Timestamp
+from ..invariants import Discard, discard_event
+from ..model import ConflictRecord, Event, Operation, RowState
+from .port import (
+    ApplyChecks,
+    ApplyStore,
+    GapStore,
+    HeldEntry,
+    Message,
+    ParkedEvents,
+    RelayStore,
+    StateRow,
+    json_text,
+)
+
+__all__ = ["MemoryRegionStore"]
+
+_MAX_BIGINT = 2**63 - 1
+
+
+def _bigint(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_BIGINT else None
+
+
+@dataclass
+class _RelayState:
+    epoch: int = 0
+    holder: str | None = None
+    last_sequence: int = 0
+    published_through: int = 0
+    pruned_through: int = 0
+
+
+@dataclass
+class _State:
+    """Everything a transaction may change (copied for rollback)."""
+
+    clock: Timestamp = field(default_factory=lambda: Timestamp(0, 0))
+    #: table -> key -> business row
+    rows: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: (table, key) -> the row_meta row, encoded as PostgreSQL returns it
+    meta: dict[tuple[str, str], StateRow] = field(default_factory=dict)
+    inbox: dict[tuple[str, int], Event] = field(default_factory=dict)
+    inbox_floor: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quarantine: dict[int, dict[str, Any]] = field(default_factory=dict)
+    quarantine_log: list[dict[str, Any]] = field(default_factory=list)
+    #: position -> the outbox row's event
+    outbox: dict[int, Event] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    #: (origin, relay sequence) -> position
+    numbered: dict[tuple[str, int], int] = field(default_factory=dict)
+    relay: dict[str, _RelayState] = field(default_factory=dict)
+    #: compensation event id -> its document
+    compensations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: grows with every change, as a WAL position does
+    lsn: int = 0
+
+
+class MemoryRegionStore(ApplyStore, RelayStore, GapStore):
+    """One region's database in memory (see the module doc for what it leaves out)."""
+
+    def __init__(
+        self, region: str, tables: Mapping[str, TableConfig], *, max_offset_ms: int = 1000,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.region = region
+        self.tables = dict(tables)
+        self.max_offset_ms = max_offset_ms
+        self.now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
+        self._state = _State()
+        self._savepoints: list[_State] = []
+        self._next_position = 1
+        self._next_quarantine_id = 1
+        #: the key locks taken in the open transaction, in the order taken
+        self.locked: list[tuple[str, str]] = []
+
+    # ------------------------------------------------------------ reading what tests look at
+
+    def rows(self, table: str) -> dict[str, dict[str, Any]]:
+        """The business table as it stands: key -> row."""
+        return copy.deepcopy(self._state.rows.get(table, {}))
+
+    def conflict(self, conflict_id: str) -> dict[str, Any] | None:
+        found = self._state.conflicts.get(conflict_id)
+        return dict(found) if found is not None else None
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        return [dict(q) for q in self._state.quarantine.values()]
+
+    def outbox_events(self) -> list[Event]:
+        return [self._state.outbox[p] for p in sorted(self._state.outbox)]
+
+    # ------------------------------------------------------------ transactions and catalogue
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._savepoints.append(copy.deepcopy(self._state))
+        try:
+            yield
+        except BaseException:
+            self._state = self._savepoints.pop()
+            if not self._savepoints:
+                self.locked = []
+            raise
+        self._savepoints.pop()
+        if not self._savepoints:
+            self.locked = []
+
+    def _changed(self) -> None:
+        self._state.lsn += 1
+
+    def region_id(self) -> str:
+        return self.region
+
+    def replicated_tables(self) -> dict[str, TableConfig]:
+        return dict(self.tables)
+
+    # ------------------------------------------------------------ rows
+
+    def lock_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self.locked.extend(sorted(set(pairs)))
+
+    def load_state_rows(self, table: str, keys: Sequence[str]) -> list[StateRow]:
+        return [self._state.meta[(table, k)] for k in dict.fromkeys(keys) if (table, k) in self._state.meta]
+
+    def write_states(self, table: TableConfig, states: Mapping[str, RowState]) -> None:
+        if not states:
+            return
+        if table.name not in self.tables:
+            raise StoreError("replicated table does not exist", table=table.name)
+        # encoded and decoded once, as the JSON document sent to PostgreSQL is
+        doc = json.loads(json_text({k: (s.meta, s.values) for k, s in states.items()}))
+        rows = self._state.rows.setdefault(table.name, {})
+        for key, state in states.items():
+            meta, values = doc[key]
+            self._state.meta[(table.name, key)] = (key, state.hlc.pack(), state.origin, state.deleted,
+                                                   json_text(meta), json_text(values))
+            if state.deleted:
+                rows.pop(key, None)
+            else:
+                rows[key] = values
+        self._changed()
+
+    def _clock(self) -> HybridLogicalClock:
+        return HybridLogicalClock(self.now_ms, self.max_offset_ms, start=self._state.clock)
+
+    def hlc_now(self) -> Timestamp:
+        clock = self._clock()
+        stamp = clock.now()
+        self._state.clock = clock.last
+        return stamp
+
+    def observe_hlc(self, stamp: Timestamp) -> Timestamp:
+        clock = self._clock()
+        seen = clock.update(stamp)  # ClockSkewError, as SQL hlc_observe's RC001 becomes
+        self._state.clock = clock.last
+        return seen
+
+    # ------------------------------------------------------------ inbox
+
+    def insert_inbox(self, events: Sequence[Event]) -> set[tuple[str, int]]:
+        new: set[tuple[str, int]] = set()
+        for event in events:
+            pair = (event.origin, event.sequence or 0)
+            if pair[1] <= self._state.inbox_floor.get(event.origin, 0) or pair in self._state.inbox:
+                continue
+            self._state.inbox[pair] = event
+            new.add(pair)
+        if new:
+            self._changed()
+        return new
+
+    def forget_inbox(self, pairs: Sequence[tuple[str, int]]) -> None:
+        for pair in pairs:
+            self._state.inbox.pop(pair, None)
+        self._changed()
+
+    # ------------------------------------------------------------ conflicts
+
+    def record_conflicts(self, records: Sequence[ConflictRecord]) -> None:
+        for r in records:
+            if r.outcome.value == "resolved" or r.conflict_id in self._state.conflicts:
+                continue
+            self._state.conflicts[r.conflict_id] = {
+                "conflict_id": r.conflict_id, "table_name": r.table, "row_key": r.key, "kind": r.kind.value,
+                "policy": r.policy, "outcome": r.outcome.value,
+                "status": "open" if r.outcome.value == "parked" else "auto",
+                "local_version": r.local.to_dict(), "remote_version": r.remote.to_dict(),
+                "event_id": r.event_id or None, "resolved_by": None, "resolution_event": None,
+            }
+        self._changed()
+
+    def _stamp_of(self, event_id: str | None) -> tuple[Timestamp, str] | None:
+        for event in [*self._state.outbox.values(), *self._state.inbox.values()]:
+            if event.event_id == event_id:
+                return event.hlc, event.origin
+        return None
+
+    def record_resolutions(self, events: Sequence[Event]) -> None:
+        for e in events:
+            if e.operation is not Operation.RESOLVE:
+                continue
+            p = e.payload
+            entry = self._state.conflicts.get(str(p.get("conflict_id")))
+            if entry is None:
+                continue
+            decided = self._stamp_of(entry["resolution_event"])
+            # the later-stamped of two decisions wins everywhere, as the policy's row does
+            if entry["status"] != "resolved" or (decided is not None and decided < (e.hlc, e.origin)):
+                entry.update(status="resolved", outcome="resolved", resolved_by=p.get("by"),
+                             resolution_reason=p.get("reason"), resolution=p.get("values"),
+                             resolution_event=e.event_id)
+        self._changed()
+
+    def open_parked_events(self, table: str, keys: Sequence[str]) -> ParkedEvents:
+        wanted = set(keys)
+        by_id = {e.event_id: e for e in self._state.inbox.values()}
+        out: ParkedEvents = {}
+        for cid, c in self._state.conflicts.items():
+            if (c["status"], c["outcome"], c["table_name"]) != ("open", "parked", table) or c["row_key"] not in wanted:
+                continue
+            event = by_id.get(c["event_id"])
+            if event is not None and (event.table, event.key) == (table, c["row_key"]):
+                out.setdefault(event.key, []).append((cid, event))
+        return out
+
+    def close_parked(self, closed: Sequence[tuple[str, str]]) -> None:
+        for cid, outcome in closed:
+            entry = self._state.conflicts.get(cid)
+            if entry is not None and entry["status"] == "open":
+                entry.update(status="auto", outcome=outcome, resolved_by="reconciler")
+        self._changed()
+
+    def queue_discards(self, discards: Sequence[Discard]) -> int:
+        held = [*self._state.inbox.values(), *self._state.outbox.values()]
+        queued = 0
+        for discard in discards:
+            if discard.discard_id in self._state.compensations:
+                continue
+            if discard.lost_event_id is None:
+                found = [e.event_id for e in held if (e.table, e.key, e.origin, e.hlc) ==
+                         (discard.table, discard.key, discard.lost.origin, discard.lost.hlc)]
+                discard = replace(discard, lost_event_id=found[0] if found else None)
+            at = datetime.fromtimestamp(self.now_ms() / 1000, UTC).isoformat()
+            self._state.compensations[discard.discard_id] = discard_event(discard, self.region, at)
+            queued += 1
+        self._changed()
+        return queued
+
+    def compensations(self) -> dict[str, dict[str, Any]]:
+        """The compensation events queued, by id."""
+        return copy.deepcopy(self._state.compensations)
+
+    # ------------------------------------------------------------ quarantine
+
+    def quarantine(self, items: Sequence[Mapping[str, Any]]) -> None:
+        for item in items:
+            event_id = item.get("event_id")
+            row = {
+                "origin": item.get("origin"), "sequence": _bigint(item.get("sequence")), "topic": item.get("topic"),
+                "partition": item.get("partition"), "offset": item.get("offset"), "reason": item["reason"],
+                "detail": item["detail"], "raw": item.get("raw"),
+                "event_id": str(event_id).lower() if event_id is not None else None,
+                "hlc": _bigint(item.get("hlc")), "settled": False, "settlement": None,
+            }
+            if row["event_id"] is not None and any(
+                not q["settled"] and (q["event_id"], q["reason"], q["origin"], q["sequence"])
+                == (row["event_id"], row["reason"], row["origin"], row["sequence"])
+                for q in self._state.quarantine.values()
+            ):
+                continue
+            row["id"] = self._next_quarantine_id
+            self._next_quarantine_id += 1
+            self._state.quarantine[row["id"]] = row
+        self._changed()
+
+    def apply_checks(self, events: Sequence[Event]) -> ApplyChecks:
+        pairs = {(e.origin, e.sequence) for e in events if e.sequence is not None}
+        held = {
+            (q["origin"], q["sequence"], q["event_id"]): HeldEntry(q["id"], q["reason"], q["settled"])
+            for q in sorted(self._state.quarantine.values(), key=lambda q: q["id"])
+            if (q["origin"], q["sequence"]) in pairs and (not q["settled"] or q["settlement"] == "discarded")
+            and q["event_id"] is not None and q["reason"] != "origin_mismatch"
+        }
+        return self.now_ms(), self.max_offset_ms, held
+
+    def still_refused(self, entry_id: int, reason: str, detail: str, actor: str, action: str) -> None:
+        entry = self._state.quarantine[entry_id]
+        entry.update(reason=reason, detail=detail)
+        self._state.quarantine_log.append({"id": entry_id, "action": action, "outcome": f"still refused: {reason}",
+                                           "actor": actor, "reason": detail})
+        self._changed()
+
+    def settle_quarantine(self, entry_ids: Sequence[int], how: str, actor: str, reason: str, action: str) -> None:
+        for entry_id in entry_ids:
+            entry = self._state.quarantine.get(entry_id)
+            if entry is not None and not entry["settled"]:
+                entry.update(settled=True, settlement=how, settled_by=actor, settle_reason=reason)
+            self._state.quarantine_log.append({"id": entry_id, "action": action, "outcome": how, "actor": actor,
+                                               "reason": reason})
+        self._changed()
+
+    # ------------------------------------------------------------ outbox and relay
+
+    def insert_outbox(self, event: Event) -> None:
+        position = self._next_position
+        self._next_position += 1
+        self._state.outbox[position] = event
+        self._state.pending.append(position)
+        self._changed()
+
+    def acquire_lease(self, origin: str, holder: str) -> int:
+        relay = self._state.relay.setdefault(origin, _RelayState())
+        relay.epoch += 1
+        relay.holder = holder
+        self._changed()
+        return relay.epoch
+
+    def _check_epoch(self, origin: str, epoch: int) -> _RelayState:
+        relay = self._state.relay.get(origin)
+        if relay is None or relay.epoch != epoch:
+            raise FencedError("relay epoch moved on: a newer relay holds the lease", region=origin, epoch=epoch)
+        return relay
+
+    def claim_messages(self, origin: str, epoch: int, after: int, limit: int, number: bool = True) -> list[Message]:
+        with self.transaction():
+            relay = self._check_epoch(origin, epoch)
+            after = max(after, relay.published_through)
+            sequences: list[int] = []
+            if relay.last_sequence > after:
+                sequences = sorted(s for (o, s) in self._state.numbered if o == origin and s > after)[:limit]
+            if not sequences and number:
+                taken = [p for p in sorted(self._state.pending) if self._state.outbox[p].origin == origin][:limit]
+                for n, position in enumerate(taken, start=relay.last_sequence + 1):
+                    self._state.numbered[(origin, n)] = position
+                    self._state.pending.remove(position)
+                    sequences.append(n)
+                if taken:
+                    relay.last_sequence += len(taken)
+                    self._changed()
+            out = []
+            for sequence in sequences:
+                event = replace(self._state.outbox[self._state.numbered[(origin, sequence)]], sequence=sequence)
+                out.append((sequence, event.key.encode(), wire.encode(event)))
+            return out
+
+    def mark_published(self, origin: str, epoch: int, through: int) -> int:
+        with self.transaction():
+            relay = self._check_epoch(origin, epoch)
+            if through > relay.published_through:
+                relay.published_through = through
+                self._changed()
+            return self._state.lsn
+
+    def relay_position(self, origin: str) -> tuple[int, int]:
+        relay = self._state.relay.get(origin)
+        return (relay.last_sequence, relay.published_through) if relay else (0, 0)
+
+    # ------------------------------------------------------------ gaps
+
+    def inbox_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        by_origin: dict[str, list[int]] = {}
+        for origin, sequence in self._state.inbox:
+            by_origin.setdefault(origin, []).append(sequence)
+        out: dict[str, list[tuple[int, int]]] = {}
+        for origin in sorted(set(by_origin) | set(self._state.inbox_floor)):
+            floor = self._state.inbox_floor.get(origin, 0)
+            runs = [(1, floor)] if floor > 0 else []
+            out[origin] = _runs(runs, sorted(by_origin.get(origin, [])))
+        return out
+
+    def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
+        return _runs([], sorted(s for (o, s), p in self._state.numbered.items()
+                                if o == origin and p in self._state.outbox))
+
+    def own_ranges(self, origin: str) -> list[tuple[int, int]]:
+        relay = self._state.relay.get(origin)
+        pruned = relay.pruned_through if relay else 0
+        return _runs([(1, pruned)] if pruned > 0 else [], sorted(s for (o, s) in self._state.numbered if o == origin))
+
+
+def _runs(start: list[tuple[int, int]], sequences: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted sequences as closed ranges, after (and merged with) ``start``."""
+    out = list(start)
+    for s in sequences:
+        if out and out[-1][1] + 1 >= s:
+            out[-1] = (out[-1][0], max(out[-1][1], s))
+        else:
+            out.append((s, s))
+    return out

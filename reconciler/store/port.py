@@ -1,0 +1,289 @@
+"""The region store port: every statement services, the CLI and the drills run
+against a region's database, behind one driver-free interface.
+
+Services (apply, the outbox writer, the conflict queue, the saga) take a store,
+never a connection, so the pure parts of the pipeline run on
+:class:`reconciler.store.memory.MemoryRegionStore` in unit tests and on
+:class:`reconciler.store.postgres.PostgresRegionStore` in production; one contract
+suite (tests/contract/test_region_store.py) holds both to the same behaviour.
+
+The port is split by who needs what, so the in-memory store implements exactly
+the parts the pure code uses (apply, the relay's claim/publish, gap inputs) and
+is never asked to pretend it has Merkle leaves or triggers:
+
+- :class:`ApplyStore`: per-key locks, row states, the inbox's dedup, conflicts
+  and quarantine as apply writes them, the outbox insert of a local write;
+- :class:`RelayStore`: the relay lease, claiming numbered messages, marking them
+  published;
+- :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
+- :class:`RegionStore`: all three plus what only operators and drills read (the
+  conflict queue, quarantine listings, the lifecycle).
+
+Every implementation raises :class:`~reconciler.errors.ReconcilerError`
+subclasses only: a driver error never crosses this boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..config import TableConfig
+from ..hlc import Timestamp
+from ..invariants import Discard
+from ..lifecycle import RegionStatus, State
+from ..model import ConflictRecord, Event, RowState
+
+__all__ = [
+    "CONFLICT_COLUMNS",
+    "ApplyStore",
+    "ApplyChecks",
+    "ConflictRow",
+    "GapStore",
+    "HeldEntry",
+    "Message",
+    "ParkedEvents",
+    "RegionStore",
+    "RelayStore",
+    "StateRow",
+    "json_text",
+    "states_from_rows",
+]
+
+#: a row_meta row with its JSON still text: (key, packed hlc, origin, deleted, meta, values).
+#: Kept encoded so apply can decode on its worker thread while the inbox insert runs.
+StateRow = tuple[str, int, str, bool, str, str]
+
+#: (relay sequence, message key, message value) of a claimed outbox row
+Message = tuple[int, bytes, bytes]
+
+#: key -> (conflict id, parked event) of a manual table's open queue entries
+ParkedEvents = dict[str, list[tuple[str, Event]]]
+
+#: the columns of a conflict-queue row, in the order :class:`ConflictRow` holds them
+CONFLICT_COLUMNS: Final = (
+    "conflict_id", "table_name", "row_key", "kind", "policy", "outcome", "status", "local_version",
+    "remote_version", "event_id", "detected_at", "resolved_by", "resolved_at", "resolution_reason",
+    "resolution", "resolution_event",
+)
+ConflictRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEntry:
+    """An open (or discarded) quarantine entry of an event apply is about to meet."""
+
+    id: int
+    reason: str
+    #: settled by an operator's discard: never applied, never quarantined again
+    discarded: bool = False
+
+
+#: (database time in ms, max offset in ms, held entries by (origin, sequence, event id))
+ApplyChecks = tuple[int, int, dict[tuple[str, int, str], HeldEntry]]
+
+
+#: one encoder for every document sent to a database (compact; str() for uuids, dates, decimals)
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def json_text(value: Any) -> str:
+    return _encode(value)
+
+
+def states_from_rows(rows: Iterable[StateRow]) -> dict[str, RowState]:
+    """Decode :data:`StateRow` values (pure)."""
+    loads = json.loads
+    return {
+        key: RowState(values=loads(values), hlc=Timestamp.unpack(hlc), origin=origin, deleted=deleted,
+                      meta=loads(meta))
+        for key, hlc, origin, deleted, meta, values in rows
+    }
+
+
+class ApplyStore(ABC):
+    """What applying events (remote or local) needs from a region's database."""
+
+    # ------------------------------------------------------------ transactions and catalogue
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[None]:
+        """One transaction (a savepoint when one is already open): all or nothing."""
+
+    @abstractmethod
+    def region_id(self) -> str: ...
+
+    @abstractmethod
+    def replicated_tables(self) -> dict[str, TableConfig]: ...
+
+    # ------------------------------------------------------------ rows
+
+    @abstractmethod
+    def lock_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Per-key locks until the transaction ends, taken in one sorted order."""
+
+    @abstractmethod
+    def load_state_rows(self, table: str, keys: Sequence[str]) -> list[StateRow]: ...
+
+    def load_states(self, table: str, keys: Sequence[str]) -> dict[str, RowState]:
+        return states_from_rows(self.load_state_rows(table, keys))
+
+    @abstractmethod
+    def write_states(self, table: TableConfig, states: Mapping[str, RowState]) -> None:
+        """Make the business rows and their metadata say what ``states`` say."""
+
+    @abstractmethod
+    def hlc_now(self) -> Timestamp:
+        """A fresh stamp of the region's clock."""
+
+    @abstractmethod
+    def observe_hlc(self, stamp: Timestamp) -> Timestamp:
+        """Move the region's clock past ``stamp`` (a remote event applied)."""
+
+    # ------------------------------------------------------------ inbox
+
+    @abstractmethod
+    def insert_inbox(self, events: Sequence[Event]) -> set[tuple[str, int]]:
+        """Record events as applied; returns the (origin, sequence) pairs that were new
+        (not applied before, and above the origin's pruning floor)."""
+
+    @abstractmethod
+    def forget_inbox(self, pairs: Sequence[tuple[str, int]]) -> None:
+        """Take (origin, sequence) pairs back out of the inbox: events whose policy refused
+        them stay a gap, replayable once fixed."""
+
+    # ------------------------------------------------------------ conflicts
+
+    @abstractmethod
+    def record_conflicts(self, records: Sequence[ConflictRecord]) -> None: ...
+
+    @abstractmethod
+    def record_resolutions(self, events: Sequence[Event]) -> None:
+        """Close the queue entries that RESOLVE events among ``events`` decide."""
+
+    @abstractmethod
+    def open_parked_events(self, table: str, keys: Sequence[str]) -> ParkedEvents: ...
+
+    @abstractmethod
+    def close_parked(self, closed: Sequence[tuple[str, str]]) -> None:
+        """Close (conflict id, outcome) entries found causally ordered."""
+
+    @abstractmethod
+    def queue_discards(self, discards: Sequence[Discard]) -> int:
+        """Queue one compensation event per acknowledged write a decision threw away
+        (once per lost write: a write already reported queues nothing); how many were new."""
+
+    # ------------------------------------------------------------ quarantine as apply writes it
+
+    @abstractmethod
+    def quarantine(self, items: Sequence[Mapping[str, Any]]) -> None:
+        """Keep what could not be applied, raw, with its reason (once per open reason)."""
+
+    @abstractmethod
+    def apply_checks(self, events: Sequence[Event]) -> ApplyChecks:
+        """The clock, the max offset and the held quarantine entries of ``events``."""
+
+    @abstractmethod
+    def still_refused(self, entry_id: int, reason: str, detail: str, actor: str, action: str) -> None: ...
+
+    @abstractmethod
+    def settle_quarantine(self, entry_ids: Sequence[int], how: str, actor: str, reason: str, action: str) -> None:
+        ...
+
+    # ------------------------------------------------------------ outbox
+
+    @abstractmethod
+    def insert_outbox(self, event: Event) -> None:
+        """Queue a local write's event for the relay."""
+
+
+class RelayStore(ABC):
+    """The relay's side of the outbox: lease, claim, mark published."""
+
+    @abstractmethod
+    def acquire_lease(self, origin: str, holder: str) -> int:
+        """Take the region's relay lease; returns the new epoch (FencedError when held)."""
+
+    @abstractmethod
+    def claim_messages(self, origin: str, epoch: int, after: int, limit: int, number: bool = True) -> list[Message]:
+        """Numbered but unpublished messages above ``after``; else (``number``) up to
+        ``limit`` pending rows numbered densely. Fenced by ``epoch``."""
+
+    @abstractmethod
+    def mark_published(self, origin: str, epoch: int, through: int) -> int:
+        """Record ``through`` as published (fenced by ``epoch``); returns a WAL-like position."""
+
+    @abstractmethod
+    def relay_position(self, origin: str) -> tuple[int, int]:
+        """(last sequence assigned, last sequence published)."""
+
+
+class GapStore(ABC):
+    """The sequence ranges gap analysis compares."""
+
+    @abstractmethod
+    def inbox_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Applied sequences per origin as closed ranges, the pruning floor included."""
+
+    @abstractmethod
+    def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
+        """Numbered sequences of ``origin`` the outbox still holds."""
+
+    @abstractmethod
+    def own_ranges(self, origin: str) -> list[tuple[int, int]]:
+        """Sequences of ``origin`` accounted for as its own: numbered rows and the pruned prefix."""
+
+
+class RegionStore(ApplyStore, RelayStore, GapStore):
+    """Everything services, the CLI and the drills ask of one region's database."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # ------------------------------------------------------------ catalogue
+
+    @abstractmethod
+    def table_columns(self, table: TableConfig) -> tuple[str, ...]:
+        """The business table's columns in order (StoreError when it does not exist)."""
+
+    # ------------------------------------------------------------ the conflict queue
+
+    @abstractmethod
+    def conflict_rows(self, table: str | None = None, status: str | None = None) -> list[ConflictRow]:
+        """Queue rows (:data:`CONFLICT_COLUMNS`), oldest first; ``status`` None: all."""
+
+    @abstractmethod
+    def conflict_row(self, conflict_id: str, *, lock: bool = False) -> ConflictRow | None:
+        """One queue row; ``lock``: held until the transaction ends (a second resolver waits)."""
+
+    # ------------------------------------------------------------ quarantine as operators read it
+
+    @abstractmethod
+    def quarantine_entries(self, *, limit: int = 100, status: str = "all",
+                           ids: Sequence[int] | None = None) -> list[tuple[Any, ...]]: ...
+
+    @abstractmethod
+    def quarantine_audit(self, entry_id: int) -> list[tuple[Any, ...]]: ...
+
+    @abstractmethod
+    def held_due(self, limit: int) -> list[tuple[int, bytes]]:
+        """Held (clock_skew) entries whose stamp is near enough now: (id, raw message)."""
+
+    # ------------------------------------------------------------ events held anywhere here
+
+    @abstractmethod
+    def events_held(self, event_ids: Sequence[str]) -> int:
+        """How many of ``event_ids`` this region holds, in its inbox or its outbox."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    @abstractmethod
+    def region_status(self) -> RegionStatus: ...
+
+    @abstractmethod
+    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
+                   expected_epoch: int | None = None) -> RegionStatus: ...

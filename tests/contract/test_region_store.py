@@ -1,0 +1,264 @@
+"""One contract for the region store port, run against PostgreSQL (a fresh database
+on the local stack, migrated) and against the in-memory store.
+
+Only the parts the in-memory store implements are in the contract (apply's
+statements, the relay's claim/publish, gap inputs); what needs triggers or Merkle
+leaves is tested against PostgreSQL alone, in tests/integration.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from reconciler import wire
+from reconciler.apply import Applier
+from reconciler.config import Config, TableConfig
+from reconciler.errors import ClockSkewError, FencedError
+from reconciler.hlc import Timestamp
+from reconciler.model import ConflictKind, ConflictRecord, Event, Operation, Outcome, RowState, Version
+from reconciler.store.memory import MemoryRegionStore
+from reconciler.store.port import ApplyStore, GapStore, RelayStore
+from reconciler.store.postgres_store import PostgresRegionStore, open_store
+from tests.integration.pipeline import TABLES, admin_dsn, make_env
+
+REGION = "us-east"
+
+
+class Store(ApplyStore, RelayStore, GapStore):
+    """What the contract may use: the parts both implementations have."""
+
+
+def _tables() -> dict[str, TableConfig]:
+    return {name: TableConfig(name=name, key=tuple(doc["key"]), policy=doc["policy"],
+                              fields=dict(doc.get("fields", {})))
+            for name, doc in TABLES.items()}
+
+
+@pytest.fixture(scope="session")
+def migrated(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(server DSN, name) of a database migrated once, copied for each test."""
+    config: Config = make_env(stack, tmp_path_factory.mktemp("contract"), regions=(REGION, "eu-west"))
+    dsn = config.region(REGION).dsn
+    return admin_dsn(dsn, "postgres"), dsn.rsplit("/", 1)[1]
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.integration), "memory"])
+def store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    if request.param == "memory":
+        yield MemoryRegionStore(REGION, _tables(), max_offset_ms=1000)
+        return
+    server, template = request.getfixturevalue("migrated")
+    name = "c" + uuid.uuid4().hex[:12]
+    with open_store(server, autocommit=True) as admin:
+        admin.connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    # autocommit: each transaction() is a real transaction, as the inbox runs it
+    with open_store(admin_dsn(server, name), region=REGION, autocommit=True) as pg_store:
+        yield pg_store
+    with open_store(server, autocommit=True) as admin:
+        admin.connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def event(origin: str, sequence: int | None, key: str, status: str, *, wall: int | None = None,
+          op: Operation = Operation.INSERT, prior: Timestamp | None = None, table: str = "orders") -> Event:
+    values = {"id": key, "customer": origin, "status": status, "total_cents": 1}
+    return Event(origin=origin, event_id=str(uuid.uuid4()), table=table, key=key, operation=op,
+                 hlc=Timestamp(wall or now_ms(), 0), payload={"key": {"id": key}, "values": values},
+                 prior=prior, sequence=sequence, event_type=f"{table}.{op.value}")
+
+
+def state(status: str, *, deleted: bool = False, wall: int | None = None) -> RowState:
+    values = {} if deleted else {"id": "k", "customer": "c", "status": status, "total_cents": 1}
+    return RowState(values=values, hlc=Timestamp(wall or now_ms(), 0), origin="eu-west", deleted=deleted)
+
+
+# ---------------------------------------------------------------- inbox
+
+
+def test_inbox_reports_only_new_pairs(store: Store) -> None:
+    first = [event("eu-west", 1, "a", "x"), event("eu-west", 2, "b", "x")]
+    assert store.insert_inbox(first) == {("eu-west", 1), ("eu-west", 2)}
+    again = [event("eu-west", 2, "b", "x"), event("eu-west", 3, "c", "x"), event("ap-south", 2, "d", "x")]
+    assert store.insert_inbox(again) == {("eu-west", 3), ("ap-south", 2)}
+    assert store.insert_inbox([]) == set()
+
+
+def test_forgotten_inbox_rows_are_new_again(store: Store) -> None:
+    store.insert_inbox([event("eu-west", 1, "a", "x"), event("eu-west", 2, "b", "x")])
+    store.forget_inbox([("eu-west", 2)])
+    assert store.insert_inbox([event("eu-west", 2, "b", "x")]) == {("eu-west", 2)}
+    assert store.inbox_ranges() == {"eu-west": [(1, 2)]}
+
+
+def test_inbox_ranges_are_islands(store: Store) -> None:
+    store.insert_inbox([event("eu-west", s, f"k{s}", "x") for s in (1, 2, 3, 5, 8, 9)])
+    store.insert_inbox([event("ap-south", 4, "z", "x")])
+    assert store.inbox_ranges() == {"ap-south": [(4, 4)], "eu-west": [(1, 3), (5, 5), (8, 9)]}
+
+
+# ---------------------------------------------------------------- row states and transactions
+
+
+def test_states_round_trip_live_and_deleted(store: Store) -> None:
+    orders = store.replicated_tables()["orders"]
+    live, gone = state("new"), state("", deleted=True)
+    with store.transaction():
+        store.lock_keys([("orders", "a"), ("orders", "b")])
+        store.write_states(orders, {"a": live, "b": gone})
+    loaded = store.load_states("orders", ["a", "b", "missing"])
+    assert loaded == {"a": live, "b": gone}
+    with store.transaction():
+        store.write_states(orders, {"a": state("paid", wall=live.hlc.wall_ms + 1)})
+    assert store.load_states("orders", ["a"])["a"].values["status"] == "paid"
+
+
+def test_a_failed_transaction_leaves_nothing(store: Store) -> None:
+    orders = store.replicated_tables()["orders"]
+    with pytest.raises(RuntimeError), store.transaction():
+        store.insert_inbox([event("eu-west", 1, "a", "x")])
+        store.write_states(orders, {"a": state("new")})
+        raise RuntimeError("abort")
+    assert store.load_states("orders", ["a"]) == {}
+    assert store.inbox_ranges() == {}
+    assert store.insert_inbox([event("eu-west", 1, "a", "x")]) == {("eu-west", 1)}
+
+
+def test_clock_stamps_grow_and_refuse_far_future(store: Store) -> None:
+    first = store.hlc_now()
+    ahead = Timestamp(now_ms() + 200, 7)
+    seen = store.observe_hlc(ahead)
+    assert seen > ahead > first
+    assert store.hlc_now() > seen
+    with pytest.raises(ClockSkewError):
+        store.observe_hlc(Timestamp(now_ms() + 3_600_000, 0))
+    assert store.hlc_now() < Timestamp(now_ms() + 3_600_000, 0)  # the refused stamp moved nothing
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+def _item(e: Event, reason: str) -> dict[str, Any]:
+    return {"origin": e.origin, "sequence": e.sequence, "reason": reason, "detail": "why",
+            "raw": wire.encode(e), "event_id": e.event_id, "hlc": e.hlc.pack()}
+
+
+def test_quarantine_holds_once_and_settles(store: Store) -> None:
+    held, other = event("eu-west", 4, "q", "x"), event("eu-west", 5, "r", "x")
+    store.quarantine([_item(held, "clock_skew"), _item(held, "clock_skew"), _item(other, "apply_failed")])
+    _now, max_offset, entries = store.apply_checks([held, other, event("eu-west", 6, "s", "x")])
+    assert max_offset == 1000
+    assert set(entries) == {("eu-west", 4, held.event_id), ("eu-west", 5, other.event_id)}
+    first = entries[("eu-west", 4, held.event_id)]
+    assert (first.reason, first.discarded) == ("clock_skew", False)
+    store.still_refused(first.id, "apply_failed", "again", "test", "retry")
+    store.settle_quarantine([first.id], "applied", "test", "fixed", "retry")
+    store.settle_quarantine([entries[("eu-west", 5, other.event_id)].id], "discarded", "test", "gone", "discard")
+    _now, _max, after = store.apply_checks([held, other])
+    assert list(after) == [("eu-west", 5, other.event_id)]  # a discarded entry still keeps its event out
+    assert after[("eu-west", 5, other.event_id)].discarded
+
+
+# ---------------------------------------------------------------- conflicts
+
+
+def test_parked_conflicts_are_found_and_closed(store: Store) -> None:
+    parked = event("eu-west", 1, "p1", "x", table="payments")
+    store.insert_inbox([parked])
+    side = Version({"id": "p1"}, parked.hlc, "eu-west")
+    record = ConflictRecord("c1", "payments", "p1", ConflictKind.UPDATE_UPDATE, "manual", Outcome.PARKED,
+                            side, side, parked.event_id)
+    store.record_conflicts([record, record])
+    found = store.open_parked_events("payments", ["p1", "other"])
+    assert list(found) == ["p1"]
+    assert [(cid, e.event_id) for cid, e in found["p1"]] == [("c1", parked.event_id)]
+    store.close_parked([("c1", "applied")])
+    assert store.open_parked_events("payments", ["p1"]) == {}
+
+
+# ---------------------------------------------------------------- relay
+
+
+def _local(n: int) -> list[Event]:
+    return [event(REGION, None, f"o{i}", "new") for i in range(n)]
+
+
+def test_relay_numbers_densely_and_republishes_until_marked(store: Store) -> None:
+    local = _local(3)
+    with store.transaction():
+        for e in local:
+            store.insert_outbox(e)
+    epoch = store.acquire_lease(REGION, "test")
+    claimed = store.claim_messages(REGION, epoch, 0, 2)
+    assert [s for s, _k, _v in claimed] == [1, 2]
+    decoded = [wire.decode(v) for _s, _k, v in claimed]
+    assert [(d.event_id, d.sequence, d.key) for d in decoded] == [(e.event_id, i + 1, e.key)
+                                                                  for i, e in enumerate(local[:2])]
+    assert [k for _s, k, _v in claimed] == [b"o0", b"o1"]
+    assert decoded[0].payload == local[0].payload and decoded[0].hlc == local[0].hlc
+    # numbered but not published: claimed again (a crash before mark_published republishes)
+    assert [s for s, _k, _v in store.claim_messages(REGION, epoch, 0, 10)] == [1, 2]
+    # above what the caller holds: the rest is numbered now
+    assert [s for s, _k, _v in store.claim_messages(REGION, epoch, 2, 10)] == [3]
+    store.mark_published(REGION, epoch, 3)
+    assert store.claim_messages(REGION, epoch, 0, 10) == []
+    assert store.relay_position(REGION) == (3, 3)
+    assert store.outbox_ranges(REGION) == [(1, 3)]
+    assert store.own_ranges(REGION) == [(1, 3)]
+
+
+def test_relay_writes_are_fenced_by_the_epoch(store: Store) -> None:
+    with store.transaction():
+        store.insert_outbox(_local(1)[0])
+    old = store.acquire_lease(REGION, "first")
+    new = store.acquire_lease(REGION, "second")
+    assert new == old + 1
+    with pytest.raises(FencedError):
+        store.claim_messages(REGION, old, 0, 10)
+    with pytest.raises(FencedError):
+        store.mark_published(REGION, old, 1)
+    assert store.relay_position(REGION) == (0, 0)  # the fenced claim numbered nothing
+    assert [s for s, _k, _v in store.claim_messages(REGION, new, 0, 10)] == [1]
+
+
+# ---------------------------------------------------------------- apply, through the port
+
+
+def test_apply_converges_and_absorbs_duplicates(store: Store) -> None:
+    applier = Applier(store, REGION, _tables(), max_offset_ms=1000)
+    wall = now_ms()
+    first = event("eu-west", 1, "k", "from-eu", wall=wall)
+    second = event("ap-south", 1, "k", "from-ap", wall=wall)  # concurrent; ap-south < eu-west breaks the tie
+    report = applier.apply_remote([second, first])
+    assert len(report.applied) == 2 and not report.quarantined
+    again = applier.apply_remote([first])
+    assert again.duplicates == {"eu-west": 1} and not again.applied
+    row = store.load_states("orders", ["k"])["k"]
+    assert (row.values["status"], row.origin) == ("from-eu", "eu-west")
+    assert store.inbox_ranges() == {"ap-south": [(1, 1)], "eu-west": [(1, 1)]}
+
+
+def test_apply_quarantines_what_it_cannot_take(store: Store) -> None:
+    applier = Applier(store, REGION, _tables(), max_offset_ms=1000)
+    unknown = event("eu-west", 1, "k", "x", table="nowhere")
+    future = event("eu-west", 2, "f", "x", wall=now_ms() + 3_600_000)
+    own = event(REGION, 3, "o", "x")
+    report = applier.apply_remote([unknown, future, own])
+    assert sorted(q["reason"] for q in report.quarantined) == ["clock_skew", "other", "unknown_table"]
+    assert store.inbox_ranges() == {}
+    _now, _max, held = store.apply_checks([future])
+    assert held[("eu-west", 2, future.event_id)].reason == "clock_skew"
+
+
+def test_postgres_store_is_the_whole_port() -> None:
+    from reconciler.store.port import RegionStore
+
+    assert issubclass(PostgresRegionStore, RegionStore)
+    assert not issubclass(MemoryRegionStore, RegionStore)  # the subset, on purpose
