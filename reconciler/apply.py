@@ -16,10 +16,10 @@ from typing import Any
 
 from . import wire
 from .config import TableConfig
-from .conflict import ConflictPolicy, ManualPolicy, policy_for, settle_parked
 from .errors import ClockSkewError, EventError, ReconcilerError, StoreError
 from .invariants import discard_of
 from .model import ConflictRecord, Event, Outcome, RowState
+from .policies import ConflictPolicy, ManualPolicy, policy_for, settle_parked
 from .store.port import ApplyStore, ParkedEvents, StateRow, states_from_rows
 from .store.postgres_store import as_store
 

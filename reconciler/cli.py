@@ -282,7 +282,7 @@ def conflicts_list(config_path: str, region: str | None, table: str | None, stat
     """List the conflicts recorded in one region, oldest first."""
     from datetime import UTC, datetime
 
-    from .conflicts import list_conflicts
+    from .conflict_queue import list_conflicts
 
     config = load(config_path)
     if table is not None:
@@ -317,7 +317,7 @@ def conflicts_show(config_path: str, region: str | None, conflict_id: str, as_js
     """Show one conflict: both versions side by side, and its resolution if any."""
     from datetime import UTC, datetime
 
-    from .conflicts import show_conflict
+    from .conflict_queue import show_conflict
 
     config = load(config_path)
     name, conn = _region_store(config, region)
@@ -387,7 +387,7 @@ def conflicts_resolve(
     reason: str, yes: bool, as_json: bool,
 ) -> None:
     """Decide a parked conflict, once, from any region; the decision replicates to every region."""
-    from .conflicts import resolve_conflict
+    from .conflict_queue import resolve_conflict
 
     config = load(config_path)
     if take_region is not None:
@@ -429,7 +429,7 @@ def quarantine() -> None:
 @handle_errors
 def quarantine_list(config_path: str, region: str | None, limit: int, status: str, as_json: bool) -> None:
     """List one region's quarantined events, newest first."""
-    from .conflicts import list_quarantine
+    from .conflict_queue import list_quarantine
 
     config = load(config_path)
     name, conn = _region_store(config, region)
@@ -459,7 +459,7 @@ def quarantine_list(config_path: str, region: str | None, limit: int, status: st
 @handle_errors
 def quarantine_show(config_path: str, region: str | None, entry_id: int, as_json: bool) -> None:
     """One quarantined event: why, where from, the raw message, and its audit trail."""
-    from .conflicts import show_quarantined
+    from .conflict_queue import show_quarantined
 
     config = load(config_path)
     name, conn = _region_store(config, region)
@@ -497,7 +497,7 @@ def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int,
     Exit 1 when any entry is still refused.
     """
     from .apply import Applier
-    from .conflicts import retry_quarantined
+    from .conflict_queue import retry_quarantined
     from .store import postgres as pg
 
     config = load(config_path)
@@ -530,7 +530,7 @@ def quarantine_discard(config_path: str, region: str | None, entry_ids: tuple[in
                        by: str | None, yes: bool, as_json: bool) -> None:
     """Settle quarantined events without applying them: `gaps` and the gate stop
     counting them; the entries, their raw messages and the audit trail are kept."""
-    from .conflicts import discard_quarantined
+    from .conflict_queue import discard_quarantined
 
     config = load(config_path)
     name, conn = _region_store(config, region)

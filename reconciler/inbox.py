@@ -16,7 +16,7 @@ from typing import Any
 from . import wire
 from .apply import Applier, ApplyReport, Rejected
 from .config import Config
-from .conflicts import retry_held
+from .conflict_queue import retry_held
 from .errors import EventError, ReconcilerError, TransportError
 from .logs import component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop

@@ -19,10 +19,10 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from .conflict import policy_for
 from .errors import ConflictError, EventError
 from .invariants import resolution_discards
 from .model import Event, Operation, Version, encode_key
+from .policies import policy_for
 from .store.port import CONFLICT_COLUMNS, ApplyStore, RegionStore, json_text
 from .store.postgres_store import as_region_store, as_store
 
@@ -143,7 +143,7 @@ def write_resolution(
     and is then refused instead of overwriting a decision it never saw.
 
     Validating what an operator typed is the caller's job
-    (:func:`reconciler.conflicts.resolve_conflict`); this function only refuses
+    (:func:`reconciler.conflict_queue.resolve_conflict`); this function only refuses
     what would corrupt the queue: an unknown entry, or one that is not open.
     """
     catalogue, some_store = _catalogue(conn)

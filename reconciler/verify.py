@@ -60,13 +60,13 @@ from typing import Any, Protocol
 
 from . import merkle
 from .config import Config, TableConfig
-from .conflict import counter_contribution, counter_total_with_lost, join_merge_states
 from .errors import ConfigError, ReconcilerError, StoreError
 from .gaps import SeqRanges
 from .hlc import Timestamp
 from .lifecycle import RootComparison
 from .merkle import DiffResult, Digest, Key, KeyDifference, Leaf, LevelStats, Locator, Row, TreeShape, WalkLimits
 from .model import RowState
+from .policies import counter_contribution, counter_total_with_lost, join_merge_states
 from .store import merkle_leaves, verify_queries
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
@@ -468,7 +468,7 @@ def repair_keys(
       that event a no-op there, so two concurrent versions would be parked only in
       the regions that met them as events), except what events this region
       accepted as lost wrote: those never come, so a merge row joins it in from the
-      peers' states (:func:`reconciler.conflict.join_merge_states`) and a manual row
+      peers' states (:func:`reconciler.policies.join_merge_states`) and a manual row
       takes a peer's newer version that such an event wrote;
     - a row no region has metadata for exists only by direct writes: with
       ``copy_unmanaged`` the first region is made to match the second, otherwise it
@@ -591,7 +591,7 @@ def _written_by_a_lost_event(key: str, version: RowState, donor: Counted, applie
 def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Counted, mine: Counted,
                       applied: dict[str, SeqRanges], lost: dict[str, SeqRanges]) -> dict[str, dict[str, int | str]]:
     """column -> origin -> the counter total this region must hold for ``key`` with its
-    lost events counted (:func:`reconciler.conflict.counter_total_with_lost`), for
+    lost events counted (:func:`reconciler.policies.counter_total_with_lost`), for
     each origin where that can be known exactly: the donor applied everything of it up
     to its floor, and this region everything below that floor but its lost events,
     with nothing of its own pruned above it."""

@@ -56,7 +56,7 @@ from .oracle import (
 )
 
 __all__ = [
-    "Check", "CommittedEvent", "ConflictEntry", "Expectations", "InboxEntry", "PairDiff", "RegionSnapshot",
+    "Check", "CommittedEvent", "StoredConflict", "Expectations", "InboxEntry", "PairDiff", "RegionSnapshot",
     "TableSpec", "Verdict", "Write", "check", "committed_writes", "concurrent_keys", "expected_parked",
     "lww_oracle", "merge_oracle", "row_key",
 ]
@@ -87,7 +87,9 @@ class InboxEntry:
 
 
 @dataclass(frozen=True)
-class ConflictEntry:
+class StoredConflict:
+    """A row of a region's ``reconciler.conflicts`` table, as the checker reads it."""
+
     conflict_id: str
     table: str
     key: str
@@ -112,7 +114,7 @@ class RegionSnapshot:
     outbox: tuple[CommittedEvent, ...] = ()
     inbox: tuple[InboxEntry, ...] = ()
     rows: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
-    conflicts: tuple[ConflictEntry, ...] = ()
+    conflicts: tuple[StoredConflict, ...] = ()
     quarantine: Mapping[str, int] = field(default_factory=dict)
     roots: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     error: str | None = None
@@ -152,7 +154,7 @@ class Expectations:
     rto_limit_seconds: float | None = None
     #: manual keys parked though their versions are causally ordered are noted, not
     #: failed: the manual policy parks an ancestor that arrives after its descendant
-    #: (documented in reconciler.conflict); drills that replay out of order meet it
+    #: (documented in reconciler.policies); drills that replay out of order meet it
     needless_parking_ok: bool = False
 
 

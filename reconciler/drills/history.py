@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -204,9 +204,3 @@ def _load(path: Path) -> list[WriteRecord]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
     return records
-
-
-def dump_history(records: Iterable[WriteRecord], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True, default=str) + "\n")

@@ -53,7 +53,7 @@ class PatchError(ConfigError):
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    #: path inside the package, e.g. "conflict.py"
+    #: path inside the package, e.g. "policies.py"
     file: str
     old: str
     new: str
@@ -70,21 +70,21 @@ class Mutant:
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
-        "lww-region-before-clock", "conflict.py",
+        "lww-region-before-clock", "policies.py",
         "        wins = current is None or not current.wins_over(event.hlc, event.origin)\n",
         "        wins = current is None or (event.origin, event.hlc.pack()) > (current.origin, current.hlc.pack())\n",
         "lww tie-break applied first: the region id decides before the HLC",
         ("split-brain", "duplicate-reorder"),
     ),
     Mutant(
-        "lww-tie-to-lower-region", "conflict.py",
+        "lww-tie-to-lower-region", "policies.py",
         "        wins = current is None or not current.wins_over(event.hlc, event.origin)\n",
         "        wins = current is None or (event.hlc, current.origin) > (current.hlc, event.origin)\n",
         "lww ties (and only ties) go to the lower region id; every other order is right",
         ("split-brain", "duplicate-reorder"),
     ),
     Mutant(
-        "counter-delta-twice", "conflict.py",
+        "counter-delta-twice", "policies.py",
         "        _count(slot(column, \"counter\"), event.origin, delta)\n",
         "        _count(slot(column, \"counter\"), event.origin, delta)\n"
         "        _count(slot(column, \"counter\"), event.origin, delta)\n",
@@ -92,28 +92,28 @@ MUTANTS: tuple[Mutant, ...] = (
         ("split-brain",),
     ),
     Mutant(
-        "counter-delta-dropped", "conflict.py",
+        "counter-delta-dropped", "policies.py",
         "    by_origin[origin] = _add_numbers(by_origin.get(origin, 0), delta)\n",
         "    by_origin[origin] = _add_numbers(0, delta)\n",
         "a counter keeps only each origin's latest delta: the earlier ones are dropped",
         ("split-brain",),
     ),
     Mutant(
-        "set-first-stamp-kept", "conflict.py",
+        "set-first-stamp-kept", "policies.py",
         "    if _newer(stamps.get(k), stamp):\n        stamps[k] = _stamp_list(stamp)\n",
         "    if stamps.get(k) is None:\n        stamps[k] = _stamp_list(stamp)\n",
         "set element rule: the first add/remove stamp of an element is kept, not the greatest",
         ("split-brain", "duplicate-reorder"),
     ),
     Mutant(
-        "set-remove-ignored", "conflict.py",
+        "set-remove-ignored", "policies.py",
         "            if removed is None or added >= removed:\n",
         "            if removed is None or added >= removed or True:\n",
         "set element rule: a remove never takes an element out once it was added",
         ("split-brain",),
     ),
     Mutant(
-        "manual-concurrent-applied", "conflict.py",
+        "manual-concurrent-applied", "policies.py",
         "        return Applied(None, _record(self.name, kind, Outcome.PARKED, current, event, payload))\n",
         "        return Applied(_whole_row_state(event, payload, carried),\n"
         "                       _record(self.name, kind, Outcome.APPLIED, current, event, payload))\n",
@@ -121,7 +121,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("split-brain",),
     ),
     Mutant(
-        "manual-ordered-parked", "conflict.py",
+        "manual-ordered-parked", "policies.py",
         "        if kind is None:\n"
         "            if current is not None and current.wins_over(event.hlc, event.origin):\n",
         "        if kind is None and current is not None and event.origin != current.origin:\n"

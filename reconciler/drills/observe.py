@@ -22,7 +22,7 @@ from ..config import Config, TableConfig
 from ..diff import diff_tables
 from ..errors import ReconcilerError
 from ..store.inspection import Inspector
-from .checker import CommittedEvent, ConflictEntry, InboxEntry, PairDiff, RegionSnapshot, row_key
+from .checker import CommittedEvent, InboxEntry, PairDiff, RegionSnapshot, StoredConflict, row_key
 
 # ---------------------------------------------------------------- final state
 
@@ -37,7 +37,7 @@ def read_snapshot(config: Config, region: str) -> RegionSnapshot:
     outbox = tuple(CommittedEvent(str(i), o, seq, t, k, op, int(h), None if p is None else int(p), payload)
                    for i, o, seq, t, k, op, h, p, payload in stored.outbox)
     inbox = tuple(InboxEntry(o, int(s), str(e)) for o, s, e in stored.inbox)
-    conflicts = tuple(ConflictEntry(*row) for row in stored.conflicts)
+    conflicts = tuple(StoredConflict(*row) for row in stored.conflicts)
     # keyed by the checker's own key encoding, not the implementation's
     rows = {name: {row_key(doc, table.key): doc for doc in stored.rows[name]} for name, table in config.tables.items()}
     return RegionSnapshot(

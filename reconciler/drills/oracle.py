@@ -1,5 +1,5 @@
 """The checker's own models of what every region must hold: written from the
-definitions of the policies, never from :mod:`reconciler.conflict`.
+definitions of the policies, never from :mod:`reconciler.policies`.
 
 Each model is a small pure function of committed writes (what clients were told
 was committed, plus in-doubt writes known to have committed). None of them reads

@@ -13,7 +13,7 @@ oracle this test computes itself:
   unique to one client, so no add races a remove);
 - last-writer-wins orders: per key, the committed write with the greatest
   ``(hlc, origin)`` stamp, read from the writers' own outboxes (the record of what
-  was acknowledged), with a model of a few lines, not reconciler.conflict;
+  was acknowledged), with a model of a few lines, not reconciler.policies;
 - payments: what their only writer wrote last.
 """
 

@@ -26,7 +26,7 @@ from reconciler import outbox
 from reconciler.apply import Applier
 from reconciler.cli import main
 from reconciler.config import Config
-from reconciler.conflicts import resolve_conflict
+from reconciler.conflict_queue import resolve_conflict
 from reconciler.errors import ConflictError
 from reconciler.hlc import Timestamp
 from reconciler.model import Event, Operation

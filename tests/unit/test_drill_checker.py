@@ -8,11 +8,11 @@ from typing import Any
 
 from reconciler.drills.checker import (
     CommittedEvent,
-    ConflictEntry,
     Expectations,
     InboxEntry,
     PairDiff,
     RegionSnapshot,
+    StoredConflict,
     TableSpec,
     check,
     committed_writes,
@@ -47,7 +47,7 @@ def as_outbox(r: WriteRecord, sequence: int | None) -> CommittedEvent:
 
 
 def world(history: list[WriteRecord], rows: dict[str, dict[str, Any]],
-          conflicts: Iterable[ConflictEntry] = ()) -> dict[str, RegionSnapshot]:
+          conflicts: Iterable[StoredConflict] = ()) -> dict[str, RegionSnapshot]:
     """Two regions that each relayed their own writes and applied the other's."""
     snaps = {}
     for region in (A, B):
@@ -127,7 +127,7 @@ def test_lww_rows_must_hold_the_greatest_stamp() -> None:
         record("e2", B, "orders", "o1", "update", 130, 100, values={**ORDER, "status": "b"}),
         record("e3", A, "orders", "o1", "update", 130, 100, values={**ORDER, "status": "a"}),
     ]
-    conflicts = [ConflictEntry("c1", "orders", "o1", "update_update", "lww", "applied", "auto")]
+    conflicts = [StoredConflict("c1", "orders", "o1", "update_update", "lww", "applied", "auto")]
     # equal HLC: the region id breaks the tie, "b" > "a"
     assert verdict(history, world(history, {"orders": {"o1": {**ORDER, "status": "b"}}}, conflicts)).passed
     v = verdict(history, world(history, {"orders": {"o1": {**ORDER, "status": "a"}}}, conflicts))
@@ -145,7 +145,7 @@ def test_concurrent_writes_need_a_conflict_record_and_manual_ones_a_parked_entry
     snaps = world(history, rows_a)
     snaps[B] = replace(snaps[B], rows={"payments": {"p": {"id": "p", "status": "b"}}})
     assert "conflicts_accounted" in failed(verdict(history, snaps))
-    parked = ConflictEntry("c9", "payments", "p", "update_update", "manual", "parked", "open")
+    parked = StoredConflict("c9", "payments", "p", "update_update", "manual", "parked", "open")
     snaps = {r: replace(s, conflicts=(parked,)) for r, s in snaps.items()}
     diffs = [PairDiff("payments", A, B, ("p",)), PairDiff("orders", A, B), PairDiff("inventory", A, B)]
     v = verdict(history, snaps, diffs)

@@ -12,10 +12,10 @@ from typing import Any
 from reconciler.drills import checker, history, oracle
 from reconciler.drills.checker import (
     CommittedEvent,
-    ConflictEntry,
     Expectations,
     InboxEntry,
     RegionSnapshot,
+    StoredConflict,
     TableSpec,
     check,
     committed_writes,
@@ -51,7 +51,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 def test_the_checker_imports_nothing_of_the_implementation() -> None:
     """checker.py and its helpers import the standard library and each other only:
-    not reconciler.conflict, not the model, not the stores, nothing they judge."""
+    not reconciler.policies, not the model, not the stores, nothing they judge."""
     siblings = {m.__name__.rsplit(".", 1)[1] for m in CHECKER_MODULES}
     offending = []
     for module in CHECKER_MODULES:
@@ -68,8 +68,8 @@ def test_the_checker_imports_nothing_of_the_implementation() -> None:
 
 def test_the_import_rule_would_catch_a_borrowed_policy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from __future__ import annotations\nfrom ..conflict import policy_for\nimport reconciler.gaps\n")
-    assert (2, "conflict") in _imports(bad) and (0, "reconciler.gaps") in _imports(bad)
+    bad.write_text("from __future__ import annotations\nfrom ..policies import policy_for\nimport reconciler.gaps\n")
+    assert (2, "policies") in _imports(bad) and (0, "reconciler.gaps") in _imports(bad)
 
 
 def test_nothing_the_checker_reads_is_replication_metadata() -> None:
@@ -233,7 +233,7 @@ def test_manual_concurrent_versions_are_both_kept_for_an_operator() -> None:
 TABLES = {"payments": TableSpec("payments", ("id",), "manual")}
 
 
-def _snap(region: str, rows: dict[str, Any], conflicts: tuple[ConflictEntry, ...] = (),
+def _snap(region: str, rows: dict[str, Any], conflicts: tuple[StoredConflict, ...] = (),
           history_: list[WriteRecord] | None = None) -> RegionSnapshot:
     own = [r for r in history_ or [] if r.region == region]
     other = [r for r in history_ or [] if r.region != region]
@@ -264,7 +264,7 @@ def test_the_checker_holds_manual_tables_to_the_model() -> None:
             _rec("p1", A, "update", 110, 100, {"s": "a"}),
             _rec("p2", B, "update", 111, 100, {"s": "b"})]
     row_a, row_b = {"id": "p", "s": "a"}, {"id": "p", "s": "b"}
-    parked = (ConflictEntry("c1", "payments", "p", "update_update", "manual", "parked", "open"),)
+    parked = (StoredConflict("c1", "payments", "p", "update_update", "manual", "parked", "open"),)
     good = {A: _snap(A, {"p": row_a}, parked, hist), B: _snap(B, {"p": row_b}, parked, hist)}
     v = check(hist, good, [], TABLES, NO_RTO)
     assert v.passed, [c for c in v.checks if not c.passed]

@@ -18,9 +18,9 @@ import pytest
 
 from reconciler.apply import Applier
 from reconciler.config import TableConfig
-from reconciler.conflict import ManualPolicy, settle_parked
 from reconciler.hlc import Timestamp
 from reconciler.model import Event, Operation, Outcome, RowState
+from reconciler.policies import ManualPolicy, settle_parked
 
 TABLE = "payments"
 KEY = "1"

@@ -97,7 +97,7 @@ SCENARIO = Scenario(
     run=run,
     workload=lambda scale: WorkloadSpec(seconds=90 * scale),
     # events replayed after the skew can reach a peer after their successors, and the
-    # manual policy parks such an ancestor (see reconciler.conflict): noted, not failed
+    # manual policy parks such an ancestor (see reconciler.policies): noted, not failed
     expectations=Expectations(quarantine_required={"clock_skew": 1}, rto_limit_seconds=60,
                               needless_parking_ok=True),
 )

@@ -156,7 +156,7 @@ SCENARIO = Scenario(
     run=run,
     workload=lambda scale: WorkloadSpec(seconds=300 * scale),  # stopped by the drill's end
     # events held for their stamp reach the peers after their successors, and the
-    # manual policy parks such an ancestor (see reconciler.conflict): noted, not failed
+    # manual policy parks such an ancestor (see reconciler.policies): noted, not failed
     expectations=Expectations(quarantine_required={"clock_skew": 1}, rto_limit_seconds=90,
                               needless_parking_ok=True),
 )

@@ -13,7 +13,7 @@ replicates everywhere.
 
 from __future__ import annotations
 
-from ...conflicts import ConflictEntry, list_conflicts
+from ...conflict_queue import ConflictEntry, list_conflicts
 from ...store.postgres_store import open_store
 from ..checker import Expectations
 from ..harness import Drill, Scenario

@@ -17,17 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.conflict import (
-    ConflictPolicy,
-    LwwPolicy,
-    ManualPolicy,
-    MergePolicy,
-    classify,
-    counter_contribution,
-    counter_total_with_lost,
-    join_merge_states,
-    policy_for,
-)
 from reconciler.errors import ConfigError, EventError
 from reconciler.hlc import Timestamp
 from reconciler.model import (
@@ -38,6 +27,17 @@ from reconciler.model import (
     Outcome,
     RowState,
     conflict_id,
+)
+from reconciler.policies import (
+    ConflictPolicy,
+    LwwPolicy,
+    ManualPolicy,
+    MergePolicy,
+    classify,
+    counter_contribution,
+    counter_total_with_lost,
+    join_merge_states,
+    policy_for,
 )
 
 BOUNDED = settings(max_examples=200, deadline=None)

@@ -8,10 +8,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.conflict import _parse, _parse_checked
 from reconciler.errors import EventError
 from reconciler.hlc import Timestamp
 from reconciler.model import Event, Operation
+from reconciler.policies import _parse, _parse_checked
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=3))
 _names = st.one_of(st.sampled_from(("id", "name", "n", "tags")), st.integers(0, 2), st.none())
