@@ -49,6 +49,12 @@ def expire_retention(
         kafka.set_topic_config(settings, topic, {"retention.ms": "604800000", "segment.ms": "604800000"})
 
 
+def no_longer_holds(sequence: int) -> Callable[[tuple[int, int] | None], bool]:
+    """For :func:`expire_retention`: true once a topic's retained sequences (first,
+    last) no longer include ``sequence`` (None: it holds nothing)."""
+    return lambda kept: kept is None or kept[0] > sequence
+
+
 class ClockSkew:
     """Keeps one region's HLC ``offset_ms`` ahead of physical time, as a region whose
     clock runs fast would stamp. The HLC cannot be moved back (stamps must stay

@@ -18,7 +18,6 @@ topics' retained sequences, what the region had applied), and expects:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ...hlc import Timestamp
@@ -28,7 +27,7 @@ from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from ._common import cli_json, expire_retention
+from ._common import cli_json, expire_retention, no_longer_holds
 
 #: event id -> (origin, sequence)
 Copies = dict[str, tuple[str, int]]
@@ -70,10 +69,6 @@ def _ranges(ids: set[str], copies: dict[str, Copies]) -> dict[str, list[list[int
     return out
 
 
-def _gone_through(sequence: int) -> Callable[[tuple[int, int] | None], bool]:
-    return lambda kept: kept is None or kept[0] > sequence
-
-
 def run(drill: Drill) -> None:
     region = drill.regions[1]
     survivors = [p for p in drill.regions if p != region]
@@ -100,7 +95,7 @@ def run(drill: Drill) -> None:
         drill.forgotten[survivor] = set(before[survivor]) - set(after[survivor])
     retained: dict[str, tuple[int, int] | None] = {}
     for origin in survivors:
-        expire_retention(drill, origin, _gone_through(pruned_through[origin]))
+        expire_retention(drill, origin, no_longer_holds(pruned_through[origin]))
         retained[origin] = kafka.retained_sequences(drill.config.kafka_settings(origin),
                                                     drill.config.events_topic(origin))
 

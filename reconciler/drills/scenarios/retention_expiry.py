@@ -11,18 +11,10 @@ messages; it restarts from the log start and the inbox drops what recover applie
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..checker import Expectations
 from ..harness import Drill, Scenario
 from ..workload import WorkloadSpec
-from ._common import expire_retention
-
-
-def _gone(first_missing: int) -> Callable[[tuple[int, int] | None], bool]:
-    """True once the topic no longer holds ``first_missing`` (the first event the
-    downed region had not applied)."""
-    return lambda kept: kept is None or kept[0] > first_missing
+from ._common import expire_retention, no_longer_holds
 
 
 def run(drill: Drill) -> None:
@@ -36,7 +28,7 @@ def run(drill: Drill) -> None:
     drill.stop_postgres(region, mode="immediate")
     drill.sleep(3)
     for origin in peers:
-        expire_retention(drill, origin, _gone(applied[origin] + 1))
+        expire_retention(drill, origin, no_longer_holds(applied[origin] + 1))
     drill.sleep(1)
     drill.start_postgres(region)
     drill.outage_end(outage)
