@@ -4,15 +4,16 @@ against a region's database, behind one driver-free interface.
 Services (apply, the outbox writer, the conflict queue, the saga) take a store,
 never a connection, so the pure parts of the pipeline run on
 :class:`reconciler.store.memory.MemoryRegionStore` in unit tests and on
-:class:`reconciler.store.postgres.PostgresRegionStore` in production; one contract
+:class:`reconciler.store.postgres_store.PostgresRegionStore` in production; one contract
 suite (tests/contract/test_region_store.py) holds both to the same behaviour.
 
 The port is split by who needs what, so the in-memory store implements exactly
 the parts the pure code uses (apply, the relay's claim/publish, gap inputs) and
 is never asked to pretend it has Merkle leaves or triggers:
 
-- :class:`ApplyStore`: per-key locks, row states, the inbox's dedup, conflicts
-  and quarantine as apply writes them, the outbox insert of a local write;
+- :class:`ApplyStore`: per-key locks, row states, the inbox's dedup, conflicts,
+  quarantine and compensation events as apply writes them, the outbox insert of a
+  local write;
 - :class:`RelayStore`: the relay lease, claiming numbered messages, marking them
   published;
 - :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
