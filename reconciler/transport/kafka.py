@@ -46,6 +46,9 @@ _RETRYABLE = {
     KafkaError.UNKNOWN_MEMBER_ID,
     KafkaError.ILLEGAL_GENERATION,
     KafkaError._RESOLVE,
+    # a partition the client's metadata does not know yet: a broker that just restarted
+    # (the nemesis' relay died of it reading its own topic's retention)
+    KafkaError._UNKNOWN_PARTITION,
 }
 _UNREACHABLE = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
 
