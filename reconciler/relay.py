@@ -205,14 +205,20 @@ class Relay:
                                  self.config.relay_batch_size, number=self._numbering_allowed())
 
     def _numbering_allowed(self) -> bool:
-        """New events get numbers only while the region is not fenced or catching up,
-        and never while its own topic holds sequences its outbox does not know: that
-        database was restored from a stale backup, and a new event numbered now would
-        reuse a sequence peers already applied, so their inbox would drop it.
-        ``reconciler recover`` returns the lost events and reserves their numbers."""
+        """New events get numbers only while the region is in service (ACTIVE, or merely
+        SUSPECT), and never while its own topic holds sequences its outbox does not know:
+        that database was restored from a stale backup, and a new event numbered now
+        would reuse a sequence peers already applied, so their inbox would drop it.
+        ``reconciler recover`` returns the lost events and reserves their numbers.
+
+        Not while VERIFYING either: a recover cut short there (killed after it raised the
+        counter, before every pending own event got its original number back) leaves
+        rows whose events peers already hold under those numbers; numbered anew, they
+        would be applied a second time everywhere. Only the gate, which counts every own
+        event missing, lets the region number again."""
         assert self._conn is not None
         status = pg.region_status(self._conn)
-        if status.state in (State.CATCHING_UP, State.FENCED):
+        if status.state not in (State.ACTIVE, State.SUSPECT):
             return False
         now = time.monotonic()
         if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
