@@ -50,6 +50,28 @@ def _both_applied_before(drill: Drill, survivors: list[str], cutoff: Timestamp) 
     return True
 
 
+def _evidence(drill: Drill, divergent: dict[str, list[str]]) -> dict[str, Any]:
+    """What every region holds of the keys a refused gate names: metadata, open
+    conflicts, and the events it applied or wrote for them (for the report)."""
+    found: dict[str, Any] = {}
+    for table, keys in divergent.items():
+        for key in keys[:5]:
+            found[f"{table}[{key}]"] = {r: {
+                "meta": drill.db(r).rows("SELECT hlc, origin, deleted, meta, row_values FROM reconciler.row_meta"
+                                         " WHERE table_name = %s AND row_key = %s", (table, key)),
+                "conflicts": drill.db(r).rows("SELECT conflict_id, status, outcome, local_version, remote_version"
+                                              " FROM reconciler.conflicts WHERE table_name = %s AND row_key = %s",
+                                              (table, key)),
+                "events": drill.db(r).rows("SELECT origin, sequence, hlc, prior_hlc, operation FROM reconciler.inbox"
+                                           " WHERE table_name = %s AND row_key = %s UNION ALL SELECT o.origin,"
+                                           " s.relay_sequence, o.hlc, o.prior_hlc, o.operation FROM reconciler.outbox o"
+                                           " LEFT JOIN reconciler.outbox_sequence s ON s.position = o.position"
+                                           " WHERE o.aggregatetype = %s AND o.aggregateid = %s ORDER BY 3",
+                                           (table, key, table, key)),
+            } for r in drill.regions}
+    return found
+
+
 def _ranges(ids: set[str], copies: dict[str, Copies]) -> dict[str, list[list[int]]]:
     """Per origin, the sequences of ``ids`` as [lo, hi] runs (for the report)."""
     found: dict[str, set[int]] = {}
@@ -135,7 +157,10 @@ def run(drill: Drill) -> None:
     drill.forgotten[region] = lost
 
     report = drill.recover(region)
-    drill.check("gate_passes_after_acceptance_and_repair", bool(report.gate and report.gate.passed),
+    passed = bool(report.gate and report.gate.passed)
+    if not passed:
+        drill.extra["left_divergent"] = _evidence(drill, report.divergent)
+    drill.check("gate_passes_after_acceptance_and_repair", passed,
                 f"recover ended {report.state}: {report.gate.to_dict() if report.gate else 'no gate'}")
     drill.loops.start(region)
     drill.wait_until(lambda: drill.sampler.rto(region) is not None, 60, f"{region} caught up")
