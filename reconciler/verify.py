@@ -310,7 +310,8 @@ def judge_keys(
     event either not yet published by its origin or stamped above ``mark`` (and not
     above ``ceiling``, the future). Everything else that differs is divergent.
     """
-    # events below either region's retention horizon may be pruned on one side only
+    # events below either region's retention horizon may be pruned on one side only; a
+    # region's own event it has not published is pruned nowhere, however old
     horizon = max(a.horizon, b.horizon)
     packed = mark.pack()
     top = ceiling.pack() if ceiling is not None else None
@@ -319,8 +320,8 @@ def judge_keys(
     for key in keys:
         if a.rows.get(key) == b.rows.get(key):
             continue
-        ea = {e for e in a.events.get(key, ()) if e[0] >= horizon}
-        eb = {e for e in b.events.get(key, ()) if e[0] >= horizon}
+        ea = {e for e in a.events.get(key, ()) if e[0] >= horizon or e[1] in a.pending}
+        eb = {e for e in b.events.get(key, ()) if e[0] >= horizon or e[1] in b.pending}
         differing = ea ^ eb
         # an event its origin has not published yet is on its way whatever its age: a
         # region out of ACTIVE relays nothing until the gate lets it back

@@ -23,7 +23,7 @@ from reconciler import merkle
 from reconciler.hlc import Timestamp
 from reconciler.merkle import DifferenceKind, DiffResult, Digest, Key, Leaf, LevelStats, Locator, Row, TreeShape
 from reconciler.model import RowState
-from reconciler.verify import KeyView, diff_trees, judge_table, newest_state
+from reconciler.verify import KeyView, diff_trees, judge_keys, judge_table, newest_state
 
 Table = dict[str, dict[str, str | None]]  # key text -> row (column -> text)
 Events = dict[str, tuple[tuple[int, str], ...]]  # key -> (hlc, event id) of the events applied to it
@@ -273,3 +273,17 @@ def test_repair_of_a_merge_or_manual_table_keeps_the_regions_own_state(policy: s
     own = state(1, "a", "own")
     assert newest_state(policy, {"b": state(9, "b", "peer")}, own) == own
     assert newest_state(policy, {"b": state(9, "b", "peer")}, None) is None
+
+
+def test_an_unpublished_own_event_older_than_the_retention_horizon_is_in_flight() -> None:
+    """Found by the drill lost-beyond-retention: a region's own event written just before
+    its outage, never numbered (its relay stopped), is older than the horizon its peers
+    pruned to; left out as if pruned, the key read as divergent, and the gate never let
+    the region back into service, where its relay would have published that event."""
+    a = {"k": {"id": "k", "v": "own, unpublished"}}
+    own = KeyView({"k": ((BELOW, "mine"),)}, a, 0, frozenset({"mine"}))
+    peer = KeyView({}, {"k": None}, BELOW + 10)
+    divergent, in_flight = judge_keys(own, peer, ["k"], MARK)
+    assert (divergent, in_flight) == (set(), {"k"})
+    published = KeyView({"k": ((BELOW, "mine"),)}, a, 0)
+    assert judge_keys(published, peer, ["k"], MARK) == ({"k"}, set()), "published and pruned: divergent"
