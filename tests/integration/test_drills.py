@@ -22,7 +22,7 @@ KNOWN_FAILING = {
     "composite-keys-stale-peer": "its needless parking (conflicts_accounted) is fixed (tests/integration/"
                                  "test_manual_repair.py), but its recover calls outran their 120 s timeouts on a "
                                  "machine at load average 30-48 in the one run since; see chaos/README.md",
-    "lost-beyond-retention": "open: in about one run of six a merge counter of the region that accepted the loss "
+    "lost-beyond-retention": "open: in 2 of 3 clean-clone CI runs a merge counter of the region that accepted the loss "
                              "ends a few units short of the model (the repair's exact total skipped an origin); "
                              "see chaos/README.md",
 }
