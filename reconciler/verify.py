@@ -676,6 +676,12 @@ class Verification:
     leaves_rebuilt: dict[str, int] = field(default_factory=dict)
 
 
+def _compare_now(config: Config, table: str, region: str, peer: str, parked: set[str],
+                 now_ms: Callable[[], int]) -> TableComparison:
+    mark, ceiling = bounds(config, now_ms())
+    return compare_table(config, table, region, peer, mark=mark, ceiling=ceiling, parked=parked)
+
+
 def _all_keys(config: Config, table: str, regions: list[str]) -> set[str]:
     keys: set[str] = set()
     for r in regions:
@@ -695,8 +701,9 @@ def verify_and_repair(
     config: Config, region: str, *, now_ms: Callable[[], int] = wall_ms, repair: bool = True,
 ) -> Verification:
     """Compare every replicated table of ``region`` with every reachable peer at the
-    watermark; repair the divergent keys (``region`` and the peer both written, see
-    :func:`repair_keys`) and compare again. The last comparisons are the gate's roots.
+    watermark; repair the divergent keys in ``region`` and every reachable peer at
+    once (see :func:`repair_keys`) and compare again. The last comparisons, all taken
+    after the last repair, are the gate's roots.
 
     ``region``'s own leaves are first checked against its rows and recounted when a
     write bypassed their triggers (a restore, a fix with triggers disabled): the
@@ -713,26 +720,25 @@ def verify_and_repair(
         if stale and repair:
             rebuild_leaves(config, name, region)
             out.leaves_rebuilt[name] = len(stale)
+        keep = parked.get(name, set())
+        found = {peer: _compare_now(config, name, region, peer, keep, now_ms) for peer in peers}
+        # after a loss every merge key may miss what the lost events counted, and neither
+        # the gate's view (a busy key is always in flight) nor the rows (other in-flight
+        # events can offset the loss) shows which: all are joined, which brings in the
+        # lost contributions only (never an event on its way)
+        suspects = {k for f in found.values() for k in f.divergent}
+        if merge_losses and peers:
+            suspects |= _all_keys(config, name, [region, *peers])
+        if suspects and repair:
+            # every reachable region at once: repairing against one peer at a time
+            # would change rows already compared with another
+            fixed = repair_keys(config, name, sorted(suspects), [region, *peers])
+            out.repaired[name] = list(fixed.repaired)
+            found = {peer: _compare_now(config, name, region, peer, keep, now_ms) for peer in peers}
         differing: set[str] = set()
         for peer in peers:
-            mark, ceiling = bounds(config, now_ms())
-            found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
-                                  parked=parked.get(name, set()))
-            # after a loss every merge key may miss what the lost events counted, and
-            # neither the gate's view (a busy key is always in flight) nor the rows
-            # (other in-flight events can offset the loss) shows which: all are joined,
-            # which brings in the lost contributions only (never an event on its way)
-            suspects = sorted({*found.divergent, *_all_keys(config, name, [region, peer])}) if merge_losses \
-                else list(found.divergent)
-            if suspects and repair:
-                done = out.repaired.setdefault(name, [])
-                fixed = repair_keys(config, name, suspects, [region, peer])
-                done.extend(k for k in fixed.repaired if k not in done)
-                mark, ceiling = bounds(config, now_ms())
-                found = compare_table(config, name, region, peer, mark=mark, ceiling=ceiling,
-                                      parked=parked.get(name, set()))
-            differing.update(found.divergent)
-            out.roots.append(found.root)
+            differing.update(found[peer].divergent)
+            out.roots.append(found[peer].root)
         if differing:
             out.divergent[name] = sorted(differing)
         if parked.get(name):

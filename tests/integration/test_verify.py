@@ -13,7 +13,7 @@ from reconciler import outbox
 from reconciler.config import Config
 from reconciler.provision import migrate
 from reconciler.recovery import recover
-from reconciler.verify import compare_table, wall_ms, watermark
+from reconciler.verify import compare_table, verify_and_repair, wall_ms, watermark
 
 from .pipeline import TABLES, Cluster, connect, fully_delivered, make_env, scalar, wait_until
 
@@ -91,6 +91,34 @@ def test_recover_keeps_its_newer_rows_when_a_peer_lags(stack: Any, tmp_path: Pat
     assert all(doc["qty"] == 2 for doc in reference.values()) and len(reference) == 20
     for region in ("eu-west", "ap-south"):
         assert table_rows(config, region, "line_items") == reference
+
+
+def test_every_root_is_compared_after_the_last_repair(stack: Any, tmp_path: Path) -> None:
+    """A region missing an update that only one of its two peers holds: repairing it
+    against that peer must not leave the comparison with the other peer (taken before
+    the repair, when the two agreed on the old rows) standing as the gate's root."""
+    config = env(stack, tmp_path, lifecycle={"max_lag_seconds": 1, "max_lag_events": 500,
+                                             "absence_threshold_seconds": 30})
+    cluster = Cluster(config)
+    cluster.start_all()
+    try:
+        write_line_items(config, "us-east", qty=1)
+        wait_until(lambda: fully_delivered(config), 60, "replication")
+        stop_inbox(cluster, "ap-south")
+        stop_inbox(cluster, "eu-west")
+        write_line_items(config, "us-east", qty=2)
+        written = int(scalar(config, "us-east", "SELECT max(hlc) FROM reconciler.outbox"))
+        wait_until(lambda: watermark(wall_ms(), 1.0).pack() > written, 10, "the updates to fall below the watermark")
+        assert config.peers("eu-west") == ["ap-south", "us-east"]  # the peer that agrees is compared first
+        found = verify_and_repair(config, "eu-west")
+    finally:
+        cluster.stop_all()
+    assert found.repaired.get("line_items") and len(found.repaired["line_items"]) == 20, found.repaired
+    assert all(r.equal for r in found.roots), [r.to_dict() for r in found.roots if not r.equal]
+    reference = table_rows(config, "us-east", "line_items")
+    assert all(doc["qty"] == 2 for doc in reference.values()) and len(reference) == 20
+    for region in ("eu-west", "ap-south"):
+        assert table_rows(config, region, "line_items") == reference, region
 
 
 def test_gate_fails_while_a_root_differs_below_the_watermark(stack: Any, tmp_path: Path) -> None:
