@@ -450,6 +450,9 @@ class RepairOutcome:
     #: (key, region, why) where that region's database refused the winning version (a
     #: constraint the event's origin does not have): left divergent for the gate to report
     refused: list[tuple[str, str, str]] = field(default_factory=list)
+    #: merge keys whose counters miss events accepted as lost, where no peer's state
+    #: gives those events' contribution exactly yet: divergent, however their rows compare
+    incomplete: list[str] = field(default_factory=list)
 
 
 def repair_keys(
@@ -497,7 +500,9 @@ def repair_keys(
         refused = False
         for r in targets:
             try:
-                _repair_one(config, table, key, r, policy, present, donors)
+                if not _repair_one(config, table, key, r, policy, present, donors):
+                    outcome.incomplete.append(key)
+                    refused = True
             except StoreError as exc:
                 if exc.retryable:
                     raise
@@ -525,34 +530,60 @@ def newest_state(policy: str, present: Mapping[str, RowState], fresh: RowState |
 
 
 def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
-                present: dict[str, RowState], donors: dict[str, Counted]) -> None:
+                present: dict[str, RowState], donors: dict[str, Counted]) -> bool:
+    """Repair one key in one region; False when a merge row's counters miss events
+    accepted as lost and no peer gives their contribution exactly (nothing written)."""
+    exact = True
     with pg.connect(config.region(region).dsn, region=region) as conn:
 
         def choose(fresh: RowState | None) -> RowState | None:
+            nonlocal exact
             # merge and manual rows are left to their events, except for the events this
             # region accepted as lost: those never come, and a peer's state has them
             if policy == "merge":
-                return _join_lost(conn, key, region, table, fresh, present, donors)
+                state, exact = _join_lost(conn, key, region, table, fresh, present, donors)
+                return state if exact else None
             if policy == "manual":
                 return _newest_lost(conn, key, region, fresh, present, donors)
             return newest_state(policy, present, fresh)
 
         verify_queries.rewrite_key(conn, config.tables[table], key, region=region, choose=choose)
+    return exact
 
 
 def _join_lost(conn: pg.Connection, key: str, region: str, table: str, fresh: RowState | None,
-               present: dict[str, RowState], donors: dict[str, Counted]) -> RowState | None:
+               present: dict[str, RowState], donors: dict[str, Counted]) -> tuple[RowState | None, bool]:
     lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
     if not lost:
-        return fresh
-    mine = counted(conn, region, table, [key])
+        return fresh, True
     applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
+    return join_with_lost(key, region, fresh, present, donors, counted(conn, region, table, [key]), applied, lost)
+
+
+def join_with_lost(key: str, region: str, fresh: RowState | None, present: Mapping[str, RowState],
+                   donors: Mapping[str, Counted], mine: Counted, applied: dict[str, SeqRanges],
+                   lost: dict[str, SeqRanges]) -> tuple[RowState | None, bool]:
+    """(``fresh`` joined with every peer's state, exact) for a merge key of ``region``,
+    which accepted ``lost`` as lost: each peer's counter totals for an origin are
+    taken where they can be worked out exactly (:func:`_totals_with_lost`). Not exact
+    when the key has counters and some origin with lost events got no exact total from
+    any peer: the counter may then miss what those events counted, and nothing else
+    (the rows may well compare as in flight) would say so."""
     state = fresh
+    known: set[str] = set()
+    counters = False
     for name, theirs in present.items():
         if name != region and name in donors:
-            state = join_merge_states(state, theirs, _totals_with_lost(key, region, theirs, donors[name], mine,
-                                                                      applied, lost))
-    return state
+            totals = _totals_with_lost(key, region, theirs, donors[name], mine, applied, lost)
+            known.update(origin for by_origin in totals.values() for origin in by_origin)
+            counters = counters or _has_counters(theirs)
+            state = join_merge_states(state, theirs, totals)
+    unknown = {o for o in lost if o != region} - known
+    return state, not (counters and unknown)
+
+
+def _has_counters(state: RowState) -> bool:
+    return any(entry.get("rule") == "counter" for entry in (state.meta.get("fields") or {}).values())
 
 
 def _newest_lost(conn: pg.Connection, key: str, region: str, fresh: RowState | None,
@@ -721,6 +752,7 @@ def verify_and_repair(
             rebuild_leaves(config, name, region)
             out.leaves_rebuilt[name] = len(stale)
         keep = parked.get(name, set())
+        differing: set[str] = set()
         found = {peer: _compare_now(config, name, region, peer, keep, now_ms) for peer in peers}
         # after a loss every merge key may miss what the lost events counted, and neither
         # the gate's view (a busy key is always in flight) nor the rows (other in-flight
@@ -735,7 +767,8 @@ def verify_and_repair(
             fixed = repair_keys(config, name, sorted(suspects), [region, *peers])
             out.repaired[name] = list(fixed.repaired)
             found = {peer: _compare_now(config, name, region, peer, keep, now_ms) for peer in peers}
-        differing: set[str] = set()
+            # a counter still missing lost events may compare as in flight: it is divergent
+            differing.update(fixed.incomplete)
         for peer in peers:
             differing.update(found[peer].divergent)
             out.roots.append(found[peer].root)

@@ -12,11 +12,14 @@ import yaml
 
 from reconciler.config import load_config
 from reconciler.errors import ConfigError
+from reconciler.gaps import SeqRanges
 from reconciler.hlc import Timestamp
 from reconciler.lifecycle import GateInput, RootComparison, gate
-from reconciler.model import decode_key, encode_key
+from reconciler.model import Event, Operation, RowState, decode_key, encode_key
+from reconciler.policies import MergePolicy
 from reconciler.status import render
-from reconciler.verify import KeyView, judge_keys, watermark
+from reconciler.store.counted import Counted, CountedEvent
+from reconciler.verify import KeyView, join_with_lost, judge_keys, watermark
 
 from .test_config import BASE
 from .test_status import assemble, healthy
@@ -154,3 +157,54 @@ def test_status_is_not_ok_while_anti_entropy_found_divergence() -> None:
     assert "eu-west: anti-entropy: orders differs from us-east: 3 keys in 2 buckets" in text
     assert "eu-west: anti-entropy: orders: 1 Merkle leaves disagree with the rows" in text
     assert report.to_dict()["regions"]["eu-west"]["divergence"]["orders/us-east"]["sample"] == ["k1"]
+
+
+# -- a merge row repaired after a loss ------------------------------------------------
+
+
+def _event(sequence: int, op: Operation, wall: int, prior: int | None, **payload: object) -> Event:
+    return Event(origin="a", event_id=f"e{sequence}", table="inventory", key="1", operation=op,
+                 hlc=Timestamp(wall), payload={"key": {"id": 1}, **payload},
+                 prior=None if prior is None else Timestamp(prior), sequence=sequence)
+
+
+def _loss_case() -> tuple[RowState, RowState, Counted, Counted]:
+    """Origin ``a`` wrote stock 10, then -3 (sequence 2, accepted as lost by ``b``), then
+    -1 (sequence 3, on its way to ``b``); ``a`` pruned its outbox through 2."""
+    policy = MergePolicy((("stock", "counter"), ("tags", "set")))
+    base = _event(1, Operation.INSERT, 100, None, values={"stock": 10, "tags": ["x"]})
+    gone = _event(2, Operation.UPDATE, 110, 100, deltas={"stock": -3})
+    later = _event(3, Operation.UPDATE, 120, 110, deltas={"stock": -1})
+    donor_state = policy.apply(policy.apply(policy.apply(None, base).state, gone).state, later).state
+    target_state = policy.apply(None, base).state
+    assert donor_state is not None and target_state is not None
+    donor = Counted({"a": 2}, {"1": [CountedEvent("a", 3, "update", dict(later.payload), later.hlc.pack())]})
+    return donor_state, target_state, donor, Counted({}, {})
+
+
+def test_a_counter_repaired_after_a_loss_takes_the_lost_events_and_nothing_in_flight() -> None:
+    donor_state, target_state, donor, mine = _loss_case()
+    state, exact = join_with_lost("1", "b", target_state, {"a": donor_state, "b": target_state}, {"a": donor}, mine,
+                                  applied={"a": SeqRanges([1])}, lost={"a": SeqRanges([2])})
+    assert exact and state is not None
+    assert state.values["stock"] == 7, "10 - 3 (lost, now counted); the -1 on its way is not"
+
+
+def test_a_counter_whose_lost_contribution_cannot_be_known_is_not_exact() -> None:
+    # b never applied sequence 1 and did not accept it as lost: a's total below its floor
+    # is not b's, so no exact total exists, and the repair must say so
+    donor_state, target_state, donor, mine = _loss_case()
+    _, exact = join_with_lost("1", "b", target_state, {"a": donor_state, "b": target_state}, {"a": donor}, mine,
+                              applied={"a": SeqRanges()}, lost={"a": SeqRanges([2])})
+    assert not exact
+    # nor when b itself pruned further than the donor did
+    _, exact = join_with_lost("1", "b", target_state, {"a": donor_state, "b": target_state}, {"a": donor},
+                              Counted({"a": 3}, {}), applied={"a": SeqRanges([1, 3])}, lost={"a": SeqRanges([2])})
+    assert not exact
+    # a row without counters has nothing such a loss could leave short
+    sets_only = MergePolicy((("tags", "set"),))
+    plain = sets_only.apply(None, _event(1, Operation.INSERT, 100, None, values={"tags": ["x"]})).state
+    assert plain is not None
+    _, exact = join_with_lost("1", "b", plain, {"a": plain, "b": plain}, {"a": donor}, mine,
+                              applied={"a": SeqRanges()}, lost={"a": SeqRanges([2])})
+    assert exact

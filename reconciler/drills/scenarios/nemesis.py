@@ -343,6 +343,12 @@ class GateWatch:
             sample = {"t": round(drill.now(), 3), "region": region, "peer": peer,
                       "watermark_ms": watermark >> 16, "divergent": {t: k[:10] for t, k in keys.items()},
                       "divergent_count": sum(len(k) for k in keys.values())}
+            if keys:
+                sample["gate_at_ms"] = int(at * 1000)
+                sample["verifying_at_ms"] = int(verifying_at * 1000)
+                sample["published"] = published
+                sample["evidence"] = _evidence(keys, (snaps[region], snaps[peer]), (applied[region], applied[peer]),
+                                               events)
             self.samples.append(sample)
             if keys:
                 drill.mark("gate passed while keys differ", region, peer=peer, divergent=sample["divergent"])
@@ -360,6 +366,24 @@ class GateWatch:
             f" ({len(self.unsampled)} passes not sampled); " + (
                 f"{len(bad)} left keys differing below the watermark, first: {bad[0]}" if bad
                 else "none left a key differing below the watermark outside parked keys"))
+
+
+def _evidence(keys: dict[str, list[str]], snaps: tuple[Any, Any], applied: tuple[set[str], set[str]],
+              events: dict[str, EventFacts], limit: int = 3) -> list[dict[str, Any]]:
+    """For the first few unexplained keys: each side's row and every event of the key,
+    with which side applied it, so a failed sample can be read without the databases."""
+    out = []
+    for table, names in keys.items():
+        for key in names[:limit]:
+            facts = sorted((e for e in events.values() if e.table == table and e.key == key), key=lambda e: e.hlc)
+            out.append({
+                "table": table, "key": key,
+                "rows": [s.rows.get(table, {}).get(key) for s in snaps],
+                "events": [{"id": e.event_id[:12], "origin": e.origin, "sequence": e.sequence,
+                            "hlc_ms": e.hlc >> 16, "logical": e.hlc & 0xFFFF,
+                            "applied": [e.event_id in a for a in applied]} for e in facts],
+            })
+    return out
 
 
 def workload(scale: float) -> WorkloadSpec:
