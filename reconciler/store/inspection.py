@@ -345,9 +345,12 @@ class Inspector:
     # ------------------------------------------------------------ final state
 
     def stored(self, origin: str, tables: Iterable[TableConfig]) -> StoredRegion:
-        """The region's own numbered events, inbox, conflicts, quarantine counts and business rows."""
-        with self._open() as store, store.translating("read region"):
+        """The region's own events (numbered or not), inbox, conflicts, quarantine counts
+        and business rows, as of one snapshot: read under live traffic, a write committed
+        between two reads would otherwise show its row without its event."""
+        with self._open() as store, store.translating("read region"), store.transaction():
             conn = store.connection
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             state_row = conn.execute("SELECT state FROM reconciler.region").fetchone()
             out = StoredRegion(state=str(state_row[0]) if state_row else None)
             out.outbox = conn.execute(
