@@ -37,10 +37,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from typing import Any, Protocol
+from typing import Protocol
 
 from .config import Config
-from .errors import LifecycleError, ReconcilerError, TransportError
+from .errors import LifecycleError
 from .lifecycle import State
 from .logs import ComponentLogger, component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
@@ -66,7 +66,7 @@ class Relay:
         self.epoch = 0
         self._lease_conn: pg.Connection | None = None
         self._conn: pg.Connection | None = None
-        self._producer: Any = None
+        self._publisher: kafka.KafkaPublisher | None = None
         self._stale = False
         self._stale_checked_at: float | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -99,8 +99,8 @@ class Relay:
         self._seen = mark
         # one transactional id per region (its topic): taking it fences any older relay's
         # producer at the broker, so a zombie that lost the lease cannot append any more
-        self._producer = kafka.transactional_producer(self.config.kafka_settings(self.region),
-                                                      f"reconciler-relay.{self.topic}")
+        self._publisher = kafka.KafkaPublisher(self.config.kafka_settings(self.region),
+                                               f"reconciler-relay.{self.topic}", region=self.region)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
         self._read_through = 0
         self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
@@ -110,22 +110,19 @@ class Relay:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._producer is not None:
-            try:
-                self._producer.flush(10)
-            except ReconcilerError:
-                pass  # a fenced producer: nothing of it may reach the topic anyway
+        if self._publisher is not None:
+            self._publisher.close()
         for conn in (self._conn, self._lease_conn):
             if conn is not None:
                 try:
                     conn.close()
                 except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
                     pass
-        self._conn = self._lease_conn = self._producer = None
+        self._conn = self._lease_conn = self._publisher = None
 
     def step(self) -> int:
         """Relay one batch; returns how many events were published."""
-        assert self._conn is not None and self._producer is not None, "start() first"
+        assert self._conn is not None and self._publisher is not None, "start() first"
         started = time.perf_counter()
         ahead, self._next = self._next, None
         batch = (ahead.result() if ahead is not None else None) or self._claim()
@@ -136,7 +133,7 @@ class Relay:
         assert self._pool is not None
         self._next = self._pool.submit(self._claim)  # the next batch, while this one is in flight
         try:
-            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])
+            self._publisher.publish(self.topic, [(key, value) for _sequence, key, value in batch])
         except BaseException:
             self._drop_read_ahead()
             raise
@@ -158,7 +155,7 @@ class Relay:
         detect gaps with, and these events are for services, not for replication.
         Marked published only once acknowledged, so a crash republishes (same id)
         rather than loses. Called while the connection is free of the read-ahead."""
-        assert self._conn is not None and self._producer is not None
+        assert self._conn is not None and self._publisher is not None
         now = time.monotonic()
         if now < self._compensations_due:
             return 0
@@ -166,8 +163,8 @@ class Relay:
         pending = pending_compensations(self._conn, self.config.relay_batch_size)
         if not pending:
             return 0
-        self._publish(self.config.compensation_topic,
-                      [(ident.encode(), payload.encode()) for ident, payload in pending])
+        self._publisher.publish(self.config.compensation_topic,
+                                [(ident.encode(), payload.encode()) for ident, payload in pending])
         mark_compensations_published(self._conn, [ident for ident, _ in pending])
         self._compensations_due = 0.0  # more may be waiting
         return len(pending)
@@ -181,14 +178,6 @@ class Relay:
         self._mark_read_at = now
         mark = pg.database_mark(self._conn, self.region, self.epoch)
         self._seen = self._seen.advanced(mark.lsn, mark.last_sequence, mark.published_through)
-
-    def _abort(self) -> None:
-        """Abort the open transaction, if the producer still can (a fenced or fatal one
-        cannot: the broker aborts it when the next relay takes the id)."""
-        try:
-            self._producer.abort_transaction(10)
-        except ReconcilerError:
-            pass
 
     def _drop_read_ahead(self) -> None:
         """After a failed publish: forget the batch read ahead, so that the next step
@@ -251,47 +240,6 @@ class Relay:
                               expected_epoch=status.epoch)
             except LifecycleError:
                 pass  # someone moved the lifecycle meanwhile (fenced, or already catching up)
-
-    def _publish(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-        """Send ``messages`` (key, value) to ``topic`` in one Kafka transaction: committed
-        as a whole once every one is acknowledged, or aborted -- also when a newer relay
-        fenced this producer -- and invisible to read_committed consumers.
-
-        The producer raises its errors translated (a fenced one as FencedError; any other
-        but ACLs and configuration is worth a retry with a new producer); a message the
-        broker refused is raised here, an ACL or credentials refusal as not retryable,
-        since retrying would spin forever without an operator."""
-        assert self._producer is not None
-        failures: list[Any] = []
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failures.append(err)
-
-        def refused() -> ReconcilerError:
-            if kafka.is_access_error(failures[0]):
-                return kafka.translate(failures[0], settings=self.config.kafka_settings(self.region),
-                                       region=self.region, topic=topic)
-            return TransportError(f"publish not acknowledged: {len(failures)} failed (first: {failures[0]})",
-                                  retryable=True, region=self.region, topic=topic)
-
-        try:
-            self._producer.begin_transaction()
-            for key, value in messages:
-                while True:
-                    try:
-                        self._producer.produce(topic, value=value, key=key, on_delivery=delivered)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.05)
-            if failures:
-                raise refused()
-            self._producer.commit_transaction(30)
-        except BaseException:
-            self._abort()
-            raise
-        if failures:
-            raise refused()
 
     def loop(self, stop: threading.Event, *, drain_seconds: float = 0.0, idle_sleep: float = 0.05) -> SupervisedLoop:
         """The relay as the sidecar runs it: :func:`relay_loop`."""

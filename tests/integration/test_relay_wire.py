@@ -118,7 +118,7 @@ def test_failed_publish_is_retried_before_the_batch_read_ahead(stack: Any, tmp_p
     relay.start()
     try:
         assert relay.step() == 10
-        relay._producer = FailingCommit(relay._producer)
+        relay._publisher._producer = FailingCommit(relay._publisher._producer)  # type: ignore[union-attr]
         with pytest.raises(TransportError, match="not acknowledged"):
             relay.step()  # sequences 11-20 "not acknowledged" while 21-30 were read ahead
         assert published_through(config, "us-east") == 10
