@@ -17,7 +17,7 @@ the duplicates.
 
 Before it numbers anything on a (re)connected database, the relay checks that the
 database is not older than the one it numbered on (restored from a backup under
-it, see ``pg.DatabaseMark``) and that neither its topic nor its peers hold numbers
+it, see ``store.postgres.DatabaseMark``) and that neither its topic nor its peers hold numbers
 its counter does not know. Either sends the region to CATCHING_UP, and nothing is
 numbered until ``recover`` has returned the region's own lost events.
 
@@ -45,8 +45,7 @@ from .lifecycle import State
 from .logs import ComponentLogger, component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
-from .store import postgres as pg
-from .store.invariants import mark_compensations_published, pending_compensations
+from .store.postgres_store import DatabaseMark, PostgresRegionStore, open_store, peers_seen_through
 from .transport import kafka
 
 #: how often the relay looks for compensation events to publish (an indexed, usually empty, query)
@@ -64,8 +63,9 @@ class Relay:
         self.metrics = metrics
         self.log = component_logger("relay", region)
         self.epoch = 0
-        self._lease_conn: pg.Connection | None = None
-        self._conn: pg.Connection | None = None
+        #: holds the lease (an advisory lock) for as long as it is open
+        self._lease: PostgresRegionStore | None = None
+        self._store: PostgresRegionStore | None = None
         self._publisher: kafka.KafkaPublisher | None = None
         self._stale = False
         self._stale_checked_at: float | None = None
@@ -74,8 +74,8 @@ class Relay:
         #: highest sequence this relay has read (published or in hand): the next claim starts above it
         self._read_through = 0
         #: the database as this relay last saw it, kept across reconnects: a database that
-        #: comes back older than this was restored under the relay (see pg.DatabaseMark)
-        self._seen: pg.DatabaseMark | None = None
+        #: comes back older than this was restored under the relay (see DatabaseMark)
+        self._seen: DatabaseMark | None = None
         self._mark_read_at = 0.0
         self._compensations_due = 0.0
 
@@ -83,14 +83,14 @@ class Relay:
         dsn = self.config.region(self.region).dsn
         kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic, self.config.compensation_topic],
                             self.config.topic_partitions, region=self.region)
-        self._lease_conn = pg.connect(dsn, autocommit=True, region=self.region)
-        self.epoch = pg.acquire_lease(self._lease_conn, self.region, self.holder)
+        self._lease = open_store(dsn, autocommit=True, region=self.region)
+        self.epoch = self._lease.acquire_lease(self.region, self.holder)
         self.log.bind(epoch=self.epoch)
-        self._conn = pg.connect(dsn, region=self.region)
+        self._store = open_store(dsn, region=self.region)
         # before anything is numbered on this connection: is this still the database we
         # numbered on, and does nobody hold numbers it does not know? (re-asked on every
         # reconnect, since a restore is a reconnect)
-        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        mark = self._store.database_mark(self.region, self.epoch)
         behind = mark.behind(self._seen) if self._seen is not None else []
         self._stale, self._stale_checked_at = False, None
         if behind:
@@ -112,17 +112,17 @@ class Relay:
             self._pool = None
         if self._publisher is not None:
             self._publisher.close()
-        for conn in (self._conn, self._lease_conn):
-            if conn is not None:
+        for store in (self._store, self._lease):
+            if store is not None:
                 try:
-                    conn.close()
+                    store.close()
                 except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
                     pass
-        self._conn = self._lease_conn = self._publisher = None
+        self._store = self._lease = self._publisher = None
 
     def step(self) -> int:
         """Relay one batch; returns how many events were published."""
-        assert self._conn is not None and self._publisher is not None, "start() first"
+        assert self._store is not None and self._publisher is not None, "start() first"
         started = time.perf_counter()
         ahead, self._next = self._next, None
         batch = (ahead.result() if ahead is not None else None) or self._claim()
@@ -138,7 +138,7 @@ class Relay:
             self._drop_read_ahead()
             raise
         wait_for([self._next])  # the connection is the read-ahead's until it is done; its error surfaces next step
-        lsn = pg.mark_published(self._conn, self.region, self.epoch, batch[-1][0])
+        lsn = self._store.mark_published(self.region, self.epoch, batch[-1][0])
         if self._seen is not None:
             self._seen = self._seen.advanced(lsn, batch[-1][0], batch[-1][0])
         self._publish_compensations()
@@ -155,17 +155,17 @@ class Relay:
         detect gaps with, and these events are for services, not for replication.
         Marked published only once acknowledged, so a crash republishes (same id)
         rather than loses. Called while the connection is free of the read-ahead."""
-        assert self._conn is not None and self._publisher is not None
+        assert self._store is not None and self._publisher is not None
         now = time.monotonic()
         if now < self._compensations_due:
             return 0
         self._compensations_due = now + COMPENSATION_POLL_SECONDS
-        pending = pending_compensations(self._conn, self.config.relay_batch_size)
+        pending = self._store.pending_compensations(self.config.relay_batch_size)
         if not pending:
             return 0
         self._publisher.publish(self.config.compensation_topic,
                                 [(ident.encode(), payload.encode()) for ident, payload in pending])
-        mark_compensations_published(self._conn, [ident for ident, _ in pending])
+        self._store.mark_compensations_published([ident for ident, _ in pending])
         self._compensations_due = 0.0  # more may be waiting
         return len(pending)
 
@@ -173,10 +173,10 @@ class Relay:
         """While idle, keep the remembered WAL position current (about once a second):
         a restore to a backup taken during a quiet spell must still show as going back."""
         now = time.monotonic()
-        if self._seen is None or self._conn is None or now - self._mark_read_at < 1.0:
+        if self._seen is None or self._store is None or now - self._mark_read_at < 1.0:
             return
         self._mark_read_at = now
-        mark = pg.database_mark(self._conn, self.region, self.epoch)
+        mark = self._store.database_mark(self.region, self.epoch)
         self._seen = self._seen.advanced(mark.lsn, mark.last_sequence, mark.published_through)
 
     def _drop_read_ahead(self) -> None:
@@ -189,8 +189,8 @@ class Relay:
 
     def _claim(self) -> list[tuple[int, bytes, bytes]]:
         """The next batch of (sequence, key, message), numbering new events when allowed."""
-        assert self._conn is not None
-        return pg.claim_messages(self._conn, self.region, self.epoch, self._read_through,
+        assert self._store is not None
+        return self._store.claim_messages(self.region, self.epoch, self._read_through,
                                  self.config.relay_batch_size, number=self._numbering_allowed())
 
     def _numbering_allowed(self) -> bool:
@@ -205,17 +205,17 @@ class Relay:
         rows whose events peers already hold under those numbers; numbered anew, they
         would be applied a second time everywhere. Only the gate, which counts every own
         event missing, lets the region number again."""
-        assert self._conn is not None
-        status = pg.region_status(self._conn)
+        assert self._store is not None
+        status = self._store.region_status()
         if status.state not in (State.ACTIVE, State.SUSPECT):
             return False
         now = time.monotonic()
         if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
             self._stale_checked_at = now
             retained = kafka.retained_sequences(self.config.kafka_settings(self.region), self.topic)
-            peers = pg.peers_seen_through({p: self.config.region(p).dsn for p in self.config.peers(self.region)},
-                                          self.region)
-            last, _ = pg.relay_position(self._conn, self.region)
+            peers = peers_seen_through({p: self.config.region(p).dsn for p in self.config.peers(self.region)},
+                                       self.region)
+            last, _ = self._store.relay_position(self.region)
             evidence = max([retained[1] if retained else 0, *peers.values()])
             stale = evidence > last
             if stale and not self._stale:
@@ -228,16 +228,15 @@ class Relay:
         """This database lost numbers peers already hold (restored from a backup): number
         nothing until ``recover`` has brought the region's own events back, and send the
         region to catch-up so that it does (the sidecar runs it; an operator may too)."""
-        assert self._conn is not None
+        assert self._store is not None
         self.log.error(reason + "; not numbering new events until `reconciler recover` has run",
                        extra={"fields": {"reason": reason}})
         if self.metrics is not None:
             self.metrics.loop_failed("relay")
-        status = pg.region_status(self._conn)
+        status = self._store.region_status()
         if status.state in (State.ACTIVE, State.SUSPECT, State.VERIFYING):
             try:
-                pg.transition(self._conn, State.CATCHING_UP, reason[:500], actor="relay",
-                              expected_epoch=status.epoch)
+                self._store.transition(State.CATCHING_UP, reason[:500], actor="relay", expected_epoch=status.epoch)
             except LifecycleError:
                 pass  # someone moved the lifecycle meanwhile (fenced, or already catching up)
 

@@ -27,7 +27,11 @@ from . import quarantine as quarantine_store
 from .port import CONFLICT_COLUMNS, ApplyChecks, ApplyStore, ConflictRow, Message, ParkedEvents, RegionStore, StateRow
 from .translate import translated
 
-__all__ = ["PostgresRegionStore", "RegionDatabases", "as_region_store", "as_store", "open_store"]
+__all__ = ["DatabaseMark", "PostgresRegionStore", "RegionDatabases", "as_region_store", "as_store", "open_store",
+           "peers_seen_through"]
+
+DatabaseMark = pg.DatabaseMark
+peers_seen_through = pg.peers_seen_through
 
 _CONFLICT_SELECT = f"SELECT {', '.join(CONFLICT_COLUMNS)} FROM reconciler.conflicts"  # noqa: S608 - fixed names
 
@@ -256,6 +260,12 @@ class PostgresRegionStore(RegionStore):
 
     def database_mark(self, origin: str, epoch: int) -> pg.DatabaseMark:
         return pg.database_mark(self._conn, origin, epoch)
+
+    def pending_compensations(self, limit: int) -> list[tuple[str, str]]:
+        return invariants_store.pending_compensations(self._conn, limit)
+
+    def mark_compensations_published(self, ids: Sequence[str]) -> None:
+        invariants_store.mark_compensations_published(self._conn, ids)
 
     # ------------------------------------------------------------ gaps
 

@@ -146,8 +146,8 @@ def test_a_zombie_relay_cannot_append_once_a_newer_relay_took_the_lease(stack: A
     newer = Relay(config, "us-east", holder="newer")
     try:
         assert zombie.step() == 10  # and 11-20 read ahead: a batch in hand, checked against the old epoch
-        assert zombie._lease_conn is not None
-        zombie._lease_conn.close()  # its lease session is gone (a partition, a killed backend)
+        assert zombie._lease is not None
+        zombie._lease.close()  # its lease session is gone (a partition, a killed backend)
         newer.start()
         with pytest.raises(FencedError):
             zombie.step()  # publishes what it holds: the broker must refuse it

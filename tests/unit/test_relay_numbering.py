@@ -17,10 +17,10 @@ from reconciler.relay import Relay
 
 def relay_in(state: State, monkeypatch: pytest.MonkeyPatch) -> Any:
     relay = Relay.__new__(Relay)
-    relay._conn = object()  # type: ignore[assignment]
+    relay._store = SimpleNamespace(  # type: ignore[assignment]
+        region_status=lambda: SimpleNamespace(state=state, epoch=1), relay_position=lambda _origin: (10, 10))
     relay._stale_checked_at = None
     relay._stale = False
-    monkeypatch.setattr("reconciler.relay.pg.region_status", lambda _conn: SimpleNamespace(state=state, epoch=1))
 
     def no_kafka(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("a region out of service is not even checked for a stale counter")
@@ -41,6 +41,5 @@ def test_a_region_in_service_numbers_unless_its_counter_is_stale(state: State,
     relay.config = SimpleNamespace(kafka_settings=lambda _r: {}, peers=lambda _r: [], region=lambda _p: None)
     relay.region, relay.topic = "us-east", "t.us-east"
     monkeypatch.setattr("reconciler.relay.kafka.retained_sequences", lambda *_a, **_k: (1, 10))
-    monkeypatch.setattr("reconciler.relay.pg.peers_seen_through", lambda *_a, **_k: {})
-    monkeypatch.setattr("reconciler.relay.pg.relay_position", lambda *_a, **_k: (10, 10))
+    monkeypatch.setattr("reconciler.relay.peers_seen_through", lambda *_a, **_k: {})
     assert relay._numbering_allowed() is True
