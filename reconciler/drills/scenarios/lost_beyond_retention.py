@@ -20,6 +20,7 @@ expects:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ...hlc import Timestamp
@@ -182,6 +183,27 @@ def run(drill: Drill) -> None:
     drill.wait_until(lambda: drill.sampler.rto(region) is not None, 60, f"{region} caught up")
     drill.sleep(2)
     _resolve_orphans(drill, region)
+    drill.extra["counters_differing"] = _counters_differing(drill)
+
+
+def _counters_differing(drill: Drill) -> dict[str, Any]:
+    """Merge rows whose per-origin counter totals differ between regions once everything
+    is delivered, with each region's applied events of those keys (for the report:
+    what a repair after the loss got wrong, if anything)."""
+    totals = {r: {str(k): m for k, m in drill.db(r).rows(
+        "SELECT row_key, meta -> 'fields' -> 'stock' -> 'by_origin' FROM reconciler.row_meta"
+        " WHERE table_name = 'inventory'")} for r in drill.regions}
+    keys = sorted({k for t in totals.values() for k in t if len({json.dumps(t.get(k), sort_keys=True)
+                                                                  for t in totals.values()}) > 1})
+    out: dict[str, Any] = {}
+    for key in keys[:3]:
+        out[key] = {r: {"by_origin": totals[r].get(key), "floors": drill.db(r).rows(
+            "SELECT origin, through FROM reconciler.inbox_floor UNION ALL"
+            " SELECT origin, pruned_through FROM reconciler.relay_state"), "events": drill.db(r).rows(
+            "SELECT origin, sequence, payload -> 'deltas' ->> 'stock', applied_at::text FROM reconciler.inbox"
+            " WHERE table_name = 'inventory' AND row_key = %s ORDER BY origin, sequence", (key,))}
+            for r in drill.regions}
+    return out
 
 
 def _resolve_orphans(drill: Drill, region: str) -> None:

@@ -70,7 +70,7 @@ def run(drill: Drill) -> None:
     faults: Counter[str] = Counter()
     drill.report_fields.update(seed=seed, minutes=minutes, faults=faults)
     nemesis = _Nemesis(drill, rnd)
-    gates = GateWatch(drill, nemesis.bypassed)
+    gates = GateWatch(drill, nemesis.bypassed, nemesis.restored)
     gates.start()
     try:
         deadline = time.monotonic() + minutes * 60
@@ -95,6 +95,8 @@ class _Nemesis:
         self.rnd = rnd
         #: (wall time, table, key) of every row changed around the pipeline
         self.bypassed: list[tuple[float, str, str]] = []
+        #: (wall time, region) of every restore from an older backup, as it began
+        self.restored: list[tuple[float, str]] = []
 
     # ---------------------------------------------------------------- faults
 
@@ -139,6 +141,7 @@ class _Nemesis:
                 drill.mark("restore skipped: the region's writes did not reach its peers in time", region)
                 return
             outage = drill.outage_begin(region, "restore from an older backup")
+            self.restored.append((time.time(), region))
             drill.stack.restore_postgres(region, backup)
             drill.workload.route(region, region)  # its users write again at once, under the running sidecar
             time.sleep(self.rnd.uniform(0.5, 2.0))
@@ -234,8 +237,11 @@ class GateWatch:
     most what its origin had published at a poll that started before the gate's
     transition (a lower bound: anything published later is taken for in flight). A
     peer that was unreachable around the gate (the gate skipped it too) is not
-    compared; rows written around the pipeline within the last minute are excused
-    (anti-entropy's to find, not the gate's, when they sit in a peer).
+    compared, nor is one restored from an older backup since the region entered
+    VERIFYING (its rows went back to what they were before the gate looked; when it
+    is the region itself, the pass is counted as not sampled); rows written around
+    the pipeline within the last minute are excused (anti-entropy's to find, not the
+    gate's, when they sit in a peer). Each region is read in one snapshot.
     """
 
     #: how often every region's lifecycle log and relay position are read
@@ -245,9 +251,11 @@ class GateWatch:
     #: rows changed around the pipeline this recently are excused, seconds
     BYPASS_GRACE = 60.0
 
-    def __init__(self, drill: Drill, bypassed: list[tuple[float, str, str]]) -> None:
+    def __init__(self, drill: Drill, bypassed: list[tuple[float, str, str]],
+                 restored: list[tuple[float, str]]) -> None:
         self.drill = drill
         self.bypassed = bypassed
+        self.restored = restored
         self.samples: list[dict[str, Any]] = []
         self.passes = 0
         self.unsampled: list[dict[str, Any]] = []
@@ -317,6 +325,12 @@ class GateWatch:
             return
         _, published, up_then = before[-1]
         snaps = {r: observe.read_snapshot(drill.config, r) for r in drill.regions}
+        # a database restored from an older backup since the gate began comparing holds
+        # what it held seconds before: no longer what the gate saw, nothing to judge by
+        rewound = {r for when, r in list(self.restored) if when >= verifying_at}
+        if region in rewound:
+            self.unsampled.append({"region": region, "why": "restored from an older backup since the gate"})
+            return
         if snaps[region].error is not None:
             self.unsampled.append({"region": region, "why": f"unreadable: {snaps[region].error}"})
             return
@@ -328,7 +342,7 @@ class GateWatch:
         watermark = int((verifying_at - allowance - 1.0) * 1000) << 16
         recent = time.time() - self.BYPASS_GRACE
         for peer in drill.regions:
-            if peer == region or snaps[peer].error is not None or peer not in up_then:
+            if peer == region or snaps[peer].error is not None or peer not in up_then or peer in rewound:
                 continue
             excused: dict[str, set[str]] = {}
             for snap in (snaps[region], snaps[peer]):
