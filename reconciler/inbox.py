@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 from . import wire
 from .apply import Applier, ApplyReport, Rejected
 from .config import Config
 from .conflict_queue import retry_held
-from .errors import EventError, ReconcilerError, TransportError
+from .errors import TransportError
 from .logs import component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
 from .store import postgres as pg
 from .transport import kafka
+from .transport.port import Subscription
 
 #: how often held (future-stamped) events are looked at again
 HELD_RETRY_SECONDS = 1.0
@@ -44,7 +44,7 @@ class InboxConsumer:
         self.metrics = metrics
         self.log = component_logger("inbox", region)
         self._conn: pg.Connection | None = None
-        self._consumer: Any = None
+        self._subscription: Subscription | None = None
         self._applier: Applier | None = None
         self._next_held_check = 0.0
         self._commit_check_at = 0.0
@@ -63,17 +63,15 @@ class InboxConsumer:
         # savepoint inside one that an earlier read left open
         self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region, autocommit=True)
         self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
-        self._consumer = kafka.consumer(settings, self.group_id)
-        self._consumer.subscribe(self.topics)
+        self._subscription = kafka.KafkaSubscription(settings, self.group_id, self._origin_of, region=self.region)
         self._asked, self._due, self._commit_check_at = {}, {}, time.monotonic() + COMMIT_CHECK_SECONDS
         self.log.info("inbox started", extra={"fields": {"topics": self.topics}})
 
     def close(self) -> None:
-        if self._consumer is not None:
+        if self._subscription is not None:
             # bounded: a consumer whose group coordinator is stuck can block in close()
             # too, and the loop must still be able to rebuild it or stop
-            closer = threading.Thread(target=_close_quietly, args=(self._consumer,), daemon=True,
-                                      name=f"inbox-{self.region}-close")
+            closer = threading.Thread(target=self._subscription.close, daemon=True, name=f"inbox-{self.region}-close")
             closer.start()
             closer.join(CLOSE_SECONDS)
         if self._conn is not None:
@@ -81,61 +79,52 @@ class InboxConsumer:
                 self._conn.close()
             except Exception:  # noqa: BLE001
                 pass
-        self._consumer = self._conn = self._applier = None
+        self._subscription = self._conn = self._applier = None
 
     def step(self, timeout: float = 0.5) -> ApplyReport:
         """Consume, apply and commit one batch."""
-        assert self._consumer is not None and self._applier is not None, "start() first"
-        messages = kafka.consume(self._consumer, self.config.apply_batch_size, timeout, region=self.region)
+        assert self._subscription is not None and self._applier is not None, "start() first"
+        deliveries = self._subscription.poll(self.config.apply_batch_size, timeout)
         events = []
         rejected = []
         positions: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            positions[(topic, partition)] = max(positions.get((topic, partition), -1), offset)
-            owner = self._origin_of.get(topic)
-            try:
-                event = wire.decode(msg.value(), topic=topic, offset=offset)
-            except EventError as exc:
-                seen = wire.peek(msg.value())
-                rejected.append(Rejected(reason="malformed", detail=str(exc), origin=owner,
-                                         sequence=seen["sequence"] if seen["origin"] == owner else None,
-                                         event_id=seen["event_id"], topic=topic, partition=partition,
-                                         offset=offset, raw=msg.value()))
-                continue
-            if event.origin != owner:
+        for d in deliveries:
+            positions[(d.topic, d.partition)] = max(positions.get((d.topic, d.partition), -1), d.offset)
+            event = d.event
+            if event is None:
+                seen = wire.peek(d.raw)
+                rejected.append(Rejected(reason="malformed", detail=str(d.error), origin=d.origin,
+                                         sequence=seen["sequence"] if seen["origin"] == d.origin else None,
+                                         event_id=seen["event_id"], topic=d.topic, partition=d.partition,
+                                         offset=d.offset, raw=d.raw))
+            elif d.foreign:
                 # Only the region that owns a topic writes events of its origin there. A
                 # message claiming another origin is never applied: applied, it would
                 # take that origin's (origin, sequence) and the real event, arriving
                 # later, would be dropped as a duplicate.
                 rejected.append(Rejected(
                     reason="origin_mismatch",
-                    detail=f"event {event.event_id} claims origin {event.origin!r} but arrived on topic {topic}"
-                           f" of region {owner!r} (sequence {event.sequence}, table {event.table}, key {event.key})",
+                    detail=f"event {event.event_id} claims origin {event.origin!r} but arrived on topic {d.topic}"
+                           f" of region {d.origin!r} (sequence {event.sequence}, table {event.table},"
+                           f" key {event.key})",
                     origin=event.origin, sequence=event.sequence, event_id=event.event_id, hlc=event.hlc.pack(),
-                    topic=topic, partition=partition, offset=offset, raw=msg.value()))
-                continue
-            events.append(event)
+                    topic=d.topic, partition=d.partition, offset=d.offset, raw=d.raw))
+            else:
+                events.append(event)
         self._retry_held()
         self._check_commits()
         if not positions:
             return ApplyReport()
         started = time.perf_counter()
         report = self._applier.apply_remote(events, rejected)
-        try:
-            # asynchronous: librdkafka's synchronous commit has no timeout, and after a
-            # broker restart it can wait for the group coordinator forever (the inbox then
-            # applied nothing more and could not stop). A commit that never lands costs a
-            # redelivery, which the inbox drops; _check_commits rebuilds a consumer whose
-            # commits stopped landing.
-            kafka.commit_offsets(self._consumer, positions, wait=False, region=self.region)
-            self._asked.update({key: o + 1 for key, o in positions.items()})
-        except ReconcilerError as error:
-            # The batch is applied; only its offsets are not recorded. A rebuilt consumer is
-            # redelivered the batch and the inbox drops it, so this is always worth retrying
-            # (UNKNOWN_MEMBER_ID: the broker expired this member while it was down).
-            error.retryable = True
-            raise
+        # asynchronous: a synchronous commit has no timeout, and after a broker restart
+        # it can wait for the group coordinator forever (the inbox then applied nothing
+        # more and could not stop). A commit that never lands costs a redelivery, which
+        # the inbox drops; _check_commits rebuilds a subscription whose commits stopped
+        # landing. A refused commit is retryable: the batch is applied, a rebuilt
+        # subscription gets it again and the inbox drops it.
+        self._subscription.commit(deliveries, wait=False)
+        self._asked.update({key: o + 1 for key, o in positions.items()})
         if self.metrics is not None:
             self._record(report, time.perf_counter() - started)
         if report.quarantined:
@@ -156,11 +145,8 @@ class InboxConsumer:
         due, self._due, self._asked = self._due, self._asked, {}
         if not due:
             return
-        try:
-            landed = kafka.committed_offsets(self._consumer, list(due), COMMIT_CHECK_SECONDS, region=self.region)
-        except ReconcilerError as error:
-            error.retryable = True
-            raise
+        assert self._subscription is not None
+        landed = self._subscription.committed(list(due), COMMIT_CHECK_SECONDS)
         behind = sorted(f"{t}[{p}]" for (t, p), offset in landed.items() if offset < due[(t, p)])
         if behind:
             raise TransportError(f"offset commits asked {COMMIT_CHECK_SECONDS:.0f}s ago have not landed on {behind}:"
@@ -226,10 +212,3 @@ class _InboxSteps:
 
     def close(self) -> None:
         self.inbox.close()
-
-
-def _close_quietly(consumer: Any) -> None:
-    try:
-        consumer.close()
-    except Exception:  # noqa: BLE001 - a broken consumer must not mask the real error
-        pass

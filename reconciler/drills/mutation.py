@@ -180,15 +180,16 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "relay-skips-a-row", "relay.py",
-        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
-        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch[1:]])\n",
+        "            self._publisher.publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
+        "            self._publisher.publish(self.topic, [(key, value) for _sequence, key, value in batch[1:]])\n",
         "the relay skips the first row of every batch and still marks it published",
         ("split-brain", "duplicate-reorder"),
     ),
     Mutant(
         "relay-publishes-twice", "relay.py",
-        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
-        "            self._publish(self.topic, [(key, value) for _sequence, key, value in batch for _ in (1, 2)])\n",
+        "            self._publisher.publish(self.topic, [(key, value) for _sequence, key, value in batch])\n",
+        "            self._publisher.publish(self.topic, [(key, value) for _sequence, key, value in batch"
+        " for _ in (1, 2)])\n",
         "the relay publishes every message twice (at-least-once by design: the inbox must absorb it)",
         ("split-brain",),
         equivalent=True,

@@ -754,21 +754,26 @@ class KafkaSubscription:
                               msg.value()))
         return out
 
-    def commit(self, deliveries: Iterable[Delivery]) -> None:
+    def commit(self, deliveries: Iterable[Delivery], *, wait: bool = True) -> None:
         positions: dict[tuple[str, int], int] = {}
         for d in deliveries:
             positions[(d.topic, d.partition)] = max(positions.get((d.topic, d.partition), -1), d.offset)
         if not positions:
             return
         try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in positions.items()],
-                                  asynchronous=False)
-        except KafkaException as exc:
+            commit_offsets(self._consumer, positions, wait=wait, region=self._region)
+        except ReconcilerError as error:
             # what was polled is applied, only its position is not recorded: a new
             # subscription gets it again and the inbox drops it, so a retry always helps
-            error = translate(exc, region=self._region, step="commit offsets")
             error.retryable = True
-            raise error from exc
+            raise
+
+    def committed(self, partitions: Sequence[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        try:
+            return committed_offsets(self._consumer, partitions, timeout, region=self._region)
+        except ReconcilerError as error:
+            error.retryable = True  # the broker could not say in time: ask a new subscription
+            raise
 
     def close(self) -> None:
         try:

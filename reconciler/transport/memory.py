@@ -202,11 +202,15 @@ class MemorySubscription:
                     self._positions[(topic, p)] = pos
         return out
 
-    def commit(self, deliveries: Iterable[Delivery]) -> None:
+    def commit(self, deliveries: Iterable[Delivery], *, wait: bool = True) -> None:
         with self._log._lock:
             for d in deliveries:
                 key = (self._group, d.topic, d.partition)
                 self._log._committed[key] = max(self._log._committed.get(key, 0), d.offset + 1)
+
+    def committed(self, partitions: Sequence[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        with self._log._lock:
+            return {(t, p): self._log._committed.get((self._group, t, p), -1) for t, p in partitions}
 
     def close(self) -> None:
         self._closed = True

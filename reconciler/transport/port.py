@@ -92,8 +92,15 @@ class Subscription(Protocol):
         seconds for the first; an empty list when nothing new arrived."""
         ...
 
-    def commit(self, deliveries: Iterable[Delivery]) -> None:
-        """Remember, per partition, the position after the highest of ``deliveries``."""
+    def commit(self, deliveries: Iterable[Delivery], *, wait: bool = True) -> None:
+        """Remember, per partition, the position after the highest of ``deliveries``.
+        ``wait=False`` only asks, and returns at once: :meth:`committed` tells whether
+        it landed (a synchronous commit can wait for a lost group coordinator forever)."""
+        ...
+
+    def committed(self, partitions: Sequence[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        """Per (topic, partition), the position the group remembers (the offset of the
+        next delivery; negative when it remembers none), waiting at most ``timeout``."""
         ...
 
     def close(self) -> None: ...

@@ -234,6 +234,26 @@ def test_a_group_resumes_from_its_last_commit(harness: Harness) -> None:
         second.close()
 
 
+def test_an_asked_commit_lands_and_committed_says_so(harness: Harness) -> None:
+    harness.create()
+    harness.publish("us-east", list(range(1, 6)))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    subscription = harness.log.subscribe(group, ["us-east"])
+    try:
+        got = poll_until(subscription, 5)
+        spots = sorted({(d.topic, d.partition) for d in got})
+        ahead = {spot: max(d.offset for d in got if (d.topic, d.partition) == spot) + 1 for spot in spots}
+        assert all(position < 0 or position < ahead[spot]
+                   for spot, position in subscription.committed(spots, 10).items()), "nothing committed yet"
+        subscription.commit(got, wait=False)  # returns at once; it lands in the background
+        deadline = time.monotonic() + 30
+        while subscription.committed(spots, 10) != ahead and time.monotonic() < deadline:
+            subscription.poll(10, 0.2)
+        assert subscription.committed(spots, 10) == ahead
+    finally:
+        subscription.close()
+
+
 def test_a_subscription_delivers_poison_for_the_quarantine(harness: Harness) -> None:
     harness.create()
     publisher = harness.log.publisher(f"test-{uuid.uuid4().hex[:8]}")

@@ -2,25 +2,26 @@
 
 librdkafka's synchronous commit has no timeout: after a broker restart the nemesis
 found two regions' inbox threads inside ``Consumer.commit(asynchronous=False)`` for
-minutes (py-spy), applying nothing and unable to stop on SIGTERM. The fake consumer
-below does what that one did: a synchronous commit never returns.
+minutes (py-spy), applying nothing and unable to stop on SIGTERM. The fake
+subscription below does what that one did: a synchronous commit never returns.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
 
 from reconciler import inbox as inbox_module
 from reconciler.apply import ApplyReport
 from reconciler.config import Config, RegionConfig
 from reconciler.errors import TransportError
 from reconciler.inbox import InboxConsumer
+from reconciler.transport.port import Delivery, decode
 
 TOPIC_OFFSET = 41
 
@@ -37,28 +38,8 @@ def config() -> Config:
     )
 
 
-class Message:
-    def __init__(self, topic: str, offset: int) -> None:
-        self._topic, self._offset = topic, offset
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return b"not an event"  # quarantined as malformed: the batch still has a position
-
-
-class StuckConsumer:
-    """A consumer whose group coordinator is gone for good."""
+class StuckSubscription:
+    """A subscription whose group coordinator is gone for good."""
 
     def __init__(self, topic: str, landed: int = -1001) -> None:
         self.topic = topic
@@ -67,17 +48,18 @@ class StuckConsumer:
         self.commits: list[bool] = []
         self.closed = threading.Event()
 
-    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+    def poll(self, max_messages: int, timeout: float) -> list[Delivery]:
         self.offset += 1
-        return [Message(self.topic, self.offset)]
+        # quarantined as malformed: the batch still has a position
+        return [decode("eu-west", self.topic, 0, self.offset, b"not an event")]
 
-    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
-        self.commits.append(asynchronous)
-        if not asynchronous:
+    def commit(self, deliveries: Iterable[Delivery], *, wait: bool = True) -> None:
+        self.commits.append(wait)
+        if wait:
             threading.Event().wait()  # librdkafka waits for the coordinator, without a timeout
 
-    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
-        return [TopicPartition(p.topic, p.partition, self.landed) for p in partitions]
+    def committed(self, partitions: Sequence[tuple[str, int]], timeout: float) -> dict[tuple[str, int], int]:
+        return {p: self.landed for p in partitions}
 
     def close(self) -> None:
         threading.Event().wait()  # leaving the group needs the coordinator too
@@ -89,9 +71,9 @@ class Applier:
         return ApplyReport()
 
 
-def started(consumer: StuckConsumer) -> InboxConsumer:
+def started(subscription: StuckSubscription) -> InboxConsumer:
     inbox = InboxConsumer(config(), "us-east")
-    inbox._consumer = consumer
+    inbox._subscription = subscription
     inbox._applier = Applier()  # type: ignore[assignment]
     inbox._conn = None
     inbox._next_held_check = float("inf")
@@ -99,19 +81,19 @@ def started(consumer: StuckConsumer) -> InboxConsumer:
 
 
 def test_a_step_returns_although_the_coordinator_never_answers() -> None:
-    consumer = StuckConsumer(config().events_topic("eu-west"))
+    consumer = StuckSubscription(config().events_topic("eu-west"))
     inbox = started(consumer)
     done = threading.Event()
     worker = threading.Thread(target=lambda: (inbox.step(), done.set()), daemon=True)
     worker.start()
     assert done.wait(10), "the inbox step is stuck in the offset commit"
-    assert consumer.commits == [True]
+    assert consumer.commits == [False], "asked, not waited for"
 
 
 def test_commits_that_never_land_rebuild_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inbox_module, "COMMIT_CHECK_SECONDS", 0.05)
     monkeypatch.setattr(inbox_module, "CLOSE_SECONDS", 0.2)
-    consumer = StuckConsumer(config().events_topic("eu-west"))
+    consumer = StuckSubscription(config().events_topic("eu-west"))
     inbox = started(consumer)
     inbox._commit_check_at = 0.0
     deadline = time.monotonic() + 10
@@ -123,12 +105,12 @@ def test_commits_that_never_land_rebuild_the_consumer(monkeypatch: pytest.Monkey
     # and the rebuild cannot hang on a consumer whose close() never returns
     began = time.monotonic()
     inbox.close()
-    assert time.monotonic() - began < 5 and inbox._consumer is None
+    assert time.monotonic() - began < 5 and inbox._subscription is None
 
 
 def test_commits_that_land_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inbox_module, "COMMIT_CHECK_SECONDS", 0.05)
-    consumer = StuckConsumer(config().events_topic("eu-west"), landed=10**9)
+    consumer = StuckSubscription(config().events_topic("eu-west"), landed=10**9)
     inbox = started(consumer)
     inbox._commit_check_at = 0.0
     for _ in range(20):
