@@ -52,6 +52,7 @@ which translates driver errors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -488,28 +489,33 @@ def repair_keys(
         if held is not None:
             donors[r] = held
     outcome = RepairOutcome([], [])
-    for key in keys:
-        present = {r: s[key] for r, s in states.items() if key in s}
-        if not present:
-            if copy_unmanaged and len(regions) > 1 and _copy_unmanaged_row(
-                    config, table, key, source=regions[1], target=regions[0]):
-                outcome.repaired.append(key)
-            else:
-                outcome.unmanaged.append(key)
-            continue
-        refused = False
-        for r in targets:
-            try:
-                if not _repair_one(config, table, key, r, policy, present, donors):
-                    outcome.incomplete.append(key)
+    losses: dict[str, _Losses] = {}
+    with contextlib.ExitStack() as sessions:
+        conns: dict[str, pg.Connection] = {}
+        for key in keys:
+            present = {r: s[key] for r, s in states.items() if key in s}
+            if not present:
+                if copy_unmanaged and len(regions) > 1 and _copy_unmanaged_row(
+                        config, table, key, source=regions[1], target=regions[0]):
+                    outcome.repaired.append(key)
+                else:
+                    outcome.unmanaged.append(key)
+                continue
+            refused = False
+            for r in targets:
+                if r not in conns:  # one session per region for every key, not one per key
+                    conns[r] = sessions.enter_context(pg.connect(config.region(r).dsn, region=r))
+                try:
+                    if not _repair_one(conns[r], config.tables[table], key, r, present, donors, losses):
+                        outcome.incomplete.append(key)
+                        refused = True
+                except StoreError as exc:
+                    if exc.retryable:
+                        raise
+                    outcome.refused.append((key, r, exc.message))
                     refused = True
-            except StoreError as exc:
-                if exc.retryable:
-                    raise
-                outcome.refused.append((key, r, exc.message))
-                refused = True
-        if not refused:
-            outcome.repaired.append(key)
+            if not refused:
+                outcome.repaired.append(key)
     return outcome
 
 
@@ -529,35 +535,47 @@ def newest_state(policy: str, present: Mapping[str, RowState], fresh: RowState |
     return max([*present.values(), *([fresh] if fresh else [])], key=lambda s: (s.hlc, s.origin))
 
 
-def _repair_one(config: Config, table: str, key: str, region: str, policy: str,
-                present: dict[str, RowState], donors: dict[str, Counted]) -> bool:
+@dataclass(frozen=True)
+class _Losses:
+    """What a region accepted as lost and what it applied, per origin."""
+
+    lost: dict[str, SeqRanges]
+    applied: dict[str, SeqRanges]
+
+
+def _losses_of(conn: pg.Connection, region: str, cache: dict[str, _Losses]) -> _Losses:
+    """Read once per repair pass: the lost ranges do not change under it, and applied
+    ranges only grow, which can only make a later key's exact total knowable sooner."""
+    if region not in cache:
+        lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
+        applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()} if lost else {}
+        cache[region] = _Losses(lost, applied)
+    return cache[region]
+
+
+def _repair_one(conn: pg.Connection, spec: TableConfig, key: str, region: str, present: dict[str, RowState],
+                donors: dict[str, Counted], losses: dict[str, _Losses]) -> bool:
     """Repair one key in one region; False when a merge row's counters miss events
     accepted as lost and no peer gives their contribution exactly (nothing written)."""
     exact = True
-    with pg.connect(config.region(region).dsn, region=region) as conn:
 
-        def choose(fresh: RowState | None) -> RowState | None:
-            nonlocal exact
-            # merge and manual rows are left to their events, except for the events this
-            # region accepted as lost: those never come, and a peer's state has them
-            if policy == "merge":
-                state, exact = _join_lost(conn, key, region, table, fresh, present, donors)
-                return state if exact else None
-            if policy == "manual":
-                return _newest_lost(conn, key, region, fresh, present, donors)
-            return newest_state(policy, present, fresh)
+    def choose(fresh: RowState | None) -> RowState | None:
+        nonlocal exact
+        # merge and manual rows are left to their events, except for the events this
+        # region accepted as lost: those never come, and a peer's state has them
+        if spec.policy == "lww":
+            return newest_state(spec.policy, present, fresh)
+        known = _losses_of(conn, region, losses)
+        if not known.lost:
+            return fresh
+        if spec.policy == "merge":
+            state, exact = join_with_lost(key, region, fresh, present, donors,
+                                          counted(conn, region, spec.name, [key]), known.applied, known.lost)
+            return state if exact else None
+        return _newest_lost(key, region, fresh, present, donors, known)
 
-        verify_queries.rewrite_key(conn, config.tables[table], key, region=region, choose=choose)
+    verify_queries.rewrite_key(conn, spec, key, region=region, choose=choose)
     return exact
-
-
-def _join_lost(conn: pg.Connection, key: str, region: str, table: str, fresh: RowState | None,
-               present: dict[str, RowState], donors: dict[str, Counted]) -> tuple[RowState | None, bool]:
-    lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
-    if not lost:
-        return fresh, True
-    applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
-    return join_with_lost(key, region, fresh, present, donors, counted(conn, region, table, [key]), applied, lost)
 
 
 def join_with_lost(key: str, region: str, fresh: RowState | None, present: Mapping[str, RowState],
@@ -586,21 +604,17 @@ def _has_counters(state: RowState) -> bool:
     return any(entry.get("rule") == "counter" for entry in (state.meta.get("fields") or {}).values())
 
 
-def _newest_lost(conn: pg.Connection, key: str, region: str, fresh: RowState | None,
-                 present: dict[str, RowState], donors: dict[str, Counted]) -> RowState | None:
+def _newest_lost(key: str, region: str, fresh: RowState | None, present: dict[str, RowState],
+                 donors: dict[str, Counted], known: _Losses) -> RowState | None:
     """A peer's newer manual version whose event this region will never apply (it
     accepted it as lost), taken as the event would have; else the region's own."""
-    lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
-    if not lost:
-        return fresh
-    applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()}
     state = fresh
     for name, theirs in sorted(present.items(), key=lambda item: (item[1].hlc, item[1].origin), reverse=True):
         if name == region or name not in donors or theirs.origin == region:
             continue
         if state is not None and (state.hlc, state.origin) >= (theirs.hlc, theirs.origin):
             break
-        if _written_by_a_lost_event(key, theirs, donors[name], applied, lost):
+        if _written_by_a_lost_event(key, theirs, donors[name], known.applied, known.lost):
             state = theirs
             break
     return state
