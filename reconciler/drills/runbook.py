@@ -163,10 +163,13 @@ def run_cli(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, str]
 
 
 def execute(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, float]:
-    """:func:`run_cli`, returning (exit code, the first lines of the output, seconds)."""
+    """:func:`run_cli`, returning (exit code, the output's first and last lines, seconds):
+    the last ones hold a recover's verdict and the gate's reasons."""
     started = time.monotonic()
     code, out, err = run_cli(argv, timeout)
     text = out + err
     lines = [line for line in str(text).splitlines() if line.strip()]
-    summary = "\n".join(lines[:12]) + (f"\n… ({len(lines) - 12} more lines)" if len(lines) > 12 else "")
+    if len(lines) > 20:
+        lines = [*lines[:12], f"… ({len(lines) - 20} lines left out)", *lines[-8:]]
+    summary = "\n".join(lines)
     return code, summary, time.monotonic() - started
