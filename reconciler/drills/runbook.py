@@ -167,8 +167,9 @@ def execute(argv: Sequence[str], timeout: float = 120.0) -> tuple[int, str, floa
     the last ones hold a recover's verdict and the gate's reasons."""
     started = time.monotonic()
     code, out, err = run_cli(argv, timeout)
-    text = out + err
-    lines = [line for line in str(text).splitlines() if line.strip()]
+    # stderr carries progress bars besides errors: only its error lines are kept
+    lines = [line for line in out.splitlines() if line.strip()]
+    lines += [line for line in err.splitlines() if line.startswith(("error", "warning", "timed out"))]
     if len(lines) > 20:
         lines = [*lines[:12], f"… ({len(lines) - 20} lines left out)", *lines[-8:]]
     summary = "\n".join(lines)
