@@ -194,8 +194,10 @@ def run(drill: Drill, *, recover_first: bool = False) -> None:
         drill.outage_end(outage)
         if drill.state(first) != "ACTIVE":
             code, output = drill.cli("recover", "--yes", "--region", first, timeout=RECOVER_TIMEOUT)
+            drill.extra["recover_first_again_output"] = output
             drill.check("recover_first_again", code == 0, f"`reconciler recover --region {first}` once {victim} "
-                                                          f"caught up: exit {code}")
+                                                          f"caught up: exit {code}:"
+                                                          f" {output.splitlines()[-1] if output else ''}")
         drill.sleep(5)  # traffic after the recovery, through the restarted sidecar
     finally:
         alive = {w.home: w.close() for w in writers}
