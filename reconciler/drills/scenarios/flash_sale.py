@@ -184,7 +184,17 @@ def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
                 bool(acted) and max(acted.values()) == 1 and set(acted) == {m["id"] for m in messages},
                 f"saga outcomes: {dict(Counter(h.outcome for h in handled))} over {len(seen)} ids")
     drill.extra["compensation_ids"] = sorted({m["id"] for m in messages})
-    drill.extra["saga"] = [{"id": h.id, "outcome": h.outcome, "cancelled": h.cancelled} for h in handled]
+    # what an operator sees afterwards, for the report
+    _, listing = drill.cli("violations", "list", "--region", a, "--status", "all")
+    drill.extra["violations_list"] = listing
+    if recorded[a]:
+        _, shown = drill.cli("violations", "show", str(recorded[a][0][0]), "--region", a)
+        drill.extra["violations_show"] = shown
+    # other compensation events (discarded last-writer-wins writes of the workload) are
+    # ignored by this saga: counted, not listed
+    drill.extra["saga"] = [{"id": h.id, "outcome": h.outcome, "cancelled": h.cancelled} for h in handled
+                           if h.outcome != "ignored"]
+    drill.extra["saga_ignored"] = sum(1 for h in handled if h.outcome == "ignored")
 
     purchases = sorted(o for s in sold.values() for o in s)
     oversold = len(purchases) - STOCK
