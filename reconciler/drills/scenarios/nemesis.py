@@ -236,7 +236,8 @@ class GateWatch:
     An event counts as published when the gate passed only if its sequence is at
     most what its origin had published at a poll that started before the gate's
     transition (a lower bound: anything published later is taken for in flight). A
-    peer that was unreachable around the gate (the gate skipped it too) is not
+    peer that was unreachable at any poll while the region verified (the gate
+    compares the peers it reaches when it starts, so it may have skipped it) is not
     compared, nor is one restored from an older backup since the region entered
     VERIFYING (its rows went back to what they were before the gate looked; when it
     is the region itself, the pass is counted as not sampled); rows written around
@@ -324,6 +325,11 @@ class GateWatch:
             self.unsampled.append({"region": region, "why": "no poll before the gate"})
             return
         _, published, up_then = before[-1]
+        # the gate compares the peers it reaches when it starts verifying: a peer down at
+        # any poll since (restarting, restored, cut off) may have been skipped by design
+        for started, _, up in before:
+            if started >= verifying_at - self.INTERVAL:
+                up_then = up_then & up
         snaps = {r: observe.read_snapshot(drill.config, r) for r in drill.regions}
         # a database restored from an older backup since the gate began comparing holds
         # what it held seconds before: no longer what the gate saw, nothing to judge by
