@@ -566,7 +566,7 @@ def _loop_process(kind: str, config_path: str, region: str, origin: str, ready: 
         loop = Relay(config, region, holder="bench-peers")
         loop.start()
         if warm_topic:  # connect and get the producer id before the clock starts, as a running relay has
-            bp.warm_up(loop._producer, config.kafka_settings(region), config.topic_prefix)
+            bp.warm_up(loop._publisher._producer, config.kafka_settings(region), config.topic_prefix)
     else:
         loop = InboxConsumer(config, region, origins=[origin])
     ready.set()

@@ -286,7 +286,7 @@ def bench_relay(config: Config, origin: str, events: Sequence[Event]) -> dict[st
     n = len(events)
     relay = Relay(config, origin, holder="bench")
     relay.start()
-    warm_up(relay._producer, config.kafka_settings(origin), config.topic_prefix)
+    warm_up(relay._publisher._producer, config.kafka_settings(origin), config.topic_prefix)
     if relay.step() != 0:
         raise RuntimeError("the outbox of a fresh database is not empty")
     prefill_outbox(config.region(origin).dsn, events)
@@ -505,7 +505,7 @@ def _relay_process(config_path: str, origin: str, n: int, ready: Any, go: Any, r
     config = load_config(config_path)
     relay = Relay(config, origin, holder="bench-e2e")
     relay.start()
-    warm_up(relay._producer, config.kafka_settings(origin), config.topic_prefix)
+    warm_up(relay._publisher._producer, config.kafka_settings(origin), config.topic_prefix)
     relay.step()  # idle: nothing in the outbox yet
     ready.set()
     go.wait(120)
@@ -531,7 +531,7 @@ def bench_e2e(config: Config, origin: str, dest: str, events: Sequence[Event]) -
     inbox.start()
     try:
         deadline = time.monotonic() + 60
-        while not inbox._consumer.assignment():  # join the group before the clock starts
+        while not inbox._subscription._consumer.assignment():  # join the group before the clock starts
             inbox.step(timeout=0.2)
             if time.monotonic() > deadline:
                 raise RuntimeError("inbox consumer got no partition assignment in 60 s")
