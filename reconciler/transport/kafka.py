@@ -390,8 +390,7 @@ def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float =
 
 
 def _read_first_sequence(reader: Consumer, topic: str, p: int, low: int, high: int, timeout: float) -> int | None:
-    reader.assign([TopicPartition(topic, p, low)])
-    for msg in _drain(reader, timeout, until=high):
+    for msg in _drain(reader, topic, p, low, high, timeout):
         seq = _sequence_of(msg.value())
         if seq is not None:
             return seq
@@ -403,9 +402,8 @@ def _read_last_sequence(reader: Consumer, topic: str, p: int, low: int, high: in
     start = high - 1
     while start >= low:
         window = max(low, start - 63)
-        reader.assign([TopicPartition(topic, p, window)])
         best = None
-        for msg in _drain(reader, timeout, until=start + 1):
+        for msg in _drain(reader, topic, p, window, start + 1, timeout):
             seq = _sequence_of(msg.value())
             if seq is not None:
                 best = seq if best is None else max(best, seq)
@@ -415,14 +413,29 @@ def _read_last_sequence(reader: Consumer, topic: str, p: int, low: int, high: in
     return None
 
 
-def _drain(reader: Consumer, timeout: float, until: int) -> Iterator[Any]:
-    """Messages of the assigned partition up to offset ``until`` (exclusive)."""
+def _stale(msg: Any, topic: str, p: int, start: int) -> bool:
+    """A message (or end-of-partition event) of an earlier assignment of the same reader:
+    what was fetched for it can still be handed out after the reader is assigned
+    elsewhere, and taken for this partition's it would end a read early or send a
+    search the wrong way. Errors other than the end of a partition are never stale:
+    they are the caller's to raise."""
+    err = msg.error()
+    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+        return False
+    return msg.topic() != topic or msg.partition() != p or (msg.offset() or 0) < start
+
+
+def _drain(reader: Consumer, topic: str, p: int, start: int, until: int, timeout: float) -> Iterator[Any]:
+    """Messages of partition ``p`` from offset ``start`` up to ``until`` (exclusive)."""
+    reader.assign([TopicPartition(topic, p, start)])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # a short wait: consume() holds out for a full batch, and the end of a partition
         # (or a probe's single message) rarely fills one
         batch = reader.consume(num_messages=500, timeout=0.05)
         for msg in batch:
+            if _stale(msg, topic, p, start):
+                continue
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
@@ -476,6 +489,8 @@ def _messages_from(reader: Consumer, topic: str, p: int, start: int, high: int, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for msg in reader.consume(num_messages=batch, timeout=0.5):
+            if _stale(msg, topic, p, start):
+                continue
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
@@ -520,7 +535,7 @@ def _first_sequence_from(reader: Consumer, topic: str, p: int, offset: int, high
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         msg = reader.poll(0.5)  # one message at a time: a probe needs one, not a batch
-        if msg is None:
+        if msg is None or _stale(msg, topic, p, offset):
             continue
         err = msg.error()
         if err is not None:
@@ -571,8 +586,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
                 continue
             for lo, hi in ranges:
                 start = offset_of_sequence(reader, topic, p, low, high, lo, timeout)
-                reader.assign([TopicPartition(topic, p, start)])
-                for msg in _drain(reader, timeout, until=high):
+                for msg in _drain(reader, topic, p, start, high, timeout):
                     seq = _sequence_of(msg.value())
                     if seq is None:
                         continue
