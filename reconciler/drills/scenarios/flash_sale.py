@@ -8,7 +8,11 @@ transaction (the stock decrement and the paid order, the order's note naming the
 decrement's event id), refused locally once the local stock is 0: each region sells
 the whole stock. The demo's Order saga (:mod:`reconciler.saga`) consumes the
 compensation topic in the first region and cancels the newest orders, gives their
-units back and records refunds. The checks: every region recorded the violation,
+units back and records refunds. It is started once both partitioned regions have
+recorded the violation: a saga that acts first can have its give-backs reach the
+second region in the same applied batch as the other side's sales, and that region
+then never holds a negative stock to record, so the two copies of one compensation
+event (the case the saga must act on once) would be left to a race. The checks: every region recorded the violation,
 one compensation event per recorded violation reached the topic, every purchase
 ends fulfilled or cancelled-and-refunded exactly once, stock >= 0 and no open
 violation anywhere, and how long it took from the heal.
@@ -21,6 +25,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from ... import outbox, saga
@@ -115,15 +120,15 @@ def run(drill: Drill) -> None:
     saga_thread = threading.Thread(
         target=saga.run, args=(drill.env.direct, a, stop_saga), kwargs={"on_handled": on_handled},
         name="order-saga", daemon=True)
-    saga_thread.start()
     try:
-        _run(drill, a, b, handled)
+        _run(drill, a, b, handled, saga_thread.start)
     finally:
         stop_saga.set()
-        saga_thread.join(30)
+        if saga_thread.is_alive():
+            saga_thread.join(30)
 
 
-def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
+def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled], start_saga: Callable[[], None]) -> None:
     drill.workload.write(a, "inventory", "insert", {"sku": SKU},
                          values={"name": "flash sale", "stock": STOCK, "tags": [], "price_cents": PRICE_CENTS})
     drill.wait_caught_up(30, "the flash-sale SKU at every region")
@@ -148,10 +153,15 @@ def _run(drill: Drill, a: str, b: str, handled: list[saga.Handled]) -> None:
     def violations(region: str) -> list[tuple[Any, ...]]:
         return drill.db(region).violations("inventory", SKU)
 
+    both = drill.wait_until(lambda: all(violations(r) for r in (a, b)), 60,
+                            "the oversell recorded in both partitioned regions", interval=0.3)
+    drill.mark("order saga started", a, both_recorded=both)
+    start_saga()
+
     def restored() -> bool:
-        # the partitioned regions must have seen the oversell; the third may apply both
-        # sides and the saga's compensation in one batch and never see stock below zero
-        return all(violations(r) for r in (a, b)) and all(
+        # the third region may apply both sides and the saga's give-backs in one batch
+        # and never hold a stock below zero
+        return all(
             all(s == "resolved" for _, s in violations(r))
             and _stock(drill, r) >= 0
             for r in drill.regions)
