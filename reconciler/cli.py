@@ -604,6 +604,52 @@ def _print_gaps(doc: dict[str, Any]) -> None:
 
 @main.command()
 @config_option
+@click.option("--region", required=True, help="The new or emptied region to fill.")
+@click.option("--from", "source", required=True, help="The live (ACTIVE) region to copy.")
+@click.option("--no-recover", is_flag=True, help="Only copy; leave the region CATCHING_UP for a later `recover`.")
+@click.option("--numbering-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the source's relay to number the events of the snapshot.")
+@yes_option
+@json_option
+@handle_errors
+def seed(config_path: str, region: str, source: str, no_recover: bool, numbering_timeout: float, yes: bool,
+         as_json: bool) -> None:
+    """Fill an empty region from a live one while writers go on: one snapshot of the
+    source's rows, metadata and applied events, copied in one transaction; then
+    `recover` catches up what was written since and gates the region to ACTIVE only
+    once its Merkle roots match every peer's. Exit 1 when that gate did not pass."""
+    from .seed import seed as run_seed
+
+    config = load(config_path)
+    config.region(region), config.region(source)
+    confirm(f"Seed region {region} from {source} (the region must be empty), then recover it?", yes, as_json)
+
+    def progress(message: str) -> None:
+        if not as_json:
+            click.echo(message, err=True)
+
+    report = run_seed(config, region, source, actor=f"cli:{_operator()}", then_recover=not no_recover,
+                      numbering_timeout=numbering_timeout, progress=progress)
+    doc = report.to_dict()
+    if as_json:
+        print_json(doc)
+    else:
+        rows = ", ".join(f"{t} {n}" for t, n in sorted(report.rows.items()))
+        events = ", ".join(f"{o} {n}" for o, n in sorted(report.events.items())) or "none"
+        click.echo(f"region {region}: seeded from {source} in {report.copy_seconds:.2f}s: rows {rows}; "
+                   f"events recorded as applied: {events} ({report.numbered_after_snapshot} numbered after the "
+                   "snapshot)")
+        if report.recovery is not None:
+            _print_recovery(report.recovery.to_dict())
+        else:
+            click.echo(f"region {region}: CATCHING_UP; run `reconciler recover --region {region}` to catch up "
+                       "and verify it")
+    if report.recovery is not None and (report.recovery.gate is None or not report.recovery.gate.passed):
+        sys.exit(EXIT_FOUND)
+
+
+@main.command()
+@config_option
 @click.option("--region", required=True, help="The region to bring back.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (asks nothing).")
 @yes_option

@@ -31,7 +31,8 @@ from .redact import scrub
 
 __all__ = [
     "ClockSkewError", "ConfigError", "ConflictError", "DataLossError", "DevStackError", "EventError", "FencedError",
-    "LifecycleError", "ReconcilerError", "StoreError", "StoreUnavailable", "TransportError", "TransportUnavailable",
+    "LifecycleError", "ReconcilerError", "SeedError", "StoreError", "StoreUnavailable", "TransportError",
+    "TransportUnavailable",
 ]
 
 
@@ -115,6 +116,10 @@ class LifecycleError(ReconcilerError):
 
 class DataLossError(ReconcilerError):
     """Events are missing and no source (Kafka, peer outbox, peer inbox) holds them."""
+
+
+class SeedError(ReconcilerError):
+    """A region cannot be seeded from another: it is not empty or not new, or the source is not ready."""
 
 
 class DevStackError(ReconcilerError):
