@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from reconciler.cli import main
 
-from .pipeline import make_env, scalar
+from .pipeline import Cluster, make_env, scalar, write_orders
 
 
 def _run(*argv: str, stdin: str | None = None) -> Any:
@@ -47,3 +47,30 @@ def test_fence_and_activate_answer_in_json_and_a_no_changes_nothing(stack: Any, 
     assert state() == "FENCED"
     active = _run("activate", *c, "--force", "--reason", "drill", "--yes", "--json")
     assert active.exit_code == 0 and json.loads(active.stdout)["to"] == "ACTIVE" and state() == "ACTIVE"
+
+
+def test_seed_exits_0_with_its_report_and_2_naming_what_stops_it(stack: Any, tmp_path: Path) -> None:
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    c = ["--config", str(config.path), "--region", "eu-west", "--from", "us-east"]
+    write_orders(config, "us-east", 5, "o")
+    unnumbered = _run("seed", *c, "--numbering-timeout", "1", "--yes", "--json")
+    assert unnumbered.exit_code == 2, unnumbered.output
+    assert "5 event(s) of us-east in the snapshot were not numbered within 1 s" in json.loads(unnumbered.stderr)[
+        "message"]
+    assert scalar(config, "eu-west", "SELECT count(*) FROM orders") == 0
+    cluster = Cluster(config)
+    cluster.start("us-east", ("relay",))
+    try:
+        seeded = _run("seed", *c, "--yes", "--json")
+    finally:
+        cluster.stop_all()
+    assert seeded.exit_code == 0, seeded.output
+    doc = json.loads(seeded.stdout)
+    assert doc["rows"]["orders"] == 5 and doc["numbered_after_snapshot"] == 5, doc
+    assert doc["recovery"]["state"] == "ACTIVE", doc
+    assert scalar(config, "eu-west", "SELECT count(*) FROM orders") == 5
+    again = _run("seed", *c, "--yes", "--json")
+    assert again.exit_code == 2, again.output
+    error = json.loads(again.stderr)
+    assert error["error"] == "SeedError" and "public.orders holds 5 row(s)" in error["message"], error
+    assert error["context"]["region"] == "eu-west"

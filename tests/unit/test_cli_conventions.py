@@ -45,6 +45,7 @@ COMMANDS: dict[str, list[str]] = {
     "fence": ["--region", "a", "--reason", "r", "--yes"],
     "activate": ["--region", "a", "--force", "--reason", "r", "--yes"],
     "accept-loss": ["--region", "a", "--reason", "r", "--yes"],
+    "seed": ["--region", "b", "--from", "a", "--yes"],
     "diff": ["--table", "orders"],
     "config validate": [],
     "conflicts list": [],
@@ -60,13 +61,14 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 #: commands that change state: they ask first unless --yes, and take --json
-STATE_CHANGING = ("migrate", "recover", "prune", "fence", "activate", "accept-loss", "conflicts resolve",
+STATE_CHANGING = ("migrate", "recover", "seed", "prune", "fence", "activate", "accept-loss", "conflicts resolve",
                   "quarantine retry", "quarantine discard", "violations resolve")
 
 #: commands whose prompt comes before any connection, so a "no" can be seen here
 #: (fence/activate show the region's state in their question, accept-loss what is lost, so they connect first)
 DECLINABLE: dict[str, list[str]] = {
     "recover": ["--region", "a"],
+    "seed": ["--region", "b", "--from", "a"],
     "prune": ["--region", "a"],
     "migrate": ["--rebuild-leaves"],
     "conflicts resolve": ["c1", "--take", "a", "--by", "me", "--reason", "r"],
