@@ -8,6 +8,7 @@ the set of events applied to it, never on which path brought them.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -385,3 +386,56 @@ def _rejection(event: Event, reason: str, detail: str) -> dict[str, Any]:
         event_id=event.event_id,
         hlc=event.hlc.pack(),
     ).as_row()
+
+
+def route_by_key(events: Sequence[Event], workers: int) -> list[list[Event]] | None:
+    """``events`` split into ``workers`` lists by (table, key), each keeping arrival
+    order, so one key's events are applied in order by one transaction. None when two
+    different events share an (origin, sequence): which of them is looked at first
+    decides which one the inbox keeps, so such a batch is applied by one worker."""
+    parts: list[list[Event]] = [[] for _ in range(workers)]
+    ids: dict[tuple[str, int | None], str] = {}
+    for event in events:
+        if ids.setdefault((event.origin, event.sequence), event.event_id) != event.event_id:
+            return None
+        parts[zlib.crc32(f"{event.table}/{event.key}".encode()) % workers].append(event)
+    return parts
+
+
+class KeyRoutedApplier:
+    """Several :class:`Applier` s, each on its own connection, applying one batch at
+    once, each its share of the keys in its own transaction (``apply.workers``).
+
+    :meth:`apply_remote` returns only once every share committed, so a caller that
+    commits Kafka offsets after it never moves past an event some transaction still
+    holds. When one share fails the others may have committed: the error is raised
+    (the first, once all finished), the batch comes again and the inbox drops what
+    already committed as duplicates. Keys are disjoint between shares, so their row
+    and advisory locks never meet; Merkle leaves are an insert-only log (migration
+    003), so concurrent shares never wait for each other there either."""
+
+    def __init__(self, appliers: Sequence[Applier]) -> None:
+        if not appliers:
+            raise ValueError("at least one applier")
+        self.appliers = list(appliers)
+        self._pool = (ThreadPoolExecutor(max_workers=len(appliers), thread_name_prefix="apply-worker")
+                      if len(appliers) > 1 else None)
+
+    def apply_remote(self, events: Sequence[Event], rejected: Sequence[Rejected] = ()) -> ApplyReport:
+        parts = route_by_key(events, len(self.appliers)) if self._pool is not None else None
+        if parts is None or self._pool is None:
+            return self.appliers[0].apply_remote(events, rejected)
+        jobs = [self._pool.submit(applier.apply_remote, part, rejected if i == 0 else ())
+                for i, (applier, part) in enumerate(zip(self.appliers, parts, strict=True))
+                if part or (i == 0 and rejected)]
+        wait(jobs)
+        report = ApplyReport()
+        for job in jobs:
+            report.merge(job.result())  # raises the first failure, after every share finished
+        return report
+
+    def close(self) -> None:
+        if self._pool is not None:
+            # apply_remote waits for its shares: nothing runs here unless a share hangs,
+            # and a hung one must not keep the loop from rebuilding
+            self._pool.shutdown(wait=False)

@@ -128,6 +128,7 @@ class AntiEntropyConfig:
 #: a light load steps are small anyway, whatever the limit
 DEFAULT_RELAY_BATCH: Final = 5000
 DEFAULT_APPLY_BATCH: Final = 1000
+MAX_APPLY_WORKERS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Config:
     hlc_max_offset_ms: int = 1000
     relay_batch_size: int = DEFAULT_RELAY_BATCH
     apply_batch_size: int = DEFAULT_APPLY_BATCH
+    #: transactions applying one inbox batch at once, each on its own connection, keys routed by hash
+    apply_workers: int = 1
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -325,7 +328,7 @@ class _Parser:
             top,
             "",
             ("topic_prefix", "topic_partitions", "hlc", "kafka", "regions", "tables", "batch", "lifecycle",
-             "heartbeat", "retention", "kafka_admin", "anti_entropy", "compensation"),
+             "heartbeat", "retention", "kafka_admin", "anti_entropy", "compensation", "apply"),
         )
         regions_raw = self.mapping(top.get("regions"), "regions")
         if len(regions_raw) < 2:
@@ -337,6 +340,14 @@ class _Parser:
         self.only_keys(hlc, "hlc", ("max_offset_ms",))
         batch = self.mapping(top.get("batch"), "batch")
         self.only_keys(batch, "batch", ("relay", "apply"))
+        apply = self.mapping(top.get("apply"), "apply")
+        self.only_keys(apply, "apply", ("workers",))
+        workers = self.positive_number(apply.get("workers", 1), "apply.workers", True)
+        if workers == 0:
+            raise self.fail("apply.workers", "is 0; at least 1 worker applies the inbox")
+        if workers > MAX_APPLY_WORKERS:
+            raise self.fail("apply.workers",
+                            f"is {workers}; at most {MAX_APPLY_WORKERS} (each is a database connection)")
         prefix = top.get("topic_prefix", "reconciler")
         if not isinstance(prefix, str) or not re.match(r"^[A-Za-z0-9._-]{1,100}$", prefix):
             raise self.fail("topic_prefix", f"{prefix!r} is not a valid Kafka topic prefix")
@@ -353,6 +364,7 @@ class _Parser:
             hlc_max_offset_ms=self.positive_number(hlc.get("max_offset_ms", 1000), "hlc.max_offset_ms", True),
             relay_batch_size=self.positive_number(batch.get("relay", DEFAULT_RELAY_BATCH), "batch.relay", True) or 1,
             apply_batch_size=self.positive_number(batch.get("apply", DEFAULT_APPLY_BATCH), "batch.apply", True) or 1,
+            apply_workers=workers,
             lifecycle=self.lifecycle(top.get("lifecycle")),
             heartbeat=self.heartbeat(top.get("heartbeat")),
             retention=self.retention(top.get("retention")),

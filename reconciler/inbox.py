@@ -13,7 +13,7 @@ import threading
 import time
 
 from . import wire
-from .apply import Applier, ApplyReport, Rejected
+from .apply import Applier, ApplyReport, KeyRoutedApplier, Rejected
 from .config import Config
 from .conflict_queue import retry_held
 from .errors import TransportError
@@ -46,6 +46,9 @@ class InboxConsumer:
         self._conn: pg.Connection | None = None
         self._subscription: Subscription | None = None
         self._applier: Applier | None = None
+        #: the applier above plus one per further ``apply.workers``, each on its own connection
+        self._routed: KeyRoutedApplier | None = None
+        self._worker_conns: list[pg.Connection] = []
         self._next_held_check = 0.0
         self._commit_check_at = 0.0
         #: offsets asked to commit since the last check, and those asked before it
@@ -63,6 +66,12 @@ class InboxConsumer:
         # savepoint inside one that an earlier read left open
         self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region, autocommit=True)
         self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
+        dsn = self.config.region(self.region).dsn
+        self._worker_conns = [pg.connect(dsn, region=self.region, autocommit=True)
+                              for _ in range(self.config.apply_workers - 1)]
+        self._routed = KeyRoutedApplier([self._applier] + [
+            Applier(conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
+            for conn in self._worker_conns])
         self._subscription = kafka.KafkaSubscription(settings, self.group_id, self._origin_of, region=self.region)
         self._asked, self._due, self._commit_check_at = {}, {}, time.monotonic() + COMMIT_CHECK_SECONDS
         self.log.info("inbox started", extra={"fields": {"topics": self.topics}})
@@ -74,6 +83,15 @@ class InboxConsumer:
             closer = threading.Thread(target=self._subscription.close, daemon=True, name=f"inbox-{self.region}-close")
             closer.start()
             closer.join(CLOSE_SECONDS)
+        if self._routed is not None:
+            self._routed.close()
+            self._routed = None
+        for conn in self._worker_conns:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+        self._worker_conns = []
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -116,7 +134,8 @@ class InboxConsumer:
         if not positions:
             return ApplyReport()
         started = time.perf_counter()
-        report = self._applier.apply_remote(events, rejected)
+        assert self._routed is not None
+        report = self._routed.apply_remote(events, rejected)
         # asynchronous: a synchronous commit has no timeout, and after a broker restart
         # it can wait for the group coordinator forever (the inbox then applied nothing
         # more and could not stop). A commit that never lands costs a redelivery, which
