@@ -387,7 +387,7 @@ class Databases:
         self.made.append((server, tag))
         return server.rsplit("/", 1)[0] + "/" + tag
 
-    def reconciler(self) -> Config:
+    def reconciler(self, apply_workers: int = 1) -> Config:
         """Both regions migrated (orders lww, Merkle leaves): what the sidecars would run on."""
         tag = "peers" + uuid.uuid4().hex[:10]
         regions = {r: {"dsn": self.database(r, tag),
@@ -400,6 +400,7 @@ class Databases:
             "regions": regions,
             "tables": {"orders": {"key": ["id"], "policy": "lww"}},
             "batch": {"relay": self.relay_batch, "apply": self.apply_batch},
+            "apply": {"workers": apply_workers},
         }
         path = self.where.workdir / f"{tag}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -790,8 +791,8 @@ def apply_rates(n: int, batch: int, started: float, first: float, done: float) -
             "rows_per_s": rows_per_s, "rows_per_s_with_startup": n / (done - started)}
 
 
-def apply_reconciler(dbs: Databases, changes: list[Change]) -> dict[str, Any]:
-    config = dbs.reconciler()
+def apply_reconciler(dbs: Databases, changes: list[Change], workers: int = 1) -> dict[str, Any]:
+    config = dbs.reconciler(workers)
     origin, dest = REGIONS
     events = change_events(changes, origin, time.time_ns() // 1_000_000 - 120_000)
     # the events reach Kafka first, through the relay (not timed here: that is the relay figure)
@@ -816,7 +817,7 @@ def apply_reconciler(dbs: Databases, changes: list[Change]) -> dict[str, Any]:
     if inbox_rows != len(changes):
         raise RuntimeError(f"reconciler apply: {inbox_rows} inbox rows, expected {len(changes)}")
     return {**apply_rates(len(changes), config.apply_batch_size, started, first, done),
-            "inbox_rows": inbox_rows, "checksum": checksum(dsn)}
+            "inbox_rows": inbox_rows, "checksum": checksum(dsn), "workers": workers}
 
 
 def subscribe(tag: str, dsns: dict[str, str], enabled: bool) -> None:
@@ -1036,6 +1037,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows/s for the relay lag, comma-separated (the issue's is 5,000; the first one is the"
                         " headline)")
     p.add_argument("--apply-rate", type=int, default=1000, help="row changes/s for the apply lag")
+    p.add_argument("--apply-workers", default="1",
+                   help="comma list of apply.workers to measure apply with, e.g. 1,2,4; the first is the headline")
+    p.add_argument("--apply-only", action="store_true",
+                   help="measure apply (and its lag) only: no Kafka Connect worker, no relay figures")
     p.add_argument("--lag-seconds", type=float, default=10.0, help="how long each steady-rate phase writes")
     p.add_argument("--relay-batch", type=int, default=5000)
     p.add_argument("--apply-batch", type=int, default=DEFAULT_APPLY_BATCH)
@@ -1050,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = args.events
     relay_rates = [int(r) for r in str(args.relay_rate).split(",") if r.strip()]
+    workers = [int(w) for w in str(args.apply_workers).split(",") if w.strip()]
     timings: dict[str, float] = {}
 
     libs, maven_s = resolve_connect_libs(cache_dir() / "bench-peers-connect" / "libs")
@@ -1068,12 +1074,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"peer benchmark: {n:,} events, {args.runs} run(s), {info['cpus']} cpus, {info['uptime_before']}")
         worker = ConnectWorker(libs, where.workdir, where.bootstrap, where.connect_port)
         try:
-            timings["connect_start_s"] = worker.start()
+            if not args.apply_only:
+                timings["connect_start_s"] = worker.start()
             dbs = Databases(where, args.keep, args.relay_batch, args.apply_batch)
             if args.debezium_defaults:
                 dbs.debezium_batch = None
             try:
-                if args.jvm_warm_up:
+                if args.jvm_warm_up and not args.apply_only:
                     # a JVM starts interpreted and compiles the hot code as it runs: without this
                     # the first Debezium measurement is partly of the compilers (seen: 0.7k ev/s in a
                     # first round, 20k in the next, same worker)
@@ -1087,12 +1094,14 @@ def main(argv: list[str] | None = None) -> int:
                     ours_first = rnd % 2 == 0
                     t0 = time.perf_counter()
                     for side in ("reconciler", "debezium") if ours_first else ("debezium", "reconciler"):
+                        if args.apply_only:
+                            break
                         if side == "reconciler":
                             r["relay_reconciler"] = relay_reconciler(dbs, relay_events, warm_events)
                         else:
                             r["relay_debezium"] = relay_debezium(dbs, worker, relay_events, warm_events)
                         log(f"  relay {side:<12} {r['relay_' + side]['events_per_s']:>10,.0f} ev/s")
-                    for i, rate in enumerate(relay_rates):
+                    for i, rate in enumerate([] if args.apply_only else relay_rates):
                         for side in ("reconciler", "debezium") if ours_first else ("debezium", "reconciler"):
                             key = f"relay_lag_{side}" + (f"_{rate}" if i else "")
                             r[key] = relay_lag(dbs, worker if side == "debezium" else None, rate, args.lag_seconds)
@@ -1103,13 +1112,19 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     for side in ("reconciler", "logical") if ours_first else ("logical", "reconciler"):
                         if side == "reconciler":
-                            r["apply_reconciler"] = apply_reconciler(dbs, changes)
+                            for w in workers:
+                                key = "apply_reconciler" + ("" if w == workers[0] else f"_w{w}")
+                                r[key] = apply_reconciler(dbs, changes, w)
+                                log(f"  apply reconciler, {w} worker(s) {r[key]['rows_per_s']:>10,.0f} rows/s")
                         else:
                             r["apply_logical"] = apply_logical(dbs, changes, args.apply_batch)
-                        log(f"  apply {side:<12} {r['apply_' + side]['rows_per_s']:>10,.0f} rows/s")
-                    if r["apply_reconciler"]["checksum"] != r["apply_logical"]["checksum"]:
-                        raise RuntimeError("reconciler and logical replication left different orders tables: "
-                                           f"{r['apply_reconciler']['checksum']} vs {r['apply_logical']['checksum']}")
+                            log(f"  apply logical      {r['apply_logical']['rows_per_s']:>10,.0f} rows/s")
+                    for w in workers:
+                        key = "apply_reconciler" + ("" if w == workers[0] else f"_w{w}")
+                        if r[key]["checksum"] != r["apply_logical"]["checksum"]:
+                            raise RuntimeError(f"reconciler ({w} workers) and logical replication left different"
+                                               f" orders tables: {r[key]['checksum']} vs"
+                                               f" {r['apply_logical']['checksum']}")
                     for side in ("reconciler", "logical") if ours_first else ("logical", "reconciler"):
                         fn = apply_lag_reconciler if side == "reconciler" else apply_lag_logical
                         r["apply_lag_" + side] = fn(dbs, args.apply_rate, args.lag_seconds)
@@ -1127,24 +1142,27 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 dbs.cleanup()
         finally:
-            worker.stop()
+            if not args.apply_only:
+                worker.stop()
 
     def med(key: str, metric: str) -> float:
         value = median([r[key][metric] for r in rounds])
         assert value is not None
         return value
 
-    relay = {"reconciler_eps": med("relay_reconciler", "events_per_s"),
-             "debezium_eps": med("relay_debezium", "events_per_s")}
-    relay["ratio"] = relay["reconciler_eps"] / relay["debezium_eps"]
-    relay["lag"] = {side: {m: med(f"relay_lag_{side}", m) for m in ("p50_ms", "p99_ms", "rate_achieved")}
-                    for side in ("reconciler", "debezium")}
-    relay["lag"]["rate_wanted"] = relay_rates[0]
-    relay["lag_at_other_rates"] = {
-        str(rate): {side: {m: med(f"relay_lag_{side}_{rate}", m) for m in ("p50_ms", "p99_ms", "rate_achieved")}
-                    for side in ("reconciler", "debezium")} for rate in relay_rates[1:]}
-    relay["events_moved"] = {"reconciler": rounds[-1]["relay_reconciler"]["events"],
-                             "debezium": rounds[-1]["relay_debezium"]["events"]}
+    relay: dict[str, Any] | None = None
+    if not args.apply_only:
+        relay = {"reconciler_eps": med("relay_reconciler", "events_per_s"),
+                 "debezium_eps": med("relay_debezium", "events_per_s")}
+        relay["ratio"] = relay["reconciler_eps"] / relay["debezium_eps"]
+        relay["lag"] = {side: {m: med(f"relay_lag_{side}", m) for m in ("p50_ms", "p99_ms", "rate_achieved")}
+                        for side in ("reconciler", "debezium")}
+        relay["lag"]["rate_wanted"] = relay_rates[0]
+        relay["lag_at_other_rates"] = {
+            str(rate): {side: {m: med(f"relay_lag_{side}_{rate}", m) for m in ("p50_ms", "p99_ms", "rate_achieved")}
+                        for side in ("reconciler", "debezium")} for rate in relay_rates[1:]}
+        relay["events_moved"] = {"reconciler": rounds[-1]["relay_reconciler"]["events"],
+                                 "debezium": rounds[-1]["relay_debezium"]["events"]}
     apply = {"reconciler_rps": med("apply_reconciler", "rows_per_s"),
              "logical_replication_rps": med("apply_logical", "rows_per_s")}
     apply["ratio"] = apply["reconciler_rps"] / apply["logical_replication_rps"]
@@ -1153,6 +1171,13 @@ def main(argv: list[str] | None = None) -> int:
     apply["lag"]["rate_wanted"] = args.apply_rate
     apply["rows_moved"] = {"reconciler": rounds[-1]["apply_reconciler"]["rows"],
                            "logical_replication": rounds[-1]["apply_logical"]["rows"]}
+    apply["workers"] = workers[0]
+    # the same changes applied with each apply.workers, against the same logical replication runs
+    apply["by_workers"] = {
+        str(w): {"reconciler_rps": (rps := med("apply_reconciler" + ("" if w == workers[0] else f"_w{w}"),
+                                             "rows_per_s")),
+                 "ratio": rps / apply["logical_replication_rps"]}
+        for w in workers}
     doc: dict[str, Any] = {
         "benchmark": "peers",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -1173,21 +1198,24 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_ceilings:
         doc["ceilings"] = {"producer_eps": med("ceilings", "producer_eps"), "upsert_rps": med("ceilings", "upsert_rps"),
-                           "relay_ratio": relay["reconciler_eps"] / med("ceilings", "producer_eps"),
+                           "relay_ratio": relay["reconciler_eps"] / med("ceilings", "producer_eps") if relay else None,
                            "apply_ratio": apply["reconciler_rps"] / med("ceilings", "upsert_rps")}
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\npeers, {n:,} events, median of {len(rounds)} run(s) ({info['cpus']} cpus; {info['uptime_before']})")
-    print(f"relay  reconciler {relay['reconciler_eps']:>9,.0f} ev/s   Debezium {relay['debezium_eps']:>9,.0f} ev/s"
-          f"   ratio {relay['ratio']:.2f}")
-    for lags in (relay["lag"], *relay["lag_at_other_rates"].values()):
+    if relay:
+        print(f"relay  reconciler {relay['reconciler_eps']:>9,.0f} ev/s   Debezium {relay['debezium_eps']:>9,.0f} ev/s"
+              f"   ratio {relay['ratio']:.2f}")
+    for lags in (relay["lag"], *relay["lag_at_other_rates"].values()) if relay else ():
         for side in ("reconciler", "debezium"):
             lag = lags[side]
             print(f"  lag {side:<10} p50 {lag['p50_ms']:>7.0f} ms  p99 {lag['p99_ms']:>7.0f} ms"
                   f"  at {lag['rate_achieved']:,.0f} rows/s")
     print(f"apply  reconciler {apply['reconciler_rps']:>9,.0f} rows/s logical {apply['logical_replication_rps']:>9,.0f}"
           f" rows/s ratio {apply['ratio']:.2f}")
+    for w, figures in apply["by_workers"].items():
+        print(f"  apply.workers {w:>2}: {figures['reconciler_rps']:>9,.0f} rows/s  ratio {figures['ratio']:.2f}")
     for side in ("reconciler", "logical"):
         lag = apply["lag"][side]
         print(f"  lag {side:<10} p50 {lag['p50_ms']:>7.0f} ms  p99 {lag['p99_ms']:>7.0f} ms"

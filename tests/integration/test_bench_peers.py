@@ -31,7 +31,7 @@ def test_bench_peers_moves_every_event_on_both_sides(stack: DevStack, tmp_path: 
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_peers.py"), "--dev-dir", str(stack.root),
          "--events", str(N), "--runs", "1", "--lag-seconds", "2", "--relay-rate", "500", "--apply-rate", "200",
-         "--jvm-warm-up", "0",
+         "--jvm-warm-up", "0", "--apply-workers", "1,2",
          "--json-out", str(out)],
         capture_output=True, text=True, timeout=900, check=False, stdin=subprocess.DEVNULL,
     )
@@ -57,6 +57,11 @@ def test_bench_peers_moves_every_event_on_both_sides(stack: DevStack, tmp_path: 
     assert run["apply_reconciler"]["inbox_rows"] == N
     assert run["apply_reconciler"]["checksum"] == run["apply_logical"]["checksum"]
     assert run["apply_reconciler"]["checksum"][0] == N // 10
+    # the same changes applied again with two workers: the same rows, each event once
+    assert run["apply_reconciler_w2"]["workers"] == 2 and run["apply_reconciler_w2"]["inbox_rows"] == N
+    assert run["apply_reconciler_w2"]["checksum"] == run["apply_logical"]["checksum"]
+    assert set(doc["apply"]["by_workers"]) == {"1", "2"}
+    assert all(f["reconciler_rps"] > 0 and f["ratio"] > 0 for f in doc["apply"]["by_workers"].values())
     for phase in ("relay_lag_reconciler", "relay_lag_debezium", "apply_lag_reconciler", "apply_lag_logical"):
         lag = run[phase]
         assert lag["samples"] > 0 and 0 <= lag["p50_ms"] <= lag["p99_ms"], (phase, lag)
