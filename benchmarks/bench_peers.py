@@ -791,6 +791,31 @@ def apply_rates(n: int, batch: int, started: float, first: float, done: float) -
             "rows_per_s": rows_per_s, "rows_per_s_with_startup": n / (done - started)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(dsn: str) -> float:
+    """CPU time of a PostgreSQL server's postmaster and its live children (backends,
+    background processes): what its share of a measurement cost, read before and after."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+    assert row is not None
+    postmaster = int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+    total = cpu_seconds(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == postmaster:
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+    return total
+
+
 def apply_reconciler(dbs: Databases, changes: list[Change], workers: int = 1) -> dict[str, Any]:
     config = dbs.reconciler(workers)
     origin, dest = REGIONS
@@ -806,10 +831,13 @@ def apply_reconciler(dbs: Databases, changes: list[Change], workers: int = 1) ->
     check = last_note_visible(config.region(dest).dsn, changes[-1])
     try:
         dsn = config.region(dest).dsn
+        python_before, server_before = cpu_seconds(inbox.proc.pid), server_cpu_seconds(dsn)
         started = time.time()
         inbox.go.set()
         first = wait_for("reconciler's first applied batch", lambda: any_row(dsn), 120)
         done = wait_for("reconciler apply", check, max(300, len(changes) / 200))
+        cpu = {"inbox_process_cpu_s": cpu_seconds(inbox.proc.pid) - python_before,
+               "destination_server_cpu_s": server_cpu_seconds(dsn) - server_before}
     finally:
         check.conn.close()
         end_loop(inbox)
@@ -817,7 +845,9 @@ def apply_reconciler(dbs: Databases, changes: list[Change], workers: int = 1) ->
     if inbox_rows != len(changes):
         raise RuntimeError(f"reconciler apply: {inbox_rows} inbox rows, expected {len(changes)}")
     return {**apply_rates(len(changes), config.apply_batch_size, started, first, done),
-            "inbox_rows": inbox_rows, "checksum": checksum(dsn), "workers": workers}
+            "inbox_rows": inbox_rows, "checksum": checksum(dsn), "workers": workers, **cpu,
+            "cpu_us_per_row": {"inbox_process": cpu["inbox_process_cpu_s"] / len(changes) * 1e6,
+                               "destination_server": cpu["destination_server_cpu_s"] / len(changes) * 1e6}}
 
 
 def subscribe(tag: str, dsns: dict[str, str], enabled: bool) -> None:
@@ -845,11 +875,13 @@ def apply_logical(dbs: Databases, changes: list[Change], batch: int) -> dict[str
         write_changes(dsns[origin], changes, batch)
         check = last_note_visible(dsns[dest], changes[-1])
         try:
+            server_before = server_cpu_seconds(dsns[dest])
             with psycopg.connect(dsns[dest], autocommit=True) as conn:
                 started = time.time()
                 conn.execute(f'ALTER SUBSCRIPTION "{tag}" ENABLE')
             first = wait_for("the subscription's first transaction", lambda: any_row(dsns[dest]), 120)
             done = wait_for("logical replication", check, max(300, len(changes) / 200))
+            server_cpu = server_cpu_seconds(dsns[dest]) - server_before
         finally:
             check.conn.close()
         source, copied = checksum(dsns[origin]), checksum(dsns[dest])
@@ -857,7 +889,9 @@ def apply_logical(dbs: Databases, changes: list[Change], batch: int) -> dict[str
         unsubscribe(tag, dsns)
     if source != copied:
         raise RuntimeError(f"logical replication: subscriber {copied} != publisher {source}")
-    return {**apply_rates(len(changes), batch, started, first, done), "checksum": copied}
+    return {**apply_rates(len(changes), batch, started, first, done), "checksum": copied,
+            "destination_server_cpu_s": server_cpu,
+            "cpu_us_per_row": {"destination_server": server_cpu / len(changes) * 1e6}}
 
 
 class MarkerWatch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,6 +420,7 @@ class KeyRoutedApplier:
         self.appliers = list(appliers)
         self._pool = (ThreadPoolExecutor(max_workers=len(appliers), thread_name_prefix="apply-worker")
                       if len(appliers) > 1 else None)
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply-batch")
 
     def apply_remote(self, events: Sequence[Event], rejected: Sequence[Rejected] = ()) -> ApplyReport:
         parts = route_by_key(events, len(self.appliers)) if self._pool is not None else None
@@ -434,7 +435,12 @@ class KeyRoutedApplier:
             report.merge(job.result())  # raises the first failure, after every share finished
         return report
 
+    def submit(self, events: Sequence[Event], rejected: Sequence[Rejected] = ()) -> Future[ApplyReport]:
+        """:meth:`apply_remote` off the caller's thread, so that it can fetch the next batch meanwhile."""
+        return self._dispatch.submit(self.apply_remote, events, rejected)
+
     def close(self) -> None:
+        self._dispatch.shutdown(wait=False)
         if self._pool is not None:
             # apply_remote waits for its shares: nothing runs here unless a share hangs,
             # and a hung one must not keep the loop from rebuilding

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 from . import wire
 from .apply import Applier, ApplyReport, KeyRoutedApplier, Rejected
@@ -20,9 +21,10 @@ from .errors import TransportError
 from .logs import component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
+from .model import Event
 from .store import postgres as pg
 from .transport import kafka
-from .transport.port import Subscription
+from .transport.port import Delivery, Subscription
 
 #: how often held (future-stamped) events are looked at again
 HELD_RETRY_SECONDS = 1.0
@@ -30,6 +32,17 @@ HELD_RETRY_SECONDS = 1.0
 COMMIT_CHECK_SECONDS = 10.0
 #: how long closing a consumer may take before it is left to finish on its own
 CLOSE_SECONDS = 10.0
+
+
+@dataclass
+class _Batch:
+    """What one poll brought: events to apply, messages to quarantine, and the highest
+    offset per partition, committed once the batch is applied."""
+
+    deliveries: list[Delivery]
+    events: list[Event] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class InboxConsumer:
@@ -49,6 +62,9 @@ class InboxConsumer:
         #: the applier above plus one per further ``apply.workers``, each on its own connection
         self._routed: KeyRoutedApplier | None = None
         self._worker_conns: list[pg.Connection] = []
+        #: fetched while the previous batch was applied; not committed, so on a rebuild
+        #: or a stop it is simply delivered again
+        self._ahead: _Batch | None = None
         self._next_held_check = 0.0
         self._commit_check_at = 0.0
         #: offsets asked to commit since the last check, and those asked before it
@@ -74,6 +90,7 @@ class InboxConsumer:
             for conn in self._worker_conns])
         self._subscription = kafka.KafkaSubscription(settings, self.group_id, self._origin_of, region=self.region)
         self._asked, self._due, self._commit_check_at = {}, {}, time.monotonic() + COMMIT_CHECK_SECONDS
+        self._ahead = None
         self.log.info("inbox started", extra={"fields": {"topics": self.topics}})
 
     def close(self) -> None:
@@ -100,42 +117,22 @@ class InboxConsumer:
         self._subscription = self._conn = self._applier = None
 
     def step(self, timeout: float = 0.5) -> ApplyReport:
-        """Consume, apply and commit one batch."""
-        assert self._subscription is not None and self._applier is not None, "start() first"
-        deliveries = self._subscription.poll(self.config.apply_batch_size, timeout)
-        events = []
-        rejected = []
-        positions: dict[tuple[str, int], int] = {}
-        for d in deliveries:
-            positions[(d.topic, d.partition)] = max(positions.get((d.topic, d.partition), -1), d.offset)
-            event = d.event
-            if event is None:
-                seen = wire.peek(d.raw)
-                rejected.append(Rejected(reason="malformed", detail=str(d.error), origin=d.origin,
-                                         sequence=seen["sequence"] if seen["origin"] == d.origin else None,
-                                         event_id=seen["event_id"], topic=d.topic, partition=d.partition,
-                                         offset=d.offset, raw=d.raw))
-            elif d.foreign:
-                # Only the region that owns a topic writes events of its origin there. A
-                # message claiming another origin is never applied: applied, it would
-                # take that origin's (origin, sequence) and the real event, arriving
-                # later, would be dropped as a duplicate.
-                rejected.append(Rejected(
-                    reason="origin_mismatch",
-                    detail=f"event {event.event_id} claims origin {event.origin!r} but arrived on topic {d.topic}"
-                           f" of region {d.origin!r} (sequence {event.sequence}, table {event.table},"
-                           f" key {event.key})",
-                    origin=event.origin, sequence=event.sequence, event_id=event.event_id, hlc=event.hlc.pack(),
-                    topic=d.topic, partition=d.partition, offset=d.offset, raw=d.raw))
-            else:
-                events.append(event)
+        """Apply and commit one batch; while it is being applied, fetch the next one."""
+        assert self._subscription is not None and self._routed is not None, "start() first"
+        batch, self._ahead = self._ahead or self._take(timeout), None
         self._retry_held()
         self._check_commits()
-        if not positions:
+        if not batch.positions:
             return ApplyReport()
         started = time.perf_counter()
-        assert self._routed is not None
-        report = self._routed.apply_remote(events, rejected)
+        applying = self._routed.submit(batch.events, batch.rejected)
+        try:
+            # what the consumer already holds (no wait): decoded here while the database
+            # works on this batch, applied by the next step, committed only after that
+            self._ahead = self._take(0)
+        finally:
+            report = applying.result()
+        deliveries, positions = batch.deliveries, batch.positions
         # asynchronous: a synchronous commit has no timeout, and after a broker restart
         # it can wait for the group coordinator forever (the inbox then applied nothing
         # more and could not stop). A commit that never lands costs a redelivery, which
@@ -152,6 +149,38 @@ class InboxConsumer:
                 "reasons": sorted({q["reason"] for q in report.quarantined}),
             }})
         return report
+
+    def _take(self, timeout: float) -> _Batch:
+        """Poll one batch and sort it into events to apply and messages to quarantine."""
+        assert self._subscription is not None
+        # each worker's share stays about one apply batch: a transaction's fixed costs
+        # (commit, lock and load round trips) spread over as many events as with one worker
+        deliveries = self._subscription.poll(self.config.apply_batch_size * self.config.apply_workers, timeout)
+        batch = _Batch(deliveries)
+        for d in deliveries:
+            batch.positions[(d.topic, d.partition)] = max(batch.positions.get((d.topic, d.partition), -1), d.offset)
+            event = d.event
+            if event is None:
+                seen = wire.peek(d.raw)
+                batch.rejected.append(Rejected(
+                    reason="malformed", detail=str(d.error), origin=d.origin,
+                    sequence=seen["sequence"] if seen["origin"] == d.origin else None, event_id=seen["event_id"],
+                    topic=d.topic, partition=d.partition, offset=d.offset, raw=d.raw))
+            elif d.foreign:
+                # Only the region that owns a topic writes events of its origin there. A
+                # message claiming another origin is never applied: applied, it would
+                # take that origin's (origin, sequence) and the real event, arriving
+                # later, would be dropped as a duplicate.
+                batch.rejected.append(Rejected(
+                    reason="origin_mismatch",
+                    detail=f"event {event.event_id} claims origin {event.origin!r} but arrived on topic {d.topic}"
+                           f" of region {d.origin!r} (sequence {event.sequence}, table {event.table},"
+                           f" key {event.key})",
+                    origin=event.origin, sequence=event.sequence, event_id=event.event_id, hlc=event.hlc.pack(),
+                    topic=d.topic, partition=d.partition, offset=d.offset, raw=d.raw))
+            else:
+                batch.events.append(event)
+        return batch
 
     def _check_commits(self) -> None:
         """Every few seconds: have the offsets asked to commit before the last check

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from reconciler import inbox as inbox_module
-from reconciler.apply import ApplyReport
+from reconciler.apply import ApplyReport, KeyRoutedApplier
 from reconciler.config import Config, RegionConfig
 from reconciler.errors import TransportError
 from reconciler.inbox import InboxConsumer
@@ -75,6 +75,7 @@ def started(subscription: StuckSubscription) -> InboxConsumer:
     inbox = InboxConsumer(config(), "us-east")
     inbox._subscription = subscription
     inbox._applier = Applier()  # type: ignore[assignment]
+    inbox._routed = KeyRoutedApplier([inbox._applier])
     inbox._conn = None
     inbox._next_held_check = float("inf")
     return inbox
