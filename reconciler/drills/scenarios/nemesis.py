@@ -424,6 +424,8 @@ SCENARIO = Scenario(
     quiesce_seconds=120.0,
     # a write around the pipeline leaves the maintained leaves stale: only the full scan
     # (which also checks leaves against rows) sees it, so it runs often here
+    # every sidecar applies with two workers: parallel apply judged under every fault kind
     config={"anti_entropy": {"interval_seconds": 2, "full_scan_interval_seconds": 10, "full_scan_max_share": 0.5,
-                             "repair": True}},
+                             "repair": True},
+            "apply": {"workers": 2}},
 )
