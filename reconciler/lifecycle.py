@@ -165,8 +165,17 @@ def gate(measured: GateInput, max_lag_events: int, max_lag_seconds: float) -> Ga
     return GateDecision(passed=not reasons, reasons=tuple(reasons))
 
 
-def needs_catch_up(clean_stop: bool, absent_seconds: float | None, absence_threshold_seconds: float) -> str | None:
-    """Why a starting sidecar must put its region through catch-up, or None."""
+def needs_catch_up(clean_stop: bool, absent_seconds: float | None, absence_threshold_seconds: float, *,
+                   empty_beside_peers: bool = False) -> str | None:
+    """Why a starting sidecar must put its region through catch-up, or None.
+
+    ``empty_beside_peers``: no sidecar has run on this database yet, its replicated
+    tables are empty and a peer's are not. ``migrate`` creates a region ACTIVE, right
+    for regions that start together, wrong for one added empty to a running
+    deployment: it must not serve before it holds the peers' rows."""
+    if empty_beside_peers:
+        return ("first start on an empty database while a peer holds rows: fill it with `reconciler seed`, or"
+                " catch-up repairs what it can from the peers")
     if not clean_stop:
         return "sidecar restarted after an unclean stop"
     if absent_seconds is not None and absent_seconds > absence_threshold_seconds:

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 from .anti_entropy import AntiEntropy
 from .config import Config
-from .errors import ConfigError, ReconcilerError, StoreUnavailable
+from .errors import ConfigError, ReconcilerError, StoreError, StoreUnavailable
 from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water
 from .hlc import Timestamp
 from .inbox import InboxConsumer
@@ -58,7 +58,7 @@ from .metrics import COMPONENTS, REGION_STATES, Metrics, serve
 from .peers import Heartbeat, PeerTracker, PeerView
 from .prune import prune_region
 from .relay import Relay, relay_loop
-from .store import health, merkle_leaves
+from .store import health, merkle_leaves, seeding
 from .store import invariants as store_invariants
 from .store import postgres as pg
 from .store import quarantine as quarantine_store
@@ -359,7 +359,8 @@ class Sidecar:
         absent = None
         if status.last_alive_at is not None:
             absent = max(0.0, time.time() - status.last_alive_at.timestamp())
-        reason = needs_catch_up(status.clean_stop, absent, self.config.lifecycle.absence_threshold_seconds)
+        reason = needs_catch_up(status.clean_stop, absent, self.config.lifecycle.absence_threshold_seconds,
+                                empty_beside_peers=status.last_alive_at is None and self._empty_beside_peers(conn))
         log.info("lifecycle at start", extra={"fields": {
             "state": status.state.value, "epoch": status.epoch, "clean_stop": status.clean_stop,
             "absent_seconds": None if absent is None else round(absent, 1), "catch_up": reason,
@@ -370,6 +371,20 @@ class Sidecar:
             log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
         pg.mark_alive(conn, clean_stop=False)
         self._publish_state(status, log)
+
+    def _empty_beside_peers(self, conn: pg.Connection) -> bool:
+        """This region's replicated tables are empty and some reachable peer's are not."""
+        tables = list(self.config.tables.values())
+        if seeding.holds_rows(conn, self.region, tables):
+            return False
+        for peer in self.config.peers(self.region):
+            try:
+                with pg.connect(self.config.region(peer).dsn, region=peer) as other:
+                    if seeding.holds_rows(other, peer, tables):
+                        return True
+            except StoreError:
+                continue  # an unreachable peer cannot say; the others may
+        return False
 
     def _decide_after_outage(self, conn: pg.Connection, log: ComponentLogger) -> None:
         """The start decision again, when the database answers after an outage.

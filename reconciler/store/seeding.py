@@ -98,6 +98,15 @@ def target_problems(conn: Connection, region: str, tables: Sequence[TableConfig]
     return problems
 
 
+def holds_rows(conn: Connection, region: str, tables: Sequence[TableConfig]) -> bool:
+    """Whether any replicated table of ``region`` has a row (ends the read's transaction)."""
+    with translated(region=region, step="any replicated rows"):
+        found = any(conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
+            sql.Identifier(t.schema, t.name))).fetchone() == (True,) for t in tables)
+        conn.commit()
+    return found
+
+
 def schema_version(conn: Connection, region: str) -> int:
     with translated(region=region, step="seed: schema version"):
         row = conn.execute("SELECT max(version) FROM reconciler.schema_version").fetchone()

@@ -181,3 +181,35 @@ def test_seed_names_a_source_that_is_not_active(stack: Any, tmp_path: Path) -> N
     with pytest.raises(SeedError, match=f"source {a} is CATCHING_UP, not ACTIVE"):
         seed(config, new, a, then_recover=False)
     assert scalar(config, new, "SELECT count(*) FROM reconciler.inbox") == 0
+
+
+def test_an_empty_region_started_beside_peers_with_rows_does_not_serve_them_empty(
+        stack: Any, tmp_path: Path) -> None:
+    """Without `seed`: the first start of its sidecar sends it to catch-up (not ACTIVE,
+    not ready) and says why, while regions that hold the data stay ACTIVE."""
+    from .pipeline import SidecarProcess
+
+    config = make_env(stack, tmp_path)
+    a, b, new = list(config.regions)
+    _existing_data(config, [a, b])
+    sidecars = [SidecarProcess(config, r, tmp_path / f"{r}.log") for r in (a, b, new)]
+    try:
+        for sidecar in sidecars:
+            sidecar.start()
+
+        def reason_logged() -> bool:
+            return any(line.get("event") == "region sent to catch-up" for line in sidecars[2].log_lines())
+
+        wait_until(reason_logged, 60, "the new region's sidecar deciding at start")
+        sent = [line for line in sidecars[2].log_lines() if line.get("event") == "region sent to catch-up"]
+        assert "reconciler seed" in str(sent[0]["reason"]), sent
+        with connect(config, new) as conn:
+            moves = [r[0] for r in conn.execute("SELECT to_state FROM reconciler.lifecycle_log ORDER BY id")]
+        assert moves[:1] == ["CATCHING_UP"], moves
+        for index, region in enumerate((a, b)):
+            assert not any(line.get("event") == "region sent to catch-up" for line in sidecars[index].log_lines())
+            assert scalar(config, region, "SELECT state FROM reconciler.region") == "ACTIVE", region
+    finally:
+        for sidecar in sidecars:
+            if sidecar.proc is not None:
+                sidecar.stop()

@@ -108,3 +108,4 @@ def test_needs_catch_up() -> None:
     assert "absent 60s" in (needs_catch_up(True, 60.0, 30.0) or "")
     assert needs_catch_up(True, 5.0, 30.0) is None
     assert needs_catch_up(True, None, 30.0) is None
+    assert "reconciler seed" in (needs_catch_up(True, None, 30.0, empty_beside_peers=True) or "")
