@@ -39,6 +39,7 @@ from .port import (
     RelayStore,
     StateRow,
     json_text,
+    once_per_event,
 )
 
 __all__ = ["MemoryRegionStore"]
@@ -188,16 +189,17 @@ class MemoryRegionStore(ApplyStore, RelayStore, GapStore):
     # ------------------------------------------------------------ inbox
 
     def insert_inbox(self, events: Sequence[Event]) -> set[tuple[str, int]]:
-        new: set[tuple[str, int]] = set()
+        held_before = {e.event_id.lower() for e in self._state.inbox.values()}
+        added: dict[tuple[str, int], tuple[str, bool]] = {}
         for event in events:
             pair = (event.origin, event.sequence or 0)
             if pair[1] <= self._state.inbox_floor.get(event.origin, 0) or pair in self._state.inbox:
                 continue
             self._state.inbox[pair] = event
-            new.add(pair)
-        if new:
+            added[pair] = (event.event_id, event.event_id.lower() in held_before)
+        if added:
             self._changed()
-        return new
+        return once_per_event(events, added)
 
     def forget_inbox(self, pairs: Sequence[tuple[str, int]]) -> None:
         for pair in pairs:

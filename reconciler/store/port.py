@@ -288,3 +288,21 @@ class RegionStore(ApplyStore, RelayStore, GapStore):
     @abstractmethod
     def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
                    expected_epoch: int | None = None) -> RegionStatus: ...
+
+
+def once_per_event(events: Sequence[Event], added: Mapping[tuple[str, int], tuple[str, bool]]) -> set[tuple[str, int]]:
+    """Of the pairs ``added`` to the inbox (pair -> (event id, id held before)), those
+    to apply: the first, in ``events``' order, of each id the inbox did not hold."""
+    apply: set[tuple[str, int]] = set()
+    taken: set[str] = set()
+    for event in events:
+        pair = (event.origin, event.sequence or 0)
+        found = added.get(pair)
+        if found is None:
+            continue
+        event_id, held_before = found
+        if held_before or event_id.lower() in taken:
+            continue
+        taken.add(event_id.lower())
+        apply.add(pair)
+    return apply

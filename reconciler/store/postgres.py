@@ -29,6 +29,7 @@ from .invariants import check_invariants, validate_invariants
 from .merkle_leaves import install_leaves
 from .port import StateRow as StateRow
 from .port import json_text as json_text
+from .port import once_per_event
 from .port import states_from_rows as states_from_rows
 from .translate import translated
 
@@ -289,7 +290,9 @@ def _key_record(table: TableConfig, key: str, state: RowState) -> dict[str, Any]
 # ---------------------------------------------------------------- inbox
 
 def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, int]]:
-    """Record events as applied; returns the (origin, sequence) pairs that were new."""
+    """Record events as applied; returns the (origin, sequence) pairs to apply now: new
+    pairs whose event id the inbox did not hold yet under another sequence (such a
+    pair is recorded as held, its event not applied again; see migration 016)."""
     if not events:
         return set()
     # one JSON array of arrays (no key names repeated per row: a third less to encode
@@ -302,9 +305,9 @@ def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, in
     # Taken before the insert's snapshot: a floor raised by pruning is visible to the
     # insert, so an event whose inbox row was just pruned is still a duplicate.
     conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (INBOX_FLOOR_LOCK,))
-    new = conn.execute(
-        "INSERT INTO reconciler.inbox (origin, sequence, event_id, hlc, prior_hlc, table_name, row_key,"
-        " operation, type, payload)"
+    rows = conn.execute(
+        "WITH added AS (INSERT INTO reconciler.inbox (origin, sequence, event_id, hlc, prior_hlc, table_name,"
+        "  row_key, operation, type, payload)"
         " SELECT e->>0, (e->>1)::bigint, (e->>2)::uuid, (e->>3)::bigint, (e->>4)::bigint, e->>5, e->>6, e->>7,"
         " e->>8, e->9 FROM jsonb_array_elements(%s::jsonb) AS e"
         " LEFT JOIN reconciler.inbox_floor f ON f.origin = e->>0"
@@ -312,10 +315,14 @@ def insert_inbox(conn: Connection, events: Sequence[Event]) -> set[tuple[str, in
         # accepted as lost: its effect came by repair (migration 015)
         " AND NOT EXISTS (SELECT 1 FROM reconciler.quarantine q WHERE q.reason = 'lost'"
         "  AND q.origin = e->>0 AND q.sequence = (e->>1)::bigint)"
-        " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence",
+        " ON CONFLICT (origin, sequence) DO NOTHING RETURNING origin, sequence, event_id)"
+        # the statement's snapshot does not see what `added` inserted: a row found
+        # here held the id before, under another sequence
+        " SELECT a.origin, a.sequence, a.event_id::text,"
+        "  EXISTS (SELECT 1 FROM reconciler.inbox x WHERE x.event_id = a.event_id) FROM added a",
         (doc,),
     ).fetchall()
-    return {(o, s) for o, s in new}
+    return once_per_event(events, {(o, s): (event_id, bool(known)) for o, s, event_id, known in rows})
 
 
 def observe_hlc(conn: Connection, stamp: Timestamp) -> Timestamp:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -89,6 +90,19 @@ def test_inbox_reports_only_new_pairs(store: Store) -> None:
     again = [event("eu-west", 2, "b", "x"), event("eu-west", 3, "c", "x"), event("ap-south", 2, "d", "x")]
     assert store.insert_inbox(again) == {("eu-west", 3), ("ap-south", 2)}
     assert store.insert_inbox([]) == set()
+
+
+def test_an_event_under_a_second_sequence_is_held_but_not_applied_again(store: Store) -> None:
+    first = event("eu-west", 1, "a", "x")
+    assert store.insert_inbox([first]) == {("eu-west", 1)}
+    renumbered = replace(first, sequence=7, event_id=first.event_id.upper())
+    other = event("eu-west", 8, "b", "x")
+    assert store.insert_inbox([renumbered, other]) == {("eu-west", 8)}
+    assert store.inbox_ranges() == {"eu-west": [(1, 1), (7, 8)]}, "the second sequence counts as held"
+    # both copies in one batch: the first in the batch's order is applied
+    twice = event("ap-south", 3, "c", "x")
+    assert store.insert_inbox([twice, replace(twice, sequence=4)]) == {("ap-south", 3)}
+    assert store.inbox_ranges()["ap-south"] == [(3, 4)]
 
 
 def test_forgotten_inbox_rows_are_new_again(store: Store) -> None:

@@ -1,0 +1,11 @@
+-- reconciler schema, version 16: one event is applied once, whatever sequence it
+-- arrives under.
+--
+-- The inbox's key is (origin, sequence). An origin that numbers one of its events
+-- twice (a recovery cut short between giving numbers back and raising its counter
+-- did, see chaos/README.md) publishes the same event id under two sequences, and
+-- each peer applied it twice: a counter delta counted twice. With this index the
+-- inbox records the second sequence as held (gap analysis is satisfied: its effect
+-- is here) without applying the event again. Rows pruned below an origin's floor
+-- are not looked at: an id renumbered that much later is not recognised.
+CREATE INDEX inbox_event_id ON reconciler.inbox (event_id);
