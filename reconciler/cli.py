@@ -639,8 +639,8 @@ def seed(config_path: str, region: str, source: str, no_recover: bool, numbering
         click.echo(f"region {region}: seeded from {source} in {report.copy_seconds:.2f}s: rows {rows}; "
                    f"events recorded as applied: {events} ({report.numbered_after_snapshot} numbered after the "
                    "snapshot)")
-        if report.recovery is not None:
-            _print_recovery(report.recovery.to_dict())
+        if doc["recovery"] is not None:
+            _print_recovery(doc["recovery"])
         else:
             click.echo(f"region {region}: CATCHING_UP; run `reconciler recover --region {region}` to catch up "
                        "and verify it")

@@ -105,7 +105,7 @@ def _copy(src: pg.Connection, dst: pg.Connection, report: SeedReport, tables: li
                         "can be seeded", region=region)
     seeding.begin_snapshot(src, source)
     facts = seeding.source_facts(src, source, region)
-    _check_source(facts, region, source, seeding.schema_version(dst, region))
+    _check_source(facts, region, source, pg.schema_version(dst))
     for table in tables:
         columns = seeding.table_columns(dst, region, table)
         report.rows[table.name] = seeding.copy_table(src, dst, source, region, table, columns)

@@ -47,7 +47,6 @@ class SourceFacts:
     #: own events committed but not numbered by the relay yet (their ids)
     unnumbered: tuple[str, ...]
     horizon_hlc: int
-    own_pruned_through: int
     newest_hlc: int
 
 
@@ -68,16 +67,15 @@ def source_facts(conn: Connection, source: str, target: str) -> SourceFacts:
             " (SELECT coalesce(array_agg(o.id::text ORDER BY p.position), '{}') FROM reconciler.outbox_pending p"
             "  JOIN reconciler.outbox o ON o.position = p.position WHERE p.origin = %(s)s),"
             " (SELECT horizon_hlc FROM reconciler.retention_state),"
-            " coalesce((SELECT pruned_through FROM reconciler.relay_state WHERE origin = %(s)s), 0),"
             # the newest stamp copied (hlc_now would advance the clock: not in a read-only snapshot)
             " greatest((SELECT max(hlc) FROM reconciler.row_meta), (SELECT max(hlc) FROM reconciler.inbox),"
             "  (SELECT max(hlc) FROM reconciler.outbox), 0)",
             {"s": source, "t": target},
         ).fetchone()
     assert row is not None
-    state, version, conflicts, target_events, unnumbered, horizon, pruned, now = row
+    state, version, conflicts, target_events, unnumbered, horizon, newest = row
     return SourceFacts(str(state), int(version), int(conflicts), int(target_events), tuple(unnumbered),
-                       int(horizon), int(pruned), int(now))
+                       int(horizon), int(newest))
 
 
 def target_problems(conn: Connection, region: str, tables: Sequence[TableConfig]) -> list[str]:
@@ -105,12 +103,6 @@ def holds_rows(conn: Connection, region: str, tables: Sequence[TableConfig]) -> 
             sql.Identifier(t.schema, t.name))).fetchone() == (True,) for t in tables)
         conn.commit()
     return found
-
-
-def schema_version(conn: Connection, region: str) -> int:
-    with translated(region=region, step="seed: schema version"):
-        row = conn.execute("SELECT max(version) FROM reconciler.schema_version").fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
 
 
 def lock_target(conn: Connection, region: str, tables: Sequence[TableConfig]) -> tuple[str, str]:

@@ -422,10 +422,12 @@ SCENARIO = Scenario(
     workload=workload,
     expectations=Expectations(quarantine_allowed=frozenset({"malformed", "clock_skew"}), rto_limit_seconds=None),
     quiesce_seconds=120.0,
-    # a write around the pipeline leaves the maintained leaves stale: only the full scan
-    # (which also checks leaves against rows) sees it, so it runs often here
-    # every sidecar applies with two workers: parallel apply judged under every fault kind
-    config={"anti_entropy": {"interval_seconds": 2, "full_scan_interval_seconds": 10, "full_scan_max_share": 0.5,
-                             "repair": True},
-            "apply": {"workers": 2}},
+    config={
+        # a write around the pipeline leaves the maintained leaves stale: only the full scan
+        # (which also checks leaves against rows) sees it, so it runs often here
+        "anti_entropy": {"interval_seconds": 2, "full_scan_interval_seconds": 10, "full_scan_max_share": 0.5,
+                         "repair": True},
+        # every sidecar applies with two workers: parallel apply judged under every fault kind
+        "apply": {"workers": 2},
+    },
 )
