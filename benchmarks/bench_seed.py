@@ -74,19 +74,27 @@ def fill(config: Config, source: str, rows: int) -> None:
             conn.execute("INSERT INTO inventory (sku, name, stock, tags) SELECT 's' || i, 'item ' || i, 100, '[]'"
                          " FROM generate_series(%s::int, %s::int) i", (lo, min(max(1, rows // 10), lo + 1999)))
             conn.commit()
+    relay_all(config, source)
+
+
+def relay_all(config: Config, source: str, timeout: float = 600) -> None:
+    """Run ``source``'s real relay until its outbox has nothing left to number and publish."""
     stop = threading.Event()
     relay = Relay(config, source)
     thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            # numbered (nothing pending) and published (a batch numbered last may still be in flight)
             with psycopg.connect(config.region(source).dsn) as conn:
-                row = conn.execute("SELECT count(*) FROM reconciler.outbox_pending").fetchone()
-            if row is not None and row[0] == 0:
+                row = conn.execute("SELECT (SELECT count(*) FROM reconciler.outbox_pending),"
+                                   " coalesce((SELECT last_sequence - published_through FROM reconciler.relay_state"
+                                   " WHERE origin = %s), 0)", (source,)).fetchone()
+            if row is not None and row[0] == 0 and row[1] == 0:
                 return
             time.sleep(0.2)
-        raise RuntimeError("the relay did not number the source's events in 10 minutes")
+        raise RuntimeError(f"the relay did not number the source's events in {timeout:.0f} s")
     finally:
         stop.set()
         thread.join(60)
