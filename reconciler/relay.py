@@ -17,7 +17,7 @@ the duplicates.
 
 Before it numbers anything on a (re)connected database, the relay checks that the
 database is not older than the one it numbered on (restored from a backup under
-it, see ``store.postgres.DatabaseMark``) and that neither its topic nor its peers hold numbers
+it, see ``store.port.DatabaseMark``) and that neither its topic nor its peers hold numbers
 its counter does not know. Either sends the region to CATCHING_UP, and nothing is
 numbered until ``recover`` has returned the region's own lost events.
 
@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import Protocol
@@ -45,16 +46,29 @@ from .lifecycle import State
 from .logs import ComponentLogger, component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
-from .store.postgres_store import DatabaseMark, PostgresRegionStore, open_store, peers_seen_through
-from .transport import kafka
+from .store.port import DatabaseMark, RelayStore
+from .store.postgres_store import RegionDatabases, peers_seen_through
+from .transport.kafka import KafkaEventLog
+from .transport.port import EventLog, Publisher
 
 #: how often the relay looks for compensation events to publish (an indexed, usually empty, query)
 COMPENSATION_POLL_SECONDS = 0.5
+#: how long the relay's own questions to Kafka (where its topic ends) may wait
+KAFKA_CHECK_TIMEOUT_SECONDS = 10.0
+
+
+class RelayDatabases(Protocol):
+    """Where the relay's sessions come from (:class:`~reconciler.store.postgres_store.RegionDatabases`
+    in production, one in-memory store in unit tests)."""
+
+    def open(self, region: str, *, autocommit: bool = False) -> RelayStore: ...
 
 
 class Relay:
     def __init__(
-        self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None
+        self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None,
+        databases: RelayDatabases | None = None, events: EventLog | None = None,
+        peers_seen: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.config = config
         self.region = region
@@ -63,10 +77,16 @@ class Relay:
         self.metrics = metrics
         self.log = component_logger("relay", region)
         self.epoch = 0
+        self.databases: RelayDatabases = databases or RegionDatabases(config)
+        self.events: EventLog = events or KafkaEventLog(config.kafka_settings(region), config.events_topic,
+                                                        region=region, timeout=KAFKA_CHECK_TIMEOUT_SECONDS)
+        #: the highest sequence of this region each reachable peer applied
+        self.peers_seen = peers_seen or (lambda: peers_seen_through(
+            {p: config.region(p).dsn for p in config.peers(region)}, region))
         #: holds the lease (an advisory lock) for as long as it is open
-        self._lease: PostgresRegionStore | None = None
-        self._store: PostgresRegionStore | None = None
-        self._publisher: kafka.KafkaPublisher | None = None
+        self._lease: RelayStore | None = None
+        self._store: RelayStore | None = None
+        self._publisher: Publisher | None = None
         self._stale = False
         self._stale_checked_at: float | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -80,13 +100,11 @@ class Relay:
         self._compensations_due = 0.0
 
     def start(self) -> None:
-        dsn = self.config.region(self.region).dsn
-        kafka.ensure_topics(self.config.kafka_settings(self.region), [self.topic, self.config.compensation_topic],
-                            self.config.topic_partitions, region=self.region)
-        self._lease = open_store(dsn, autocommit=True, region=self.region)
+        self.events.ensure_topics([self.topic, self.config.compensation_topic], self.config.topic_partitions)
+        self._lease = self.databases.open(self.region, autocommit=True)
         self.epoch = self._lease.acquire_lease(self.region, self.holder)
         self.log.bind(epoch=self.epoch)
-        self._store = open_store(dsn, region=self.region)
+        self._store = self.databases.open(self.region)
         # before anything is numbered on this connection: is this still the database we
         # numbered on, and does nobody hold numbers it does not know? (re-asked on every
         # reconnect, since a restore is a reconnect)
@@ -99,8 +117,7 @@ class Relay:
         self._seen = mark
         # one transactional id per region (its topic): taking it fences any older relay's
         # producer at the broker, so a zombie that lost the lease cannot append any more
-        self._publisher = kafka.KafkaPublisher(self.config.kafka_settings(self.region),
-                                               f"reconciler-relay.{self.topic}", region=self.region)
+        self._publisher = self.events.publisher(f"reconciler-relay.{self.topic}")
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"relay-{self.region}-db")
         self._read_through = 0
         self.log.info("relay started", extra={"fields": {"topic": self.topic, "holder": self.holder}})
@@ -212,9 +229,8 @@ class Relay:
         now = time.monotonic()
         if self._stale_checked_at is None or (self._stale and now - self._stale_checked_at > 5.0):
             self._stale_checked_at = now
-            retained = kafka.retained_sequences(self.config.kafka_settings(self.region), self.topic)
-            peers = peers_seen_through({p: self.config.region(p).dsn for p in self.config.peers(self.region)},
-                                       self.region)
+            retained = self.events.retained(self.region)
+            peers = self.peers_seen()
             last, _ = self._store.relay_position(self.region)
             evidence = max([retained[1] if retained else 0, *peers.values()])
             stale = evidence > last

@@ -25,13 +25,15 @@ from typing import Any
 
 from .. import wire
 from ..config import TableConfig
-from ..errors import FencedError, StoreError
+from ..errors import FencedError, LifecycleError, StoreError
 from ..hlc import HybridLogicalClock, Timestamp
 from ..invariants import Discard, discard_event
+from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
 from .port import (
     ApplyChecks,
     ApplyStore,
+    DatabaseMark,
     GapStore,
     HeldEntry,
     Message,
@@ -80,8 +82,10 @@ class _State:
     #: (origin, relay sequence) -> position
     numbered: dict[tuple[str, int], int] = field(default_factory=dict)
     relay: dict[str, _RelayState] = field(default_factory=dict)
-    #: compensation event id -> its document
+    #: compensation event id -> its document, in the order queued
     compensations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    compensations_published: set[str] = field(default_factory=set)
+    lifecycle: RegionStatus | None = None
     #: grows with every change, as a WAL position does
     lsn: int = 0
 
@@ -386,6 +390,53 @@ class MemoryRegionStore(ApplyStore, RelayStore, GapStore):
     def relay_position(self, origin: str) -> tuple[int, int]:
         relay = self._state.relay.get(origin)
         return (relay.last_sequence, relay.published_through) if relay else (0, 0)
+
+    def database_mark(self, origin: str, epoch: int) -> DatabaseMark:
+        last, published = self.relay_position(origin)
+        return DatabaseMark(self._state.lsn, last, published, epoch)
+
+    def pending_compensations(self, limit: int) -> list[tuple[str, str]]:
+        published = self._state.compensations_published
+        return [(ident, json.dumps(doc)) for ident, doc in self._state.compensations.items()
+                if ident not in published][:limit]
+
+    def mark_compensations_published(self, ids: Sequence[str]) -> None:
+        self._state.compensations_published.update(ids)
+        self._changed()
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ lifecycle
+
+    def region_status(self) -> RegionStatus:
+        if self._state.lifecycle is None:
+            self._state.lifecycle = RegionStatus(self.region, State.ACTIVE, 1, "migrated")
+        return self._state.lifecycle
+
+    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
+                   expected_epoch: int | None = None) -> RegionStatus:
+        current = self.region_status()
+        if expected_epoch is not None and expected_epoch != current.epoch:
+            raise LifecycleError("lifecycle moved on meanwhile", region=self.region,
+                                 expected_epoch=expected_epoch, epoch=current.epoch)
+        check_transition(current.state, target, force=force)
+        if current.state is not target:
+            self._state.lifecycle = RegionStatus(self.region, target, current.epoch + 1, reason)
+            self._changed()
+        return self._state.lifecycle or current
+
+    def restore(self, snapshot: MemoryRegionStore) -> None:
+        """Become ``snapshot`` (taken with :meth:`snapshot`): a database restored from a backup."""
+        self._state = copy.deepcopy(snapshot._state)
+        self._next_position = snapshot._next_position
+
+    def snapshot(self) -> MemoryRegionStore:
+        """A copy of this database as it is now (a backup)."""
+        taken = MemoryRegionStore(self.region, self.tables, max_offset_ms=self.max_offset_ms, now_ms=self.now_ms)
+        taken._state = copy.deepcopy(self._state)
+        taken._next_position = self._next_position
+        return taken
 
     # ------------------------------------------------------------ gaps
 

@@ -15,10 +15,10 @@ is never asked to pretend it has Merkle leaves or triggers:
   quarantine and compensation events as apply writes them, the outbox insert of a
   local write;
 - :class:`RelayStore`: the relay lease, claiming numbered messages, marking them
-  published;
+  published, the checks before numbering, compensation events;
 - :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
 - :class:`RegionStore`: all three plus what only operators and drills read (the
-  conflict queue, quarantine listings, the lifecycle).
+  conflict queue, quarantine listings).
 
 Every implementation raises :class:`~reconciler.errors.ReconcilerError`
 subclasses only: a driver error never crosses this boundary.
@@ -44,6 +44,7 @@ __all__ = [
     "ApplyStore",
     "ApplyChecks",
     "ConflictRow",
+    "DatabaseMark",
     "GapStore",
     "HeldEntry",
     "Message",
@@ -202,8 +203,46 @@ class ApplyStore(ABC):
         """Queue a local write's event for the relay."""
 
 
+@dataclass(frozen=True)
+class DatabaseMark:
+    """What a relay remembers of its database, to recognise a restore under it.
+
+    A physical restore keeps the system identifier and, without a point-in-time
+    target, the timeline; what it cannot keep is anything written after the backup:
+    the WAL insert position goes back, and so do the relay's own counters and the
+    lease epoch it bumped. Each of these only ever grows on a database that was not
+    restored (crash recovery replays to the end of the written WAL).
+    """
+
+    lsn: int
+    last_sequence: int
+    published_through: int
+    epoch: int
+
+    def behind(self, seen: DatabaseMark) -> list[str]:
+        """Why this (newer) reading shows a database older than ``seen``; empty: not restored."""
+        why = []
+        if self.lsn < seen.lsn:
+            why.append(f"WAL position went back from {seen.lsn} to {self.lsn}")
+        if self.last_sequence < seen.last_sequence:
+            why.append(f"relay counter went back from {seen.last_sequence} to {self.last_sequence}")
+        if self.published_through < seen.published_through:
+            why.append(f"published_through went back from {seen.published_through} to {self.published_through}")
+        if self.epoch <= seen.epoch:
+            why.append(f"relay lease epoch {self.epoch} not above the {seen.epoch} already held")
+        return why
+
+    def advanced(self, lsn: int = 0, last_sequence: int = 0, published_through: int = 0) -> DatabaseMark:
+        return DatabaseMark(max(self.lsn, lsn), max(self.last_sequence, last_sequence),
+                            max(self.published_through, published_through), self.epoch)
+
+
 class RelayStore(ABC):
-    """The relay's side of the outbox: lease, claim, mark published."""
+    """The relay's side of the outbox: lease, claim, mark published; what it checks
+    before numbering (the database's mark, the lifecycle); compensation events."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
     @abstractmethod
     def acquire_lease(self, origin: str, holder: str) -> int:
@@ -221,6 +260,26 @@ class RelayStore(ABC):
     @abstractmethod
     def relay_position(self, origin: str) -> tuple[int, int]:
         """(last sequence assigned, last sequence published)."""
+
+    @abstractmethod
+    def database_mark(self, origin: str, epoch: int) -> DatabaseMark:
+        """The database as it is now, ``epoch`` being the lease just taken."""
+
+    @abstractmethod
+    def pending_compensations(self, limit: int) -> list[tuple[str, str]]:
+        """(id, JSON text) of compensation events not yet acknowledged by the broker, oldest first."""
+
+    @abstractmethod
+    def mark_compensations_published(self, ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def region_status(self) -> RegionStatus: ...
+
+    @abstractmethod
+    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
+                   expected_epoch: int | None = None) -> RegionStatus:
+        """Move the region to ``target`` (epoch + 1); LifecycleError when ``expected_epoch``
+        is given and the lifecycle moved on meanwhile, or the move is not allowed."""
 
 
 class GapStore(ABC):
@@ -241,9 +300,6 @@ class GapStore(ABC):
 
 class RegionStore(ApplyStore, RelayStore, GapStore):
     """Everything services, the CLI and the drills ask of one region's database."""
-
-    @abstractmethod
-    def close(self) -> None: ...
 
     # ------------------------------------------------------------ catalogue
 
@@ -280,14 +336,6 @@ class RegionStore(ApplyStore, RelayStore, GapStore):
     def events_held(self, event_ids: Sequence[str]) -> int:
         """How many of ``event_ids`` this region holds, in its inbox or its outbox."""
 
-    # ------------------------------------------------------------ lifecycle
-
-    @abstractmethod
-    def region_status(self) -> RegionStatus: ...
-
-    @abstractmethod
-    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
-                   expected_epoch: int | None = None) -> RegionStatus: ...
 
 
 def once_per_event(events: Sequence[Event], added: Mapping[tuple[str, int], tuple[str, bool]]) -> set[tuple[str, int]]:

@@ -27,6 +27,7 @@ from ..model import ConflictRecord, Event, Operation, RowState
 from . import quarantine as quarantine_store
 from .invariants import check_invariants, validate_invariants
 from .merkle_leaves import install_leaves
+from .port import DatabaseMark as DatabaseMark
 from .port import StateRow as StateRow
 from .port import json_text as json_text
 from .port import once_per_event
@@ -709,40 +710,6 @@ def own_ranges(conn: Connection, origin: str) -> list[tuple[int, int]]:
         else:
             out.append((int(lo), int(hi)))
     return out
-
-
-@dataclass(frozen=True)
-class DatabaseMark:
-    """What a relay remembers of its database, to recognise a restore under it.
-
-    A physical restore keeps the system identifier and, without a point-in-time
-    target, the timeline; what it cannot keep is anything written after the backup:
-    the WAL insert position goes back, and so do the relay's own counters and the
-    lease epoch it bumped. Each of these only ever grows on a database that was not
-    restored (crash recovery replays to the end of the written WAL).
-    """
-
-    lsn: int
-    last_sequence: int
-    published_through: int
-    epoch: int
-
-    def behind(self, seen: DatabaseMark) -> list[str]:
-        """Why this (newer) reading shows a database older than ``seen``; empty: not restored."""
-        why = []
-        if self.lsn < seen.lsn:
-            why.append(f"WAL position went back from {seen.lsn} to {self.lsn}")
-        if self.last_sequence < seen.last_sequence:
-            why.append(f"relay counter went back from {seen.last_sequence} to {self.last_sequence}")
-        if self.published_through < seen.published_through:
-            why.append(f"published_through went back from {seen.published_through} to {self.published_through}")
-        if self.epoch <= seen.epoch:
-            why.append(f"relay lease epoch {self.epoch} not above the {seen.epoch} already held")
-        return why
-
-    def advanced(self, lsn: int = 0, last_sequence: int = 0, published_through: int = 0) -> DatabaseMark:
-        return DatabaseMark(max(self.lsn, lsn), max(self.last_sequence, last_sequence),
-                            max(self.published_through, published_through), self.epoch)
 
 
 def database_mark(conn: Connection, origin: str, epoch: int) -> DatabaseMark:

@@ -796,6 +796,56 @@ class KafkaSubscription:
             pass  # already closed, or broken: nothing left to release
 
 
+class KafkaControlChannel:
+    """:class:`~reconciler.transport.port.ControlChannel` on a producer and a consumer
+    assigned at the end of the topic (made by :meth:`KafkaEventLog.control`)."""
+
+    def __init__(self, producer: Any, consumer: Any, topic: str, *, region: str | None = None) -> None:
+        self.topic = topic
+        self._producer = producer
+        self._consumer = consumer
+        self._where = {"region": region, "topic": topic, "step": "read control topic"}
+        self._undelivered = 0
+
+    def send(self, key: bytes, value: bytes) -> None:
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self._undelivered += 1
+
+        try:
+            self._producer.produce(self.topic, key=key, value=value, on_delivery=delivered)
+        except BufferError:
+            self._undelivered += 1  # the queue is full of messages nobody received: skip this one
+        self._producer.poll(0)
+
+    def undelivered(self) -> int:
+        count, self._undelivered = self._undelivered, 0
+        return count
+
+    def receive(self, timeout: float, max_messages: int = 100) -> list[bytes]:
+        # poll() for the first, not consume(n, timeout): consume waits out its whole
+        # timeout unless n messages arrive, and a heartbeat reader would count that
+        # wait as network delay
+        first = poll(self._consumer, timeout, **self._where)
+        if first is None:
+            return []
+        rest = consume(self._consumer, max_messages - 1, 0, **self._where) if max_messages > 1 else []
+        return [msg.value() for msg in [first, *rest] if msg.value() is not None]
+
+    def close(self) -> None:
+        for closing in (self._consumer, self._producer):
+            if closing is None:
+                continue
+            try:
+                if closing is self._producer:
+                    closing.flush(1)
+                else:
+                    closing.close()
+            except Exception:  # noqa: BLE001 - a broken client must not mask the real error
+                pass
+        self._producer = self._consumer = None
+
+
 class KafkaEventLog:
     """:class:`~reconciler.transport.port.EventLog` on a Kafka cluster.
 
@@ -846,10 +896,24 @@ class KafkaEventLog:
             yield decode(origin, topic, p, msg.offset() or 0, msg.value())
 
     def retained(self, origin: str) -> tuple[int, int] | None:
-        return retained_sequences(self.settings, self.topic_of(origin))
+        return retained_sequences(self.settings, self.topic_of(origin), timeout=self.timeout)
 
     def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         return retained_ranges(self.settings, self.topic_of(origin), wanted, timeout=self.timeout)
+
+    def control(self, topic: str, reader: str, *, expire_seconds: float, partitions: int = 1) -> KafkaControlChannel:
+        ensure_topics(self.settings, [topic], partitions, region=self.region)
+        sender = producer(self.settings, **{"linger.ms": "0",
+                                            "message.timeout.ms": str(int(max(1000.0, expire_seconds * 1000)))})
+        # read by assignment, not by group subscription: every reader wants every
+        # partition anyway, and a group rebalance would delay the first messages by seconds
+        reader_consumer = consumer(self.settings, reader, **{"auto.offset.reset": "latest"})
+        try:
+            assign_at_end(reader_consumer, topic, region=self.region, step="assign control topic")
+        except ReconcilerError:
+            KafkaControlChannel(sender, reader_consumer, topic).close()
+            raise
+        return KafkaControlChannel(sender, reader_consumer, topic, region=self.region)
 
 
 # -- readers outside a group (the saga, drills)

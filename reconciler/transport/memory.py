@@ -44,6 +44,7 @@ class MemoryEventLog:
         self._epochs: dict[str, int] = {}
         self._committed: dict[tuple[str, str, int], int] = {}
         self._lock = threading.RLock()
+        self._appended = threading.Condition(self._lock)
         #: messages handed out by read_range (what a reader fetched, for benchmarks and tests)
         self.messages_read = 0
 
@@ -101,6 +102,10 @@ class MemoryEventLog:
                     found.add(seq)
         return merge_sequences(found)
 
+    def control(self, topic: str, reader: str, *, expire_seconds: float, partitions: int = 1) -> MemoryControlChannel:
+        self.ensure_topics([topic], partitions)
+        return MemoryControlChannel(self, topic)
+
     # ------------------------------------------------------------ what tests do to a topic
 
     def append_raw(self, topic: str, value: bytes | None, key: bytes = b"") -> tuple[int, int]:
@@ -136,6 +141,7 @@ class MemoryEventLog:
         # librdkafka's default partitioner: CRC32 of the key, so a key keeps its partition
         p = zlib.crc32(key) % len(parts)
         parts[p].records.append((key, value))
+        self._appended.notify_all()
         return p, parts[p].end - 1
 
     def _offset_of_sequence(self, topic: str, p: int, sequence: int) -> int:
@@ -214,3 +220,40 @@ class MemorySubscription:
 
     def close(self) -> None:
         self._closed = True
+
+
+class MemoryControlChannel:
+    """Reads ``topic`` from where its end was when the channel was made."""
+
+    def __init__(self, log: MemoryEventLog, topic: str) -> None:
+        self._log = log
+        self.topic = topic
+        with log._lock:
+            self._positions = [part.end for part in log._topics[topic]]
+
+    def send(self, key: bytes, value: bytes) -> None:
+        with self._log._lock:
+            self._log._append(self.topic, key, value)
+
+    def undelivered(self) -> int:
+        return 0
+
+    def receive(self, timeout: float, max_messages: int = 100) -> list[bytes]:
+        with self._log._appended:
+            self._log._appended.wait_for(self._pending, timeout)
+            out: list[bytes] = []
+            for p, part in enumerate(self._log._topics[self.topic]):
+                pos = max(self._positions[p], part.start)
+                while pos < part.end and len(out) < max_messages:
+                    value = part.records[pos - part.start][1]
+                    if value is not None:
+                        out.append(value)
+                    pos += 1
+                self._positions[p] = pos
+            return out
+
+    def _pending(self) -> bool:
+        return any(part.end > pos for pos, part in zip(self._positions, self._log._topics[self.topic], strict=True))
+
+    def close(self) -> None:
+        pass

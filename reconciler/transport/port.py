@@ -106,6 +106,28 @@ class Subscription(Protocol):
     def close(self) -> None: ...
 
 
+class ControlChannel(Protocol):
+    """A topic every region writes small messages to and reads from its end (heartbeats).
+
+    Old messages are worthless here, so reading starts at the end, and a message not
+    delivered within the channel's expiry is dropped rather than sent late: a late
+    heartbeat would make a silent region look alive."""
+
+    def send(self, key: bytes, value: bytes) -> None:
+        """Queue one message; never blocks (a full queue drops it and counts it undelivered)."""
+        ...
+
+    def undelivered(self) -> int:
+        """Messages dropped or expired since the last call."""
+        ...
+
+    def receive(self, timeout: float, max_messages: int = 100) -> list[bytes]:
+        """The values that arrived, waiting up to ``timeout`` for the first only."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class EventLog(Protocol):
     def ensure_topics(self, topics: Iterable[str], partitions: int = 1) -> list[str]:
@@ -131,6 +153,11 @@ class EventLog(Protocol):
     def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """Which sequences of ``wanted`` (inclusive ranges) the topic really holds, as
         sorted, merged inclusive ranges."""
+        ...
+
+    def control(self, topic: str, reader: str, *, expire_seconds: float, partitions: int = 1) -> ControlChannel:
+        """A :class:`ControlChannel` on ``topic`` (created when missing), read from its end
+        by ``reader`` (unique per region) and dropping what is not delivered in time."""
         ...
 
 

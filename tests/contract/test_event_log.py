@@ -267,3 +267,42 @@ def test_a_subscription_delivers_poison_for_the_quarantine(harness: Harness) -> 
     assert len(got) == 1
     assert got[0].origin == "eu-west" and got[0].event is None and got[0].error is not None
     assert got[0].raw == b"\xff garbage" and got[0].sequence is None
+
+
+# ---------------------------------------------------------------- the control channel
+
+
+def test_a_control_channel_reads_from_its_end_what_others_send(harness: Harness) -> None:
+    topic = harness.topic("control")
+    early = harness.log.control(topic, f"reader-a-{uuid.uuid4().hex[:6]}", expire_seconds=5)
+    try:
+        early.send(b"us-east", b"before the second reader")
+        late = harness.log.control(topic, f"reader-b-{uuid.uuid4().hex[:6]}", expire_seconds=5)
+        try:
+            assert late.receive(0.2) == []  # what was sent before it was made is not news
+            early.send(b"us-east", b"one")
+            early.send(b"us-east", b"two")
+            got: list[bytes] = []
+            deadline = time.monotonic() + 30
+            while len(got) < 2 and time.monotonic() < deadline:
+                got += late.receive(0.5)
+            assert got == [b"one", b"two"]
+            seen_by_sender: list[bytes] = []
+            while len(seen_by_sender) < 3 and time.monotonic() < deadline:
+                seen_by_sender += early.receive(0.5)
+            assert seen_by_sender == [b"before the second reader", b"one", b"two"]
+            assert early.undelivered() == 0
+        finally:
+            late.close()
+    finally:
+        early.close()
+
+
+def test_receiving_waits_for_the_first_message_only_as_long_as_asked(harness: Harness) -> None:
+    channel = harness.log.control(harness.topic("control"), f"reader-{uuid.uuid4().hex[:6]}", expire_seconds=5)
+    try:
+        started = time.monotonic()
+        assert channel.receive(0.3) == []
+        assert 0.2 <= time.monotonic() - started < 5
+    finally:
+        channel.close()

@@ -8,6 +8,7 @@ leaves is tested against PostgreSQL alone, in tests/integration.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import pytest
 from reconciler import wire
 from reconciler.apply import Applier
 from reconciler.config import Config, TableConfig
-from reconciler.errors import ClockSkewError, FencedError
+from reconciler.errors import ClockSkewError, FencedError, LifecycleError
 from reconciler.hlc import Timestamp
+from reconciler.invariants import Discard, discard_id
+from reconciler.lifecycle import State
 from reconciler.model import ConflictKind, ConflictRecord, Event, Operation, Outcome, RowState, Version
 from reconciler.store.memory import MemoryRegionStore
 from reconciler.store.port import ApplyStore, GapStore, RelayStore
@@ -240,6 +243,47 @@ def test_relay_writes_are_fenced_by_the_epoch(store: Store) -> None:
         store.mark_published(REGION, old, 1)
     assert store.relay_position(REGION) == (0, 0)  # the fenced claim numbered nothing
     assert [s for s, _k, _v in store.claim_messages(REGION, new, 0, 10)] == [1]
+
+
+def test_the_database_mark_only_grows_with_relay_work(store: Store) -> None:
+    epoch = store.acquire_lease(REGION, "test")
+    before = store.database_mark(REGION, epoch)
+    assert (before.last_sequence, before.published_through, before.epoch) == (0, 0, epoch)
+    with store.transaction():
+        for e in _local(2):
+            store.insert_outbox(e)
+    store.claim_messages(REGION, epoch, 0, 10)
+    store.mark_published(REGION, epoch, 2)
+    after = store.database_mark(REGION, epoch + 1)
+    assert (after.last_sequence, after.published_through, after.epoch) == (2, 2, epoch + 1)
+    assert after.lsn > before.lsn
+    assert after.behind(before) == [] and before.behind(after) != []
+
+
+def test_compensation_events_wait_until_marked_published(store: Store) -> None:
+    lost = Version(values={"id": "k"}, hlc=Timestamp(now_ms(), 0), origin="eu-west")
+    kept = Version(values={"id": "k"}, hlc=Timestamp(now_ms() + 1, 0), origin=REGION)
+    with store.transaction():
+        assert store.queue_discards([Discard("orders", "k", lost, kept, {"policy": "lww"})]) == 1
+    pending = store.pending_compensations(10)
+    assert [ident for ident, _ in pending] == [discard_id("orders", "k", "eu-west", lost.hlc)]
+    assert json.loads(pending[0][1])["id"] == pending[0][0]
+    assert store.pending_compensations(10) == pending  # asked again: still there
+    store.mark_compensations_published([pending[0][0]])
+    assert store.pending_compensations(10) == []
+
+
+def test_lifecycle_moves_are_checked_and_bump_the_epoch(store: Store) -> None:
+    start = store.region_status()
+    assert start.state is State.ACTIVE
+    moved = store.transition(State.CATCHING_UP, "test", "contract", expected_epoch=start.epoch)
+    assert (moved.state, moved.epoch) == (State.CATCHING_UP, start.epoch + 1)
+    assert store.region_status() == moved
+    with pytest.raises(LifecycleError):
+        store.transition(State.VERIFYING, "stale view", "contract", expected_epoch=start.epoch)
+    with pytest.raises(LifecycleError):
+        store.transition(State.SUSPECT, "not allowed from CATCHING_UP", "contract")
+    assert store.region_status() == moved
 
 
 # ---------------------------------------------------------------- apply, through the port

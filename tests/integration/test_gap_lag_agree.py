@@ -16,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler import outbox, recovery
 from reconciler.cli import main
 from reconciler.config import Config
-from reconciler.sidecar import Sidecar, _Reconnecting
+from reconciler.sidecar import Sidecar
+from reconciler.stats import Measurement
+from reconciler.store.reconnecting import Reconnecting
 
 from .pipeline import Cluster, connect, make_env, rows, scalar, wait_until
 
@@ -36,10 +38,10 @@ def _cli(config: Config, *args: str) -> Any:
 
 def _metrics(config: Config) -> dict[str, float]:
     car = Sidecar(config, DEST)
-    own = _Reconnecting(config.region(DEST).dsn, DEST, retry_seconds=1.0)
-    peers = {ORIGIN: _Reconnecting(config.region(ORIGIN).dsn, ORIGIN, retry_seconds=1.0)}
+    own = Reconnecting(config.region(DEST).dsn, DEST, retry_seconds=1.0)
+    peers = {ORIGIN: Reconnecting(config.region(ORIGIN).dsn, ORIGIN, retry_seconds=1.0)}
     try:
-        car._measure(own, peers, car.log, set())
+        Measurement(car.ctx, car.log, car.events)(own, peers)
     finally:
         own.close()
         peers[ORIGIN].close()

@@ -31,7 +31,9 @@ from reconciler.errors import ConfigError
 from reconciler.invariants import violation_id
 from reconciler.model import Event
 from reconciler.provision import migrate
-from reconciler.sidecar import Sidecar, _Reconnecting
+from reconciler.sidecar import Sidecar
+from reconciler.stats import Measurement
+from reconciler.store.reconnecting import Reconnecting
 from reconciler.transport import kafka
 
 from .pipeline import TABLES, Cluster, connect, fully_delivered, make_env, scalar, wait_until
@@ -112,9 +114,9 @@ def open_metric(config: Config, region: str) -> dict[str, float]:
     """reconciler_invariant_violations_open{table="inventory"} per invariant, as the sidecar's
     stats measurement sets it."""
     car = Sidecar(config, region)
-    own = _Reconnecting(config.region(region).dsn, region, retry_seconds=1.0)
+    own = Reconnecting(config.region(region).dsn, region, retry_seconds=1.0)
     try:
-        car._measure(own, {}, car.log, set())
+        Measurement(car.ctx, car.log, car.events)(own, {})
     finally:
         own.close()
     return {

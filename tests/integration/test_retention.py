@@ -191,7 +191,7 @@ def test_the_sidecar_prunes_on_its_interval_and_counts_it(stack: Any, tmp_path: 
     _relay_all(config, origin)
     _apply(config, dest, _published(config, origin))
     sidecar = Sidecar(config, dest)
-    loop = threading.Thread(target=sidecar._retention_loop, args=(sidecar.stop,))
+    loop = threading.Thread(target=sidecar.run_loop, args=("retention",))
     loop.start()
     try:
         wait_until(lambda: scalar(config, dest, "SELECT count(*) FROM reconciler.inbox") == 0, 30,
@@ -205,7 +205,7 @@ def test_the_sidecar_prunes_on_its_interval_and_counts_it(stack: Any, tmp_path: 
     assert scalar(config, dest, "SELECT through FROM reconciler.inbox_floor") == 5
 
     kept = Sidecar(make_env(stack, tmp_path, retention={"keep_hours": None}), dest)
-    forever = threading.Thread(target=kept._retention_loop, args=(kept.stop,))
+    forever = threading.Thread(target=kept.run_loop, args=("retention",))
     forever.start()
     try:
         forever.join(0.5)  # returns at once if the loop ended

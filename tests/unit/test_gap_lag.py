@@ -26,6 +26,7 @@ from reconciler.gaps import (
 )
 from reconciler.hlc import Timestamp
 from reconciler.lifecycle import RegionStatus, State
+from reconciler.stats import Measurement
 from reconciler.status import _assemble, _Facts
 from reconciler.store import health, retention
 from reconciler.store import invariants as store_invariants
@@ -237,7 +238,7 @@ class _Db:
 def via_sidecar(config: Config) -> tuple[int, int, float]:
     car = sidecar.Sidecar(config, DEST)
     peers = {p: _Db(p) for p in config.peers(DEST)}
-    car._measure(_Db(DEST), peers, car.log, set())  # type: ignore[arg-type]
+    Measurement(car.ctx, car.log, car.events)(_Db(DEST), peers)  # type: ignore[arg-type]
     samples = {
         (family.name, sample.labels.get("origin")): sample.value
         for family in text_string_to_metric_families(car.metrics.render().decode())

@@ -5,16 +5,12 @@ from its consumer escaped its `except ReconcilerError`, and the whole sidecar st
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from reconciler.config import Config, RegionConfig
 from reconciler.errors import ReconcilerError, TransportError, TransportUnavailable
-from reconciler.logs import component_logger
-from reconciler.sidecar import _ControlLink
 from reconciler.transport import kafka
 
 
@@ -77,17 +73,7 @@ def test_end_of_partition_markers_are_dropped_and_message_errors_raised() -> Non
 
 
 def test_the_heartbeat_reader_raises_a_retryable_reconciler_error_not_the_driver_s() -> None:
-    config = Config(
-        path=Path("/etc/reconciler/reconciler.yaml"),
-        regions={
-            "us-east": RegionConfig("us-east", "postgresql://app@127.0.0.1:1/app", "127.0.0.1:0"),
-            "eu-west": RegionConfig("eu-west", "postgresql://app@127.0.0.1:1/app", "127.0.0.1:0"),
-        },
-        tables={},
-        kafka={"bootstrap.servers": "127.0.0.1:1"},
-    )
-    link = _ControlLink(config, "us-east", component_logger("heartbeat", "us-east"))
-    link._consumer = FakeConsumer(raises=down())
+    channel = kafka.KafkaControlChannel(None, FakeConsumer(raises=down()), "reconciler.control", region="us-east")
     with pytest.raises(ReconcilerError) as caught:
-        link.receive(0.01)
+        channel.receive(0.01)
     assert caught.value.retryable

@@ -98,7 +98,7 @@ def test_the_sidecar_relay_loop_survives_a_producer_kafka_exception(monkeypatch:
     sidecar = Sidecar(config, "us-east")
     flaky = FlakyRelay(sidecar.relay.log, sidecar.stop)
     sidecar.relay = flaky  # type: ignore[assignment]
-    sidecar._relay_loop(sidecar.stop)  # returns instead of raising: the loop retried
+    loop = sidecar.run_loop("relay")  # returns instead of raising: the loop retried
     assert flaky.steps >= 3 and flaky.starts >= 2  # rebuilt after the failure, went on
-    assert sidecar._relay_drained
+    assert loop.drained
     assert not sidecar.failures

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from reconciler import lifecycle_loop
+from reconciler import prune as prune_module
 from reconciler import sidecar as sidecar_module
 from reconciler.config import Config, RegionConfig, RetentionConfig
 from reconciler.errors import StoreUnavailable
@@ -70,8 +72,8 @@ def advances(sidecar: Sidecar, component: str) -> bool:
 
 
 @contextmanager
-def running(sidecar: Sidecar, body: Callable[[threading.Event], None]) -> Iterator[None]:
-    thread = threading.Thread(target=body, args=(sidecar.stop,), daemon=True)
+def running(sidecar: Sidecar, loop: str) -> Iterator[None]:
+    thread = threading.Thread(target=sidecar.run_loop, args=(loop,), daemon=True)
     thread.start()
     try:
         yield
@@ -111,7 +113,7 @@ def test_a_loop_is_stamped_when_it_starts_so_one_that_never_succeeds_still_ages(
 
 def test_disabled_retention_keeps_stamping_while_it_idles() -> None:
     sidecar = make_sidecar(RetentionConfig(keep_hours=None))
-    with running(sidecar, sidecar._retention_loop):
+    with running(sidecar, "retention"):
         assert advances(sidecar, "retention")
 
 
@@ -123,9 +125,9 @@ def test_retention_stamps_between_passes_only_while_its_last_pass_succeeded(monk
         if outcome["fail"]:
             raise StoreUnavailable("database unreachable", region="us-east")
 
-    monkeypatch.setattr(sidecar_module, "prune_region", prune)
+    monkeypatch.setattr(prune_module, "prune_region", prune)
     sidecar = make_sidecar(RetentionConfig(keep_hours=1.0, interval_seconds=1.2))
-    with running(sidecar, sidecar._retention_loop):
+    with running(sidecar, "retention"):
         # before the first pass (one interval, longer than advances() waits) and after good ones
         assert advances(sidecar, "retention")
         wait_for(lambda: outcome["passes"] >= 1, "a first pass")
@@ -138,7 +140,7 @@ def test_retention_stamps_between_passes_only_while_its_last_pass_succeeded(monk
 
 
 class _FakeDb:
-    """Stands for sidecar._Reconnecting: answers region_status with a set state."""
+    """Stands for store.reconnecting.Reconnecting: answers region_status with a set state."""
 
     def __init__(self, status: RegionStatus | None) -> None:
         self.status = status
@@ -152,11 +154,11 @@ class _FakeDb:
 
 def test_catch_up_loop_stamps_while_there_is_nothing_to_catch_up(monkeypatch: pytest.MonkeyPatch) -> None:
     active = RegionStatus("us-east", State.ACTIVE, 1, "test")
-    monkeypatch.setattr(sidecar_module, "_Reconnecting", lambda *a, **k: _FakeDb(active))
+    monkeypatch.setattr(lifecycle_loop, "Reconnecting", lambda *a, **k: _FakeDb(active))
     sidecar = make_sidecar(RetentionConfig())
-    sidecar._recover = lambda *a, **k: pytest.fail("an ACTIVE region must not be recovered")
-    sidecar._status = active
-    with running(sidecar, sidecar._recovery_loop):
+    sidecar.recover = lambda *a, **k: pytest.fail("an ACTIVE region must not be recovered")
+    sidecar.view.status = active
+    with running(sidecar, "replay"):
         assert advances(sidecar, "replay")
 
 
@@ -165,7 +167,7 @@ def test_catch_up_loop_stamps_when_the_gate_refuses_but_not_while_its_database_i
 ) -> None:
     catching_up = RegionStatus("us-east", State.CATCHING_UP, 1, "test")
     db = _FakeDb(catching_up)
-    monkeypatch.setattr(sidecar_module, "_Reconnecting", lambda *a, **k: db)
+    monkeypatch.setattr(lifecycle_loop, "Reconnecting", lambda *a, **k: db)
     calls: list[int] = []
 
     def refused(*_args: object, **_kwargs: object) -> SimpleNamespace:
@@ -173,9 +175,9 @@ def test_catch_up_loop_stamps_when_the_gate_refuses_but_not_while_its_database_i
         return SimpleNamespace(state="VERIFYING")
 
     sidecar = make_sidecar(RetentionConfig())
-    sidecar._recover = refused
-    sidecar._status = catching_up
-    with running(sidecar, sidecar._recovery_loop):
+    sidecar.recover = refused
+    sidecar.view.status = catching_up
+    with running(sidecar, "replay"):
         wait_for(lambda: bool(calls) and stamp(sidecar, "replay") is not None, "a refused catch-up")
         db.status = None  # the database stops answering
         time.sleep(0.6)  # the loop's own poll period, so a stamp in flight lands first

@@ -41,15 +41,15 @@ def test_a_busy_metrics_address_is_a_config_error_naming_the_key() -> None:
 def test_not_ready_until_the_state_is_read_and_only_while_active_and_fresh() -> None:
     sidecar = Sidecar(config("127.0.0.1:0"), "us-east")
     assert not sidecar.ready()  # nothing read yet: an operator may have fenced the region
-    sidecar._status = RegionStatus("us-east", State.ACTIVE, 1, "test")
-    sidecar._status_read_at = time.monotonic()
+    sidecar.view.status = RegionStatus("us-east", State.ACTIVE, 1, "test")
+    sidecar.view.read_at = time.monotonic()
     assert sidecar.ready()
-    sidecar._status_read_at = time.monotonic() - 60
+    sidecar.view.read_at = time.monotonic() - 60
     assert not sidecar.ready()  # the database has not answered for a minute
     for state in (State.CATCHING_UP, State.VERIFYING, State.FENCED, State.SUSPECT):
-        sidecar._status = RegionStatus("us-east", state, 2, "test")
-        sidecar._status_read_at = time.monotonic()
+        sidecar.view.status = RegionStatus("us-east", state, 2, "test")
+        sidecar.view.read_at = time.monotonic()
         assert not sidecar.ready(), state
-    sidecar._status = RegionStatus("us-east", State.ACTIVE, 3, "test")
+    sidecar.view.status = RegionStatus("us-east", State.ACTIVE, 3, "test")
     sidecar.stop.set()
     assert not sidecar.ready()  # draining: the load balancer must stop sending traffic
