@@ -26,8 +26,8 @@ from .apply import Applier, ApplyReport, event_key
 from .errors import ConflictError, EventError
 from .hlc import Timestamp
 from .model import Event, Version, encode_key
-from .store.port import RegionStore
-from .store.postgres_store import as_region_store
+from .store.port import ApplyStore, RegionStore
+from .store.postgres_store import as_region_store, as_store
 
 __all__ = [
     "STATUSES",
@@ -485,10 +485,10 @@ def discard_quarantined(conn: RegionStore | Any, entry_id: int, *, by: str, reas
     return entry
 
 
-def retry_held(conn: RegionStore | Any, applier: Applier, limit: int) -> ApplyReport:
+def retry_held(conn: ApplyStore | Any, applier: Applier, limit: int) -> ApplyReport:
     """Apply the held events (future stamps) whose stamp is no longer too far ahead
     of the database's clock; each one applied settles its entry."""
-    store = as_region_store(conn)
+    store = as_store(conn)
     with store.transaction():
         due = store.held_due(limit)
     report = ApplyReport()

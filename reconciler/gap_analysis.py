@@ -147,9 +147,24 @@ def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRan
     return {o: SeqRanges(log.retained_ranges(o, r.ranges)) for o, r in wanted.items() if r}
 
 
+#: librdkafka prefetches up to 100,000 messages (or 64 MiB) per partition ahead of a
+#: reader by default: ~100 MiB of the recover's RSS while it reads a long range. A
+#: replay reads one partition front to back and decodes and applies far slower than
+#: the broker sends, so a small queue costs nothing; the backoff once the queue is
+#: full is cut from 1 s to 10 ms so that the reader never waits for it. A config's
+#: own values win.
+READER_SETTINGS = {"queued.min.messages": "5000", "queued.max.messages.kbytes": "8192",
+                   "fetch.queue.backoff.ms": "10"}
+
+
+def reader_settings(config: Config, region: str) -> dict[str, str]:
+    """``region``'s Kafka settings for reading a topic front to back (replay, retention)."""
+    return {**READER_SETTINGS, **config.kafka_settings(region)}
+
+
 def _reader_log(config: Config) -> EventLog:
     """Gap analysis reads every origin's topic with the first region's settings."""
-    return kafka.KafkaEventLog(config.kafka_settings(next(iter(config.regions))), config.events_topic)
+    return kafka.KafkaEventLog(reader_settings(config, next(iter(config.regions))), config.events_topic)
 
 
 def analyze_gaps(config: Config, region: str | None = None) -> GapReport:

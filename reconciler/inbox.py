@@ -22,9 +22,10 @@ from .logs import component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
 from .model import Event
-from .store import postgres as pg
-from .transport import kafka
-from .transport.port import Delivery, Subscription
+from .store.port import PipelineStore, StoreSessions
+from .store.postgres_store import RegionDatabases
+from .transport.kafka import KafkaEventLog
+from .transport.port import Delivery, EventLog, Subscription
 
 #: how often held (future-stamped) events are looked at again
 HELD_RETRY_SECONDS = 1.0
@@ -47,21 +48,24 @@ class _Batch:
 
 class InboxConsumer:
     def __init__(
-        self, config: Config, region: str, *, metrics: Metrics | None = None, origins: list[str] | None = None
+        self, config: Config, region: str, *, metrics: Metrics | None = None, origins: list[str] | None = None,
+        databases: StoreSessions | None = None, events: EventLog | None = None,
     ) -> None:
         self.config = config
         self.region = region
         self.origins = origins or config.peers(region)
         self.topics = [config.events_topic(o) for o in self.origins]
-        self._origin_of = {config.events_topic(o): o for o in self.origins}
         self.metrics = metrics
         self.log = component_logger("inbox", region)
-        self._conn: pg.Connection | None = None
+        self.databases: StoreSessions = databases or RegionDatabases(config)
+        self.events: EventLog = events or KafkaEventLog(config.kafka_settings(region), config.events_topic,
+                                                        region=region)
+        self._conn: PipelineStore | None = None
         self._subscription: Subscription | None = None
         self._applier: Applier | None = None
-        #: the applier above plus one per further ``apply.workers``, each on its own connection
+        #: the applier above plus one per further ``apply.workers``, each on its own session
         self._routed: KeyRoutedApplier | None = None
-        self._worker_conns: list[pg.Connection] = []
+        self._worker_conns: list[PipelineStore] = []
         #: fetched while the previous batch was applied; not committed, so on a rebuild
         #: or a stop it is simply delivered again
         self._ahead: _Batch | None = None
@@ -76,19 +80,17 @@ class InboxConsumer:
         return f"{self.config.topic_prefix}.inbox.{self.region}"
 
     def start(self) -> None:
-        settings = self.config.kafka_settings(self.region)
-        kafka.ensure_topics(settings, self.topics, self.config.topic_partitions, region=self.region)
+        self.events.ensure_topics(self.topics, self.config.topic_partitions)
         # autocommit: every Applier.transaction() is then a real transaction, never a
         # savepoint inside one that an earlier read left open
-        self._conn = pg.connect(self.config.region(self.region).dsn, region=self.region, autocommit=True)
+        self._conn = self.databases.open(self.region, autocommit=True)
         self._applier = Applier(self._conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
-        dsn = self.config.region(self.region).dsn
-        self._worker_conns = [pg.connect(dsn, region=self.region, autocommit=True)
+        self._worker_conns = [self.databases.open(self.region, autocommit=True)
                               for _ in range(self.config.apply_workers - 1)]
         self._routed = KeyRoutedApplier([self._applier] + [
             Applier(conn, self.region, self.config.tables, self.config.hlc_max_offset_ms)
             for conn in self._worker_conns])
-        self._subscription = kafka.KafkaSubscription(settings, self.group_id, self._origin_of, region=self.region)
+        self._subscription = self.events.subscribe(self.group_id, self.origins)
         self._asked, self._due, self._commit_check_at = {}, {}, time.monotonic() + COMMIT_CHECK_SECONDS
         self._ahead = None
         self.log.info("inbox started", extra={"fields": {"topics": self.topics}})

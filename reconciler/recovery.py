@@ -21,7 +21,7 @@ from typing import Any
 from .apply import Applier
 from .config import Config
 from .errors import FencedError
-from .gap_analysis import GapReport, RegionFacts, analyze_gaps, database_now_ms
+from .gap_analysis import GapReport, RegionFacts, analyze_gaps, database_now_ms, reader_settings
 from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
@@ -205,7 +205,7 @@ def _replay(
 def event_log(config: Config, origin: str) -> EventLog:
     """The event log ``origin``'s topic is read through, with that region's Kafka
     settings (its principal may read its own topic)."""
-    return kafka.KafkaEventLog(config.kafka_settings(origin), config.events_topic, region=origin)
+    return kafka.KafkaEventLog(reader_settings(config, origin), config.events_topic, region=origin)
 
 
 def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> None:

@@ -46,7 +46,7 @@ from .lifecycle import State
 from .logs import ComponentLogger, component_logger
 from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
-from .store.port import DatabaseMark, RelayStore
+from .store.port import DatabaseMark, RelayStore, StoreSessions
 from .store.postgres_store import RegionDatabases, peers_seen_through
 from .transport.kafka import KafkaEventLog
 from .transport.port import EventLog, Publisher
@@ -57,17 +57,10 @@ COMPENSATION_POLL_SECONDS = 0.5
 KAFKA_CHECK_TIMEOUT_SECONDS = 10.0
 
 
-class RelayDatabases(Protocol):
-    """Where the relay's sessions come from (:class:`~reconciler.store.postgres_store.RegionDatabases`
-    in production, one in-memory store in unit tests)."""
-
-    def open(self, region: str, *, autocommit: bool = False) -> RelayStore: ...
-
-
 class Relay:
     def __init__(
         self, config: Config, region: str, *, holder: str | None = None, metrics: Metrics | None = None,
-        databases: RelayDatabases | None = None, events: EventLog | None = None,
+        databases: StoreSessions | None = None, events: EventLog | None = None,
         peers_seen: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.config = config
@@ -77,7 +70,7 @@ class Relay:
         self.metrics = metrics
         self.log = component_logger("relay", region)
         self.epoch = 0
-        self.databases: RelayDatabases = databases or RegionDatabases(config)
+        self.databases: StoreSessions = databases or RegionDatabases(config)
         self.events: EventLog = events or KafkaEventLog(config.kafka_settings(region), config.events_topic,
                                                         region=region, timeout=KAFKA_CHECK_TIMEOUT_SECONDS)
         #: the highest sequence of this region each reachable peer applied

@@ -278,7 +278,9 @@ def _entry(row: Sequence[Any]) -> ViolationEntry:
     return ViolationEntry(*row)
 
 
-def list_violations(conn: Connection, table: str | None = None, status: str | None = "open") -> list[ViolationEntry]:
+def table_and_status_filter(table: str | None, status: str | None) -> tuple[str, list[Any]]:
+    """`` WHERE table_name = %s AND status = %s`` for what is given (status "all": any),
+    and its parameters; the queue tables (conflicts, violations) are listed this way."""
     conditions, params = [], []
     if table is not None:
         conditions.append("table_name = %s")
@@ -286,7 +288,11 @@ def list_violations(conn: Connection, table: str | None = None, status: str | No
     if status not in (None, "all"):
         conditions.append("status = %s")
         params.append(status)
-    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return (f" WHERE {' AND '.join(conditions)}" if conditions else ""), params
+
+
+def list_violations(conn: Connection, table: str | None = None, status: str | None = "open") -> list[ViolationEntry]:
+    where, params = table_and_status_filter(table, status)
     with translated(step="list violations"):
         rows = conn.execute(
             f"SELECT {_VIOLATION_COLUMNS} FROM reconciler.violations{where} ORDER BY detected_at, violation_id",

@@ -32,13 +32,11 @@ from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
 from .port import (
     ApplyChecks,
-    ApplyStore,
     DatabaseMark,
-    GapStore,
     HeldEntry,
     Message,
     ParkedEvents,
-    RelayStore,
+    PipelineStore,
     StateRow,
     json_text,
     once_per_event,
@@ -90,7 +88,7 @@ class _State:
     lsn: int = 0
 
 
-class MemoryRegionStore(ApplyStore, RelayStore, GapStore):
+class MemoryRegionStore(PipelineStore):
     """One region's database in memory (see the module doc for what it leaves out)."""
 
     def __init__(
@@ -308,6 +306,13 @@ class MemoryRegionStore(ApplyStore, RelayStore, GapStore):
             self._next_quarantine_id += 1
             self._state.quarantine[row["id"]] = row
         self._changed()
+
+    def held_due(self, limit: int) -> list[tuple[int, bytes]]:
+        now = self.now_ms()
+        due = [(entry_id, q["raw"]) for entry_id, q in sorted(self._state.quarantine.items())
+               if not q["settled"] and q["reason"] == "clock_skew" and q["hlc"] is not None
+               and q["raw"] is not None and Timestamp.unpack(q["hlc"]).wall_ms - now <= self.max_offset_ms]
+        return due[:limit]
 
     def apply_checks(self, events: Sequence[Event]) -> ApplyChecks:
         pairs = {(e.origin, e.sequence) for e in events if e.sequence is not None}

@@ -17,6 +17,7 @@ is never asked to pretend it has Merkle leaves or triggers:
 - :class:`RelayStore`: the relay lease, claiming numbered messages, marking them
   published, the checks before numbering, compensation events;
 - :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
+- :class:`PipelineStore`: those three, what the in-memory store implements;
 - :class:`RegionStore`: all three plus what only operators and drills read (the
   conflict queue, quarantine listings).
 
@@ -31,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ..config import TableConfig
 from ..hlc import Timestamp
@@ -49,8 +50,10 @@ __all__ = [
     "HeldEntry",
     "Message",
     "ParkedEvents",
+    "PipelineStore",
     "RegionStore",
     "RelayStore",
+    "StoreSessions",
     "StateRow",
     "json_text",
     "states_from_rows",
@@ -186,6 +189,10 @@ class ApplyStore(ABC):
         """Keep what could not be applied, raw, with its reason (once per open reason)."""
 
     @abstractmethod
+    def held_due(self, limit: int) -> list[tuple[int, bytes]]:
+        """Held (clock_skew) entries whose stamp is near enough now: (id, raw message)."""
+
+    @abstractmethod
     def apply_checks(self, events: Sequence[Event]) -> ApplyChecks:
         """The clock, the max offset and the held quarantine entries of ``events``."""
 
@@ -298,7 +305,19 @@ class GapStore(ABC):
         """Sequences of ``origin`` accounted for as its own: numbered rows and the pruned prefix."""
 
 
-class RegionStore(ApplyStore, RelayStore, GapStore):
+class PipelineStore(ApplyStore, RelayStore, GapStore):
+    """What the pipeline's services (relay, inbox, apply, gap analysis) use: all the
+    in-memory store implements."""
+
+
+class StoreSessions(Protocol):
+    """Where services open their sessions on a region's database
+    (:class:`~reconciler.store.postgres_store.RegionDatabases` in production)."""
+
+    def open(self, region: str, *, autocommit: bool = False) -> PipelineStore: ...
+
+
+class RegionStore(PipelineStore):
     """Everything services, the CLI and the drills ask of one region's database."""
 
     # ------------------------------------------------------------ catalogue
@@ -326,9 +345,6 @@ class RegionStore(ApplyStore, RelayStore, GapStore):
     @abstractmethod
     def quarantine_audit(self, entry_id: int) -> list[tuple[Any, ...]]: ...
 
-    @abstractmethod
-    def held_due(self, limit: int) -> list[tuple[int, bytes]]:
-        """Held (clock_skew) entries whose stamp is near enough now: (id, raw message)."""
 
     # ------------------------------------------------------------ events held anywhere here
 

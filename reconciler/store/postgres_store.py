@@ -177,15 +177,7 @@ class PostgresRegionStore(RegionStore):
             return invariants_store.queue_discards(self._conn, discards)
 
     def conflict_rows(self, table: str | None = None, status: str | None = None) -> list[ConflictRow]:
-        where = []
-        params: list[Any] = []
-        if table is not None:
-            where.append("table_name = %s")
-            params.append(table)
-        if status not in (None, "all"):
-            where.append("status = %s")
-            params.append(status)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        clause, params = invariants_store.table_and_status_filter(table, status)
         with self.translating("list conflicts", table=table):
             return self._conn.execute(
                 f"{_CONFLICT_SELECT}{clause} ORDER BY detected_at, conflict_id", params

@@ -390,7 +390,7 @@ def retained_sequences(settings: Mapping[str, str], topic: str, timeout: float =
 
 
 def _read_first_sequence(reader: Consumer, topic: str, p: int, low: int, high: int, timeout: float) -> int | None:
-    for msg in _drain(reader, topic, p, low, high, timeout):
+    for msg in _probe(reader, topic, p, low, high, timeout):
         seq = _sequence_of(msg.value())
         if seq is not None:
             return seq
@@ -403,7 +403,7 @@ def _read_last_sequence(reader: Consumer, topic: str, p: int, low: int, high: in
     while start >= low:
         window = max(low, start - 63)
         best = None
-        for msg in _drain(reader, topic, p, window, start + 1, timeout):
+        for msg in _probe(reader, topic, p, window, start + 1, timeout):
             seq = _sequence_of(msg.value())
             if seq is not None:
                 best = seq if best is None else max(best, seq)
@@ -425,28 +425,9 @@ def _stale(msg: Any, topic: str, p: int, start: int) -> bool:
     return msg.topic() != topic or msg.partition() != p or (msg.offset() or 0) < start
 
 
-def _drain(reader: Consumer, topic: str, p: int, start: int, until: int, timeout: float) -> Iterator[Any]:
-    """Messages of partition ``p`` from offset ``start`` up to ``until`` (exclusive)."""
-    reader.assign([TopicPartition(topic, p, start)])
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # a short wait: consume() holds out for a full batch, and the end of a partition
-        # (or a probe's single message) rarely fills one
-        batch = reader.consume(num_messages=500, timeout=0.05)
-        for msg in batch:
-            if _stale(msg, topic, p, start):
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    return
-                raise translate(err, step="read topic")
-            offset = msg.offset() or 0
-            if offset >= until:
-                return
-            yield msg
-            if offset >= until - 1:
-                return
+def _probe(reader: Consumer, topic: str, p: int, start: int, until: int, timeout: float) -> Iterator[Any]:
+    """A few messages of partition ``p`` in [start, until), fetched without waiting for a full batch."""
+    return _messages_from(reader, topic, p, start, until, 500, timeout, poll_wait=0.05, step="read topic")
 
 
 def _partitions(reader: Consumer, topic: str, timeout: float) -> Iterator[tuple[int, int, int]]:
@@ -479,16 +460,18 @@ def _watermarks(reader: Consumer, topic: str, p: int, timeout: float) -> tuple[i
             time.sleep(0.1)
 
 
-def _messages_from(reader: Consumer, topic: str, p: int, start: int, high: int, batch: int,
-                   timeout: float, **context: Any) -> Iterator[Any]:
-    """Messages of partition ``p`` from offset ``start`` up to ``high`` (exclusive), in
-    batches of ``batch`` fetched at a time; ``timeout`` bounds a wait with no progress."""
-    if high <= start:
+def _messages_from(reader: Consumer, topic: str, p: int, start: int, until: int, batch: int,
+                   timeout: float, *, poll_wait: float = 0.5, **context: Any) -> Iterator[Any]:
+    """Messages of partition ``p`` from offset ``start`` up to ``until`` (exclusive), in
+    batches of ``batch`` fetched at a time; ``timeout`` bounds a wait with no progress.
+    A probe's few messages want a short ``poll_wait``: consume() holds out for a whole
+    batch, and the end of a partition rarely fills one."""
+    if until <= start:
         return
     reader.assign([TopicPartition(topic, p, start)])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for msg in reader.consume(num_messages=batch, timeout=0.5):
+        for msg in reader.consume(num_messages=batch, timeout=poll_wait):
             if _stale(msg, topic, p, start):
                 continue
             err = msg.error()
@@ -496,9 +479,12 @@ def _messages_from(reader: Consumer, topic: str, p: int, start: int, high: int, 
                 if err.code() == KafkaError._PARTITION_EOF:
                     return
                 raise translate(err, topic=topic, partition=p, **context)
+            offset = msg.offset() or 0
+            if offset >= until:
+                return  # the last offset wanted was a transaction marker, never delivered
             deadline = time.monotonic() + timeout
             yield msg
-            if (msg.offset() or 0) >= high - 1:
+            if offset >= until - 1:
                 return
 
 
@@ -586,7 +572,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
                 continue
             for lo, hi in ranges:
                 start = offset_of_sequence(reader, topic, p, low, high, lo, timeout)
-                for msg in _drain(reader, topic, p, start, high, timeout):
+                for msg in _probe(reader, topic, p, start, high, timeout):
                     seq = _sequence_of(msg.value())
                     if seq is None:
                         continue

@@ -26,15 +26,14 @@ from reconciler.invariants import Discard, discard_id
 from reconciler.lifecycle import State
 from reconciler.model import ConflictKind, ConflictRecord, Event, Operation, Outcome, RowState, Version
 from reconciler.store.memory import MemoryRegionStore
-from reconciler.store.port import ApplyStore, GapStore, RelayStore
+from reconciler.store.port import PipelineStore
 from reconciler.store.postgres_store import PostgresRegionStore, open_store
 from tests.integration.pipeline import TABLES, admin_dsn, make_env
 
 REGION = "us-east"
 
 
-class Store(ApplyStore, RelayStore, GapStore):
-    """What the contract may use: the parts both implementations have."""
+Store = PipelineStore  # what the contract may use: the parts both implementations have
 
 
 def _tables() -> dict[str, TableConfig]:

@@ -49,7 +49,7 @@ def test_what_an_earlier_assignment_fetched_is_not_taken_for_this_partition() ->
     leftovers = [Msg("t", 0, 40, eof=True), Msg("t", 0, 39), Msg("t", 1, 3)]  # partition 0's, and offset 3 < 5
     mine = [Msg("t", 1, 5), Msg("t", 1, 6), Msg("t", 1, 7)]
     reader = Reader([leftovers, mine])
-    got = list(kafka._drain(reader, "t", 1, 5, 8, timeout=2))  # type: ignore[arg-type]
+    got = list(kafka._probe(reader, "t", 1, 5, 8, 2))  # type: ignore[arg-type]
     assert [(m.partition(), m.offset()) for m in got] == [(1, 5), (1, 6), (1, 7)]
     assert reader.assigned == [[("t", 1, 5)]]
     # and the same in the replay reader: the stale end of partition 0 does not end partition 1
@@ -60,5 +60,5 @@ def test_what_an_earlier_assignment_fetched_is_not_taken_for_this_partition() ->
 
 def test_this_partitions_own_end_still_ends_the_read() -> None:
     reader = Reader([[Msg("t", 1, 5), Msg("t", 1, 6, eof=True)], [Msg("t", 1, 9)]])
-    got = list(kafka._drain(reader, "t", 1, 5, 100, timeout=2))  # type: ignore[arg-type]
+    got = list(kafka._probe(reader, "t", 1, 5, 100, 2))  # type: ignore[arg-type]
     assert [m.offset() for m in got] == [5]
