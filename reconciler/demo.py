@@ -26,6 +26,8 @@ from typing import Any
 SCENARIO = "regional-failover"
 #: the second act of `make demo`: an oversell across a partition, compensated
 SECOND_ACT = "flash-sale"
+#: the failover is shown under the load of a busy service, not a trickle
+DEMO_WRITES_PER_SECOND = 300.0
 
 
 # ---------------------------------------------------------------- text
@@ -245,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the stack `reconciler dev up` started (env RECONCILER_DEV_DIR, default .dev)")
     parser.add_argument("--out", type=Path, default=Path("demo-report.json"), help="report path (JSON)")
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--writes-per-second", type=float, default=DEMO_WRITES_PER_SECOND,
+                        help="acknowledged writes per second to aim at in each region during the failover "
+                             f"(default {DEMO_WRITES_PER_SECOND:.0f}); the report says what the machine sustained")
     parser.add_argument("--render", type=Path, default=None, help="only render a saved report (no drill)")
     parser.add_argument("--second-act", action=argparse.BooleanOptionalAction, default=True,
                         help=f"after the failover, run the {SECOND_ACT} drill (default: on)")
@@ -259,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(about a minute and a half)...", flush=True)
         try:
             report = run_drill(SCENARIO, scale=args.scale, dev_dir=args.dev_dir, json_out=args.out,
-                               log=lambda line: print(f"  {line}", flush=True))
+                               log=lambda line: print(f"  {line}", flush=True),
+                               writes_per_second=args.writes_per_second)
         except ReconcilerError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

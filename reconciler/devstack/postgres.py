@@ -263,6 +263,9 @@ class PostgresServer:
             "wal_level": "replica",
             "max_wal_senders": "4",
             "max_replication_slots": "4",
+            # crash recovery replays the WAL since the last checkpoint: under a drill's
+            # load the default five minutes of it took longer than a start may wait
+            "checkpoint_timeout": "'30s'",
             "logging_collector": "off",
             "log_min_messages": "warning",
             "log_line_prefix": "'%m [%p] '",
@@ -302,7 +305,7 @@ class PostgresServer:
         except (OSError, IndexError, ValueError):
             return None
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 180) -> None:
         """Start the server and wait until pg_ctl sees it ready; no-op when running."""
         if self.pid() is not None:
             if self.running_port() != self.port:

@@ -382,7 +382,7 @@ class DevStack:
         with self._locked():
             self.server(region).stop(mode)
 
-    def start_postgres(self, region: str, *, timeout: float = 60) -> None:
+    def start_postgres(self, region: str, *, timeout: float = 180) -> None:
         """Start one region's database again and wait until it answers."""
         with self._locked():
             server = self.server(region)
@@ -434,7 +434,7 @@ class DevStack:
             server.base_backup(target)
             return target
 
-    def restore_postgres(self, region: str, backup: Path, *, timeout: float = 60) -> None:
+    def restore_postgres(self, region: str, backup: Path, *, timeout: float = 180) -> None:
         """Crash ``region``'s database, replace its data with ``backup``, start it again.
 
         Everything committed after the backup is gone from that region, exactly as

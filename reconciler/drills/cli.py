@@ -31,9 +31,13 @@ import click
               help="Seed of a randomized drill's fault schedule and workload (nemesis); same seed, same schedule.")
 @click.option("--minutes", type=click.FloatRange(min=0.1), default=None,
               help="How long a randomized drill injects faults under traffic (nemesis).")
+@click.option("--writes-per-second", type=click.FloatRange(min=0.1), default=None,
+              help="Acknowledged writes per second to aim at in each region, instead of the drill's own load "
+                   "(writers are added so none is asked for more than 40 a second).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (the list, or the report).")
 def drill(name: str | None, list_only: bool, scale: float, dev_dir: Path | None, json_out: Path | None, keep: bool,
-          quiet: bool, seed: int | None, minutes: float | None, as_json: bool) -> None:
+          quiet: bool, seed: int | None, minutes: float | None, writes_per_second: float | None,
+          as_json: bool) -> None:
     """Run a chaos drill under live traffic and prove its outcome.
 
     The drill gets its own databases and topics on the running local stack, breaks
@@ -63,7 +67,7 @@ def drill(name: str | None, list_only: bool, scale: float, dev_dir: Path | None,
 
     try:
         report = run_drill(name, scale=scale, dev_dir=dev_dir, json_out=json_out, log=progress, keep_workdir=keep,
-                           seed=seed, minutes=minutes)
+                           seed=seed, minutes=minutes, writes_per_second=writes_per_second)
     except ReconcilerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

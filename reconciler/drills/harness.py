@@ -88,6 +88,8 @@ class Drill:
     #: a randomized drill's seed and length (``reconciler drill nemesis --seed S --minutes M``)
     seed: int | None = None
     minutes: float | None = None
+    #: acknowledged writes per second per region to aim at instead of the scenario's load
+    writes_per_second: float | None = None
     #: keys a scenario adds to the top of its report (the nemesis: seed, faults)
     report_fields: dict[str, Any] = field(default_factory=dict)
     #: per region, event ids the scenario made it stop holding on purpose (pruned,
@@ -109,6 +111,8 @@ class Drill:
             spec = dataclasses.replace(spec, seconds=self.minutes * 60)
         if self.seed is not None:
             spec = dataclasses.replace(spec, seed=self.seed)
+        if self.writes_per_second is not None:
+            spec = spec.at_rate(self.writes_per_second)
         self.workload = Workload({r: self.env.direct.region(r).dsn for r in self.env.regions}, self._history, spec)
         self.sampler = observe.Sampler(self.config, self.workload.acknowledged)
         self.sampler.start()

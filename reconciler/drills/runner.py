@@ -47,6 +47,7 @@ def run_drill(
     keep_workdir: bool = False,
     seed: int | None = None,
     minutes: float | None = None,
+    writes_per_second: float | None = None,
 ) -> dict[str, Any]:
     """Run scenario ``name`` against the local stack; returns (and writes) the report.
 
@@ -62,7 +63,10 @@ def run_drill(
     history = json_out.with_name(json_out.stem + ".history.jsonl") if json_out else workdir / "history.jsonl"
     if minutes is not None and minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
-    drill = Drill(chosen, stack, scale, workdir, history, log=log or (lambda _m: None), seed=seed, minutes=minutes)
+    if writes_per_second is not None and writes_per_second <= 0:
+        raise ConfigError(f"--writes-per-second must be positive, got {writes_per_second}")
+    drill = Drill(chosen, stack, scale, workdir, history, log=log or (lambda _m: None), seed=seed, minutes=minutes,
+                  writes_per_second=writes_per_second)
     started = time.monotonic()
     with _pipeline_log(workdir / "pipeline.log"):
         report = _run(drill, chosen)

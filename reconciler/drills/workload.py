@@ -15,6 +15,8 @@ budget or its time budget, whichever comes first.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import threading
 import time
@@ -37,6 +39,11 @@ ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
 PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
 
 
+#: the most one writer is asked for per second: each waits for its own commit, so
+#: more than this from one connection is more than a busy machine gives it
+WRITER_CEILING = 40.0
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     writers_per_region: int = 2
@@ -57,6 +64,15 @@ class WorkloadSpec:
     seed: int = 7
     #: seed one order written by two regions with the same HLC stamp (see Workload.seed_tie)
     tie: bool = True
+
+    def at_rate(self, per_region: float) -> WorkloadSpec:
+        """This workload aiming at ``per_region`` acknowledged writes per second in each
+        region: enough writers that none is asked for more than WRITER_CEILING a second
+        (each waits for its own commit), and a write budget that lasts the time budget."""
+        writers = max(self.writers_per_region, math.ceil(per_region / WRITER_CEILING))
+        rate = per_region / writers
+        return dataclasses.replace(self, writers_per_region=writers, rate=rate,
+                                   max_writes=max(self.max_writes, math.ceil(rate * self.seconds * 1.2)))
 
 
 @dataclass
