@@ -166,15 +166,20 @@ class CatchUpSteps:
 
     def step(self) -> Pause:
         ctx = self.ctx
+        if ctx.view.status is None:
+            ctx.view.wait_for_change(0.5, seen_epoch=None)  # the lifecycle loop's start decision
+            return Pause(0.0, progressed=False)
         # decide on a fresh read, not on the lifecycle loop's copy: just after a
         # successful catch-up that copy still says CATCHING_UP, and recovering an
         # ACTIVE region again would fence it
-        status = ctx.view.status and self.db.run(pg.region_status)
+        status = self.db.run(pg.region_status)
         if status is None:
             return Pause(0.5, progressed=False)
         if status.state not in (State.CATCHING_UP, State.VERIFYING):
             self.refused, self.retry_at = 0, 0.0
-            return Pause(0.5)  # nothing to catch up is progress too
+            # an operator or the relay may send it to catch-up
+            ctx.view.wait_for_change(0.5, seen_epoch=status.epoch)
+            return GO_ON  # nothing to catch up is progress too
         if time.monotonic() < self.retry_at:
             # the gate refused: keep reading the state meanwhile, it will not pass sooner
             return Pause(min(0.5, self.retry_at - time.monotonic()))

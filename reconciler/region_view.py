@@ -28,6 +28,7 @@ class RegionView:
         self.read_at = float("-inf")
         self.backlog: int | None = None
         self.loggers: list[ComponentLogger] = []
+        self._changed = threading.Condition()
 
     def fresh(self) -> bool:
         """The state was read recently enough to vouch for it."""
@@ -54,6 +55,19 @@ class RegionView:
                 "from": previous.state.value, "to": status.state.value, "epoch": status.epoch,
                 "reason": status.reason,
             }})
+        if previous is None or previous.epoch != status.epoch:
+            with self._changed:
+                self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float, seen_epoch: int | None = None) -> None:
+        """Return once the published epoch is not ``seen_epoch`` (None: nothing published
+        yet), or after ``timeout``: a loop that acts on the state reacts at once
+        instead of at its next poll, and a move just before the call is not missed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._epoch() != seen_epoch, timeout)
+
+    def _epoch(self) -> int | None:
+        return self.status.epoch if self.status is not None else None
 
     def bind_epoch(self, epoch: int) -> None:
         for logger in self.loggers:

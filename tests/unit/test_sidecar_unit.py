@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -53,3 +54,21 @@ def test_not_ready_until_the_state_is_read_and_only_while_active_and_fresh() -> 
     sidecar.view.status = RegionStatus("us-east", State.ACTIVE, 3, "test")
     sidecar.stop.set()
     assert not sidecar.ready()  # draining: the load balancer must stop sending traffic
+
+
+def test_a_loop_waiting_on_the_view_wakes_when_the_state_moves() -> None:
+    sidecar = Sidecar(config("127.0.0.1:0"), "us-east")
+    view, log = sidecar.view, sidecar.log
+    view.publish(RegionStatus("us-east", State.ACTIVE, 1, "test"), log)
+    started = time.monotonic()
+    view.wait_for_change(0.2, seen_epoch=1)  # nothing moves: the whole timeout
+    assert time.monotonic() - started >= 0.19
+    started = time.monotonic()
+    view.wait_for_change(10, seen_epoch=None)  # already published: no wait
+    assert time.monotonic() - started < 5
+    mover = threading.Timer(0.1, lambda: view.publish(RegionStatus("us-east", State.CATCHING_UP, 2, "relay"), log))
+    mover.start()
+    started = time.monotonic()
+    view.wait_for_change(10, seen_epoch=1)  # wakes on the move, or returns at once if it came first
+    assert time.monotonic() - started < 5 and view.status is not None and view.status.epoch == 2
+    mover.join()
