@@ -20,8 +20,9 @@ from .loop import GO_ON, Backoff, Pause
 from .metrics import Metrics
 from .region_view import LoopContext
 from .store import postgres as pg
-from .store import seeding
-from .store.reconnecting import Reconnecting, close_quietly
+from .store.port import PipelineStore, StoreSessions
+from .store.postgres_store import RegionDatabases
+from .store.reconnecting import Reconnecting
 
 
 class RecoverFn(Protocol):
@@ -41,30 +42,31 @@ class LifecycleSteps:
     """A :class:`~reconciler.loop.Worker`: the start decision once, then ``last_alive_at``
     every heartbeat interval and the persisted state every second at most."""
 
-    def __init__(self, ctx: LoopContext, log: ComponentLogger) -> None:
+    def __init__(self, ctx: LoopContext, log: ComponentLogger, databases: StoreSessions | None = None) -> None:
         self.ctx = ctx
         self.log = log
+        self.databases: StoreSessions = databases or RegionDatabases(ctx.config)
         self.interval = ctx.config.heartbeat.interval_seconds
-        self.conn: pg.Connection | None = None
+        self.store: PipelineStore | None = None
         self.decided = False
         self.lost = False  # the database stopped answering after the start decision
         self.next_alive = 0.0
 
     def start(self) -> None:
-        self.conn = pg.connect(self.ctx.dsn, region=self.ctx.region)
+        self.store = self.databases.open(self.ctx.region)
         if not self.decided:
-            self.decide_at_start(self.conn)
+            self.decide_at_start(self.store)
             self.decided = True
         elif self.lost:
-            self.decide_after_outage(self.conn)
+            self.decide_after_outage(self.store)
             self.lost = False
 
     def step(self) -> Pause:
-        assert self.conn is not None
+        assert self.store is not None
         if time.monotonic() >= self.next_alive:
-            pg.mark_alive(self.conn, clean_stop=False)
+            self.store.mark_alive(clean_stop=False)
             self.next_alive = time.monotonic() + self.interval
-        self.ctx.view.publish(pg.region_status(self.conn), self.log)
+        self.ctx.view.publish(self.store.region_status(), self.log)
         return Pause(min(1.0, self.interval))
 
     def failed(self, _exc: BaseException) -> None:
@@ -72,10 +74,14 @@ class LifecycleSteps:
         self.lost = self.decided
 
     def close(self) -> None:
-        close_quietly(self.conn)
-        self.conn = None
+        if self.store is not None:
+            try:
+                self.store.close()
+            except Exception:  # noqa: BLE001 - closing a broken session must not mask the real error
+                pass
+        self.store = None
 
-    def decide_at_start(self, conn: pg.Connection) -> None:
+    def decide_at_start(self, store: PipelineStore) -> None:
         """Catch up first if the last run ended badly or long ago, or if this region is
         empty beside peers that hold rows.
 
@@ -83,40 +89,45 @@ class LifecycleSteps:
         so that a SIGKILL from now on is recognised on the next start.
         """
         ctx, log = self.ctx, self.log
-        status = pg.region_status(conn)
+        status = store.region_status()
         ctx.view.bind_epoch(status.epoch)
         absent = None
         if status.last_alive_at is not None:
             absent = max(0.0, time.time() - status.last_alive_at.timestamp())
         reason = needs_catch_up(status.clean_stop, absent, ctx.config.lifecycle.absence_threshold_seconds,
-                                empty_beside_peers=status.last_alive_at is None and self._empty_beside_peers(conn))
+                                empty_beside_peers=status.last_alive_at is None and self._empty_beside_peers(store))
         log.info("lifecycle at start", extra={"fields": {
             "state": status.state.value, "epoch": status.epoch, "clean_stop": status.clean_stop,
             "absent_seconds": None if absent is None else round(absent, 1), "catch_up": reason,
         }})
         # FENCED waits for an operator; CATCHING_UP is already where it must be.
         if reason and status.state in (State.ACTIVE, State.SUSPECT, State.VERIFYING):
-            status = pg.transition(conn, State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
+            status = store.transition(State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
             log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
-        pg.mark_alive(conn, clean_stop=False)
+        store.mark_alive(clean_stop=False)
         ctx.view.publish(status, log)
 
-    def _empty_beside_peers(self, conn: pg.Connection) -> bool:
+    def _empty_beside_peers(self, store: PipelineStore) -> bool:
         """This region's replicated tables are empty and some reachable peer's are not."""
         config, region = self.ctx.config, self.ctx.region
         tables = list(config.tables.values())
-        if seeding.holds_rows(conn, region, tables):
+        if store.holds_rows(tables):
             return False
         for peer in config.peers(region):
             try:
-                with pg.connect(config.region(peer).dsn, region=peer) as other:
-                    if seeding.holds_rows(other, peer, tables):
-                        return True
+                other = self.databases.open(peer)
             except StoreError:
                 continue  # an unreachable peer cannot say; the others may
+            try:
+                if other.holds_rows(tables):
+                    return True
+            except StoreError:
+                continue
+            finally:
+                other.close()
         return False
 
-    def decide_after_outage(self, conn: pg.Connection) -> None:
+    def decide_after_outage(self, store: PipelineStore) -> None:
         """The start decision again, when the database answers after an outage.
 
         While the database was away, ``last_alive_at`` stopped moving, so its age is the
@@ -126,7 +137,7 @@ class LifecycleSteps:
         sidecar is running, not because it crashed, and a blip must not cost a catch-up.
         """
         log = self.log
-        status = pg.region_status(conn)
+        status = store.region_status()
         if status.last_alive_at is None:
             return
         absent = max(0.0, time.time() - status.last_alive_at.timestamp())
@@ -136,7 +147,7 @@ class LifecycleSteps:
         if needs_catch_up(True, absent, threshold) and status.state in (State.ACTIVE, State.SUSPECT,
                                                                          State.VERIFYING):
             reason = f"database was out of reach for {absent:.0f}s (> {threshold:.0f}s)"
-            status = pg.transition(conn, State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
+            status = store.transition(State.CATCHING_UP, reason, actor="sidecar", expected_epoch=status.epoch)
             log.warning("region sent to catch-up", extra={"fields": {"reason": reason, "epoch": status.epoch}})
         self.ctx.view.publish(status, log)
 

@@ -419,6 +419,13 @@ class MemoryRegionStore(PipelineStore):
             self._state.lifecycle = RegionStatus(self.region, State.ACTIVE, 1, "migrated")
         return self._state.lifecycle
 
+    def mark_alive(self, clean_stop: bool = False) -> None:
+        now = datetime.fromtimestamp(self.now_ms() / 1000, UTC)
+        self._state.lifecycle = replace(self.region_status(), last_alive_at=now, clean_stop=clean_stop)
+
+    def holds_rows(self, tables: Sequence[TableConfig]) -> bool:
+        return any(self._state.rows.get(t.name) for t in tables)
+
     def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
                    expected_epoch: int | None = None) -> RegionStatus:
         current = self.region_status()
@@ -427,7 +434,7 @@ class MemoryRegionStore(PipelineStore):
                                  expected_epoch=expected_epoch, epoch=current.epoch)
         check_transition(current.state, target, force=force)
         if current.state is not target:
-            self._state.lifecycle = RegionStatus(self.region, target, current.epoch + 1, reason)
+            self._state.lifecycle = replace(current, state=target, epoch=current.epoch + 1, reason=reason)
             self._changed()
         return self._state.lifecycle or current
 

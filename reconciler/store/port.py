@@ -16,6 +16,8 @@ is never asked to pretend it has Merkle leaves or triggers:
   local write;
 - :class:`RelayStore`: the relay lease, claiming numbered messages, marking them
   published, the checks before numbering, compensation events;
+- :class:`LifecycleStore`: the lifecycle state, the liveness marks (the relay's
+  checks and the sidecar's start decision read them);
 - :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
 - :class:`PipelineStore`: those three, what the in-memory store implements;
 - :class:`RegionStore`: all three plus what only operators and drills read (the
@@ -48,6 +50,7 @@ __all__ = [
     "DatabaseMark",
     "GapStore",
     "HeldEntry",
+    "LifecycleStore",
     "Message",
     "ParkedEvents",
     "PipelineStore",
@@ -244,7 +247,29 @@ class DatabaseMark:
                             max(self.published_through, published_through), self.epoch)
 
 
-class RelayStore(ABC):
+class LifecycleStore(ABC):
+    """The region's lifecycle: its state and epoch, and the sidecar's liveness marks."""
+
+    @abstractmethod
+    def region_status(self) -> RegionStatus: ...
+
+    @abstractmethod
+    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
+                   expected_epoch: int | None = None) -> RegionStatus:
+        """Move the region to ``target`` (epoch + 1); LifecycleError when ``expected_epoch``
+        is given and the lifecycle moved on meanwhile, or the move is not allowed."""
+
+    @abstractmethod
+    def mark_alive(self, clean_stop: bool = False) -> None:
+        """Stamp ``last_alive_at`` now; ``clean_stop`` says whether the sidecar stopped
+        as planned (false while it runs, so a SIGKILL shows on the next start)."""
+
+    @abstractmethod
+    def holds_rows(self, tables: Sequence[TableConfig]) -> bool:
+        """Whether any of ``tables`` holds a row (an empty region must not serve as if caught up)."""
+
+
+class RelayStore(LifecycleStore):
     """The relay's side of the outbox: lease, claim, mark published; what it checks
     before numbering (the database's mark, the lifecycle); compensation events."""
 
@@ -279,14 +304,6 @@ class RelayStore(ABC):
     @abstractmethod
     def mark_compensations_published(self, ids: Sequence[str]) -> None: ...
 
-    @abstractmethod
-    def region_status(self) -> RegionStatus: ...
-
-    @abstractmethod
-    def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
-                   expected_epoch: int | None = None) -> RegionStatus:
-        """Move the region to ``target`` (epoch + 1); LifecycleError when ``expected_epoch``
-        is given and the lifecycle moved on meanwhile, or the move is not allowed."""
 
 
 class GapStore(ABC):

@@ -24,6 +24,7 @@ from ..model import ConflictRecord, Event, RowState
 from . import invariants as invariants_store
 from . import postgres as pg
 from . import quarantine as quarantine_store
+from . import seeding
 from .port import CONFLICT_COLUMNS, ApplyChecks, ApplyStore, ConflictRow, Message, ParkedEvents, RegionStore, StateRow
 from .translate import translated
 
@@ -278,6 +279,12 @@ class PostgresRegionStore(RegionStore):
     def transition(self, target: State, reason: str, actor: str, *, force: bool = False,
                    expected_epoch: int | None = None) -> RegionStatus:
         return pg.transition(self._conn, target, reason, actor, force=force, expected_epoch=expected_epoch)
+
+    def mark_alive(self, clean_stop: bool = False) -> None:
+        pg.mark_alive(self._conn, clean_stop)
+
+    def holds_rows(self, tables: Sequence[TableConfig]) -> bool:
+        return seeding.holds_rows(self._conn, self.region or "", tables)
 
 
 def open_store(dsn: str, *, region: str | None = None, autocommit: bool = False, timeout: int = 5
