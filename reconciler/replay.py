@@ -15,7 +15,6 @@ own, from :class:`~reconciler.transport.memory.MemoryEventLog`.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .hlc import Timestamp
 from .model import Event
 from .store import postgres as pg
 from .store import recovery_queries
-from .transport.port import EventLog
+from .transport.port import EventLog, SequenceRanges
 
 __all__ = [
     "ApplierSink",
@@ -57,7 +56,7 @@ class Replayed:
 def from_event_log(log: EventLog, origin: str, lo: int, hi: int, *, batch: int = 500) -> Iterator[Replayed]:
     """``origin``'s events with sequence in [lo, hi] that its topic holds, each once,
     in sequence order per partition."""
-    seen = _SeenSequences()
+    seen = SequenceRanges()
     for deliveries in log.read_range(origin, lo, hi, batch=batch):
         for delivery in deliveries:
             # poison and events claiming another origin were quarantined when first
@@ -67,41 +66,6 @@ def from_event_log(log: EventLog, origin: str, lo: int, hi: int, *, batch: int =
             if not seen.add(delivery.event.sequence or 0):
                 continue  # a relay crash republished it; one copy is enough
             yield Replayed(Source.KAFKA, delivery.event)
-
-
-class _SeenSequences:
-    """The sequences a replay already yielded, as sorted disjoint inclusive ranges.
-
-    A topic delivers sequences nearly in order, so this stays a handful of ranges
-    whatever the replay's length, where a set of ints held ~60 MB per million events
-    (issue 15: replaying 1,000,000 events within 256 MiB)."""
-
-    def __init__(self) -> None:
-        self.los: list[int] = []
-        self.his: list[int] = []
-
-    def add(self, sequence: int) -> bool:
-        """Record ``sequence``; False when it was already seen."""
-        los, his = self.los, self.his
-        if his and sequence == his[-1] + 1:  # the common case: the next one in order
-            his[-1] = sequence
-            return True
-        i = bisect.bisect_right(los, sequence) - 1  # the range starting at or below it
-        if i >= 0 and sequence <= his[i]:
-            return False
-        joins_left = i >= 0 and his[i] == sequence - 1
-        joins_right = i + 1 < len(los) and los[i + 1] == sequence + 1
-        if joins_left and joins_right:
-            his[i] = his[i + 1]
-            del los[i + 1], his[i + 1]
-        elif joins_left:
-            his[i] = sequence
-        elif joins_right:
-            los[i + 1] = sequence
-        else:
-            los.insert(i + 1, sequence)
-            his.insert(i + 1, sequence)
-        return True
 
 
 def from_peer(dsn: str, holder: str, origin: str, source: Source, lo: int, hi: int,

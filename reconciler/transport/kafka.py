@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from ..errors import FencedError, ReconcilerError, TransportError, TransportUnavailable
 from ..redact import safe_kafka_settings
-from .port import Delivery, chunks, decode, merge_sequences, within
+from .port import Delivery, SequenceRanges, chunks, decode, within
 
 # error codes after which a retry (same call, later) can succeed
 _RETRYABLE = {
@@ -564,7 +564,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
     ranges = sorted(wanted)
     if not ranges:
         return []
-    found: set[int] = set()
+    found = SequenceRanges()
     reader = _assigned_consumer(settings)
     try:
         for p, low, high in _partitions(reader, topic, timeout):
@@ -584,7 +584,7 @@ def retained_ranges(settings: Mapping[str, str], topic: str, wanted: Iterable[tu
         raise translate(exc, topic=topic, step="read retention") from exc
     finally:
         reader.close()
-    return merge_sequences(found)
+    return found.ranges()
 
 
 # -- consuming, for services: messages in, driver errors translated, nothing of the driver out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import wire
 from ..errors import FencedError, TransportError
-from .port import Delivery, chunks, decode, merge_sequences, within
+from .port import Delivery, SequenceRanges, chunks, decode, within
 
 
 def default_topic_of(origin: str) -> str:
@@ -94,13 +94,13 @@ class MemoryEventLog:
 
     def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         ranges = list(wanted)
-        found: set[int] = set()
+        found = SequenceRanges()
         for part in self._partitions(self.topic_of(origin)):
             for _key, raw in list(part.records):
                 seq = _peek_sequence(raw)
                 if seq is not None and any(lo <= seq <= hi for lo, hi in ranges):
                     found.add(seq)
-        return merge_sequences(found)
+        return found.ranges()
 
     def control(self, topic: str, reader: str, *, expire_seconds: float, partitions: int = 1) -> MemoryControlChannel:
         self.ensure_topics([topic], partitions)

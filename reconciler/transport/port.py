@@ -12,6 +12,7 @@ its edge: callers never see the wire format nor a driver's message or exception
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
@@ -188,12 +189,39 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield out
 
 
-def merge_sequences(found: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted inclusive ranges covering exactly ``found``."""
-    out: list[tuple[int, int]] = []
-    for seq in sorted(set(found)):
-        if out and out[-1][1] + 1 == seq:
-            out[-1] = (out[-1][0], seq)
+class SequenceRanges:
+    """A set of sequences kept as sorted, disjoint, non-adjacent inclusive ranges.
+
+    A topic delivers sequences nearly in order, so this stays a handful of ranges
+    however many are added, where a set of ints holds ~60 MB per million (replay and
+    the reading of what a topic retains both walk millions of them)."""
+
+    def __init__(self) -> None:
+        self.los: list[int] = []
+        self.his: list[int] = []
+
+    def add(self, sequence: int) -> bool:
+        """Record ``sequence``; False when it was already seen."""
+        los, his = self.los, self.his
+        if his and sequence == his[-1] + 1:  # the common case: the next one in order
+            his[-1] = sequence
+            return True
+        i = bisect.bisect_right(los, sequence) - 1  # the range starting at or below it
+        if i >= 0 and sequence <= his[i]:
+            return False
+        joins_left = i >= 0 and his[i] == sequence - 1
+        joins_right = i + 1 < len(los) and los[i + 1] == sequence + 1
+        if joins_left and joins_right:
+            his[i] = his[i + 1]
+            del los[i + 1], his[i + 1]
+        elif joins_left:
+            his[i] = sequence
+        elif joins_right:
+            los[i + 1] = sequence
         else:
-            out.append((seq, seq))
-    return out
+            los.insert(i + 1, sequence)
+            his.insert(i + 1, sequence)
+        return True
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.los, self.his, strict=True))
