@@ -1,6 +1,7 @@
 """Usage: .venv/bin/python benchmarks/bench_diff.py [--dsn-a URL] [--dsn-b URL] [--rows 1000000,5000000 | --quick]
                                                 [--repeat 3] [--out benchmarks/results/diff.json] [--keep]
                                                 [--no-leaves] [--no-writes] [--write-batches 30]
+                                                [--table basic|realistic|both] [--per-type]
 
 ``reconciler diff`` (full-scan Merkle) against reladiff's hashdiff, on the same two
 PostgreSQL databases, the same table and the same run, plus the physical ceiling:
@@ -10,7 +11,19 @@ no bucketing, no second pass and nothing shipped.
 For each row count: a table (id bigint primary key, text, numeric, timestamp,
 nullable text) is generated inside database A with ``generate_series``, streamed to
 B with binary COPY, indexed and vacuumed on both; 100 scattered differences are
-injected in B (updates, deletes, extra rows). Each tool then runs ``--repeat`` times
+injected in B (updates, deletes, extra rows). ``--table realistic`` uses the shape
+of issue 15, item 5 instead (``both``: one after the other, in the same run): id
+bigint, customer text, amount numeric(14, 2), placed_at timestamptz with
+microseconds, attrs jsonb (a few keys, a nested object and an array), nullable note
+text; its updates touch each of text, numeric, timestamptz and jsonb. Results carry
+the shape under ``table``; ``--table realistic`` alone writes ``diff-realistic.json``
+unless ``--out`` is given.
+
+``--per-type``: where the row hash's time goes by column type. On A alone (and on A
+and B at once, with the same settings as the ceiling), ``sum(hash of ROW(id, c))``
+for each column c, ``sum(hash of ROW(id))``, ``count(*)`` (the bare scan), the
+output function alone (``sum(length(c::text))``) and the whole row; medians of
+``--repeat``. Each tool then runs ``--repeat`` times
 (order rotated between rounds); medians are reported, and every run of both tools
 must find exactly the injected keys.
 
@@ -72,6 +85,64 @@ DEFAULT_A = os.environ.get("RECONCILER_BENCH_DSN_A", "postgresql://postgres@127.
 DEFAULT_B = os.environ.get("RECONCILER_BENCH_DSN_B", "postgresql://postgres@127.0.0.1:54322/reconciler")
 COLUMNS = ("amount", "created_at", "id", "label", "note")  # sorted, as the diff orders them
 EXTRA_COLUMNS = ("label", "amount", "created_at", "note")
+
+
+class Shape:
+    """One benchmark table: its columns, how it is generated and how B is made to differ."""
+
+    def __init__(self, name: str, prefix: str, ddl: str, generate: str, updates: tuple[str, ...], extra: str,
+                 extra_columns: tuple[str, ...]) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.ddl = ddl  # column list of CREATE TABLE
+        self.generate = generate  # SELECT ... FROM generate_series(1, {rows}) g
+        self.updates = updates  # SET clauses, used in turn over the updated keys
+        self.extra = extra  # SELECT ... FROM unnest({keys}::bigint[]) g
+        self.extra_columns = extra_columns  # what reladiff compares besides the key
+        self.columns = tuple(sorted(("id", *extra_columns)))  # as our diff orders them
+
+    def table(self, rows: int) -> str:
+        return f"{self.prefix}{rows}"
+
+
+SHAPES = {
+    "basic": Shape(
+        "basic",
+        "bench_diff_",
+        "id bigint NOT NULL, label text, amount numeric(12, 2), created_at timestamp, note text",
+        "SELECT g, 'customer ' || g || CASE WHEN g % 11 = 0 THEN ' — ñ' ELSE '' END,"
+        " (g * 7919 % 1000000) / 100.0, timestamp '2024-01-01' + g * interval '17 seconds',"
+        " CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text) END FROM generate_series(1, {rows}::bigint) g",
+        ("label = label || ' (edited)'",),
+        "SELECT g, 'late ' || g, 1.5, timestamp '2025-06-01', NULL FROM unnest({keys}::bigint[]) g",
+        EXTRA_COLUMNS,
+    ),
+    # issue 15, item 5: what a new user's orders table looks like
+    "realistic": Shape(
+        "realistic",
+        "bench_diff_realistic_",
+        "id bigint NOT NULL, customer text, amount numeric(14, 2), placed_at timestamptz, attrs jsonb, note text",
+        "SELECT g, 'Customer ' || (g * 7919 % 99991) || CASE WHEN g % 11 = 0 THEN ' Müller-Ñúñez' ELSE ' Smith' END,"
+        " ((g * 104729) % 10000000) / 100.0,"
+        " timestamptz '2024-01-01 00:00:00+00' + g * interval '17.123457 seconds',"
+        " jsonb_build_object('tier', (ARRAY['free', 'pro', 'enterprise'])[1 + g % 3],"
+        "  'score', (g % 1000) / 10.0, 'active', g % 7 <> 0,"
+        "  'tags', jsonb_build_array('t' || (g % 13), 't' || (g % 17)),"
+        "  'address', jsonb_build_object('city', 'City ' || (g % 500), 'zip', lpad((g % 100000)::text, 5, '0'),"
+        "   'geo', jsonb_build_object('lat', 40 + (g % 1000) / 1000.0, 'lon', -70 - (g % 997) / 1000.0))),"
+        " CASE WHEN g % 5 = 0 THEN NULL ELSE 'note ' || md5(g::text) END"
+        " FROM generate_series(1, {rows}::bigint) g",
+        (
+            "customer = customer || ' (edited)'",
+            "amount = amount + 0.01",
+            "placed_at = placed_at + interval '1 microsecond'",
+            "attrs = jsonb_set(attrs, ARRAY['address', 'geo', 'lat'], to_jsonb(1.5))",
+        ),
+        "SELECT g, 'late ' || g, 1.50, timestamptz '2025-06-01 12:00:00.5+00',"
+        " jsonb_build_object('tier', 'free', 'tags', jsonb_build_array()), NULL FROM unnest({keys}::bigint[]) g",
+        ("customer", "amount", "placed_at", "attrs", "note"),
+    ),
+}
 N_UPDATED, N_DELETED, N_EXTRA = 40, 30, 30
 SETTLE_SECONDS = 0.5
 LEAVES_TARGET_SECONDS = 0.5
@@ -98,21 +169,14 @@ def execute(dsn: str, *statements: sql.Composed | sql.SQL) -> None:
 # --- data ----------------------------------------------------------------------------
 
 
-def load(dsn_a: str, dsn_b: str, table: str, rows: int) -> None:
+def load(dsn_a: str, dsn_b: str, table: str, rows: int, shape: Shape = SHAPES["basic"]) -> None:
     t = sql.Identifier(table)
-    create = sql.SQL(
-        "CREATE UNLOGGED TABLE {} (id bigint NOT NULL, label text, amount numeric(12, 2),"
-        " created_at timestamp, note text)"
-    ).format(t)
+    create = sql.SQL("CREATE UNLOGGED TABLE {} (" + shape.ddl + ")").format(t)
     both(dsn_a, dsn_b, lambda d: execute(d, sql.SQL("DROP TABLE IF EXISTS {}").format(t), create))
     started = time.perf_counter()
     execute(
         dsn_a,
-        sql.SQL(
-            "INSERT INTO {} SELECT g, 'customer ' || g || CASE WHEN g % 11 = 0 THEN ' — ñ' ELSE '' END,"
-            " (g * 7919 % 1000000) / 100.0, timestamp '2024-01-01' + g * interval '17 seconds',"
-            " CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text) END FROM generate_series(1, {}::bigint) g"
-        ).format(t, sql.Literal(rows)),
+        sql.SQL("INSERT INTO {t} " + shape.generate.replace("{rows}", "{n}")).format(t=t, n=sql.Literal(rows)),
     )
     log(f"  generated {rows:,} rows in A in {time.perf_counter() - started:.1f}s")
     started = time.perf_counter()
@@ -137,20 +201,23 @@ def load(dsn_a: str, dsn_b: str, table: str, rows: int) -> None:
     log(f"  indexed and vacuumed both in {time.perf_counter() - started:.1f}s")
 
 
-def inject(dsn_b: str, table: str, rows: int, seed: int) -> set[str]:
+def inject(dsn_b: str, table: str, rows: int, seed: int, shape: Shape = SHAPES["basic"]) -> set[str]:
     """100 scattered differences in B; returns the keys that now differ."""
     rnd = random.Random(seed)
     picked = rnd.sample(range(1, rows + 1), N_UPDATED + N_DELETED)
     updated, deleted = picked[:N_UPDATED], picked[N_UPDATED:]
     extra = rnd.sample(range(rows + 1, 2 * rows), N_EXTRA)
     t = sql.Identifier(table)
+    n = len(shape.updates)
     execute(
         dsn_b,
-        sql.SQL("UPDATE {} SET label = label || ' (edited)' WHERE id = ANY({})").format(t, sql.Literal(updated)),
+        *(
+            sql.SQL("UPDATE {t} SET " + change + " WHERE id = ANY({k})").format(
+                t=t, k=sql.Literal(updated[i::n]))
+            for i, change in enumerate(shape.updates)
+        ),
         sql.SQL("DELETE FROM {} WHERE id = ANY({})").format(t, sql.Literal(deleted)),
-        sql.SQL(
-            "INSERT INTO {} SELECT g, 'late ' || g, 1.5, timestamp '2025-06-01', NULL FROM unnest({}::bigint[]) g"
-        ).format(t, sql.Literal(extra)),
+        sql.SQL("INSERT INTO {t} " + shape.extra.replace("{keys}", "{k}")).format(t=t, k=sql.Literal(extra)),
         sql.SQL("VACUUM ANALYZE {}").format(t),
     )
     return {str(k) for k in (*updated, *deleted, *extra)}
@@ -199,7 +266,7 @@ def server_cpu(pid: int) -> float:
 # --- the contenders ----------------------------------------------------------------
 
 
-def ceiling_query(dsn: str, table: str, workers: int | None) -> float:
+def ceiling_query(dsn: str, table: str, workers: int | None, columns: tuple[str, ...] = COLUMNS) -> float:
     """One scan-and-hash of the table under the same settings our diff uses.
 
     ``workers`` caps PostgreSQL's parallel workers: ``jobs - 1`` gives the query as
@@ -212,15 +279,16 @@ def ceiling_query(dsn: str, table: str, workers: int | None) -> float:
             settings["max_parallel_workers_per_gather"] = str(workers)
         for name, value in settings.items():
             conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-        query = sql.SQL("SELECT sum({}) FROM {}").format(row_hash_sql(COLUMNS), sql.Identifier(table))
+        query = sql.SQL("SELECT sum({}) FROM {}").format(row_hash_sql(columns), sql.Identifier(table))
         started = time.perf_counter()
         conn.execute(query).fetchone()
         return time.perf_counter() - started
 
 
-def run_ceiling_both(dsn_a: str, dsn_b: str, table: str, workers: int | None) -> float:
+def run_ceiling_both(dsn_a: str, dsn_b: str, table: str, workers: int | None,
+                     columns: tuple[str, ...] = COLUMNS) -> float:
     started = time.perf_counter()
-    both(dsn_a, dsn_b, lambda d: ceiling_query(d, table, workers))
+    both(dsn_a, dsn_b, lambda d: ceiling_query(d, table, workers, columns))
     return time.perf_counter() - started
 
 
@@ -233,20 +301,71 @@ def run_ours(dsn_a: str, dsn_b: str, table: str, jobs: int) -> tuple[float, set[
     return elapsed, keys, info
 
 
-def run_reladiff(dsn_a: str, dsn_b: str, table: str, threads: int) -> tuple[float, set[str]]:
+def run_reladiff(dsn_a: str, dsn_b: str, table: str, threads: int,
+                 extra_columns: tuple[str, ...] = EXTRA_COLUMNS) -> tuple[float, set[str]]:
     import reladiff  # type: ignore[import-untyped]
 
     started = time.perf_counter()
     ta = reladiff.connect_to_table(dsn_a, table, "id", thread_count=threads)
     tb = reladiff.connect_to_table(dsn_b, table, "id", thread_count=threads)
     with reladiff.diff_tables(
-        ta, tb, extra_columns=EXTRA_COLUMNS, algorithm=reladiff.Algorithm.HASHDIFF, max_threadpool_size=threads
+        ta, tb, extra_columns=extra_columns, algorithm=reladiff.Algorithm.HASHDIFF, max_threadpool_size=threads
     ) as found:
         keys = {str(row[0]) for _sign, row in found}
     elapsed = time.perf_counter() - started
     for t in (ta, tb):
         t.database.close()
     return elapsed, keys
+
+
+def per_type_costs(args: argparse.Namespace, table: str, shape: Shape) -> dict[str, Any]:
+    """Seconds of one scan computing each expression (see ``--per-type``): on A alone
+    with no parallel worker, and on A and B at once as the ceiling runs."""
+    t = sql.Identifier(table)
+    exprs: dict[str, sql.Composable] = {"scan_only": sql.SQL("count(*)"),
+                                        "hash_key_only": sql.SQL("sum({})").format(row_hash_sql(("id",)))}
+    for c in shape.columns:
+        if c == "id":
+            continue
+        exprs[f"hash_key+{c}"] = sql.SQL("sum({})").format(row_hash_sql(tuple(sorted(("id", c)))))
+        exprs[f"text_only:{c}"] = sql.SQL("sum(octet_length(({})::text))").format(sql.Identifier(c))
+    exprs["hash_whole_row"] = sql.SQL("sum({})").format(row_hash_sql(shape.columns))
+
+    def one(dsn: str, expr: sql.Composable) -> float:
+        with psycopg.connect(dsn) as conn:
+            settings = dict(CANONICAL_SETTINGS, max_parallel_workers_per_gather="0")
+            for name, value in settings.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            query = sql.SQL("SELECT {} FROM {}").format(expr, t)
+            started = time.perf_counter()
+            conn.execute(query).fetchone()
+            return time.perf_counter() - started
+
+    alone: dict[str, list[float]] = {k: [] for k in exprs}
+    at_once: dict[str, list[float]] = {k: [] for k in exprs}
+    names = list(exprs)
+    for round_no in range(args.repeat):
+        k = round_no % len(names)
+        for name in names[k:] + names[:k]:
+            alone[name].append(one(args.dsn_a, exprs[name]))
+            expr = exprs[name]
+            started = time.perf_counter()
+            both(args.dsn_a, args.dsn_b, lambda d: one(d, expr))  # noqa: B023 (used at once)
+            at_once[name].append(time.perf_counter() - started)
+        log(f"  per-type round {round_no + 1}: " + " ".join(f"{n}={alone[n][-1]:.2f}" for n in names))
+    med_alone = {k: statistics.median(v) for k, v in alone.items()}
+    key_only = med_alone["hash_key_only"]
+    return {
+        "method": "one scan of A (max_parallel_workers_per_gather = 0, canonical settings) computing"
+        " each expression; at_once: the same on A and B at the same time; medians",
+        "median_seconds_a": {k: round(v, 3) for k, v in med_alone.items()},
+        "median_seconds_both_at_once": {k: round(statistics.median(v), 3) for k, v in at_once.items()},
+        "column_cost_over_key_only_seconds": {
+            k.removeprefix("hash_key+"): round(v - key_only, 3) for k, v in med_alone.items()
+            if k.startswith("hash_key+")
+        },
+        "runs_seconds_a": {k: [round(x, 3) for x in v] for k, v in alone.items()},
+    }
 
 
 # --- maintained leaves -----------------------------------------------------------------
@@ -428,17 +547,17 @@ def log_rows(dsn: str, table: str) -> int:
 # --- driver --------------------------------------------------------------------------
 
 
-def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
-    table = f"bench_diff_{rows}"
-    log(f"{rows:,} rows: loading {table}")
-    load(args.dsn_a, args.dsn_b, table, rows)
+def bench_one(args: argparse.Namespace, rows: int, shape: Shape = SHAPES["basic"]) -> dict[str, Any]:
+    table = shape.table(rows)
+    log(f"{rows:,} rows ({shape.name}): loading {table}")
+    load(args.dsn_a, args.dsn_b, table, rows, shape)
     spec = TableConfig(table, ("id",), "lww")
     build_seconds: list[float] = []
     if not args.no_leaves:
         both(args.dsn_a, args.dsn_b, lambda d: ensure_leaf_schema(d, "bench-a" if d == args.dsn_a else "bench-b"))
         build_seconds = both(args.dsn_a, args.dsn_b, lambda d: install(d, spec))
         log(f"  leaves built in {max(build_seconds):.1f}s (a {build_seconds[0]:.1f}s, b {build_seconds[1]:.1f}s)")
-    expected = inject(args.dsn_b, table, rows, seed=rows)
+    expected = inject(args.dsn_b, table, rows, seed=rows, shape=shape)
     both(args.dsn_a, args.dsn_b, lambda d: execute(d, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))))
 
     timings: dict[str, list[float]] = {
@@ -458,13 +577,14 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
     contenders: list[tuple[str, Callable[[], None]]] = []
 
     def ceiling_one() -> None:
-        timings["ceiling_one"].append(ceiling_query(args.dsn_a, table, workers))
+        timings["ceiling_one"].append(ceiling_query(args.dsn_a, table, workers, shape.columns))
 
     def ceiling_both() -> None:
-        timings["ceiling_both"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table, workers))
+        timings["ceiling_both"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table, workers, shape.columns))
 
     def ceiling_server() -> None:
-        timings["ceiling_both_server_parallel"].append(run_ceiling_both(args.dsn_a, args.dsn_b, table, None))
+        timings["ceiling_both_server_parallel"].append(
+            run_ceiling_both(args.dsn_a, args.dsn_b, table, None, shape.columns))
 
     def ours() -> None:
         elapsed, keys, info = run_ours(args.dsn_a, args.dsn_b, table, args.jobs)
@@ -479,7 +599,7 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         leaves_info.append(info)
 
     def rela() -> None:
-        elapsed, keys = run_reladiff(args.dsn_a, args.dsn_b, table, args.reladiff_threads)
+        elapsed, keys = run_reladiff(args.dsn_a, args.dsn_b, table, args.reladiff_threads, shape.extra_columns)
         assert keys == expected, f"reladiff found {len(keys)} keys, expected {len(expected)}"
         timings["reladiff"].append(elapsed)
 
@@ -507,6 +627,10 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
                 cpu[name].append(sum(server_cpu(p) for p in pids) - cpu_before)
             log(f"  round {round_no + 1}: {name:<28} {timings[name][-1]:8.2f}s")
     load_after = os.getloadavg()
+    per_type = None
+    if args.per_type:
+        log("  per-type costs of the row hash")
+        per_type = per_type_costs(args, table, shape)
     if not args.keep:
         if not args.no_leaves:
             both(args.dsn_a, args.dsn_b, lambda d: uninstall(d, table))
@@ -526,7 +650,13 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
     med_cpu = {name: statistics.median(v) for name, v in cpu.items() if v}
     if "ours" in med_cpu and med_cpu.get("ceiling_both"):
         ratios["server_cpu_ours_over_ceiling_both"] = med_cpu["ours"] / med_cpu["ceiling_both"]
+    goals = {
+        "ours_within_2x_ceiling_both": ratios["ours_over_ceiling_both_sides"] <= 2.0,
+        "reladiff_at_least_8x_ours": ratios["reladiff_over_ours"] >= 8.0 if "reladiff_over_ours" in ratios else None,
+    }
     return {
+        "table": shape.name,
+        "columns": list(shape.columns),
         "rows": rows,
         "differences_injected": len(expected),
         "keys_agree": True,  # asserted on every run above
@@ -540,6 +670,8 @@ def bench_one(args: argparse.Namespace, rows: int) -> dict[str, Any]:
         "leaves_build_seconds": [round(x, 2) for x in build_seconds],
         "leaves_meet_target": "leaves" in med and med["leaves"] < LEAVES_TARGET_SECONDS,
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "goals_issue_15_item_5": goals,
+        "per_type": per_type,
     }
 
 
@@ -552,7 +684,8 @@ def server_facts(dsn: str) -> dict[str, Any]:
 
 def print_table(results: list[dict[str, Any]], writes: dict[str, Any] | None) -> None:
     header = (
-        f"{'rows':>10} {'ceil 1':>7} {'ceil 2':>7} {'ceil 2p':>8} {'ours':>7} {'leaves':>7} {'reladiff':>9}"
+        f"{'table':>9} {'rows':>10} {'ceil 1':>7} {'ceil 2':>7} {'ceil 2p':>8} {'ours':>7} {'leaves':>7}"
+        f" {'reladiff':>9}"
         f" {'ours/ceil2':>11} {'ours/ceil2p':>12} {'reladiff/ours':>14} {'cpu ours/ceil2':>15}"
     )
     print(header)
@@ -563,7 +696,7 @@ def print_table(results: list[dict[str, Any]], writes: dict[str, Any] | None) ->
         leaf = f"{m['leaves']:7.3f}" if "leaves" in m else f"{'-':>7}"
         relq = f"{q['reladiff_over_ours']:14.1f}" if "reladiff_over_ours" in q else f"{'-':>14}"
         print(
-            f"{r['rows']:>10,} {m['ceiling_one']:7.2f} {m['ceiling_both']:7.2f}"
+            f"{r.get('table', 'basic'):>9} {r['rows']:>10,} {m['ceiling_one']:7.2f} {m['ceiling_both']:7.2f}"
             f" {m['ceiling_both_server_parallel']:8.2f} {m['ours']:7.2f} {leaf} {rel}"
             f" {q['ours_over_ceiling_both_sides']:11.2f} {q['ours_over_ceiling_both_server_parallel']:12.2f} {relq}"
             f" {q.get('server_cpu_ours_over_ceiling_both', float('nan')):15.2f}"
@@ -581,6 +714,12 @@ def print_table(results: list[dict[str, Any]], writes: dict[str, Any] | None) ->
                 f" {r['differences_injected']} differences, {verdict} the {LEAVES_TARGET_SECONDS}s target"
                 f" ({r['ratios']['ours_over_leaves']:.0f}x faster than our full scan)"
             )
+    for r in results:
+        if r.get("per_type"):
+            pt = r["per_type"]["median_seconds_a"]
+            print(f"\nper-type cost, {r['table']} table, {r['rows']:,} rows, A alone, one process (seconds):")
+            for name, v in pt.items():
+                print(f"  {name:<28} {v:7.3f}")
     if writes:
         print()
         print(f"leaf trigger write overhead (ms per transaction, medians; {writes['batch_rows']}-row batches"
@@ -609,14 +748,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-leaves", action="store_true", help="skip the maintained-leaves mode")
     p.add_argument("--no-writes", action="store_true", help="skip the trigger write-overhead measurement")
     p.add_argument("--write-batches", type=int, default=30, help="1000-row batches per write-overhead run")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diff.json"))
+    p.add_argument("--table", choices=("basic", "realistic", "both"), default="basic",
+                   help="table shape: the original one, issue 15 item 5's (jsonb, timestamptz, numeric), or both")
+    p.add_argument("--per-type", action="store_true", help="also time the row hash column by column")
+    p.add_argument("--out", default=None, help="default results/diff.json (results/diff-realistic.json for"
+                   " --table realistic)")
     args = p.parse_args(argv)
+    if args.out is None:
+        name = "diff-realistic.json" if args.table == "realistic" else "diff.json"
+        args.out = str(Path(__file__).resolve().parent / "results" / name)
+    shapes = [SHAPES["basic"], SHAPES["realistic"]] if args.table == "both" else [SHAPES[args.table]]
     row_counts = [100_000] if args.quick else [int(x.replace("_", "")) for x in args.rows.split(",") if x.strip()]
     for name in ("reladiff", "sqeleton"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(level=logging.ERROR)
 
-    results = [bench_one(args, n) for n in row_counts]
+    results = [bench_one(args, n, shape) for shape in shapes for n in row_counts]
     writes = None
     if not args.no_writes:
         log("write overhead of the leaf triggers")
@@ -638,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
             " ceiling_both_server_parallel leaves the server default",
             "ours": {"jobs": args.jobs},
             "differences": {"updated": N_UPDATED, "deleted": N_DELETED, "extra": N_EXTRA},
+            "tables": {s.name: {"columns": s.ddl, "updates": list(s.updates)} for s in shapes},
             "leaves": {
                 "mode": "maintained-leaves via diff_replicated (leaf check, compaction check, two log reads,"
                 " rows of differing leaves through the expression index); leaves installed before the"
