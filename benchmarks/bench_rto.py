@@ -1,5 +1,5 @@
 """Usage: .venv/bin/python benchmarks/bench_rto.py [--dev-dir DIR] [--missing 1000,10000] [--repeat 3]
-                                               [--json-out benchmarks/results/rto.json]
+                                               [--json-out benchmarks/results/rto.json] [--baseline REV]
 
 The machine's part of a failback: how long a region's sidecar takes, from the moment
 it is started, to bring a region that missed N events back to ACTIVE (issue 15,
@@ -12,17 +12,25 @@ by eu-west's sidecar; then us-east's sidecar is started again. Its region's life
 log splits the time: start -> CATCHING_UP (process start and the start decision),
 -> VERIFYING (replay), -> ACTIVE (verification and the gate). Every round checks
 that us-east holds every one of the N events.
+
+``--baseline REV``: the same rounds, alternated, with us-east's sidecar running the
+code of git revision REV (a worktree put first on its ``PYTHONPATH``), so a change is
+measured against what it replaced in one run on the same machine and load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +70,23 @@ def published(db: Inspector) -> int:
                          " WHERE origin = %s", (WRITER,)))
 
 
-def one_round(env: DrillEnv, sidecars: dict[str, SidecarProcess], n: int, tag: str) -> dict[str, Any]:
+@contextmanager
+def code_of(tree: Path | None) -> Iterator[None]:
+    """Processes started inside run the package found in ``tree`` (None: this one)."""
+    before = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def one_round(env: DrillEnv, sidecars: dict[str, SidecarProcess], n: int, tag: str,
+              tree: Path | None = None) -> dict[str, Any]:
     db = {r: Inspector(env.direct.region(r).dsn, r, timeout=10) for r in env.regions}
     sidecars[DOWN].kill()
     before = published(db[WRITER])
@@ -72,7 +96,8 @@ def one_round(env: DrillEnv, sidecars: dict[str, SidecarProcess], n: int, tag: s
     transitions_before = len(db[DOWN].lifecycle_rows())
     started_wall = time.time()
     started = time.monotonic()
-    sidecars[DOWN].start()
+    with code_of(tree):
+        sidecars[DOWN].start()
     active = wait_for("us-east ACTIVE again", lambda: _back(db[DOWN], transitions_before), 600)
     rows = db[DOWN].lifecycle_rows()[transitions_before:]
     held = db[DOWN].scalar("SELECT count(*) FROM orders WHERE id LIKE %s", (f"{tag}-%",))
@@ -93,6 +118,15 @@ def one_round(env: DrillEnv, sidecars: dict[str, SidecarProcess], n: int, tag: s
     }
 
 
+def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rounds": rounds,
+        "median_start_to_active_s": round(statistics.median(r["start_to_active_s"] for r in rounds), 3),
+        "median_seconds_per_1000_missing": round(statistics.median(
+            r["start_to_active_s"] / max(1, r["missing_events"]) * 1000 for r in rounds), 3),
+    }
+
+
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -109,10 +143,15 @@ def main() -> int:
     parser.add_argument("--missing", default="1000,10000", help="comma-separated event counts")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=Path("benchmarks/results/rto.json"))
+    parser.add_argument("--baseline", default=None, help="a git revision to measure against, alternating rounds")
     args = parser.parse_args()
     sizes = [int(s) for s in args.missing.split(",")]
     stack = DevStack.from_state(args.dev_dir or default_dev_dir())
     workdir = Path(tempfile.mkdtemp(prefix="bench-rto-"))
+    baseline = None
+    if args.baseline:
+        baseline = workdir / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(baseline), args.baseline], check=True)
     env = DrillEnv.create(stack, workdir, lifecycle={"absence_threshold_seconds": 300.0})
     sidecars = {r: SidecarProcess(env.config, r, workdir / f"sidecar-{r}.log") for r in env.regions}
     results: dict[str, Any] = {}
@@ -122,19 +161,24 @@ def main() -> int:
         probe = {r: Inspector(env.direct.region(r).dsn, r, timeout=10) for r in env.regions}
         wait_for("every region ACTIVE", lambda: all(p.state() == "ACTIVE" for p in probe.values()), 120)
         for n in sizes:
-            rounds = [one_round(env, sidecars, n, f"rto{n}r{i}") for i in range(args.repeat)]
-            per_round = [r["start_to_active_s"] for r in rounds]
-            results[str(n)] = {
-                "rounds": rounds,
-                "median_start_to_active_s": round(statistics.median(per_round), 3),
-                "median_seconds_per_1000_missing": round(statistics.median(
-                    r["start_to_active_s"] / max(1, r["missing_events"]) * 1000 for r in rounds), 3),
-            }
-            print(f"{n} missing: start to ACTIVE {per_round} s", flush=True)
+            rounds: dict[str, list[dict[str, Any]]] = {"current": [], **({"baseline": []} if baseline else {})}
+            for i in range(args.repeat):
+                if baseline is not None:
+                    rounds["baseline"].append(one_round(env, sidecars, n, f"rto{n}b{i}", baseline))
+                rounds["current"].append(one_round(env, sidecars, n, f"rto{n}r{i}"))
+            results[str(n)] = {code: summary(done) for code, done in rounds.items()}
+            if baseline is not None:
+                results[str(n)]["ratio_baseline_to_current"] = round(
+                    results[str(n)]["baseline"]["median_start_to_active_s"]
+                    / results[str(n)]["current"]["median_start_to_active_s"], 2)
+            for code, done in rounds.items():
+                print(f"{n} missing, {code}: start to ACTIVE {[r['start_to_active_s'] for r in done]} s", flush=True)
     finally:
         for sidecar in sidecars.values():
             sidecar.kill()
         env.cleanup()
+        if baseline is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], check=False)
     doc = {
         "benchmark": "rto",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -142,6 +186,9 @@ def main() -> int:
                     "python": platform.python_version()},
         "method": __doc__.split("\n\n", 1)[1].strip(),
         "goal": "start to ACTIVE under 2 s for 1,000 missing events",
+        "baseline": args.baseline,
+        "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip(),
         "results": results,
     }
     args.json_out.parent.mkdir(parents=True, exist_ok=True)

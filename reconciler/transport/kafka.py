@@ -470,8 +470,13 @@ def _messages_from(reader: Consumer, topic: str, p: int, start: int, until: int,
         return
     reader.assign([TopicPartition(topic, p, start)])
     deadline = time.monotonic() + timeout
+    position = start
     while time.monotonic() < deadline:
-        for msg in reader.consume(num_messages=batch, timeout=poll_wait):
+        # near the end, consume() would wait out its whole timeout for a batch the
+        # partition cannot fill (transaction markers take offsets but are never
+        # delivered): ask briefly and again instead
+        wait = poll_wait if until - position > batch else min(poll_wait, 0.05)
+        for msg in reader.consume(num_messages=batch, timeout=wait):
             if _stale(msg, topic, p, start):
                 continue
             err = msg.error()
@@ -483,6 +488,7 @@ def _messages_from(reader: Consumer, topic: str, p: int, start: int, until: int,
             if offset >= until:
                 return  # the last offset wanted was a transaction marker, never delivered
             deadline = time.monotonic() + timeout
+            position = offset + 1
             yield msg
             if offset >= until - 1:
                 return
