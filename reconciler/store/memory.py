@@ -422,6 +422,7 @@ class MemoryRegionStore(PipelineStore):
     def mark_alive(self, clean_stop: bool = False) -> None:
         now = datetime.fromtimestamp(self.now_ms() / 1000, UTC)
         self._state.lifecycle = replace(self.region_status(), last_alive_at=now, clean_stop=clean_stop)
+        self._changed()
 
     def holds_rows(self, tables: Sequence[TableConfig]) -> bool:
         return any(self._state.rows.get(t.name) for t in tables)

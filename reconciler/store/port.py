@@ -305,7 +305,6 @@ class RelayStore(LifecycleStore):
     def mark_compensations_published(self, ids: Sequence[str]) -> None: ...
 
 
-
 class GapStore(ABC):
     """The sequence ranges gap analysis compares."""
 
