@@ -126,10 +126,11 @@ SHAPES = {
         " ((g * 104729) % 10000000) / 100.0,"
         " timestamptz '2024-01-01 00:00:00+00' + g * interval '17.123457 seconds',"
         " jsonb_build_object('tier', (ARRAY['free', 'pro', 'enterprise'])[1 + g % 3],"
-        "  'score', (g % 1000) / 10.0, 'active', g % 7 <> 0,"
+        "  'score', round((g % 1000) / 10.0, 1), 'active', g % 7 <> 0,"
         "  'tags', jsonb_build_array('t' || (g % 13), 't' || (g % 17)),"
         "  'address', jsonb_build_object('city', 'City ' || (g % 500), 'zip', lpad((g % 100000)::text, 5, '0'),"
-        "   'geo', jsonb_build_object('lat', 40 + (g % 1000) / 1000.0, 'lon', -70 - (g % 997) / 1000.0))),"
+        "   'geo', jsonb_build_object('lat', round(40 + (g % 1000) / 1000.0, 3),"
+        "    'lon', round(-70 - (g % 997) / 1000.0, 3)))),"
         " CASE WHEN g % 5 = 0 THEN NULL ELSE 'note ' || md5(g::text) END"
         " FROM generate_series(1, {rows}::bigint) g",
         (
