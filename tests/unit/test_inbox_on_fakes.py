@@ -16,19 +16,11 @@ from reconciler.inbox import InboxConsumer
 from reconciler.model import Event, Operation
 from reconciler.store.memory import MemoryRegionStore
 from reconciler.transport.memory import MemoryEventLog
+from tests.unit.memory_sessions import OneDatabase
 
 HERE, PEER = "us-east", "eu-west"
 TABLES = {"orders": TableConfig("orders", ("id",), "lww")}
 NOW = 1_700_000_000_000
-
-
-class OneDatabase:
-    def __init__(self, store: MemoryRegionStore) -> None:
-        self.store = store
-
-    def open(self, region: str, *, autocommit: bool = False) -> MemoryRegionStore:
-        assert region == HERE
-        return self.store
 
 
 def config() -> Config:

@@ -26,22 +26,12 @@ from reconciler.lifecycle import State
 from reconciler.relay import Relay
 from reconciler.store.memory import MemoryRegionStore
 from reconciler.transport.memory import MemoryEventLog
+from tests.unit.memory_sessions import OneDatabase
 
 REGION = "us-east"
 TABLES = {"orders": TableConfig("orders", ("id",), "lww")}
 PATH_TO = {State.ACTIVE: [], State.SUSPECT: [State.SUSPECT], State.CATCHING_UP: [State.CATCHING_UP],
            State.VERIFYING: [State.CATCHING_UP, State.VERIFYING], State.FENCED: [State.FENCED]}
-
-
-class OneDatabase:
-    """Every session the relay opens is on the same in-memory database, as on a server."""
-
-    def __init__(self, store: MemoryRegionStore) -> None:
-        self.store = store
-
-    def open(self, region: str, *, autocommit: bool = False) -> MemoryRegionStore:
-        assert region == REGION
-        return self.store
 
 
 def config() -> Config:
