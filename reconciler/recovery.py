@@ -13,6 +13,7 @@ only when the gate passes. Its own SQL is in :mod:`reconciler.store.recovery_que
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from .apply import Applier
 from .config import Config
-from .errors import FencedError
+from .errors import FencedError, StoreError
 from .gap_analysis import GapReport, RegionFacts, analyze_gaps, database_now_ms, reader_settings
 from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
@@ -162,6 +163,8 @@ def recover(
                                                        "replayed": result.replayed}})
         return result
     finally:
+        with contextlib.suppress(StoreError):
+            recovery_queries.release_recover_lock(lease, region)
         lease.close()
 
 

@@ -82,6 +82,7 @@ def seed(config: Config, region: str, source: str, *, actor: str = "operator", t
         with pg.connect(config.region(region).dsn, region=region) as dst, \
                 pg.connect(config.region(source).dsn, autocommit=True, region=source) as src:
             _copy(src, dst, report, tables, actor, numbering_timeout, progress)
+        recovery_queries.release_recover_lock(lease, region)
     finally:
         lease.close()
     report.copy_seconds = time.monotonic() - started

@@ -27,6 +27,13 @@ def try_recover_lock(conn: Connection, region: str) -> bool:
     return bool(row and row[0])
 
 
+def release_recover_lock(conn: Connection, region: str) -> None:
+    """Give the recover lock back before ``conn`` closes: a closed session's backend may
+    still hold it for a moment, long enough to refuse the recover that follows a seed."""
+    with translated(region=region, step="recover lease"):
+        conn.execute("SELECT pg_advisory_unlock(%s)", (RECOVER_LOCK,))
+
+
 def hlc_span(conn: Connection, origin: str, ranges: Sequence[tuple[int, int]], *,
              holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
     """Lowest and highest HLC stamp of ``origin``'s events with a sequence in ``ranges``,

@@ -12,6 +12,7 @@ import pytest
 from reconciler import outbox, recovery
 from reconciler.relay import Relay
 from reconciler.store import postgres as pg
+from reconciler.store import recovery_queries
 
 from .pipeline import connect, make_env
 
@@ -57,3 +58,17 @@ def test_relay_numbering_between_counter_and_outbox_reads_loses_nothing(
     finally:
         for relay in relays.values():
             relay.close()
+
+
+def test_recover_lock_is_free_as_soon_as_it_is_given_back(stack: Any, tmp_path: Path) -> None:
+    # seed runs recover right after letting go of the lock; a closed session's backend
+    # can hold it a moment longer, so the lock is released explicitly first
+    config = make_env(stack, tmp_path, regions=("us-east", "eu-west"))
+    dsn = config.region("us-east").dsn
+    with pg.connect(dsn, autocommit=True, region="us-east") as first, \
+            pg.connect(dsn, autocommit=True, region="us-east") as second:
+        assert recovery_queries.try_recover_lock(first, "us-east")
+        assert not recovery_queries.try_recover_lock(second, "us-east")
+        recovery_queries.release_recover_lock(first, "us-east")
+        assert recovery_queries.try_recover_lock(second, "us-east")
+        assert not recovery_queries.try_recover_lock(first, "us-east")
