@@ -29,9 +29,8 @@ from .gaps import (
     plan_gaps,
 )
 from .hlc import Timestamp
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store import recovery_queries, retention
+from .store.port import GapSessions
+from .store.postgres_store import RegionDatabases
 from .transport import kafka
 from .transport.port import EventLog
 
@@ -110,46 +109,52 @@ class GapReport:
         }
 
 
-def collect_facts(config: Config) -> dict[str, RegionFacts]:
+#: how long analysis waits for a region's database before counting it unreachable
+CONNECT_TIMEOUT = 3
+
+
+def collect_facts(config: Config, databases: GapSessions | None = None) -> dict[str, RegionFacts]:
+    sessions: GapSessions = databases or RegionDatabases(config)
     facts: dict[str, RegionFacts] = {}
     for region in config.regions:
         try:
-            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
-                last, published = pg.relay_position(conn, region)
-                inbox = pg.inbox_ranges(conn)
+            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
+            try:
+                last, published = store.relay_position(region)
+                inbox = store.inbox_ranges()
                 facts[region] = RegionFacts(
                     region=region, reachable=True, last_sequence=last, published_through=published,
                     # floors read after the ranges: a floor raised in between only makes
                     # this region claim fewer payloads than it has, never more
-                    inbox=inbox, inbox_floors=retention.inbox_floors(conn), outbox=pg.outbox_ranges(conn, region),
-                    refused=quarantine_store.refused(conn),
-                    own=pg.own_ranges(conn, region),
+                    inbox=inbox, inbox_floors=store.inbox_floors(), outbox=store.outbox_ranges(region),
+                    refused=store.refused(), own=store.own_ranges(region),
                 )
                 # events an operator discarded here are settled: not missing, but not held either
-                for origin, ranges in quarantine_store.discarded(conn).items():
+                for origin, ranges in store.discarded().items():
                     facts[region].inbox[origin] = list(SeqRanges([*inbox.get(origin, []), *ranges]).ranges)
                     facts[region].discarded[origin] = ranges
+            finally:
+                store.close()
         except ReconcilerError as exc:
             facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
     return facts
 
 
-def kafka_retention(config: Config) -> dict[str, tuple[int, int] | None]:
+def kafka_retention(config: Config, events: EventLog | None = None) -> dict[str, tuple[int, int] | None]:
     """What each origin's topic retains, every origin asked at once: each answer is a
     consumer's start and a few reads, tens of milliseconds of waiting on the broker
     that one origin after another would add up (twice per recover)."""
-    log = _reader_log(config)
+    log = events or _reader_log(config)
     origins = list(config.regions)
     with ThreadPoolExecutor(max_workers=len(origins), thread_name_prefix="kafka-retention") as pool:
         return dict(zip(origins, pool.map(log.retained, origins), strict=True))
 
 
-def kafka_held(config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
+def kafka_held(log: EventLog, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
     """Which of ``wanted`` (per origin) each origin's topic really holds, read from where
     each range starts: between the first and the last retained sequence there can be
     holes (an aborted batch of a fenced relay, compaction), and a hole routed to Kafka
     would be replayed from there forever, never from a peer that has it."""
-    log = _reader_log(config)
     return {o: SeqRanges(log.retained_ranges(o, r.ranges)) for o, r in wanted.items() if r}
 
 
@@ -173,13 +178,19 @@ def _reader_log(config: Config) -> EventLog:
     return kafka.KafkaEventLog(reader_settings(config, next(iter(config.regions))), config.events_topic)
 
 
-def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
-    """Every (origin, destination) gap, each range tagged with where to replay it from."""
+def analyze_gaps(config: Config, region: str | None = None, *, databases: GapSessions | None = None,
+                 events: EventLog | None = None) -> GapReport:
+    """Every (origin, destination) gap, each range tagged with where to replay it from.
+
+    ``databases`` and ``events`` are where regions and their topics are read
+    (the configured PostgreSQL servers and Kafka unless given)."""
     if region is not None:
         config.region(region)
-    facts = collect_facts(config)
-    retained = kafka_retention(config)
-    _reread_counters(config, facts)
+    sessions: GapSessions = databases or RegionDatabases(config)
+    log = events or _reader_log(config)
+    facts = collect_facts(config, sessions)
+    retained = kafka_retention(config, log)
+    _reread_counters(sessions, facts)
     reachable = {r: f for r, f in facts.items() if f.reachable}
     origin_high = {r: f.last_sequence for r, f in reachable.items()}
     applied: dict[tuple[str, str], SeqRanges] = {}
@@ -200,7 +211,7 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
     for plan in plans:
         asked[plan.gap.origin] = asked.get(plan.gap.origin, SeqRanges()) | plan.ranges_from(Source.KAFKA)
     if any(asked.values()):
-        verified = kafka_held(config, asked)
+        verified = kafka_held(log, asked)
         for origin, span in list(kafka_ranges.items()):
             # what was not asked about keeps its bounds (it routes nothing); the last
             # retained sequence was read, so it stays evidence of the origin's high-water
@@ -214,18 +225,22 @@ def analyze_gaps(config: Config, region: str | None = None) -> GapReport:
         pair = (plan.gap.origin, plan.gap.destination)
         top = applied.get(pair, SeqRanges()).last or 0
         report.holes[pair] = plan.gap.ranges.intersection(SeqRanges.span(1, top)).count() if top else 0
-        report.hlc_spans[pair] = _hlc_span(config, plan, reachable)
+        report.hlc_spans[pair] = _hlc_span(sessions, plan, reachable)
     report.lags = _lags(facts, retained, applied, kafka_ranges, region, report.hlc_spans,
-                        _clock_ms(config, region if region in reachable else next(iter(reachable), None)))
+                        _clock_ms(sessions, region if region in reachable else next(iter(reachable), None)))
     return report
 
 
-def _clock_ms(config: Config, region: str | None) -> float:
+def _clock_ms(sessions: GapSessions, region: str | None) -> float:
     """Now by a region database's clock (the one stamps are judged by); the host's
     clock only when no database answers."""
     if region is not None:
         try:
-            return float(database_now_ms(config, region))
+            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
+            try:
+                return float(store.database_now_ms())
+            finally:
+                store.close()
         except ReconcilerError:
             pass
     return time.time() * 1000
@@ -266,7 +281,7 @@ def _lags(
     return lags
 
 
-def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
+def _reread_counters(sessions: GapSessions, facts: dict[str, RegionFacts]) -> None:
     """Read every origin's counter and outbox again, after its peers' inboxes and Kafka.
 
     A live origin keeps numbering while the others are read; a counter read first
@@ -282,10 +297,13 @@ def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
         if not f.reachable:
             continue
         try:
-            with pg.connect(config.region(region).dsn, region=region, timeout=3) as conn:
-                last, published = pg.relay_position(conn, region)
-                outbox = pg.outbox_ranges(conn, region)
-                own = pg.own_ranges(conn, region)
+            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
+            try:
+                last, published = store.relay_position(region)
+                outbox = store.outbox_ranges(region)
+                own = store.own_ranges(region)
+            finally:
+                store.close()
         except ReconcilerError:
             continue
         f.last_sequence = max(f.last_sequence, last)
@@ -295,7 +313,7 @@ def _reread_counters(config: Config, facts: dict[str, RegionFacts]) -> None:
 
 
 def _hlc_span(
-    config: Config, plan: GapPlan, reachable: dict[str, RegionFacts]
+    sessions: GapSessions, plan: GapPlan, reachable: dict[str, RegionFacts]
 ) -> tuple[Timestamp | None, Timestamp | None]:
     """HLC bounds of a gap's events, asked of whichever region still holds them."""
     origin = plan.gap.origin
@@ -303,9 +321,11 @@ def _hlc_span(
     holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
     for holder in holders:
         try:
-            with pg.connect(config.region(holder).dsn, region=holder, timeout=3) as conn:
-                low, high = recovery_queries.hlc_span(conn, origin, plan.gap.ranges.ranges,
-                                                      holder_is_origin=holder == origin)
+            store = sessions.open(holder, autocommit=True, timeout=CONNECT_TIMEOUT)
+            try:
+                low, high = store.hlc_span(origin, plan.gap.ranges.ranges, holder_is_origin=holder == origin)
+            finally:
+                store.close()
         except ReconcilerError:
             continue
         if low is not None:
@@ -315,5 +335,5 @@ def _hlc_span(
 
 def database_now_ms(config: Config, region: str) -> int:
     """The region's database clock, ms: the one clock stamps and skew are judged by."""
-    with pg.connect(config.region(region).dsn, autocommit=True, region=region) as conn:
-        return recovery_queries.database_now_ms(conn, region)
+    with RegionDatabases(config).session(region, autocommit=True) as store:
+        return store.database_now_ms()

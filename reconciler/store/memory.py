@@ -473,6 +473,45 @@ class MemoryRegionStore(PipelineStore):
         pruned = relay.pruned_through if relay else 0
         return _runs([(1, pruned)] if pruned > 0 else [], sorted(s for (o, s) in self._state.numbered if o == origin))
 
+    def inbox_floors(self) -> dict[str, int]:
+        return {origin: through for origin, through in self._state.inbox_floor.items() if through > 0}
+
+    def refused(self) -> list[dict[str, Any]]:
+        def applied_since(q: dict[str, Any]) -> bool:
+            sequence = q["sequence"]
+            return sequence is not None and (
+                (q["origin"], sequence) in self._state.inbox or sequence <= self._state.inbox_floor.get(q["origin"], 0))
+
+        return [{"id": entry_id, "origin": q["origin"], "sequence": q["sequence"], "event_id": q["event_id"],
+                 "reason": q["reason"], "detail": q["detail"]}
+                for entry_id, q in sorted(self._state.quarantine.items())
+                if not q["settled"] and (q["sequence"] is not None or q["event_id"] is not None)
+                and not applied_since(q)]
+
+    def discarded(self) -> dict[str, list[tuple[int, int]]]:
+        pairs = sorted({(q["origin"], q["sequence"]) for q in self._state.quarantine.values()
+                        if q["settlement"] == "discarded" and q["origin"] is not None and q["sequence"] is not None
+                        and q["reason"] != "origin_mismatch"})
+        out: dict[str, list[tuple[int, int]]] = {}
+        for origin, sequence in pairs:
+            out.setdefault(str(origin), []).append((sequence, sequence))
+        return out
+
+    def hlc_span(self, origin: str, ranges: Sequence[tuple[int, int]], *,
+                 holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
+        def wanted(sequence: int) -> bool:
+            return any(lo <= sequence <= hi for lo, hi in ranges)
+
+        if holder_is_origin:
+            stamps = [self._state.outbox[p].hlc for (o, s), p in self._state.numbered.items()
+                      if o == origin and wanted(s) and p in self._state.outbox]
+        else:
+            stamps = [e.hlc for (o, s), e in self._state.inbox.items() if o == origin and wanted(s)]
+        return (min(stamps), max(stamps)) if stamps else (None, None)
+
+    def database_now_ms(self) -> int:
+        return self.now_ms()
+
 
 def _runs(start: list[tuple[int, int]], sequences: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted sequences as closed ranges, after (and merged with) ``start``."""

@@ -48,6 +48,7 @@ __all__ = [
     "ApplyChecks",
     "ConflictRow",
     "DatabaseMark",
+    "GapSessions",
     "GapStore",
     "HeldEntry",
     "LifecycleStore",
@@ -306,11 +307,23 @@ class RelayStore(LifecycleStore):
 
 
 class GapStore(ABC):
-    """The sequence ranges gap analysis compares."""
+    """What gap analysis reads of one region: the sequence ranges it compares, what
+    the quarantine keeps out, the stamps of a gap's events and the database's clock."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def relay_position(self, origin: str) -> tuple[int, int]:
+        """(last sequence numbered, last published) of ``origin``'s relay here."""
 
     @abstractmethod
     def inbox_ranges(self) -> dict[str, list[tuple[int, int]]]:
         """Applied sequences per origin as closed ranges, the pruning floor included."""
+
+    @abstractmethod
+    def inbox_floors(self) -> dict[str, int]:
+        """Per origin, the sequence up to which everything was applied and pruned."""
 
     @abstractmethod
     def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
@@ -319,6 +332,26 @@ class GapStore(ABC):
     @abstractmethod
     def own_ranges(self, origin: str) -> list[tuple[int, int]]:
         """Sequences of ``origin`` accounted for as its own: numbered rows and the pruned prefix."""
+
+    @abstractmethod
+    def refused(self) -> list[dict[str, Any]]:
+        """Quarantined events still missing here (neither settled nor applied since), oldest
+        first: ``id``, ``origin``, ``sequence``, ``event_id``, ``reason``, ``detail``."""
+
+    @abstractmethod
+    def discarded(self) -> dict[str, list[tuple[int, int]]]:
+        """Per origin, the sequences an operator discarded here: settled, not held. A
+        discarded forged copy (origin_mismatch) settles nothing of the origin it claimed."""
+
+    @abstractmethod
+    def hlc_span(self, origin: str, ranges: Sequence[tuple[int, int]], *,
+                 holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
+        """Lowest and highest stamp of ``origin``'s events in ``ranges`` held here: the
+        origin's own numbered outbox rows, or a peer's inbox."""
+
+    @abstractmethod
+    def database_now_ms(self) -> int:
+        """The database's clock in ms: the one clock stamps and skew are judged by."""
 
 
 class PipelineStore(ApplyStore, RelayStore, GapStore):
@@ -330,7 +363,13 @@ class StoreSessions(Protocol):
     """Where services open their sessions on a region's database
     (:class:`~reconciler.store.postgres_store.RegionDatabases` in production)."""
 
-    def open(self, region: str, *, autocommit: bool = False) -> PipelineStore: ...
+    def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> PipelineStore: ...
+
+
+class GapSessions(Protocol):
+    """Where gap analysis opens its reads of every region (``StoreSessions`` are too)."""
+
+    def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> GapStore: ...
 
 
 class RegionStore(PipelineStore):

@@ -24,7 +24,7 @@ from ..model import ConflictRecord, Event, RowState
 from . import invariants as invariants_store
 from . import postgres as pg
 from . import quarantine as quarantine_store
-from . import seeding
+from . import recovery_queries, retention, seeding
 from .port import CONFLICT_COLUMNS, ApplyChecks, ApplyStore, ConflictRow, Message, ParkedEvents, RegionStore, StateRow
 from .translate import translated
 
@@ -270,6 +270,22 @@ class PostgresRegionStore(RegionStore):
 
     def own_ranges(self, origin: str) -> list[tuple[int, int]]:
         return pg.own_ranges(self._conn, origin)
+
+    def inbox_floors(self) -> dict[str, int]:
+        return retention.inbox_floors(self._conn)
+
+    def refused(self) -> list[dict[str, Any]]:
+        return quarantine_store.refused(self._conn)
+
+    def discarded(self) -> dict[str, list[tuple[int, int]]]:
+        return quarantine_store.discarded(self._conn)
+
+    def hlc_span(self, origin: str, ranges: Sequence[tuple[int, int]], *,
+                 holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
+        return recovery_queries.hlc_span(self._conn, origin, ranges, holder_is_origin=holder_is_origin)
+
+    def database_now_ms(self) -> int:
+        return recovery_queries.database_now_ms(self._conn, self.region or "")
 
     # ------------------------------------------------------------ lifecycle
 

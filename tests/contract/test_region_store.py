@@ -182,6 +182,38 @@ def test_quarantine_holds_once_and_settles(store: Store) -> None:
     assert after[("eu-west", 5, other.event_id)].discarded
 
 
+def test_refused_and_discarded_are_what_gap_analysis_counts(store: Store) -> None:
+    waiting, applied_later = event("eu-west", 4, "q", "x"), event("eu-west", 5, "r", "x")
+    dropped, forged = event("eu-west", 6, "s", "x"), event("eu-west", 7, "t", "x")
+    store.quarantine([_item(e, "apply_failed") for e in (waiting, applied_later, dropped)]
+                     + [_item(forged, "origin_mismatch")])
+    store.insert_inbox([applied_later])
+    _now, _max, entries = store.apply_checks([dropped, forged])
+    store.settle_quarantine([entries[("eu-west", 6, dropped.event_id)].id], "discarded", "test", "gone", "discard")
+    refused = store.refused()
+    assert [(r["origin"], r["sequence"], r["event_id"], r["reason"]) for r in refused] == [
+        ("eu-west", 4, waiting.event_id, "apply_failed"), ("eu-west", 7, forged.event_id, "origin_mismatch")]
+    assert store.discarded() == {"eu-west": [(6, 6)]}
+    assert store.inbox_floors() == {}
+
+
+def test_hlc_span_reads_the_inbox_of_a_peer_and_the_outbox_of_the_origin(store: Store) -> None:
+    base = now_ms() - 60_000
+    store.insert_inbox([event("eu-west", s, f"k{s}", "x", wall=base + s) for s in (1, 2, 3, 8)])
+    assert store.hlc_span("eu-west", [(2, 3), (8, 9)], holder_is_origin=False) == (
+        Timestamp(base + 2, 0), Timestamp(base + 8, 0))
+    assert store.hlc_span("eu-west", [(4, 7)], holder_is_origin=False) == (None, None)
+    local = [event(REGION, None, f"o{i}", "new", wall=base + 100 + i) for i in range(3)]
+    with store.transaction():
+        for e in local:
+            store.insert_outbox(e)
+    epoch = store.acquire_lease(REGION, "test")
+    store.claim_messages(REGION, epoch, 0, 10)
+    assert store.hlc_span(REGION, [(2, 5)], holder_is_origin=True) == (Timestamp(base + 101, 0),
+                                                                       Timestamp(base + 102, 0))
+    assert abs(store.database_now_ms() - now_ms()) < 5_000
+
+
 # ---------------------------------------------------------------- conflicts
 
 

@@ -5,7 +5,7 @@ recovery gate, which ``gaps`` prints) fed one scenario and made to agree."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler import gap_analysis, recovery, sidecar
+from reconciler import recovery, sidecar
 from reconciler.config import Config, load_config
 from reconciler.gaps import (
     SeqRanges,
@@ -33,6 +33,7 @@ from reconciler.store import invariants as store_invariants
 from reconciler.store import postgres as pg
 from reconciler.store import quarantine as quarantine_store
 from reconciler.store.health import InboxProgress, ManualQueue, OutboxBacklog
+from reconciler.store.port import GapStore
 from reconciler.transport import kafka
 
 # ------------------------------------------------------------------ the definition
@@ -202,8 +203,6 @@ def facts_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(health, "manual_queue", lambda conn, tables=(): ManualQueue({}, 0.0))
     monkeypatch.setattr(health, "quarantined", lambda conn: len(dest_only.get(conn, [])))
     monkeypatch.setattr(store_invariants, "open_counts", lambda conn: {})
-    # the fake databases have no clock: the host's stands in for the region database's
-    monkeypatch.setattr(gap_analysis, "database_now_ms", lambda _config, _region: int(time.time() * 1000))
 
 
 def via_status(config: Config) -> tuple[int, int, float]:
@@ -249,15 +248,66 @@ def via_sidecar(config: Config) -> tuple[int, int, float]:
             samples[("reconciler_replication_lag_seconds", ORIGIN)])
 
 
-def via_gate(config: Config, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, float]:
-    monkeypatch.setattr(gap_analysis, "kafka_held", lambda _c, wanted: {o: r & SeqRanges.span(*retained(o))
-                                                                    for o, r in wanted.items()})
+class _ScenarioSession(GapStore):
+    """A gap-analysis session on one region of the scenario."""
+
+    def __init__(self, region: str, oldest: Timestamp) -> None:
+        self.region, self.oldest = region, oldest
+
+    def close(self) -> None:
+        pass
+
+    def relay_position(self, origin: str) -> tuple[int, int]:
+        return counter(origin), published(origin)
+
+    def inbox_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        return inbox(self.region)
+
+    def inbox_floors(self) -> dict[str, int]:
+        return {}
+
+    def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
+        return [(1, counter(origin))]
+
+    def own_ranges(self, origin: str) -> list[tuple[int, int]]:
+        return [(1, counter(origin))]
+
+    def refused(self) -> list[dict[str, Any]]:
+        return list(REFUSED) if self.region == DEST else []
+
+    def discarded(self) -> dict[str, list[tuple[int, int]]]:
+        return {}
+
+    def hlc_span(self, origin: str, ranges: Sequence[tuple[int, int]], *,
+                 holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
+        return (self.oldest, self.oldest) if origin == ORIGIN else (None, None)
+
+    def database_now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+
+class _Scenario:
+    """The scenario's regions and topics, as gap analysis opens and reads them."""
+
+    def __init__(self, oldest: Timestamp) -> None:
+        self.oldest = oldest
+
+    def open(self, region: str, **_kw: Any) -> _ScenarioSession:
+        return _ScenarioSession(region, self.oldest)
+
+    def retained(self, origin: str) -> tuple[int, int] | None:
+        return retained(origin)
+
+    def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        bounds = retained(origin)
+        return list((SeqRanges(list(wanted)) & SeqRanges.span(*bounds)).ranges) if bounds else []
+
+
+def via_gate(config: Config) -> tuple[int, int, float]:
     # the gaps' oldest HLC: us-east's hole 5 is older than the in-flight tail, and the
     # gate errs on the older stamp; stamp it the tail's age so the three can be compared
-    oldest = Timestamp(int(time.time() * 1000 - AGE * 1000), 0)
-    monkeypatch.setattr(gap_analysis, "_hlc_span", lambda _c, plan, _r: (oldest, oldest)
-                        if plan.gap.origin == ORIGIN else (None, None))
-    report = recovery.analyze_gaps(config, DEST)
+    scenario = _Scenario(Timestamp(int(time.time() * 1000 - AGE * 1000), 0))
+    report = recovery.analyze_gaps(config, DEST, databases=scenario, events=scenario)  # type: ignore[arg-type]
     doc = report.to_dict()["lag"][DEST][ORIGIN]
     gate = recovery._gate_input(config, DEST, report, recovery.RecoveryReport(DEST, False, {}))
     assert (doc["gap"], doc["events"]) == (gate.gap_events, gate.lag_events)  # what `gaps --json` prints
@@ -266,12 +316,10 @@ def via_gate(config: Config, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int,
 
 
 @pytest.mark.usefixtures("facts_everywhere")
-def test_status_the_sidecar_and_the_gate_agree_on_one_scenario(
-    config: Config, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_status_the_sidecar_and_the_gate_agree_on_one_scenario(config: Config) -> None:
     status = via_status(config)
     metrics = via_sidecar(config)
-    gate = via_gate(config, monkeypatch)
+    gate = via_gate(config)
     for gap, events, seconds in (status, metrics, gate):
         assert (gap, events) == (EXPECTED_GAP, EXPECTED_LAG), (status, metrics, gate)
         assert seconds == pytest.approx(AGE, abs=1.0), (status, metrics, gate)

@@ -12,20 +12,19 @@ lost (no source holds them); 2 still missing"), and recover's gate failed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from reconciler import gap_analysis, recovery
+from reconciler import recovery
 from reconciler.config import Config, load_config
+from reconciler.gap_analysis import GapReport
 from reconciler.gaps import SeqRanges, Source, plan_gaps
-from reconciler.store import postgres as pg
-from reconciler.store import quarantine as quarantine_store
-from reconciler.store import retention
+from reconciler.hlc import Timestamp
+from reconciler.store.port import GapStore
 
 REGIONS = ("ap-south", "eu-west", "us-east")
 
@@ -78,7 +77,7 @@ def test_events_nobody_holds_are_still_lost_for_a_restored_origin() -> None:
     assert own.ranges_from(Source.KAFKA) == SeqRanges.span(108, 110)
 
 
-# ------------------------------------------------------------ analyze_gaps, I/O simulated
+# ------------------------------------------------------------ analyze_gaps on simulated regions
 
 
 class _Region:
@@ -95,9 +94,48 @@ class _Region:
         self.last_sequence += count
 
 
+class _Session(GapStore):
+    """A session on one simulated region: every read asks the world as it is now."""
+
+    def __init__(self, world: _World, region: str) -> None:
+        self.world, self.region = world, region
+
+    def close(self) -> None:
+        pass
+
+    def relay_position(self, origin: str) -> tuple[int, int]:
+        return self.world.relay_position(self.region, origin)
+
+    def inbox_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        return {o: list(r) for o, r in self.world.regions[self.region].inbox.items()}
+
+    def inbox_floors(self) -> dict[str, int]:
+        return {}
+
+    def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
+        return self.world.outbox_ranges(origin)
+
+    def own_ranges(self, origin: str) -> list[tuple[int, int]]:
+        return self.world.own_ranges(origin)
+
+    def refused(self) -> list[dict[str, Any]]:
+        return []
+
+    def discarded(self) -> dict[str, list[tuple[int, int]]]:
+        return {}
+
+    def hlc_span(self, origin: str, ranges: Sequence[tuple[int, int]], *,
+                 holder_is_origin: bool) -> tuple[Timestamp | None, Timestamp | None]:
+        return None, None
+
+    def database_now_ms(self) -> int:
+        return 0
+
+
 class _World:
-    """The three regions, and a relay that runs whenever analysis has just read a
-    counter: exactly the interleaving counter read -> relay numbers -> outbox read."""
+    """The three regions and their topics, and a relay that runs whenever analysis has
+    just read a counter: exactly the interleaving counter read -> relay numbers ->
+    outbox read. Analysis opens its sessions here and reads Kafka here."""
 
     def __init__(self) -> None:
         self.regions = {r: _Region(r, 500) for r in REGIONS}
@@ -106,35 +144,31 @@ class _World:
         self.published = {r: 490 for r in REGIONS}
         self.connected: list[str] = []
 
-    @contextmanager
-    def connect(self, _dsn: str, *, region: str, **_kw: Any) -> Iterator[str]:
+    def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> _Session:
         self.connected.append(region)
-        yield region
+        return _Session(self, region)
 
-    def relay_position(self, conn: str, origin: str) -> tuple[int, int]:
-        region = self.regions[conn]
+    def relay_position(self, holder: str, origin: str) -> tuple[int, int]:
+        region = self.regions[holder]
         position = (region.last_sequence, self.published[origin])
         region.number(2)
         return position
 
-    def inbox_ranges(self, conn: str) -> dict[str, list[tuple[int, int]]]:
-        return {o: list(r) for o, r in self.regions[conn].inbox.items()}
-
-    def outbox_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
+    def outbox_ranges(self, origin: str) -> list[tuple[int, int]]:
         return [(1, self.regions[origin].last_sequence)]
 
-    def own_ranges(self, conn: str, origin: str) -> list[tuple[int, int]]:
+    def own_ranges(self, origin: str) -> list[tuple[int, int]]:
         return [(1, self.regions[origin].last_sequence)]
 
-    def inbox_floors(self, conn: str) -> dict[str, int]:
-        return {}
+    def retained(self, origin: str) -> tuple[int, int] | None:
+        return 1, self.published[origin]
 
-    def retained(self, _config: Config) -> dict[str, tuple[int, int] | None]:
-        return {o: (1, self.published[o]) for o in REGIONS}
+    def retained_ranges(self, origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        return list(SeqRanges(list(wanted)).ranges)
 
 
 @pytest.fixture
-def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Config]:
+def world(tmp_path: Path) -> tuple[_World, Config]:
     doc = {
         "kafka": {"bootstrap.servers": "127.0.0.1:1"},
         "regions": {r: {"dsn": f"postgresql://u@127.0.0.1:{i + 1}/db"} for i, r in enumerate(REGIONS)},
@@ -142,20 +176,11 @@ def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[_World, Conf
     }
     path = tmp_path / "reconciler.yaml"
     path.write_text(yaml.safe_dump(doc))
-    sim = _World()
-    monkeypatch.setattr(pg, "connect", sim.connect)
-    monkeypatch.setattr(pg, "relay_position", sim.relay_position)
-    monkeypatch.setattr(pg, "inbox_ranges", sim.inbox_ranges)
-    monkeypatch.setattr(pg, "outbox_ranges", sim.outbox_ranges)
-    monkeypatch.setattr(pg, "own_ranges", sim.own_ranges)
-    monkeypatch.setattr(retention, "inbox_floors", sim.inbox_floors)
-    monkeypatch.setattr(quarantine_store, "refused", lambda _conn: [])
-    monkeypatch.setattr(quarantine_store, "discarded", lambda _conn: {})
-    monkeypatch.setattr(gap_analysis, "kafka_retention", sim.retained)
-    monkeypatch.setattr(gap_analysis, "kafka_held", lambda _c, wanted: dict(wanted))
-    monkeypatch.setattr(gap_analysis, "_hlc_span", lambda *_a: (None, None))
-    monkeypatch.setattr(gap_analysis, "_clock_ms", lambda *_a: 0.0)  # the simulated databases have no clock
-    return sim, load_config(path)
+    return _World(), load_config(path)
+
+
+def analyze(world: _World, config: Config, region: str) -> GapReport:
+    return recovery.analyze_gaps(config, region, databases=world, events=world)  # type: ignore[arg-type]
 
 
 def test_analysis_under_a_relay_numbering_between_its_reads_reports_nothing_lost(
@@ -163,7 +188,7 @@ def test_analysis_under_a_relay_numbering_between_its_reads_reports_nothing_lost
 ) -> None:
     sim, config = world
     for region in REGIONS:
-        report = recovery.analyze_gaps(config, region)
+        report = analyze(sim, config, region)
         assert report.lost_events == 0, report.to_dict()
         assert [p for p in report.plans if p.gap.origin == p.gap.destination] == []
         # the peers' in-flight tails are all still planned, from Kafka and the origins' outboxes
@@ -182,13 +207,13 @@ def test_analysis_still_reports_a_hole_nobody_holds(
         sim.regions[dest].inbox["us-east"] = [(1, 199), (202, 480)]
     outbox_ranges, retained = sim.outbox_ranges, sim.retained
 
-    def outbox_without_the_hole(conn: str, origin: str) -> list[tuple[int, int]]:
-        ranges = outbox_ranges(conn, origin)
+    def outbox_without_the_hole(origin: str) -> list[tuple[int, int]]:
+        ranges = outbox_ranges(origin)
         return [(1, 199), (202, ranges[0][1])] if origin == "us-east" else ranges
 
-    monkeypatch.setattr(pg, "outbox_ranges", outbox_without_the_hole)
-    monkeypatch.setattr(gap_analysis, "kafka_retention", lambda c: {**retained(c), "us-east": (300, 490)})
-    report = recovery.analyze_gaps(config, "eu-west")
+    monkeypatch.setattr(sim, "outbox_ranges", outbox_without_the_hole)
+    monkeypatch.setattr(sim, "retained", lambda origin: (300, 490) if origin == "us-east" else retained(origin))
+    report = analyze(sim, config, "eu-west")
     lost = {(p.gap.origin, p.gap.destination): p.lost for p in report.plans if p.lost}
     assert lost == {("us-east", "eu-west"): SeqRanges.span(200, 201)}
     assert report.lost_events == 2
@@ -223,19 +248,16 @@ def test_a_counter_raised_past_unreturned_own_events_hides_none_of_them(
     for dest in ("eu-west", "ap-south"):
         sim.regions[dest].inbox["us-east"] = [(1, 350), (400, 480)]  # 351..399 held by nobody
 
-    def own(conn: str, origin: str) -> list[tuple[int, int]]:
-        return [(1, 300), (420, 480)] if origin == "us-east" else sim.own_ranges(conn, origin)
+    own_ranges = sim.own_ranges
 
-    outbox_ranges = sim.outbox_ranges
+    def own(origin: str) -> list[tuple[int, int]]:
+        return [(1, 300), (420, 480)] if origin == "us-east" else own_ranges(origin)
 
-    def outbox(conn: str, origin: str) -> list[tuple[int, int]]:
-        return own(conn, origin) if origin == "us-east" else outbox_ranges(conn, origin)
-
-    monkeypatch.setattr(pg, "own_ranges", own)
-    monkeypatch.setattr(pg, "outbox_ranges", outbox)
-    monkeypatch.setattr(pg, "relay_position", lambda conn, origin: (sim.regions[conn].last_sequence, 480))
-    monkeypatch.setattr(gap_analysis, "kafka_retention", lambda c: {o: None for o in REGIONS})
-    report = recovery.analyze_gaps(config, "us-east")
+    monkeypatch.setattr(sim, "own_ranges", own)
+    monkeypatch.setattr(sim, "outbox_ranges", own)
+    monkeypatch.setattr(sim, "relay_position", lambda holder, origin: (sim.regions[holder].last_sequence, 480))
+    monkeypatch.setattr(sim, "retained", lambda origin: None)
+    report = analyze(sim, config, "us-east")
     own_gap = next(p for p in report.plans if p.gap.origin == p.gap.destination == "us-east")
     assert own_gap.gap.ranges == SeqRanges.span(301, 419)
     assert own_gap.lost == SeqRanges.span(351, 399)
@@ -253,11 +275,12 @@ def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
     sim, config = world
     sim.regions["eu-west"].inbox["us-east"] = [(1, 299)]
 
-    def held(_config: Config, wanted: dict[str, SeqRanges]) -> dict[str, SeqRanges]:
-        return {o: r - SeqRanges.span(300, 309) if o == "us-east" else r for o, r in wanted.items()}
+    def held(origin: str, wanted: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        ranges = SeqRanges(list(wanted))
+        return list((ranges - SeqRanges.span(300, 309) if origin == "us-east" else ranges).ranges)
 
-    monkeypatch.setattr(gap_analysis, "kafka_held", held)
-    report = recovery.analyze_gaps(config, "eu-west")
+    monkeypatch.setattr(sim, "retained_ranges", held)
+    report = analyze(sim, config, "eu-west")
     plan = next(p for p in report.plans if (p.gap.origin, p.gap.destination) == ("us-east", "eu-west"))
     assert not plan.ranges_from(Source.KAFKA) & SeqRanges.span(300, 309)
     assert not SeqRanges.span(300, 309) - (plan.ranges_from(Source.PEER_OUTBOX) | plan.ranges_from(Source.PEER_INBOX))
@@ -267,9 +290,9 @@ def test_a_hole_inside_kafkas_bounds_is_routed_to_a_peer_not_to_kafka(
 def test_the_gates_lag_counts_every_planned_tail_under_a_live_relay(world: tuple[_World, Config]) -> None:
     """The lag the gate reads (gaps.measure_lag) reaches as high as the plan: the origin's
     outbox, read after its counter, is evidence too."""
-    _sim, config = world
+    sim, config = world
     for region in REGIONS:
-        report = recovery.analyze_gaps(config, region)
+        report = analyze(sim, config, region)
         tails = {(p.gap.origin, p.gap.destination): p.gap.count for p in report.plans}
         assert tails, report.to_dict()
         for pair, count in tails.items():
