@@ -27,8 +27,7 @@ from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
 from .replay import ApplierSink, Replayed, Replayer, merged_by_hlc, plan_events
-from .store import postgres as pg
-from .store import recovery_queries
+from .store.postgres_store import RegionDatabases
 from .transport import kafka
 from .transport.port import EventLog
 from .verify import verify_and_repair
@@ -108,39 +107,39 @@ def recover(
     started = time.monotonic()
     log = component_logger("replay", region)
     notify = progress or (lambda _p: None)
-    dsn = config.region(region).dsn
-    lease = pg.connect(dsn, autocommit=True, region=region)
+    databases = RegionDatabases(config)
+    lease = databases.open(region, autocommit=True)
     try:
-        if not recovery_queries.try_recover_lock(lease, region):
+        if not lease.try_recover_lock():
             raise FencedError("another recover is already running for this region", region=region)
-        report = analyze_gaps(config, region)
+        report = analyze_gaps(config, region, databases=databases)
         result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
         result.refused = report.facts[region].refused if region in report.facts else []
-        status = pg.region_status(lease)
+        status = lease.region_status()
         result.state, result.epoch = status.state.value, status.epoch
         if dry_run:
             result.seconds = time.monotonic() - started
             return result
         if status.state in (State.ACTIVE, State.SUSPECT):
-            status = pg.transition(lease, State.FENCED, "recover: fencing before catch-up", actor)
+            status = lease.transition(State.FENCED, "recover: fencing before catch-up", actor)
             result.transitions.append(f"{State.FENCED.value} (epoch {status.epoch})")
         if status.state in (State.FENCED, State.VERIFYING):
-            status = pg.transition(lease, State.CATCHING_UP, "recover: catch-up replay", actor)
+            status = lease.transition(State.CATCHING_UP, "recover: catch-up replay", actor)
             result.transitions.append(f"{State.CATCHING_UP.value} (epoch {status.epoch})")
         log.bind(epoch=status.epoch)
         log.info("recover started", extra={"fields": {"missing": report.to_dict()["total_missing"],
                                                       "lost": report.lost_events}})
         decision: GateDecision | None = None
         for _round in range(verify_rounds):
-            _replay(config, region, report, result, notify, metrics)
-            _reserve_own_sequences(config, region, report)
+            _replay(config, databases, region, report, result, notify, metrics)
+            _reserve_own_sequences(databases, region, report)
             if status.state is State.CATCHING_UP:
-                status = pg.transition(lease, State.VERIFYING, "recover: replay done, verifying", actor)
+                status = lease.transition(State.VERIFYING, "recover: replay done, verifying", actor)
                 result.transitions.append(f"{State.VERIFYING.value} (epoch {status.epoch})")
             notify(Progress(region, "verify", detail="Merkle comparison"))
             result.divergent, result.parked = {}, {}
             _verify_and_repair(config, region, result)
-            report = analyze_gaps(config, region)
+            report = analyze_gaps(config, region, databases=databases)
             decision = gate(_gate_input(config, region, report, result), config.lifecycle.max_lag_events,
                             config.lifecycle.max_lag_seconds)
             if decision.passed:
@@ -152,9 +151,9 @@ def recover(
         result.refused = report.facts[region].refused if region in report.facts else []
         result.plan = report.to_dict() if not result.replayed else result.plan
         if decision.passed:
-            status = pg.transition(lease, State.ACTIVE, "recover: gate passed", actor)
+            status = lease.transition(State.ACTIVE, "recover: gate passed", actor)
         else:
-            status = pg.transition(lease, State.CATCHING_UP, "recover: gate failed: " + "; ".join(decision.reasons),
+            status = lease.transition(State.CATCHING_UP, "recover: gate failed: " + "; ".join(decision.reasons),
                                    actor)
         result.transitions.append(f"{status.state.value} (epoch {status.epoch})")
         result.state, result.epoch = status.state.value, status.epoch
@@ -164,12 +163,12 @@ def recover(
         return result
     finally:
         with contextlib.suppress(StoreError):
-            recovery_queries.release_recover_lock(lease, region)
+            lease.release_recover_lock()
         lease.close()
 
 
 def _replay(
-    config: Config, region: str, report: GapReport, result: RecoveryReport,
+    config: Config, databases: RegionDatabases, region: str, report: GapReport, result: RecoveryReport,
     notify: Callable[[Progress], None], metrics: Metrics | None,
 ) -> None:
     plans = [p for p in report.for_destination(region) if p.gap.count - p.lost.count()]
@@ -184,7 +183,7 @@ def _replay(
             logs[origin] = event_log(config, origin)
         return logs[origin]
 
-    streams = [plan_events(p, log_for=log_for, dsn_of=lambda r: config.region(r).dsn, batch=batch) for p in plans]
+    streams = [plan_events(p, log_for=log_for, databases=databases, batch=batch) for p in plans]
     done = 0
 
     def counted(replayed: Sequence[Replayed]) -> None:
@@ -200,8 +199,8 @@ def _replay(
         notify(Progress(region, "replay", done, total))
 
     notify(Progress(region, "replay", 0, total))
-    with pg.connect(config.region(region).dsn, region=region, autocommit=True) as conn:
-        sink = ApplierSink(conn, Applier(conn, region, config.tables, config.hlc_max_offset_ms))
+    with databases.session(region, autocommit=True) as store:
+        sink = ApplierSink(store, Applier(store, region, config.tables, config.hlc_max_offset_ms))
         Replayer(sink, batch=batch, on_batch=counted).replay(merged_by_hlc(streams, lookahead=batch))
 
 
@@ -211,7 +210,7 @@ def event_log(config: Config, origin: str) -> EventLog:
     return kafka.KafkaEventLog(reader_settings(config, origin), config.events_topic, region=origin)
 
 
-def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> None:
+def _reserve_own_sequences(databases: RegionDatabases, region: str, report: GapReport) -> None:
     """Peers and Kafka may know sequences of this region beyond its own counter (stale
     backup): make sure the relay never numbers a new event with one of them."""
     seen = 0
@@ -224,12 +223,12 @@ def _reserve_own_sequences(config: Config, region: str, report: GapReport) -> No
         seen = max(seen, retained[1])
     own = report.facts.get(region)
     if own and own.reachable and seen > own.last_sequence:
-        with pg.connect(config.region(region).dsn, region=region) as conn:
+        with databases.session(region) as store:
             # asked again now: a reservation above a live counter would leave numbers no
             # event ever gets, a gap every peer would wait for forever
-            last, _ = pg.relay_position(conn, region)
+            last, _ = store.relay_position(region)
             if seen > last:
-                pg.reserve_sequences(conn, region, seen)
+                store.reserve_sequences(region, seen)
 
 
 # ---------------------------------------------------------------- verify and repair

@@ -25,8 +25,7 @@ from .errors import StoreError
 from .gaps import GapPlan, Source
 from .hlc import Timestamp
 from .model import Event
-from .store import postgres as pg
-from .store import recovery_queries
+from .store.port import ApplyStore, ReplayStore, StoreSessions
 from .transport.port import EventLog, SequenceRanges
 
 __all__ = [
@@ -68,30 +67,32 @@ def from_event_log(log: EventLog, origin: str, lo: int, hi: int, *, batch: int =
             yield Replayed(Source.KAFKA, delivery.event)
 
 
-def from_peer(dsn: str, holder: str, origin: str, source: Source, lo: int, hi: int,
+def from_peer(databases: StoreSessions, holder: str, origin: str, source: Source, lo: int, hi: int,
               *, batch: int = 500) -> Iterator[Replayed]:
     """``origin``'s events with sequence in [lo, hi] from ``holder``'s database: its
     outbox when it is the origin (PEER_OUTBOX), its inbox otherwise (PEER_INBOX)."""
-    with pg.connect(dsn, region=holder) as conn:
+    store = databases.open(holder, autocommit=True)
+    try:
         cursor = lo
         while cursor <= hi:
             if source is Source.PEER_OUTBOX:
-                events = pg.outbox_range(conn, origin, cursor, hi, batch)
-                conn.commit()
+                events = store.outbox_events(origin, cursor, hi, batch)
             else:
-                events = pg.inbox_events(conn, origin, cursor, hi, batch)
+                events = store.inbox_events(origin, cursor, hi, batch)
             if not events:
                 return
             for event in events:
                 yield Replayed(source, event)
             cursor = (events[-1].sequence or hi) + 1
+    finally:
+        store.close()
 
 
-def plan_events(plan: GapPlan, *, log_for: Callable[[str], EventLog], dsn_of: Callable[[str], str],
+def plan_events(plan: GapPlan, *, log_for: Callable[[str], EventLog], databases: StoreSessions,
                 batch: int = 500) -> Iterator[Replayed]:
     """Every event a gap plan can close, part after part (sequence order); ``log_for``
-    gives the event log to read an origin's topic through, ``dsn_of`` a holder's
-    database."""
+    gives the event log to read an origin's topic through, ``databases`` the sessions
+    on the regions that hold the rest."""
     origin = plan.gap.origin
     for part in plan.parts:
         if part.source is Source.NOWHERE:
@@ -100,7 +101,7 @@ def plan_events(plan: GapPlan, *, log_for: Callable[[str], EventLog], dsn_of: Ca
             yield from from_event_log(log_for(origin), origin, part.lo, part.hi, batch=batch)
         else:
             holder = part.holder or origin
-            yield from from_peer(dsn_of(holder), holder, origin, part.source, part.lo, part.hi, batch=batch)
+            yield from from_peer(databases, holder, origin, part.source, part.lo, part.hi, batch=batch)
 
 
 def merged_by_hlc(streams: Sequence[Iterable[Replayed]], lookahead: int) -> Iterator[Replayed]:
@@ -174,8 +175,8 @@ class ApplierSink:
     inbox path: deduplicated, policies applied), the region's own events (lost to a
     stale backup) back into its outbox with their original numbers."""
 
-    def __init__(self, conn: pg.Connection, applier: Applier) -> None:
-        self.conn = conn
+    def __init__(self, store: ReplayStore, applier: Applier) -> None:
+        self.store = store
         self.applier = applier
 
     @property
@@ -193,19 +194,20 @@ class ApplierSink:
     def return_own_events(self, events: list[Event]) -> None:
         """Apply this region's own events that it lost (stale backup) and put them back
         in its outbox with their original numbers, in one transaction."""
-        conn, region = self.conn, self.region
-        with recovery_queries.returning_own_events(conn, region):
-            known = recovery_queries.outbox_ids_known(conn, region, [e.event_id for e in events])
-            fresh = [e for e in events if e.event_id not in known]
+        store, region = self.store, self.region
+        applying: ApplyStore = self.applier.store
+        with applying.transaction():
+            known = store.outbox_ids_known([e.event_id for e in events])
+            fresh = [e for e in events if e.event_id.lower() not in known]
             # An event the backup holds but had not numbered yet was numbered (and
             # published, and applied by peers) before the restore: it must keep that
             # number, or the relay would number it again and peers would apply it twice.
-            renumber = [e for e in events if e.event_id in known]
-            pg.give_back_numbers(conn, region, renumber)
+            renumber = [e for e in events if e.event_id.lower() in known]
+            store.give_back_numbers(region, renumber)
             applied, bad, _conflicts = self.applier.apply_rows(fresh)
             if bad:
                 raise StoreError(f"{len(bad)} of this region's own events could not be re-applied: {bad[0][1]}",
                                  region=region)
-            pg.restore_own_events(conn, fresh)
+            store.restore_own_events(fresh)
             if applied:
-                pg.observe_hlc(conn, max(e.hlc for e in applied))
+                applying.observe_hlc(max(e.hlc for e in applied))

@@ -119,9 +119,6 @@ class MemoryRegionStore(PipelineStore):
     def quarantined(self) -> list[dict[str, Any]]:
         return [dict(q) for q in self._state.quarantine.values()]
 
-    def outbox_events(self) -> list[Event]:
-        return [self._state.outbox[p] for p in sorted(self._state.outbox)]
-
     # ------------------------------------------------------------ transactions and catalogue
 
     @contextmanager
@@ -511,6 +508,51 @@ class MemoryRegionStore(PipelineStore):
 
     def database_now_ms(self) -> int:
         return self.now_ms()
+
+    # ------------------------------------------------------------ replay
+
+    def outbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        numbered = sorted((s, p) for (o, s), p in self._state.numbered.items()
+                          if o == origin and low <= s <= high and p in self._state.outbox)
+        return [replace(self._state.outbox[p], sequence=s) for s, p in numbered[:limit]]
+
+    def inbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        held = sorted((s, e) for (o, s), e in self._state.inbox.items() if o == origin and low <= s <= high)
+        return [e for _s, e in held[:limit]]
+
+    def outbox_ids_known(self, event_ids: Sequence[str]) -> set[str]:
+        wanted = {i.lower() for i in event_ids}
+        return {e.event_id.lower() for e in self._state.outbox.values() if e.event_id.lower() in wanted}
+
+    def give_back_numbers(self, origin: str, events: Sequence[Event]) -> None:
+        position_of = {self._state.outbox[p].event_id.lower(): p for p in self._state.pending}
+        taken = set(self._state.numbered.values())
+        for event in events:
+            position = position_of.get(event.event_id.lower())
+            pair = (origin, event.sequence or 0)
+            if position is None or position in taken or pair in self._state.numbered:
+                continue
+            self._state.numbered[pair] = position
+            self._state.pending.remove(position)
+            taken.add(position)
+        self._changed()
+
+    def restore_own_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        known = self.outbox_ids_known([e.event_id for e in events])
+        for event in events:
+            if event.event_id.lower() not in known:
+                self.insert_outbox(replace(event, sequence=None))
+        origin = events[0].origin
+        self.give_back_numbers(origin, events)
+        self.reserve_sequences(origin, max(e.sequence or 0 for e in events))
+
+    def reserve_sequences(self, origin: str, through: int) -> None:
+        relay = self._state.relay.setdefault(origin, _RelayState())
+        relay.last_sequence = max(relay.last_sequence, through)
+        relay.published_through = max(relay.published_through, through)
+        self._changed()
 
 
 def _runs(start: list[tuple[int, int]], sequences: Iterable[int]) -> list[tuple[int, int]]:

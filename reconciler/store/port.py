@@ -19,7 +19,9 @@ is never asked to pretend it has Merkle leaves or triggers:
 - :class:`LifecycleStore`: the lifecycle state, the liveness marks (the relay's
   checks and the sidecar's start decision read them);
 - :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
-- :class:`PipelineStore`: those three, what the in-memory store implements;
+- :class:`ReplayStore`: a gap's events read from a peer, a region's own lost events
+  given back;
+- :class:`PipelineStore`: all of those, what the in-memory store implements;
 - :class:`RegionStore`: all three plus what only operators and drills read (the
   conflict queue, quarantine listings).
 
@@ -57,6 +59,7 @@ __all__ = [
     "PipelineStore",
     "RegionStore",
     "RelayStore",
+    "ReplayStore",
     "StoreSessions",
     "StateRow",
     "json_text",
@@ -354,9 +357,40 @@ class GapStore(ABC):
         """The database's clock in ms: the one clock stamps and skew are judged by."""
 
 
-class PipelineStore(ApplyStore, RelayStore, GapStore):
-    """What the pipeline's services (relay, inbox, apply, gap analysis) use: all the
-    in-memory store implements."""
+class ReplayStore(ABC):
+    """What replay reads of a region that holds a gap's events, and writes when a
+    region gets back its own events that a stale backup lost."""
+
+    @abstractmethod
+    def outbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        """``origin``'s numbered outbox events with sequence in [low, high], in sequence order."""
+
+    @abstractmethod
+    def inbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        """``origin``'s events applied here with sequence in [low, high] (payload kept), in order."""
+
+    @abstractmethod
+    def outbox_ids_known(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of ``event_ids`` the outbox holds (lower-case text)."""
+
+    @abstractmethod
+    def give_back_numbers(self, origin: str, events: Sequence[Event]) -> None:
+        """Number the pending outbox rows of ``events`` with the events' own sequences;
+        rows already numbered keep theirs."""
+
+    @abstractmethod
+    def restore_own_events(self, events: Sequence[Event]) -> None:
+        """Put lost own events back in the outbox with their original numbers, counted as
+        numbered and published (peers hold them already)."""
+
+    @abstractmethod
+    def reserve_sequences(self, origin: str, through: int) -> None:
+        """Never number a new event of ``origin`` at or below ``through``."""
+
+
+class PipelineStore(ApplyStore, RelayStore, GapStore, ReplayStore):
+    """What the pipeline's services (relay, inbox, apply, gap analysis, replay) use:
+    all the in-memory store implements."""
 
 
 class StoreSessions(Protocol):
@@ -400,6 +434,17 @@ class RegionStore(PipelineStore):
     @abstractmethod
     def quarantine_audit(self, entry_id: int) -> list[tuple[Any, ...]]: ...
 
+
+    # ------------------------------------------------------------ the recover lease
+
+    @abstractmethod
+    def try_recover_lock(self) -> bool:
+        """Take the region's recover lock for as long as this session lives (False: held
+        by another session: another recover or seed is running)."""
+
+    @abstractmethod
+    def release_recover_lock(self) -> None:
+        """Give the lock back now; a closed session's server may hold it a moment longer."""
 
     # ------------------------------------------------------------ events held anywhere here
 

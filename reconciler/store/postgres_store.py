@@ -287,6 +287,34 @@ class PostgresRegionStore(RegionStore):
     def database_now_ms(self) -> int:
         return recovery_queries.database_now_ms(self._conn, self.region or "")
 
+    def try_recover_lock(self) -> bool:
+        return recovery_queries.try_recover_lock(self._conn, self.region or "")
+
+    def release_recover_lock(self) -> None:
+        recovery_queries.release_recover_lock(self._conn, self.region or "")
+
+    # ------------------------------------------------------------ replay
+
+    def outbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        return pg.outbox_range(self._conn, origin, low, high, limit)
+
+    def inbox_events(self, origin: str, low: int, high: int, limit: int) -> list[Event]:
+        return pg.inbox_events(self._conn, origin, low, high, limit)
+
+    def outbox_ids_known(self, event_ids: Sequence[str]) -> set[str]:
+        return recovery_queries.outbox_ids_known(self._conn, self.region or "", event_ids)
+
+    def give_back_numbers(self, origin: str, events: Sequence[Event]) -> None:
+        with self.translating("give back numbers", origin=origin):
+            pg.give_back_numbers(self._conn, origin, events)
+
+    def restore_own_events(self, events: Sequence[Event]) -> None:
+        with self.translating("return own events"):
+            pg.restore_own_events(self._conn, events)
+
+    def reserve_sequences(self, origin: str, through: int) -> None:
+        pg.reserve_sequences(self._conn, origin, through)
+
     # ------------------------------------------------------------ lifecycle
 
     def region_status(self) -> RegionStatus:

@@ -214,6 +214,48 @@ def test_hlc_span_reads_the_inbox_of_a_peer_and_the_outbox_of_the_origin(store: 
     assert abs(store.database_now_ms() - now_ms()) < 5_000
 
 
+def test_replay_reads_a_range_of_the_outbox_and_of_the_inbox_in_order(store: Store) -> None:
+    store.insert_inbox([event("eu-west", s, f"k{s}", "x") for s in (5, 1, 2, 9)])
+    assert [e.sequence for e in store.inbox_events("eu-west", 2, 9, 2)] == [2, 5]
+    assert store.inbox_events("eu-west", 6, 8, 10) == []
+    local = _local(4)
+    with store.transaction():
+        for e in local:
+            store.insert_outbox(e)
+    epoch = store.acquire_lease(REGION, "test")
+    store.claim_messages(REGION, epoch, 0, 10)
+    got = store.outbox_events(REGION, 2, 10, 2)
+    assert [(e.event_id, e.sequence, e.origin) for e in got] == [(local[1].event_id, 2, REGION),
+                                                                  (local[2].event_id, 3, REGION)]
+    assert got[0].payload == local[1].payload and got[0].hlc == local[1].hlc
+
+
+def test_own_events_come_back_with_their_numbers_and_pending_rows_keep_theirs(store: Store) -> None:
+    # a backup holding 1..2 numbered and one row still pending; the region had since
+    # numbered that row 3 and written 4, which peers hold
+    local = _local(3)
+    with store.transaction():
+        for e in local:
+            store.insert_outbox(e)
+    epoch = store.acquire_lease(REGION, "test")
+    store.claim_messages(REGION, epoch, 0, 2)
+    store.mark_published(REGION, epoch, 2)
+    pending = replace(local[2], sequence=3)
+    lost = replace(event(REGION, 4, "o9", "new"), event_type="orders.insert")
+    assert store.outbox_ids_known([e.event_id for e in (*local, lost)]) == {e.event_id.lower() for e in local}
+    with store.transaction():
+        store.give_back_numbers(REGION, [pending])
+        store.restore_own_events([lost])
+    assert store.own_ranges(REGION) == store.outbox_ranges(REGION) == [(1, 4)]
+    assert store.relay_position(REGION) == (4, 4)
+    assert [e.event_id for e in store.outbox_events(REGION, 3, 4, 10)] == [pending.event_id, lost.event_id]
+    assert store.claim_messages(REGION, epoch, 4, 10) == []  # nothing left to number
+    store.reserve_sequences(REGION, 9)
+    assert store.relay_position(REGION) == (9, 9)
+    store.reserve_sequences(REGION, 5)
+    assert store.relay_position(REGION) == (9, 9)
+
+
 # ---------------------------------------------------------------- conflicts
 
 

@@ -1,6 +1,7 @@
-"""Gap analysis (``analyze_gaps``) over in-memory regions and an in-memory event log:
-the events really numbered by the daemon's relay, really held in inboxes, really
-expired from the topic, and the plan read from those facts alone."""
+"""Gap analysis (``analyze_gaps``) and replay over in-memory regions and an in-memory
+event log: the events really numbered by the daemon's relay, really held in
+inboxes, really expired from the topic; the plan read from those facts alone, and
+replayed through the daemon's own sink until nothing is missing."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import itertools
 from pathlib import Path
 
 from reconciler import outbox
+from reconciler.apply import Applier
 from reconciler.config import Config, RegionConfig, TableConfig
 from reconciler.gap_analysis import GapReport, analyze_gaps
 from reconciler.gaps import SeqRanges, Source
 from reconciler.relay import Relay
+from reconciler.replay import ApplierSink, Replayer, merged_by_hlc, plan_events
 from reconciler.store.memory import MemoryRegionStore
 from reconciler.transport.memory import MemoryEventLog
 from tests.unit.memory_sessions import Databases, OneDatabase
@@ -33,11 +36,15 @@ class World:
                                    for r in self.config.regions)
         self.log = MemoryEventLog(self.config.events_topic)
 
-    def publish(self, writes: int) -> None:
-        """``writes`` new orders in the origin, numbered and published by its relay."""
+    def write(self, writes: int) -> None:
+        """``writes`` new orders in the origin, not numbered yet."""
         first = len(self.databases[ORIGIN].rows("orders"))
         for i in range(first, first + writes):
             outbox.write(self.databases[ORIGIN], "orders", "insert", {"id": i}, values={"status": "new"})
+
+    def publish(self, writes: int = 0) -> None:
+        """``writes`` new orders in the origin, then everything numbered and published by its relay."""
+        self.write(writes)
         relay = Relay(self.config, ORIGIN, holder="unit", databases=OneDatabase(self.databases[ORIGIN]),
                       events=self.log, peers_seen=dict)
         relay.start()
@@ -49,10 +56,19 @@ class World:
 
     def deliver(self, region: str, lo: int, hi: int) -> None:
         events = [d.event for batch in self.log.read_range(ORIGIN, lo, hi) for d in batch if d.event]
-        self.databases[region].insert_inbox(events)
+        Applier(self.databases[region], region, TABLES, max_offset_ms=1000).apply_remote(events)
 
     def analyze(self, region: str | None = None) -> GapReport:
         return analyze_gaps(self.config, region, databases=self.databases, events=self.log)
+
+    def replay(self, region: str) -> int:
+        """What recover's replay does: every planned event into the region, through the
+        daemon's sink (peers' events applied as the inbox does, its own given back)."""
+        store = self.databases[region]
+        sink = ApplierSink(store, Applier(store, region, TABLES, max_offset_ms=1000))
+        streams = [plan_events(p, log_for=lambda _o: self.log, databases=self.databases, batch=3)
+                   for p in self.analyze(region).for_destination(region)]
+        return Replayer(sink, batch=3).replay(merged_by_hlc(streams, lookahead=3))
 
 
 def plan_of(report: GapReport, origin: str, destination: str) -> dict[Source, SeqRanges]:
@@ -134,3 +150,38 @@ def test_a_refused_event_is_missing_not_in_flight() -> None:
     assert [r["sequence"] for r in report.facts[LATE].refused] == [3]
     lag = report.lags[(ORIGIN, LATE)]
     assert (lag.gap, lag.events) == (1, 0)
+
+
+def test_replay_closes_a_gap_from_kafka_and_from_the_peers() -> None:
+    world = World()
+    world.publish(10)
+    world.deliver(LATE, 1, 3)
+    world.deliver(FULL, 1, 10)
+    world.log.expire(world.config.events_topic(ORIGIN), before=6)  # Kafka keeps 7..10
+    world.databases.down.add(ORIGIN)  # 4..6 only in ap-south's inbox
+    assert world.replay(LATE) == 7
+    assert world.analyze(LATE).plans == []
+    assert world.databases[LATE].rows("orders") == world.databases[FULL].rows("orders") != {}
+
+
+def test_a_restored_region_gets_its_own_events_back_with_their_numbers() -> None:
+    world = World()
+    world.publish(5)
+    world.write(2)  # in the backup, but not numbered yet when it was taken
+    backup = world.databases[ORIGIN].snapshot()
+    world.publish(3)  # numbers the two as 6, 7, then 8..10
+    world.deliver(LATE, 1, 10)
+    world.deliver(FULL, 1, 10)
+    before = world.databases[FULL].rows("orders")
+    world.databases[ORIGIN].restore(backup)
+    assert world.databases[ORIGIN].outbox_ranges(ORIGIN) == [(1, 5)]
+    assert world.replay(ORIGIN) == 5
+    origin = world.databases[ORIGIN]
+    assert origin.own_ranges(ORIGIN) == origin.outbox_ranges(ORIGIN) == [(1, 10)]
+    assert origin.relay_position(ORIGIN) == (10, 10)
+    assert origin.rows("orders") == before
+    assert world.analyze(ORIGIN).plans == []
+    # the relay has nothing left to number: the two pending rows kept 6 and 7
+    published_before = world.log.watermarks(world.config.events_topic(ORIGIN))[1]
+    world.publish()
+    assert world.log.watermarks(world.config.events_topic(ORIGIN))[1] == published_before

@@ -62,10 +62,11 @@ def test_a_plan_reads_only_its_kafka_parts_from_where_they_start() -> None:
         SourcedRange(9_990, 10_000, Source.KAFKA),
     ))
 
-    def no_database(region: str) -> str:
-        raise AssertionError(f"no part of this plan is in a database ({region})")
+    class NoDatabases:
+        def open(self, region: str, **_kw: object) -> None:
+            raise AssertionError(f"no part of this plan is in a database ({region})")
 
-    got = list(plan_events(plan, log_for=lambda _o: log, dsn_of=no_database, batch=4))
+    got = list(plan_events(plan, log_for=lambda _o: log, databases=NoDatabases(), batch=4))  # type: ignore[arg-type]
     assert [r.event.sequence for r in got] == list(range(9_990, 10_001))
     assert log.messages_read <= 13  # the range and one message either side, not the 9,989 before it
 
