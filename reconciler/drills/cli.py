@@ -88,6 +88,11 @@ def summary(report: dict[str, Any]) -> str:
         f"applied twice {report['duplicates_applied']}, regions converged {report['regions_converged']}, "
         f"RTO {'-' if rto is None else f'{rto:.1f}s'}",
     ]
+    rate = report.get("workload_rate")
+    if rate and rate.get("window_seconds"):
+        achieved = ", ".join(f"{r} {v:.1f}" for r, v in rate["per_second"].items())
+        lines.append(f"  acknowledged writes/s per region over {rate['window_seconds']:.0f}s of writing: {achieved}"
+                     f" (asked for {rate['target_per_region']:.0f})")
     for check in report["checks"]:
         lines.append(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
     if report.get("workdir"):

@@ -452,10 +452,9 @@ class Drill:
         checks = [*verdict.checks, *self.checks]
         timeline = observe.rates(self.sampler.samples)
         duration = self.now()
-        per_region = {}
-        for region in self.regions:
-            written = sum(s.by_target.get(region, 0) for s in self.workload.stats)
-            per_region[region] = round(written / duration, 2) if duration else 0.0
+        # over the time the writers ran, not the whole drill (setup, drain and the
+        # checker's reads wrote nothing and would dilute the rate)
+        workload_rate = self.workload.rates()
         rto = self.sampler.rto()
         return {
             "scenario": self.scenario.name,
@@ -477,7 +476,8 @@ class Drill:
             "parked": {t: list(k) for t, k in verdict.parked.items()},
             "conflicts": {t: dict(v) for t, v in verdict.conflicts.items()},
             "quarantine": {r: dict(v) for r, v in verdict.quarantine.items()},
-            "writes_per_second": per_region,
+            "writes_per_second": workload_rate["per_second"],
+            "workload_rate": workload_rate,
             "workload": {"spec": _plain(self.workload.spec.__dict__),
                          "writers": [s.to_dict() for s in self.workload.stats]},
             "outages": [o.to_dict() for o in self.outages],

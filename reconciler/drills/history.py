@@ -156,19 +156,29 @@ class WriteRecord:
         )
 
 
+def record_line(record: WriteRecord) -> str:
+    """A record as one history line (without its newline)."""
+    return json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True, default=str)
+
+
 class HistoryWriter:
     """JSONL, one line per acknowledged write, flushed per line so that a drill that
-    dies still leaves every acknowledgement it made on disk. Starts a new file."""
+    dies still leaves every acknowledgement it made on disk. Starts a new file.
+
+    The file is opened for appending, so that other processes (the drill's writer
+    processes, see :mod:`reconciler.drills.workload`) may append whole lines to it
+    too, each with one write: lines never interleave, whoever wrote them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = path.open("w", encoding="utf-8")
+        path.open("w", encoding="utf-8").close()
+        self._fh: IO[str] | None = path.open("a", encoding="utf-8")
         self.records: list[WriteRecord] = []
 
     def append(self, record: WriteRecord) -> None:
-        line = json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True, default=str)
+        line = record_line(record)
         with self._lock:
             if self._fh is None:
                 raise RuntimeError(f"history {self.path} is closed")

@@ -11,19 +11,31 @@ database is down keeps failing and retrying, records nothing, and counts its
 failures. A drill can route a region's writers elsewhere (its users failing over
 to another region) or pause them. Every writer stops by itself after its write
 budget or its time budget, whichever comes first.
+
+With ``WorkloadSpec.processes`` the writers of each home region run in a child
+process of their own (``python -m reconciler.drills.workload``), which streams every
+acknowledgement, in-doubt attempt and failure back on its stdout; the drill records
+them exactly as it records its own threads' writes. A drill process that also runs
+the fault schedule, the sampler and the proxies would otherwise share one
+interpreter lock with every writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .. import outbox
 from ..errors import ReconcilerError, StoreError, StoreUnavailable
@@ -31,13 +43,20 @@ from ..model import Event
 from ..store.demo_domain import DemoDomain
 from ..store.inspection import Inspector
 from ..store.postgres_store import PostgresRegionStore, open_store
-from .history import HistoryWriter, WriteRecord
+from .history import HistoryWriter, WriteRecord, record_line
 
 TAGS = ("new", "sale", "clearance", "gift", "eco", "bulk")
 
 ORDER_STATUSES = ("new", "paid", "packed", "shipped", "cancelled")
 PAYMENT_STATUSES = ("captured", "refunded", "settled", "disputed")
 
+
+#: cores from which writers in processes pay off. Below, the machine itself is the limit:
+#: on 2 cores the drill's one interpreter held its lock about a fifth of the time at
+#: 200 writes/s asked per region, while three writer processes cost more CPU per
+#: write (1.9-2.3 ms of client CPU against 1.6-1.8 ms in threads) and got fewer writes
+#: through. With more cores, one interpreter's ~1.7 ms per write caps it near 590 writes/s.
+PROCESS_CORES = 4
 
 #: the most one writer is asked for per second: each waits for its own commit, so
 #: more than this from one connection is more than a busy machine gives it
@@ -64,6 +83,15 @@ class WorkloadSpec:
     seed: int = 7
     #: seed one order written by two regions with the same HLC stamp (see Workload.seed_tie)
     tie: bool = True
+    #: run each home region's writers in a child process of their own (see the module's
+    #: docstring); None: only on a machine with at least PROCESS_CORES cores
+    processes: bool | None = False
+
+    @property
+    def in_processes(self) -> bool:
+        if self.processes is None:
+            return (os.cpu_count() or 1) >= PROCESS_CORES
+        return self.processes
 
     def at_rate(self, per_region: float) -> WorkloadSpec:
         """This workload aiming at ``per_region`` acknowledged writes per second in each
@@ -91,6 +119,17 @@ class WriterStats:
                 "failures": dict(self.failures), "by_target": dict(self.by_target), "last_error": self.last_error}
 
 
+class _Sink(Protocol):
+    """Where a writer's outcomes go: the history itself (a writer thread of the drill),
+    or the pipe to the drill (a writer in a child process)."""
+
+    def acknowledged_by(self, stats: WriterStats, attempt: _Attempt, target: str) -> None: ...
+
+    def in_doubt(self, stats: WriterStats, attempt: _Attempt) -> None: ...
+
+    def failed(self, stats: WriterStats, kind: str) -> None: ...
+
+
 class Workload:
     def __init__(self, dsns: Mapping[str, str], history: HistoryWriter, spec: WorkloadSpec) -> None:
         self.dsns = dict(dsns)
@@ -105,8 +144,12 @@ class Workload:
         self._lock = threading.Lock()
         self.acked: Counter[str] = Counter()
         self.started_at: float | None = None
+        #: monotonic time the last writer stopped (None while any still runs)
+        self.ended_at: float | None = None
         #: the order key two regions wrote with one stamp, once seed_tie managed it
         self.tied: str | None = None
+        self._children: dict[str, _Child] = {}
+        self._alive = 0
 
     # ---------------------------------------------------------------- control
 
@@ -155,32 +198,65 @@ class Workload:
 
     def start(self) -> None:
         self.started_at = time.monotonic()
+        if self.spec.in_processes:
+            self._start_children()
+            return
+        deadline = self.started_at + self.spec.seconds
         for region in self.regions:
             for index in range(self.spec.writers_per_region):
                 stats = WriterStats(f"{region}/w{index}", region)
                 self.stats.append(stats)
-                thread = threading.Thread(target=self._run, args=(stats, index), daemon=True,
+                writer = _Writer(self.spec, self.routing, self.stop_event, stats, deadline, self, self.dsns)
+                thread = threading.Thread(target=self._thread_main, args=(writer,), daemon=True,
                                           name=f"writer-{region}-{index}")
+                self._alive += 1
                 thread.start()
                 self._threads.append(thread)
 
     def route(self, home: str, target: str | None) -> None:
-        """Send ``home``'s users to ``target`` (None: they do not write at all)."""
+        """Send ``home``'s users to ``target`` (None: they do not write at all). With
+        writers in child processes, returns once none of them is still in a write to
+        its former target and every write they finished is recorded."""
         self.routing[home] = target
+        child = self._children.get(home)
+        if child is not None:
+            child.route(target)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stop_event.set()
+        for child in self._children.values():
+            child.stop(timeout)
         for thread in self._threads:
             thread.join(timeout)
 
     @property
     def running(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        return any(t.is_alive() for t in self._threads) or any(c.alive for c in self._children.values())
+
+    def rates(self) -> dict[str, Any]:
+        """What the writers achieved: acknowledged writes per second in each region
+        written to, over the time they ran (from start() until the last one stopped,
+        or until now), beside what they were asked for."""
+        started = self.started_at
+        end = self.ended_at if self.ended_at is not None else time.monotonic()
+        window = max(0.0, end - started) if started is not None else 0.0
+        per_region = {r: sum(s.by_target.get(r, 0) for s in self.stats) for r in self.regions}
+        return {
+            "target_per_region": round(self.spec.writers_per_region * self.spec.rate, 2),
+            "window_seconds": round(window, 2),
+            "acknowledged": per_region,
+            "per_second": {r: round(n / window, 2) if window else 0.0 for r, n in per_region.items()},
+            "writer_processes": self.spec.in_processes,
+        }
 
     def acknowledged(self) -> Counter[str]:
-        """Acknowledged writes so far, per region written to."""
+        """Acknowledged writes so far, per region written to (a writer process's as of
+        its last report, at most a quarter of a second old)."""
         with self._lock:
-            return Counter(self.acked)
+            total = Counter(self.acked)
+        for child in list(self._children.values()):
+            total.update(child.acknowledged())
+        return total
 
     def write(self, region: str, table: str, op: str, key: dict[str, Any], *, hold_seconds: float = 0.0,
               **kwargs: Any) -> Event:
@@ -264,11 +340,65 @@ class Workload:
             self.history.append(WriteRecord.of_event(attempt.event, time.time(), writer, key=attempt.key,
                                                      requested=attempt.values, acknowledged=False))
 
-    # ---------------------------------------------------------------- one writer
+    # ---------------------------------------------------------------- writer threads (a _Sink)
 
-    def _run(self, stats: WriterStats, index: int) -> None:
+    def acknowledged_by(self, stats: WriterStats, attempt: _Attempt, target: str) -> None:
+        self._record(attempt, stats.name)
+
+    def in_doubt(self, stats: WriterStats, attempt: _Attempt) -> None:
+        self._record_in_doubt(attempt, stats.name)
+
+    def failed(self, stats: WriterStats, kind: str) -> None:
+        pass  # the writer's own stats are the drill's
+
+    def _thread_main(self, writer: _Writer) -> None:
+        try:
+            writer.run()
+        finally:
+            with self._lock:
+                self._alive -= 1
+                if self._alive == 0:
+                    self.ended_at = time.monotonic()
+
+    # ---------------------------------------------------------------- writer processes
+
+    def _start_children(self) -> None:
+        deadline_wall = time.time() + self.spec.seconds
+        for region in self.regions:
+            names = [f"{region}/w{i}" for i in range(self.spec.writers_per_region)]
+            stats = {n: WriterStats(n, region) for n in names}
+            self.stats.extend(stats.values())
+            self._alive += 1
+            self._children[region] = _Child(self, region, stats, deadline_wall)
+        for child in self._children.values():
+            child.wait_ready(60.0)
+
+    def _child_ended(self, child: _Child) -> None:
+        with self._lock:
+            self._alive -= 1
+            if self._alive == 0:
+                self.ended_at = time.monotonic()
+
+class _Writer:
+    """One client of the checkout service: paced writes to wherever its home region's
+    users are routed, each outcome handed to ``sink``. ``busy`` is held from the
+    choice of a target until the outcome was handed over, so that whoever takes it
+    knows no write of this writer is in flight."""
+
+    def __init__(self, spec: WorkloadSpec, routing: Mapping[str, str | None], stop_event: threading.Event,
+                 stats: WriterStats, deadline: float, sink: _Sink, dsns: Mapping[str, str]) -> None:
+        self.spec = spec
+        self.routing = routing
+        self.stop_event = stop_event
+        self.stats = stats
+        self.deadline = deadline
+        self.sink = sink
+        self.dsns = dict(dsns)
+        self.busy = threading.Lock()
+
+    def run(self) -> None:
+        stats = self.stats
         rnd = random.Random(f"{self.spec.seed}:{stats.name}")
-        deadline = time.monotonic() + self.spec.seconds
         interval = 1.0 / self.spec.rate if self.spec.rate > 0 else 0.0
         conn: PostgresRegionStore | None = None
         connected_to: str | None = None
@@ -278,38 +408,46 @@ class Workload:
         n = 0
         try:
             while not self.stop_event.is_set() and stats.acknowledged < self.spec.max_writes \
-                    and time.monotonic() < deadline:
-                target = self.routing.get(stats.home)
+                    and time.monotonic() < self.deadline:
+                failure: str | None = None
+                with self.busy:
+                    target = self.routing.get(stats.home)
+                    if target is not None:
+                        if conn is not None and (connected_to != target or conn.closed):
+                            _close(conn)
+                            conn = None
+                        attempt = _Attempt()
+                        try:
+                            if conn is None:
+                                conn = open_store(self.dsns[target], region=target, timeout=2)
+                                connected_to = target
+                            self._one_write(conn, attempt, rnd, n, own_payments)
+                        except (ReconcilerError, OSError) as exc:
+                            # unacknowledged: recorded only as in doubt; a dead connection is reopened
+                            self.sink.in_doubt(stats, attempt)
+                            stats.failed += 1
+                            kind = _failure_kind(exc)
+                            stats.failures[kind] += 1
+                            stats.last_error = \
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+                            self.sink.failed(stats, kind)
+                            failure = kind
+                        else:
+                            n += 1
+                            stats.acknowledged += 1
+                            stats.by_target[target] += 1
+                            self.sink.acknowledged_by(stats, attempt, target)
                 if target is None:
                     self.stop_event.wait(0.1)
                     continue
-                if conn is not None and (connected_to != target or conn.closed):
-                    _close(conn)
-                    conn = None
-                attempt = _Attempt()
-                try:
-                    if conn is None:
-                        conn = open_store(self.dsns[target], region=target, timeout=2)
-                        connected_to = target
-                    self._one_write(conn, attempt, stats, rnd, n, own_payments)
-                except (ReconcilerError, OSError) as exc:
-                    # unacknowledged: recorded only as in doubt; a dead connection is reopened
-                    self._record_in_doubt(attempt, stats.name)
-                    stats.failed += 1
-                    kind = _failure_kind(exc)
-                    stats.failures[kind] += 1
-                    stats.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-                    if kind == "unreachable":
+                if failure is not None:
+                    if failure == "unreachable":
                         _close(conn)
                         conn = None
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, 1.0)
                     continue
                 backoff = 0.1
-                n += 1
-                stats.acknowledged += 1
-                stats.by_target[target] += 1
-                self._record(attempt, stats.name)
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -320,10 +458,9 @@ class Workload:
             _close(conn)
 
     def _one_write(
-        self, conn: PostgresRegionStore, attempt: _Attempt, stats: WriterStats, rnd: random.Random, n: int,
-        own_payments: list[str],
+        self, conn: PostgresRegionStore, attempt: _Attempt, rnd: random.Random, n: int, own_payments: list[str],
     ) -> Event:
-        spec = self.spec
+        spec, stats = self.spec, self.stats
         pick = rnd.random()
         with conn.transaction():
             if pick < spec.mix[0]:
@@ -361,6 +498,8 @@ class Workload:
                                          "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
         own_payments.append(key)  # only once committed: an uncommitted insert is no payment
         return event
+
+
 
 
 class _Attempt:
@@ -403,3 +542,196 @@ def _close(conn: PostgresRegionStore | None) -> None:
             conn.close()
         except Exception:  # noqa: BLE001 - a broken connection must not stop the writer
             pass
+
+
+# ---------------------------------------------------------------- writer processes
+
+
+class _Child:
+    """The drill's end of one home region's writer process.
+
+    The process appends its writers' records to the history file itself (a whole
+    line per write, as the drill's own writer threads do) and tells the drill only
+    its writers' counts: a few times a second, when a routing change has taken
+    effect, and when it ends. Nothing per write crosses the pipe, so the drill
+    spends nothing per write either."""
+
+    def __init__(self, workload: Workload, home: str, stats: dict[str, WriterStats], deadline_wall: float) -> None:
+        self.workload = workload
+        self.home = home
+        self.stats = stats
+        self._replies: dict[str, threading.Event] = {}
+        self._ready = threading.Event()
+        self._ended = threading.Event()
+        self._write_lock = threading.Lock()
+        self._asked = 0
+        spec = {**dataclasses.asdict(workload.spec), "processes": False}
+        setup = {"home": home, "dsns": workload.dsns, "spec": spec, "writers": list(stats),
+                 "routing": workload.routing.get(home), "deadline_wall": deadline_wall,
+                 "history": str(workload.history.path)}
+        # the child's stdout carries its counts only; its stderr is the drill's, for a traceback
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler.drills.workload"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True, encoding="utf-8", bufsize=1,
+        )
+        self._send(setup)
+        self._reader = threading.Thread(target=self._read, name=f"writers-{home}", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended.is_set()
+
+    def acknowledged(self) -> Counter[str]:
+        """Acknowledged writes of this process's writers, per region written to."""
+        total: Counter[str] = Counter()
+        for stats in list(self.stats.values()):
+            total.update(stats.by_target)
+        return total
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"the writer process of {self.home} did not start within {timeout:.0f}s")
+
+    def route(self, target: str | None, timeout: float = 30.0) -> bool:
+        self._asked += 1
+        ident = f"{self.home}:{self._asked}"
+        done = self._replies[ident] = threading.Event()
+        if self._ended.is_set():
+            return True  # its writers are done: nothing in flight to wait for
+        self._send({"route": target, "id": ident})
+        return done.wait(timeout)
+
+    def stop(self, timeout: float) -> None:
+        self._send({"stop": True})
+        with self._write_lock, contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # a writer stuck past its budget: what it acknowledged so far is in the history
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(timeout)
+
+    def _send(self, doc: dict[str, Any]) -> None:
+        with self._write_lock, contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(doc) + "\n")
+            self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError:
+                    print(f"writers {self.home}: {line.rstrip()}", file=sys.stderr)
+                    continue
+                for name, counts in (doc.get("stats") or {}).items():
+                    if name in self.stats:
+                        _take_counts(self.stats[name], counts)
+                if "ready" in doc:
+                    self._ready.set()
+                if "routed" in doc:
+                    done = self._replies.pop(str(doc["routed"]), None)
+                    if done is not None:
+                        done.set()
+        finally:
+            self._ended.set()
+            self.workload._child_ended(self)
+            for done in list(self._replies.values()):
+                done.set()
+
+
+def _take_counts(stats: WriterStats, doc: Mapping[str, Any]) -> None:
+    """A writer process's report on one writer; each field replaced whole, so that a
+    reader on another thread never sees a counter change under it."""
+    stats.acknowledged = int(doc["acknowledged"])
+    stats.failed = int(doc["failed"])
+    stats.failures = Counter(doc["failures"])
+    stats.by_target = Counter(doc["by_target"])
+    stats.last_error = str(doc["last_error"])
+
+
+class _HistoryFile:
+    """A writer process's sink: each record one line appended to the drill's history
+    file with a single write (O_APPEND: never interleaved with anyone's)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def _append(self, record: WriteRecord) -> None:
+        os.write(self.fd, (record_line(record) + "\n").encode("utf-8"))
+
+    def acknowledged_by(self, stats: WriterStats, attempt: _Attempt, target: str) -> None:
+        assert attempt.event is not None
+        self._append(WriteRecord.of_event(attempt.event, time.time(), stats.name, key=attempt.key,
+                                          requested=attempt.values))
+
+    def in_doubt(self, stats: WriterStats, attempt: _Attempt) -> None:
+        if attempt.event is not None:
+            self._append(WriteRecord.of_event(attempt.event, time.time(), stats.name, key=attempt.key,
+                                              requested=attempt.values, acknowledged=False))
+
+    def failed(self, stats: WriterStats, kind: str) -> None:
+        pass  # counted in the writer's stats, which the drill receives
+
+
+#: how often a writer process tells the drill its writers' counts, seconds
+COUNTS_INTERVAL = 0.25
+
+
+def _child_main() -> None:
+    """A writer process: the setup line, then routing changes and the stop on stdin;
+    its writers' counts on stdout. The drill going away (stdin closed) stops the writers."""
+    pipe = sys.stdout
+    sys.stdout = sys.stderr  # nothing but counts on the pipe, whatever prints
+    pipe_lock = threading.Lock()
+    setup = json.loads(sys.stdin.readline())
+    raw = dict(setup["spec"])
+    raw["mix"] = tuple(raw["mix"])
+    spec = WorkloadSpec(**raw)
+    home = str(setup["home"])
+    routing: dict[str, str | None] = {home: setup["routing"]}
+    stop_event = threading.Event()
+    deadline = time.monotonic() + (float(setup["deadline_wall"]) - time.time())
+    sink = _HistoryFile(str(setup["history"]))
+    writers = [_Writer(spec, routing, stop_event, WriterStats(name, home), deadline, sink, setup["dsns"])
+               for name in setup["writers"]]
+
+    def send(**doc: Any) -> None:
+        counts = {w.stats.name: {k: v for k, v in w.stats.to_dict().items() if k not in ("name", "home")}
+                  for w in writers}
+        with pipe_lock:
+            pipe.write(json.dumps({**doc, "stats": counts}) + "\n")
+            pipe.flush()
+
+    threads = [threading.Thread(target=w.run, name=f"writer-{w.stats.name}", daemon=True) for w in writers]
+    for thread in threads:
+        thread.start()
+    send(ready=True)
+
+    def control() -> None:
+        for line in sys.stdin:
+            doc = json.loads(line)
+            if "route" in doc:
+                routing[home] = doc["route"]
+                for writer in writers:  # a write already under way finishes (and is recorded) first
+                    with writer.busy:
+                        pass
+                send(routed=doc["id"])
+            elif doc.get("stop"):
+                break
+        stop_event.set()
+
+    threading.Thread(target=control, name="control", daemon=True).start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(COUNTS_INTERVAL)
+        send()
+
+
+if __name__ == "__main__":
+    _child_main()
