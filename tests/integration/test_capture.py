@@ -353,16 +353,19 @@ def test_key_and_element_text_are_spelled_as_python_spells_them(stack: Any, tmp_
             assert element == json.dumps(a, separators=(",", ":"))
 
 
+@pytest.mark.parametrize("count", [12, 3])
 @pytest.mark.parametrize("table", ["orders", "payments"])
-def test_a_multi_row_statement_is_captured_as_its_rows_one_by_one(stack: Any, tmp_path: Path, table: str) -> None:
-    """Statements of 8 rows or more take the set-based path on lww/manual tables: the
-    same metadata and events as the row-by-row path, stamps in key order."""
+def test_a_multi_row_statement_is_captured_as_its_rows_one_by_one(stack: Any, tmp_path: Path, table: str,
+                                                                  count: int) -> None:
+    """Statements of more than one row take the set-based path on lww/manual tables
+    (single rows their own): the same metadata and events as single-row statements,
+    stamps in key order."""
     config = make_env(stack, tmp_path)
     col = KEYS[table]
     row = ("%s, 'c', 's', 1, NULL" if table == "orders" else "%s, 'o', 1, 's'")
     with connect(config, next(iter(config.regions))) as conn:
         for prefix, together in (("many", True), ("single", False)):
-            keys = [f"{prefix}-{i}" for i in range(12)]
+            keys = [f"{prefix}-{i}" for i in range(count)]
             statements = [
                 (f"INSERT INTO {table} VALUES ({row})", "x"),
                 (f"UPDATE {table} SET status = 'u' WHERE {col} = %s", "x"),
@@ -383,5 +386,68 @@ def test_a_multi_row_statement_is_captured_as_its_rows_one_by_one(stack: Any, tm
                         conn.execute(text, (key, f"{prefix}-6") if kind == "half" else (key,))
                 conn.commit()
         many, single = _observed(conn, "many"), _observed(conn, "single")
-    assert len(many["events"]) == 12 + 12 + 8  # text order: -0, -1, -10, -11, -2 .. -5 are below -6
+    # text order: -0, -1, -10, -11, -2 .. -5 are below -6
+    assert len(many["events"]) == count + count + sum(f"many-{i}" < "many-6" for i in range(count))
     assert many == single
+
+
+def _queued(conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
+    """(aggregateid, operation, times queued) of every outbox row, in insertion order."""
+    return [tuple(r) for r in conn.execute(
+        "SELECT o.aggregateid, o.operation, (SELECT count(*) FROM reconciler.outbox_pending p"
+        "  WHERE p.position = o.position)::int FROM reconciler.outbox o ORDER BY o.position").fetchall()]
+
+
+def test_captured_rows_are_queued_once_and_other_outbox_inserts_still_pass_the_queue_trigger(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Capture queues its own outbox rows and the queue trigger skips only those
+    statements: an explicit outbox row in the same transaction is queued and checked."""
+    config = make_env(stack, tmp_path)
+    region = next(iter(config.regions))
+    explicit = (
+        "INSERT INTO reconciler.outbox (id, aggregatetype, aggregateid, type, payload, origin, hlc, operation)"
+        " VALUES (gen_random_uuid(), 'orders', %s, 'orders.insert', '{}', %s, reconciler.hlc_now(), 'insert')"
+    )
+    with connect(config, region) as conn:
+        conn.execute("INSERT INTO orders VALUES ('q1', 'c', 's', 1, NULL)")  # one row
+        conn.execute("INSERT INTO orders SELECT 'q' || g, 'c', 's', g, NULL FROM generate_series(2, 4) g")
+        conn.execute("UPDATE orders SET status = 'u' WHERE id IN ('q1', 'q2')")
+        conn.execute("INSERT INTO inventory (sku, name, stock) VALUES ('i1', 'n', 1)")  # merge: row by row
+        conn.execute(explicit, ("e1", region))
+        conn.commit()
+        assert _queued(conn) == [("q1", "insert", 1), ("q2", "insert", 1), ("q3", "insert", 1),
+                                 ("q4", "insert", 1), ("q1", "update", 1), ("q2", "update", 1),
+                                 ("i1", "insert", 1), ("e1", "insert", 1)]
+        assert conn.execute("SELECT current_setting('reconciler.outbox_queued', true)").fetchone()[0] != "on"
+        conn.execute("DELETE FROM orders WHERE id = 'q3'")
+        with pytest.raises(psycopg.DatabaseError, match="outbox row with origin elsewhere"):
+            conn.execute(explicit, ("e2", "elsewhere"))
+        conn.rollback()
+
+
+def test_capture_installed_before_migration_17_works_the_same_after_the_upgrade(
+    stack: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.store import postgres as pg
+
+    every = pg.migration_files()
+    monkeypatch.setattr(pg, "migration_files", lambda: [m for m in every if m[0] < 17])
+    config = make_env(stack, tmp_path)
+    region = next(iter(config.regions))
+    with connect(config, region) as conn:
+        conn.execute("INSERT INTO payments VALUES ('p1', 'o', 1, 'new')")
+        conn.commit()
+    monkeypatch.setattr(pg, "migration_files", lambda: every)
+    report = migrate(config, [region])
+    assert "017_capture_cost.sql" in report.applied[region]
+    with connect(config, region) as conn:
+        conn.execute("UPDATE payments SET status = 'paid' WHERE id = 'p1'")
+        conn.execute("INSERT INTO payments VALUES ('p2', 'o', 2, 'new')")
+        conn.commit()
+        assert _queued(conn) == [("p1", "insert", 1), ("p1", "update", 1), ("p2", "insert", 1)]
+        first, second = conn.execute(
+            "SELECT hlc, prior_hlc FROM reconciler.outbox WHERE aggregateid = 'p1' ORDER BY position").fetchall()
+        assert second[1] == first[0]
+        meta = conn.execute("SELECT hlc, meta FROM reconciler.row_meta WHERE row_key = 'p1'").fetchone()
+        assert meta == (second[0], {"prior": first[0]})
