@@ -12,15 +12,13 @@ region, not just for this process: while the database does not answer, none is s
 from __future__ import annotations
 
 import time
-from functools import partial
 
 from .logs import ComponentLogger
 from .loop import GO_ON, Pause
 from .metrics import REGION_STATES, Metrics
 from .peers import Heartbeat, PeerTracker, PeerView
 from .region_view import LoopContext
-from .store import health
-from .store.reconnecting import Reconnecting, committed_stamp
+from .store.reconnecting import Reconnecting
 from .transport.port import ControlChannel, EventLog
 
 #: how often, at most, undelivered heartbeats are reported in the log
@@ -69,7 +67,7 @@ class HeartbeatSteps:
             self.next_send = now + self.interval
             views = self.tracker.view(time.monotonic())
             publish_peers(self.ctx.metrics, views, self.last_liveness, self.log)
-            self.db.run(partial(health.save_peer_views, views=list(views.values())))
+            self.db.run(lambda store: store.save_peer_views(list(views.values())))
             if self.db.error and not self.view_unsaved:
                 self.log.warning("peer view not saved (status will not show it)",
                                  extra={"fields": {"error": self.db.error}})
@@ -108,7 +106,7 @@ class HeartbeatSteps:
     def heartbeat(self) -> Heartbeat:
         """This region's heartbeat now; its ``hlc`` is None while the database does not answer."""
         status = self.ctx.view.status
-        stamp = self.db.run(committed_stamp)
+        stamp = self.db.run(lambda store: store.hlc_now())
         return Heartbeat(
             region=self.ctx.region,
             wall_ms=wall_ms(),

@@ -19,7 +19,6 @@ from .logs import ComponentLogger
 from .loop import GO_ON, Backoff, Pause
 from .metrics import Metrics
 from .region_view import LoopContext
-from .store import postgres as pg
 from .store.port import PipelineStore, StoreSessions
 from .store.postgres_store import RegionDatabases
 from .store.reconnecting import Reconnecting
@@ -183,7 +182,7 @@ class CatchUpSteps:
         # decide on a fresh read, not on the lifecycle loop's copy: just after a
         # successful catch-up that copy still says CATCHING_UP, and recovering an
         # ACTIVE region again would fence it
-        status = self.db.run(pg.region_status)
+        status = self.db.run(lambda store: store.region_status())
         if status is None:
             return Pause(0.5, progressed=False)
         if status.state not in (State.CATCHING_UP, State.VERIFYING):

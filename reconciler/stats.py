@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from operator import methodcaller
 
 from .errors import ReconcilerError
 from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water
 from .logs import ComponentLogger
 from .loop import Pause
 from .region_view import LoopContext
-from .store import health, merkle_leaves
-from .store import invariants as store_invariants
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
 from .store.reconnecting import Reconnecting
 from .transport.port import EventLog
 
@@ -56,7 +53,7 @@ class StatsSteps:
             # the maintained Merkle leaves are an insert-only delta log: fold it so that
             # reading a table's leaves stays a small GROUP BY
             self.compacted_at = time.monotonic()
-            self.own.run(lambda conn: merkle_leaves.compact_all(conn, self.ctx.config.tables))
+            self.own.run(lambda store: store.compact_leaves(self.ctx.config.tables))
         return Pause(self.interval)
 
     def close(self) -> None:
@@ -80,22 +77,22 @@ class Measurement:
 
     def __call__(self, own: Reconnecting, peers: dict[str, Reconnecting]) -> None:
         ctx, log = self.ctx, self.log
-        conn = own.connection()
+        store = own.store()
         m = ctx.metrics
-        backlog = health.outbox_backlog(conn, ctx.region)
+        backlog = store.outbox_backlog(ctx.region)
         ctx.view.backlog = backlog.events
         m.outbox_backlog_events.set(backlog.events)
         m.outbox_oldest_unrelayed_age_seconds.set(backlog.oldest_age_seconds)
-        progress = health.inbox_progress(conn)
-        refused = by_origin(quarantine_store.refused(conn))
-        settled = {o: SeqRanges(r) for o, r in quarantine_store.discarded(conn).items()}
+        progress = store.inbox_progress()
+        refused = by_origin(store.refused())
+        settled = {o: SeqRanges(r) for o, r in store.discarded().items()}
         for origin, peer_db in peers.items():
             mine = progress.get(origin)
             applied = mine.applied if mine else 0
             highest = mine.highest_sequence if mine else 0
             # the origin's own relay knows best how far it got; when it cannot be asked,
             # what we have seen of it is the best lower bound
-            position = peer_db.run(partial(pg.relay_position, origin=origin))
+            position = peer_db.run(methodcaller("relay_position", origin))
             origin_high, published = position if position is not None else (None, None)
             if peer_db.error and origin not in self.warned:
                 log.warning("origin database unreachable; lag is measured against the events seen",
@@ -113,7 +110,7 @@ class Measurement:
                 lag = measure()
             if lag.events:
                 first = lag.first_in_flight or highest + 1
-                oldest = peer_db.run(partial(health.event_age, origin=origin, sequence=first))
+                oldest = peer_db.run(methodcaller("event_age", origin, first))
                 if oldest is None and mine is not None:
                     oldest = mine.last_applied_age_seconds
                 lag = measure(oldest_unapplied_age=oldest if oldest is not None
@@ -121,13 +118,13 @@ class Measurement:
             m.replication_lag_events.labels(origin=origin, destination=ctx.region).set(lag.events)
             m.replication_lag_seconds.labels(origin=origin, destination=ctx.region).set(lag.seconds)
             m.gaps_events.labels(origin=origin, destination=ctx.region).set(lag.gap)
-        queue = health.manual_queue(conn, list(ctx.config.tables))
+        queue = store.manual_queue(list(ctx.config.tables))
         for table, depth in queue.depth_by_table.items():
             m.manual_queue_depth.labels(table=table).set(depth)
         m.manual_queue_oldest_age_seconds.set(queue.oldest_age_seconds)
-        m.quarantine_events.set(health.quarantined(conn))
-        m.set_refused(quarantine_store.refused_counts(conn), ctx.config.regions)
-        open_violations = store_invariants.open_counts(conn)
+        m.quarantine_events.set(store.quarantined())
+        m.set_refused(store.refused_counts(), ctx.config.regions)
+        open_violations = store.open_violation_counts()
         for table_name, table_config in ctx.config.tables.items():
             for invariant in table_config.invariants:  # 0 published too: the alert's series exists from start
                 m.invariant_violations_open.labels(table=table_name, invariant=invariant).set(

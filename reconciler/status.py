@@ -31,15 +31,12 @@ from functools import partial
 from typing import Any
 
 from .config import Config
-from .errors import ReconcilerError, StoreError
+from .errors import ReconcilerError
 from .gaps import SeqRanges, by_origin, kafka_retained_from, measure_lag, origin_high_water, self_gap
 from .lifecycle import State
 from .peers import ACTIVE, liveness
-from .store import health
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store.invariants import open_counts
-from .store.translate import translated
+from .store.port import InboxProgress, ManualQueue, OutboxBacklog, RegionSessions, RegionStore, StoredPeerView
+from .store.postgres_store import RegionDatabases
 from .transport import kafka
 
 #: an observer that has not rewritten its view for this long has no running sidecar
@@ -200,12 +197,12 @@ class _Facts:
 
     region: str
     dsn: str
-    conn: pg.Connection | None = None
+    store: RegionStore | None = None
     error: str | None = None
     status: Any = None
     alive_age: float | None = None
-    backlog: health.OutboxBacklog | None = None
-    progress: dict[str, health.InboxProgress] = field(default_factory=dict)
+    backlog: OutboxBacklog | None = None
+    progress: dict[str, InboxProgress] = field(default_factory=dict)
     relay_high: int = 0
     #: this region's relay published through here (None: not read)
     published: int | None = None
@@ -214,57 +211,38 @@ class _Facts:
     settled: dict[str, SeqRanges] = field(default_factory=dict)
     #: own sequences this region holds (None: not read, its counter stands in)
     own: SeqRanges | None = None
-    queue: health.ManualQueue | None = None
+    queue: ManualQueue | None = None
     quarantine: int = 0
     violations: dict[str, int] = field(default_factory=dict)
-    views: dict[str, health.StoredPeerView] = field(default_factory=dict)
+    views: dict[str, StoredPeerView] = field(default_factory=dict)
     divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _divergence(conn: pg.Connection) -> dict[str, dict[str, Any]]:
-    """What the sidecar's last anti-entropy pass found (reconciler.anti_entropy), not clean only."""
-    with translated(step="read anti-entropy results"):
-        if conn.execute("SELECT to_regclass('reconciler.anti_entropy')").fetchone() == (None,):
-            return {}  # schema older than 010
-        rows = conn.execute(
-            "SELECT table_name, peer, divergent_keys, divergent_buckets, sample_keys,"
-            " extract(epoch FROM now() - checked_at)::float8 FROM reconciler.anti_entropy"
-            " WHERE divergent_keys > 0 OR divergent_buckets > 0").fetchall()
-        conn.commit()
-    return {f"{t}/{p}": {"keys": int(k), "buckets": int(b), "sample": list(sample), "age_seconds": max(0.0, age)}
-            for t, p, k, b, sample, age in rows}
-
-
-def _collect(config: Config, region: str, timeout: int) -> _Facts:
+def _collect(config: Config, databases: RegionSessions, region: str, timeout: int) -> _Facts:
     facts = _Facts(region, config.region(region).redacted_dsn)
     try:
-        conn = pg.connect(config.region(region).dsn, region=region, timeout=timeout)
+        store = databases.open(region, autocommit=True, timeout=timeout)
     except ReconcilerError as exc:
         facts.error = exc.message
         return facts
-    facts.conn = conn
+    facts.store = store
     try:
-        facts.status = pg.region_status(conn)
+        facts.status = store.region_status()
         if facts.status.last_alive_at is not None:
             facts.alive_age = max(0.0, time.time() - facts.status.last_alive_at.timestamp())
-        facts.backlog = health.outbox_backlog(conn, region)
-        facts.progress = health.inbox_progress(conn)
-        facts.relay_high = health.relay_high_water(conn, region)
-        facts.published = pg.relay_position(conn, region)[1]
-        facts.own = SeqRanges(pg.own_ranges(conn, region))
-        facts.refused = by_origin(quarantine_store.refused(conn))
-        facts.settled = {o: SeqRanges(r) for o, r in quarantine_store.discarded(conn).items()}
-        facts.queue = health.manual_queue(conn, list(config.tables))
-        facts.quarantine = health.quarantined(conn)
-        facts.divergence = _divergence(conn)
-        for (table, _invariant), count in open_counts(conn).items():
+        facts.backlog = store.outbox_backlog(region)
+        facts.progress = store.inbox_progress()
+        facts.relay_high = store.relay_high_water(region)
+        facts.published = store.relay_position(region)[1]
+        facts.own = SeqRanges(store.own_ranges(region))
+        facts.refused = by_origin(store.refused())
+        facts.settled = {o: SeqRanges(r) for o, r in store.discarded().items()}
+        facts.queue = store.manual_queue(list(config.tables))
+        facts.quarantine = store.quarantined()
+        facts.divergence = store.anti_entropy_divergence()
+        for (table, _invariant), count in store.open_violation_counts().items():
             facts.violations[table] = facts.violations.get(table, 0) + count
-        try:
-            facts.views = health.peer_views(conn)
-        except StoreError as exc:
-            if exc.context.get("sqlstate") != "42P01":
-                raise
-            conn.rollback()  # schema older than 002_heartbeats: no peer view yet
+        facts.views = store.peer_views()
     except ReconcilerError as exc:
         facts.error = exc.message
         _close(facts)
@@ -272,19 +250,22 @@ def _collect(config: Config, region: str, timeout: int) -> _Facts:
 
 
 def _close(facts: _Facts) -> None:
-    if facts.conn is not None:
+    if facts.store is not None:
         try:
-            facts.conn.close()
+            facts.store.close()
         except Exception:  # noqa: BLE001 - closing a broken connection must not hide the report
             pass
-        facts.conn = None
+        facts.store = None
 
 
-def collect_status(config: Config, *, timeout: int = 3, kafka_timeout: float = 5.0) -> StatusReport:
+def collect_status(config: Config, *, timeout: int = 3, kafka_timeout: float = 5.0,
+                   databases: RegionSessions | None = None) -> StatusReport:
     """Ask every region at once (a dead host costs one connect timeout, not one per region)."""
     regions = list(config.regions)
+    sessions: RegionSessions = databases or RegionDatabases(config)
     with ThreadPoolExecutor(max_workers=len(regions)) as pool:
-        collected = dict(zip(regions, pool.map(lambda r: _collect(config, r, timeout), regions), strict=True))
+        collected = dict(zip(regions, pool.map(lambda r: _collect(config, sessions, r, timeout), regions),
+                             strict=True))
     _reread_own(collected)
     notes: list[str] = []
     try:
@@ -304,18 +285,18 @@ def _reread_own(collected: dict[str, _Facts]) -> None:
         for origin, p in f.progress.items():
             seen[origin] = max(seen.get(origin, 0), p.highest_sequence)
     for region, f in collected.items():
-        if f.conn is None or f.own is None or not self_gap(f.own, seen.get(region, 0)):
+        if f.store is None or f.own is None or not self_gap(f.own, seen.get(region, 0)):
             continue
         try:
-            f.relay_high = health.relay_high_water(f.conn, region)
-            f.own = SeqRanges(pg.own_ranges(f.conn, region))
+            f.relay_high = f.store.relay_high_water(region)
+            f.own = SeqRanges(f.store.own_ranges(region))
         except ReconcilerError:
             pass  # the first answer stands
 
 
 def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_timeout: float) -> StatusReport:
     hb = config.heartbeat
-    up = {r: f for r, f in facts.items() if f.conn is not None}
+    up = {r: f for r, f in facts.items() if f.store is not None}
     # the highest sequence of each origin anyone has evidence of
     seen_high: dict[str, int] = {}
     for f in up.values():
@@ -346,7 +327,7 @@ def _assemble(config: Config, facts: dict[str, _Facts], notes: list[str], kafka_
             "seen_as": liveness(age, hb.suspect_after_seconds, hb.failed_after_seconds) if age is not None else None,
             "skew_ms": statistics.median(skews) if skews else None,
         }
-        if f.conn is None:
+        if f.store is None:
             reports[region] = RegionStatusReport(reachable=False, error=f.error, **common)
             continue
         lags = {
@@ -420,7 +401,7 @@ def _lag(
     mine = dest.progress.get(origin)
     applied = mine.applied if mine else 0
     highest = mine.highest_sequence if mine else 0
-    reachable = origin_facts is not None and origin_facts.conn is not None
+    reachable = origin_facts is not None and origin_facts.store is not None
     if reachable:
         assert origin_facts is not None
         origin_high, against = origin_high_water(origin_facts.relay_high, seen_high.get(origin, 0)), "origin"
@@ -441,9 +422,9 @@ def _lag(
             measured = measure()
     if measured.events:
         age = None
-        if reachable and origin_facts is not None and origin_facts.conn is not None:
+        if reachable and origin_facts is not None and origin_facts.store is not None:
             try:
-                age = health.event_age(origin_facts.conn, origin, measured.first_in_flight or highest + 1)
+                age = origin_facts.store.event_age(origin, measured.first_in_flight or highest + 1)
             except ReconcilerError:
                 age = None
         if age is None and mine is not None:

@@ -9,68 +9,12 @@ long-lived connection never holds a snapshot open between measurements.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from ..peers import PeerView
+from .port import InboxProgress, ManualQueue, OutboxBacklog, StoredPeerView
 from .postgres import Connection, json_text
 from .translate import translated
-
-
-@dataclass(frozen=True)
-class OutboxBacklog:
-    events: int
-    #: age of the oldest unpublished row; 0.0 when there is none
-    oldest_age_seconds: float
-
-
-@dataclass(frozen=True)
-class InboxProgress:
-    """What this region applied from one origin."""
-
-    origin: str
-    applied: int
-    highest_sequence: int
-    last_applied_at: datetime | None
-    #: seconds since ``last_applied_at``, by the database's clock
-    last_applied_age_seconds: float | None
-
-    @property
-    def holes(self) -> int:
-        """Sequences below the highest applied one that are not applied.
-
-        With one partition per topic the consumer reads in sequence order, so a hole is
-        an event it went past: it will not come by itself. With several partitions a
-        hole can be an event still queued on another partition, so it is transient.
-        """
-        return max(0, self.highest_sequence - self.applied)
-
-
-@dataclass(frozen=True)
-class ManualQueue:
-    depth_by_table: dict[str, int]
-    oldest_age_seconds: float
-
-    @property
-    def depth(self) -> int:
-        return sum(self.depth_by_table.values())
-
-
-@dataclass(frozen=True)
-class StoredPeerView:
-    """One row of ``reconciler.peer_heartbeat`` with ages computed by the database clock."""
-
-    peer: str
-    age_seconds: float | None
-    peer_wall_ms: int | None
-    peer_hlc: int | None
-    skew_ms: float | None
-    peer_state: str | None
-    peer_epoch: int | None
-    view_state: str | None
-    #: seconds since the observing sidecar last wrote this row
-    written_age_seconds: float
 
 
 def outbox_backlog(conn: Connection, origin: str) -> OutboxBacklog:
@@ -208,3 +152,17 @@ def peer_views(conn: Connection) -> dict[str, StoredPeerView]:
         )
         for peer, age, wall, hlc, skew, state, epoch, view, written in rows
     }
+
+
+def anti_entropy_divergence(conn: Connection) -> dict[str, dict[str, Any]]:
+    """What the sidecar's last anti-entropy pass found (reconciler.anti_entropy), not clean only."""
+    with translated(step="read anti-entropy results"):
+        if conn.execute("SELECT to_regclass('reconciler.anti_entropy')").fetchone() == (None,):
+            return {}  # schema older than 010
+        rows = conn.execute(
+            "SELECT table_name, peer, divergent_keys, divergent_buckets, sample_keys,"
+            " extract(epoch FROM now() - checked_at)::float8 FROM reconciler.anti_entropy"
+            " WHERE divergent_keys > 0 OR divergent_buckets > 0").fetchall()
+        conn.commit()
+    return {f"{t}/{p}": {"keys": int(k), "buckets": int(b), "sample": list(sample), "age_seconds": max(0.0, age)}
+            for t, p, k, b, sample, age in rows}

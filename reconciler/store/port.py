@@ -36,6 +36,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 from ..config import TableConfig
@@ -43,6 +44,7 @@ from ..hlc import Timestamp
 from ..invariants import Discard
 from ..lifecycle import RegionStatus, State
 from ..model import ConflictRecord, Event, RowState
+from ..peers import PeerView
 
 __all__ = [
     "CONFLICT_COLUMNS",
@@ -52,16 +54,22 @@ __all__ = [
     "DatabaseMark",
     "GapSessions",
     "GapStore",
+    "HealthStore",
     "HeldEntry",
+    "InboxProgress",
     "LifecycleStore",
+    "ManualQueue",
     "Message",
+    "OutboxBacklog",
     "ParkedEvents",
     "PipelineStore",
+    "RegionSessions",
     "RegionStore",
     "RelayStore",
     "ReplayStore",
     "StoreSessions",
     "StateRow",
+    "StoredPeerView",
     "json_text",
     "states_from_rows",
 ]
@@ -115,6 +123,61 @@ def states_from_rows(rows: Iterable[StateRow]) -> dict[str, RowState]:
                       meta=loads(meta))
         for key, hlc, origin, deleted, meta, values in rows
     }
+
+
+@dataclass(frozen=True)
+class OutboxBacklog:
+    events: int
+    #: age of the oldest unpublished row; 0.0 when there is none
+    oldest_age_seconds: float
+
+
+@dataclass(frozen=True)
+class InboxProgress:
+    """What this region applied from one origin."""
+
+    origin: str
+    applied: int
+    highest_sequence: int
+    last_applied_at: datetime | None
+    #: seconds since ``last_applied_at``, by the database's clock
+    last_applied_age_seconds: float | None
+
+    @property
+    def holes(self) -> int:
+        """Sequences below the highest applied one that are not applied.
+
+        With one partition per topic the consumer reads in sequence order, so a hole is
+        an event it went past: it will not come by itself. With several partitions a
+        hole can be an event still queued on another partition, so it is transient.
+        """
+        return max(0, self.highest_sequence - self.applied)
+
+
+@dataclass(frozen=True)
+class ManualQueue:
+    depth_by_table: dict[str, int]
+    oldest_age_seconds: float
+
+    @property
+    def depth(self) -> int:
+        return sum(self.depth_by_table.values())
+
+
+@dataclass(frozen=True)
+class StoredPeerView:
+    """One row of ``reconciler.peer_heartbeat`` with ages computed by the database clock."""
+
+    peer: str
+    age_seconds: float | None
+    peer_wall_ms: int | None
+    peer_hlc: int | None
+    skew_ms: float | None
+    peer_state: str | None
+    peer_epoch: int | None
+    view_state: str | None
+    #: seconds since the observing sidecar last wrote this row
+    written_age_seconds: float
 
 
 class ApplyStore(ABC):
@@ -400,13 +463,73 @@ class StoreSessions(Protocol):
     def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> PipelineStore: ...
 
 
+class RegionSessions(Protocol):
+    """Where the sidecar's measurements and ``reconciler status`` open whole-port sessions."""
+
+    def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> RegionStore: ...
+
+
 class GapSessions(Protocol):
     """Where gap analysis opens its reads of every region (``StoreSessions`` are too)."""
 
     def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> GapStore: ...
 
 
-class RegionStore(PipelineStore):
+class HealthStore(ABC):
+    """What the sidecar's measurements, its heartbeats and ``reconciler status`` read
+    of one region's health (PostgreSQL only: the in-memory store has no clock-aged
+    rows, leaves or invariants to report)."""
+
+    @abstractmethod
+    def outbox_backlog(self, origin: str) -> OutboxBacklog:
+        """Outbox rows of ``origin`` not published yet, and the oldest one's age."""
+
+    @abstractmethod
+    def inbox_progress(self) -> dict[str, InboxProgress]:
+        """Per origin, what this region applied of it."""
+
+    @abstractmethod
+    def relay_high_water(self, origin: str) -> int:
+        """The highest sequence ``origin``'s relay numbered here."""
+
+    @abstractmethod
+    def event_age(self, origin: str, sequence: int) -> float | None:
+        """Seconds since ``origin`` stamped its event ``sequence`` (None: not held here)."""
+
+    @abstractmethod
+    def manual_queue(self, tables: Sequence[str] = ()) -> ManualQueue:
+        """Open manual conflicts per table, and the oldest one's age."""
+
+    @abstractmethod
+    def quarantined(self) -> int:
+        """Quarantine entries not settled."""
+
+    @abstractmethod
+    def refused_counts(self) -> dict[tuple[str, str], int]:
+        """(origin, reason) -> refused events, for the metric."""
+
+    @abstractmethod
+    def open_violation_counts(self) -> dict[tuple[str, str], int]:
+        """Open invariant violations per (table, invariant)."""
+
+    @abstractmethod
+    def peer_views(self) -> dict[str, StoredPeerView]:
+        """What this region's sidecar last wrote about each peer."""
+
+    @abstractmethod
+    def save_peer_views(self, views: Sequence[PeerView]) -> None:
+        """Overwrite this region's opinion of its peers."""
+
+    @abstractmethod
+    def anti_entropy_divergence(self) -> dict[str, dict[str, Any]]:
+        """Per table, what the anti-entropy loop last found (divergent buckets and when)."""
+
+    @abstractmethod
+    def compact_leaves(self, tables: Iterable[str]) -> dict[str, int]:
+        """Fold the Merkle leaves' delta log of ``tables``; rows folded per table."""
+
+
+class RegionStore(PipelineStore, HealthStore):
     """Everything services, the CLI and the drills ask of one region's database."""
 
     # ------------------------------------------------------------ catalogue

@@ -17,15 +17,30 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..config import Config, TableConfig
+from ..errors import StoreError
 from ..hlc import Timestamp
 from ..invariants import Discard
 from ..lifecycle import RegionStatus, State
 from ..model import ConflictRecord, Event, RowState
+from ..peers import PeerView
+from . import health, merkle_leaves, recovery_queries, retention, seeding
 from . import invariants as invariants_store
 from . import postgres as pg
 from . import quarantine as quarantine_store
-from . import recovery_queries, retention, seeding
-from .port import CONFLICT_COLUMNS, ApplyChecks, ApplyStore, ConflictRow, Message, ParkedEvents, RegionStore, StateRow
+from .port import (
+    CONFLICT_COLUMNS,
+    ApplyChecks,
+    ApplyStore,
+    ConflictRow,
+    InboxProgress,
+    ManualQueue,
+    Message,
+    OutboxBacklog,
+    ParkedEvents,
+    RegionStore,
+    StateRow,
+    StoredPeerView,
+)
 from .translate import translated
 
 __all__ = ["DatabaseMark", "PostgresRegionStore", "RegionDatabases", "as_region_store", "as_store", "open_store",
@@ -292,6 +307,50 @@ class PostgresRegionStore(RegionStore):
 
     def release_recover_lock(self) -> None:
         recovery_queries.release_recover_lock(self._conn, self.region or "")
+
+    # ------------------------------------------------------------ health
+
+    def outbox_backlog(self, origin: str) -> OutboxBacklog:
+        return health.outbox_backlog(self._conn, origin)
+
+    def inbox_progress(self) -> dict[str, InboxProgress]:
+        return health.inbox_progress(self._conn)
+
+    def relay_high_water(self, origin: str) -> int:
+        return health.relay_high_water(self._conn, origin)
+
+    def event_age(self, origin: str, sequence: int) -> float | None:
+        return health.event_age(self._conn, origin, sequence)
+
+    def manual_queue(self, tables: Sequence[str] = ()) -> ManualQueue:
+        return health.manual_queue(self._conn, tables)
+
+    def quarantined(self) -> int:
+        return health.quarantined(self._conn)
+
+    def refused_counts(self) -> dict[tuple[str, str], int]:
+        return quarantine_store.refused_counts(self._conn)
+
+    def open_violation_counts(self) -> dict[tuple[str, str], int]:
+        return invariants_store.open_counts(self._conn)
+
+    def peer_views(self) -> dict[str, StoredPeerView]:
+        try:
+            return health.peer_views(self._conn)
+        except StoreError as exc:
+            if exc.context.get("sqlstate") != "42P01":
+                raise
+            self._conn.rollback()  # a schema older than 002_heartbeats: no view yet
+            return {}
+
+    def save_peer_views(self, views: Sequence[PeerView]) -> None:
+        health.save_peer_views(self._conn, views)
+
+    def anti_entropy_divergence(self) -> dict[str, dict[str, Any]]:
+        return health.anti_entropy_divergence(self._conn)
+
+    def compact_leaves(self, tables: Iterable[str]) -> dict[str, int]:
+        return merkle_leaves.compact_all(self._conn, tables)
 
     # ------------------------------------------------------------ replay
 

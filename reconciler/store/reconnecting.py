@@ -1,4 +1,4 @@
-"""A region connection for loops that may fail without consequence.
+"""A region session for loops that may fail without consequence.
 
 The sidecar's measurements (its own database and its peers', the heartbeat's HLC
 stamp, the catch-up loop's state read) must keep going when a database is away,
@@ -9,33 +9,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from ..errors import ReconcilerError, StoreUnavailable
-from ..hlc import Timestamp
 from . import postgres as pg
-from .translate import translated
+from .port import RegionStore
+from .postgres_store import PostgresRegionStore, open_store
+
+T = TypeVar("T")
 
 
-def close_quietly(conn: pg.Connection | None) -> None:
-    """Close ``conn``, ignoring what a broken connection raises (it must not mask the real error)."""
-    if conn is not None:
+def close_quietly(session: pg.Connection | PostgresRegionStore | None) -> None:
+    """Close ``session``, ignoring what a broken connection raises (it must not mask the real error)."""
+    if session is not None:
         try:
-            conn.close()
+            session.close()
         except Exception:  # noqa: BLE001 - see the docstring
             pass
 
 
-def committed_stamp(conn: pg.Connection) -> Timestamp:
-    """The region's HLC stamp, committed at once so no transaction idles open."""
-    with translated(step="stamp heartbeat"):
-        stamp = pg.hlc_now(conn)
-        conn.commit()
-    return stamp
-
-
 class Reconnecting:
-    """A connection reopened on demand, at most every ``retry_seconds``.
+    """A region session (autocommit: no transaction is left idle between loop
+    iterations) reopened on demand, at most every ``retry_seconds``.
 
     ``run`` returns None instead of raising and keeps the redacted error for the
     log, so an unreachable database costs one failed connect per retry period.
@@ -47,35 +42,30 @@ class Reconnecting:
         self.retry_seconds = retry_seconds
         self.timeout = timeout
         self.error: str | None = None
-        self._conn: pg.Connection | None = None
+        self._store: PostgresRegionStore | None = None
         self._next_try = 0.0
 
-    def connection(self) -> pg.Connection:
-        if self._conn is None:
-            self._conn = pg.connect(self.dsn, region=self.region, timeout=self.timeout)
-        return self._conn
+    def store(self) -> RegionStore:
+        if self._store is None:
+            self._store = open_store(self.dsn, region=self.region, autocommit=True, timeout=self.timeout)
+        return self._store
 
-    def run(self, query: Callable[[pg.Connection], Any]) -> Any:
-        if self._conn is None and time.monotonic() < self._next_try:
+    def run(self, query: Callable[[RegionStore], T]) -> T | None:
+        if self._store is None and time.monotonic() < self._next_try:
             return None
         try:
-            result = query(self.connection())
+            result = query(self.store())
         except ReconcilerError as exc:
             self.error = str(exc)
-            if isinstance(exc, StoreUnavailable) or self._conn is None:
+            # an error the database answered with (a schema not migrated) leaves the
+            # session usable for the other queries; a lost server does not
+            if isinstance(exc, StoreUnavailable) or self._store is None or self._store.closed:
                 self.close()
                 self._next_try = time.monotonic() + self.retry_seconds
-            else:
-                # the database answered, with an error (say, a schema not migrated):
-                # the connection is fine and other queries on it must not wait
-                try:
-                    self._conn.rollback()
-                except Exception:  # noqa: BLE001 - a broken connection is dropped instead
-                    self.close()
             return None
         self.error = None
         return result
 
     def close(self) -> None:
-        close_quietly(self._conn)
-        self._conn = None
+        close_quietly(self._store)
+        self._store = None

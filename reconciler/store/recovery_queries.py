@@ -9,8 +9,7 @@ reconciler errors.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from ..hlc import Timestamp
 from .postgres import Connection
@@ -55,13 +54,6 @@ def hlc_span(conn: Connection, origin: str, ranges: Sequence[tuple[int, int]], *
     if row and row[0] is not None:
         return Timestamp.unpack(row[0]), Timestamp.unpack(row[1])
     return None, None
-
-
-@contextmanager
-def returning_own_events(conn: Connection, region: str) -> Iterator[None]:
-    """One transaction for giving a region its own lost events back; errors translated."""
-    with translated(region=region, step="return own events"), conn.transaction():
-        yield
 
 
 def outbox_ids_known(conn: Connection, region: str, event_ids: Sequence[str]) -> set[str]:

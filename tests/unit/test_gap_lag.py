@@ -5,8 +5,7 @@ recovery gate, which ``gaps`` prints) fed one scenario and made to agree."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,6 @@ from reconciler.hlc import Timestamp
 from reconciler.lifecycle import RegionStatus, State
 from reconciler.stats import Measurement
 from reconciler.status import _assemble, _Facts
-from reconciler.store import health, retention
-from reconciler.store import invariants as store_invariants
-from reconciler.store import postgres as pg
-from reconciler.store import quarantine as quarantine_store
 from reconciler.store.health import InboxProgress, ManualQueue, OutboxBacklog
 from reconciler.store.port import GapStore
 from reconciler.transport import kafka
@@ -171,88 +166,20 @@ def retained(topic: str) -> tuple[int, int] | None:
     return KAFKA if topic.endswith(ORIGIN) else (1, 10)
 
 
-def event_age(_conn: Any, origin: str, sequence: int) -> float | None:
-    # only the first in-flight event's age is the lag's: any other answer would be wrong
-    return AGE if (origin, sequence) == (ORIGIN, KAFKA[0]) else 999.0
-
-
 @pytest.fixture
 def facts_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every store and Kafka read answers from the scenario, whoever asks; a connection is
-    the name of the region it was opened to."""
-
-    @contextmanager
-    def connect(_dsn: str, *, region: str, **_kw: Any) -> Iterator[str]:
-        yield region
-
-    dest_only = {DEST: REFUSED}
-    monkeypatch.setattr(pg, "connect", connect)
-    monkeypatch.setattr(pg, "relay_position", lambda conn, origin: (counter(origin), published(origin)))
-    monkeypatch.setattr(pg, "inbox_ranges", inbox)
-    monkeypatch.setattr(pg, "outbox_ranges", lambda conn, origin: [(1, counter(origin))])
-    monkeypatch.setattr(pg, "own_ranges", lambda conn, origin: [(1, counter(origin))])
-    monkeypatch.setattr(retention, "inbox_floors", lambda conn: {})
-    monkeypatch.setattr(quarantine_store, "refused", lambda conn: dest_only.get(conn, []))
-    monkeypatch.setattr(quarantine_store, "discarded", lambda conn: {})
-    monkeypatch.setattr(quarantine_store, "refused_counts", lambda conn: {})
+    """Kafka answers from the scenario, whoever asks (the regions are _ScenarioSession)."""
     monkeypatch.setattr(kafka, "retained_sequences", lambda _s, topic, **_k: retained(topic))
-    monkeypatch.setattr(health, "event_age", event_age)
-    monkeypatch.setattr(health, "inbox_progress", progress)
-    monkeypatch.setattr(health, "relay_high_water", lambda conn, origin: counter(origin))
-    monkeypatch.setattr(health, "outbox_backlog", lambda conn, origin: OutboxBacklog(0, 0.0))
-    monkeypatch.setattr(health, "manual_queue", lambda conn, tables=(): ManualQueue({}, 0.0))
-    monkeypatch.setattr(health, "quarantined", lambda conn: len(dest_only.get(conn, [])))
-    monkeypatch.setattr(store_invariants, "open_counts", lambda conn: {})
-
-
-def via_status(config: Config) -> tuple[int, int, float]:
-    facts = {}
-    for region in REGIONS:
-        f = _Facts(region=region, dsn="postgresql://u@host/db", conn=region,  # type: ignore[arg-type]
-                   status=RegionStatus(region, State.ACTIVE, 1, "test"), backlog=OutboxBacklog(0, 0.0),
-                   progress=progress(region), relay_high=counter(region), published=published(region),
-                   refused=by_origin(quarantine_store.refused(region)), own=SeqRanges.span(1, counter(region)),
-                   queue=ManualQueue({}, 0.0))
-        facts[region] = f
-    report = _assemble(config, facts, [], kafka_timeout=1.0)
-    lag = report.regions[DEST].lag[ORIGIN]
-    assert report.regions[DEST].gaps == lag.gaps  # nothing missing from ap-south, no self-gap
-    return lag.gaps, lag.events, lag.seconds
-
-
-class _Db:
-    """A sidecar's reconnecting connection to one region's database."""
-
-    def __init__(self, region: str) -> None:
-        self.region = region
-        self.error: str | None = None
-
-    def connection(self) -> str:
-        return self.region
-
-    def run(self, query: Any) -> Any:
-        return query(self.region)
-
-
-def via_sidecar(config: Config) -> tuple[int, int, float]:
-    car = sidecar.Sidecar(config, DEST)
-    peers = {p: _Db(p) for p in config.peers(DEST)}
-    Measurement(car.ctx, car.log, car.events)(_Db(DEST), peers)  # type: ignore[arg-type]
-    samples = {
-        (family.name, sample.labels.get("origin")): sample.value
-        for family in text_string_to_metric_families(car.metrics.render().decode())
-        for sample in family.samples if sample.labels.get("destination") == DEST
-    }
-    return (int(samples[("reconciler_gaps_events", ORIGIN)]),
-            int(samples[("reconciler_replication_lag_events", ORIGIN)]),
-            samples[("reconciler_replication_lag_seconds", ORIGIN)])
 
 
 class _ScenarioSession(GapStore):
     """A gap-analysis session on one region of the scenario."""
 
-    def __init__(self, region: str, oldest: Timestamp) -> None:
-        self.region, self.oldest = region, oldest
+    def __init__(self, region: str) -> None:
+        self.region = region
+        # the gaps' oldest HLC: us-east's hole 5 is older than the in-flight tail, and the
+        # gate errs on the older stamp; stamp it the tail's age so the three can be compared
+        self.oldest = Timestamp(int(time.time() * 1000 - AGE * 1000), 0)
 
     def close(self) -> None:
         pass
@@ -285,15 +212,83 @@ class _ScenarioSession(GapStore):
     def database_now_ms(self) -> int:
         return int(time.time() * 1000)
 
+    # what status and the sidecar's measurements read besides
+
+    def outbox_backlog(self, origin: str) -> OutboxBacklog:
+        return OutboxBacklog(0, 0.0)
+
+    def inbox_progress(self) -> dict[str, InboxProgress]:
+        return progress(self.region)
+
+    def relay_high_water(self, origin: str) -> int:
+        return counter(origin)
+
+    def event_age(self, origin: str, sequence: int) -> float | None:
+        # only the first in-flight event's age is the lag's: any other answer would be wrong
+        return AGE if (origin, sequence) == (ORIGIN, KAFKA[0]) else 999.0
+
+    def manual_queue(self, tables: Sequence[str] = ()) -> ManualQueue:
+        return ManualQueue({}, 0.0)
+
+    def quarantined(self) -> int:
+        return len(self.refused())
+
+    def refused_counts(self) -> dict[tuple[str, str], int]:
+        return {}
+
+    def open_violation_counts(self) -> dict[tuple[str, str], int]:
+        return {}
+
+
+def via_status(config: Config) -> tuple[int, int, float]:
+    facts = {}
+    for region in REGIONS:
+        session = _ScenarioSession(region)
+        f = _Facts(region=region, dsn="postgresql://u@host/db", store=session,  # type: ignore[arg-type]
+                   status=RegionStatus(region, State.ACTIVE, 1, "test"), backlog=OutboxBacklog(0, 0.0),
+                   progress=progress(region), relay_high=counter(region), published=published(region),
+                   refused=by_origin(session.refused()), own=SeqRanges.span(1, counter(region)),
+                   queue=ManualQueue({}, 0.0))
+        facts[region] = f
+    report = _assemble(config, facts, [], kafka_timeout=1.0)
+    lag = report.regions[DEST].lag[ORIGIN]
+    assert report.regions[DEST].gaps == lag.gaps  # nothing missing from ap-south, no self-gap
+    return lag.gaps, lag.events, lag.seconds
+
+
+class _Db:
+    """A sidecar's reconnecting session on one region's database."""
+
+    def __init__(self, region: str) -> None:
+        self.session = _ScenarioSession(region)
+        self.error: str | None = None
+
+    def store(self) -> _ScenarioSession:
+        return self.session
+
+    def run(self, query: Any) -> Any:
+        return query(self.session)
+
+
+def via_sidecar(config: Config) -> tuple[int, int, float]:
+    car = sidecar.Sidecar(config, DEST)
+    peers = {p: _Db(p) for p in config.peers(DEST)}
+    Measurement(car.ctx, car.log, car.events)(_Db(DEST), peers)  # type: ignore[arg-type]
+    samples = {
+        (family.name, sample.labels.get("origin")): sample.value
+        for family in text_string_to_metric_families(car.metrics.render().decode())
+        for sample in family.samples if sample.labels.get("destination") == DEST
+    }
+    return (int(samples[("reconciler_gaps_events", ORIGIN)]),
+            int(samples[("reconciler_replication_lag_events", ORIGIN)]),
+            samples[("reconciler_replication_lag_seconds", ORIGIN)])
+
 
 class _Scenario:
     """The scenario's regions and topics, as gap analysis opens and reads them."""
 
-    def __init__(self, oldest: Timestamp) -> None:
-        self.oldest = oldest
-
     def open(self, region: str, **_kw: Any) -> _ScenarioSession:
-        return _ScenarioSession(region, self.oldest)
+        return _ScenarioSession(region)
 
     def retained(self, origin: str) -> tuple[int, int] | None:
         return retained(origin)
@@ -304,9 +299,7 @@ class _Scenario:
 
 
 def via_gate(config: Config) -> tuple[int, int, float]:
-    # the gaps' oldest HLC: us-east's hole 5 is older than the in-flight tail, and the
-    # gate errs on the older stamp; stamp it the tail's age so the three can be compared
-    scenario = _Scenario(Timestamp(int(time.time() * 1000 - AGE * 1000), 0))
+    scenario = _Scenario()
     report = recovery.analyze_gaps(config, DEST, databases=scenario, events=scenario)  # type: ignore[arg-type]
     doc = report.to_dict()["lag"][DEST][ORIGIN]
     gate = recovery._gate_input(config, DEST, report, recovery.RecoveryReport(DEST, False, {}))
@@ -333,12 +326,17 @@ def test_status_reads_a_region_own_events_again_before_calling_them_lost(
     read again, a live region holds them (no gap); a restored one still lacks them."""
     from reconciler.status import _reread_own
 
-    monkeypatch.setattr(pg, "own_ranges", lambda conn, origin: [(1, own_now)])
-    monkeypatch.setattr(health, "relay_high_water", lambda conn, origin: own_now)
+    class Restarted(_ScenarioSession):
+        def own_ranges(self, origin: str) -> list[tuple[int, int]]:
+            return [(1, own_now)]
+
+        def relay_high_water(self, origin: str) -> int:
+            return own_now
+
     facts = {}
     for region in REGIONS:
         facts[region] = _Facts(
-            region=region, dsn="postgresql://u@host/db", conn=region,  # type: ignore[arg-type]
+            region=region, dsn="postgresql://u@host/db", store=Restarted(region),  # type: ignore[arg-type]
             status=RegionStatus(region, State.ACTIVE, 1, "test"), backlog=OutboxBacklog(0, 0.0),
             progress={o: InboxProgress(o, 12 if o == ORIGIN else 10, 12 if o == ORIGIN else 10, None, 0.1)
                       for o in REGIONS if o != region},

@@ -25,7 +25,8 @@ REGIONS = ("us-east", "eu-west")
 
 
 class FakeDb:
-    """Stands for the heartbeat's reconnecting connection: a stamp while ``up``."""
+    """Stands for the heartbeat's reconnecting session, and the store it runs queries on:
+    a stamp while ``up``."""
 
     def __init__(self) -> None:
         self.up = True
@@ -36,9 +37,13 @@ class FakeDb:
             self.error = "database unreachable"
             return None
         self.error = None
-        if query is heartbeats.committed_stamp:
-            return Timestamp(int(time.time() * 1000), 0)
-        return None  # saving the peer view: nothing to save it to here
+        return query(self)
+
+    def hlc_now(self) -> Timestamp:
+        return Timestamp(int(time.time() * 1000), 0)
+
+    def save_peer_views(self, views: Any) -> None:
+        pass  # nothing to save them to here
 
     def close(self) -> None:
         pass

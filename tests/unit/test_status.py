@@ -40,16 +40,13 @@ def view(peer: str, age: float | None, written_age: float = 0.2, skew: float | N
                           peer_state="ACTIVE", peer_epoch=1, view_state=None, written_age_seconds=written_age)
 
 
-class FakeConn:
-    """Answers the one query status makes late (an event's age): "not held"."""
+class FakeStore:
+    """Answers the one read status makes late (an event's age): "not held"."""
 
-    def execute(self, *_: Any) -> FakeConn:
-        return self
-
-    def fetchone(self) -> None:
+    def event_age(self, origin: str, sequence: int) -> float | None:
         return None
 
-    def commit(self) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -65,7 +62,7 @@ def up(region: str, *, state: State = State.ACTIVE, relay_high: int = 10,
     }
     return _Facts(
         region=region, dsn=f"postgresql://app:***@db.{region}.internal:5432/app",
-        conn=FakeConn(),  # type: ignore[arg-type]
+        store=FakeStore(),  # type: ignore[arg-type]
         status=RegionStatus(region, state, 3, "because"),
         backlog=OutboxBacklog(0, 0.0), progress=progress, relay_high=relay_high,
         queue=ManualQueue({"orders": 0}, 0.0), quarantine=0,
