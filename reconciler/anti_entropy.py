@@ -23,7 +23,6 @@ counted; rows that no region has metadata for are only reported.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +34,7 @@ from .logs import ComponentLogger
 from .loop import Pause
 from .metrics import Metrics
 from .region_view import LoopContext
-from .store import postgres as pg
-from .store.translate import translated
+from .store.postgres_store import RegionDatabases
 from .verify import (
     bounds,
     check_leaves,
@@ -170,18 +168,9 @@ class AntiEntropy:
     def _record(
         self, table: str, peer: str, mode: str, mark: str | None, keys: int, buckets: int, sample: list[str],
     ) -> None:
-        packed = Timestamp.parse(mark).pack() if mark else None
-        with pg.connect(self.config.region(self.region).dsn, region=self.region) as conn, \
-                translated(region=self.region, table=table, step="record anti-entropy"), conn.transaction():
-            conn.execute(
-                "INSERT INTO reconciler.anti_entropy (table_name, peer, mode, watermark_hlc, divergent_keys,"
-                " divergent_buckets, sample_keys, checked_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, now())"
-                " ON CONFLICT (table_name, peer) DO UPDATE SET mode = EXCLUDED.mode,"
-                " watermark_hlc = EXCLUDED.watermark_hlc, divergent_keys = EXCLUDED.divergent_keys,"
-                " divergent_buckets = EXCLUDED.divergent_buckets, sample_keys = EXCLUDED.sample_keys,"
-                " checked_at = EXCLUDED.checked_at",
-                (table, peer, mode, packed, keys, buckets, json.dumps(sample)),
-            )
+        with RegionDatabases(self.config).session(self.region, autocommit=True) as store:
+            store.record_anti_entropy(table, peer, mode, Timestamp.parse(mark) if mark else None, keys, buckets,
+                                      sample)
 
 
 class AntiEntropySteps:

@@ -222,14 +222,6 @@ region_option = click.option(
 )
 
 
-def _region_connection(config: Config, region: str | None) -> tuple[str, Any]:
-    """The chosen region (default: the config's first) and a connection to its database."""
-    from .store import postgres as pg
-
-    name = region or next(iter(config.regions))
-    return name, pg.connect(config.region(name).dsn, region=name)
-
-
 def _region_store(config: Config, region: str | None) -> tuple[str, Any]:
     """The chosen region (default: the config's first) and its region store."""
     from .store.postgres_store import RegionDatabases
@@ -498,15 +490,15 @@ def quarantine_retry(config_path: str, region: str | None, entry_ids: tuple[int,
     """
     from .apply import Applier
     from .conflict_queue import retry_quarantined
-    from .store import postgres as pg
+    from .store.postgres_store import RegionDatabases
 
     config = load(config_path)
     name = region or next(iter(config.regions))
     actor = by or f"cli:{_operator()}"
     confirm(f"Apply {len(entry_ids)} quarantined event(s) in region {name} again?", yes, as_json)
-    with pg.connect(config.region(name).dsn, region=name, autocommit=True) as conn:
-        applier = Applier(conn, name, config.tables, config.hlc_max_offset_ms)
-        outcomes = [retry_quarantined(conn, applier, entry_id, by=actor) for entry_id in entry_ids]
+    with RegionDatabases(config).session(name, autocommit=True) as store:
+        applier = Applier(store, name, config.tables, config.hlc_max_offset_ms)
+        outcomes = [retry_quarantined(store, applier, entry_id, by=actor) for entry_id in entry_ids]
     if as_json:
         print_json({"region": name, "actor": actor, "results": [o.to_dict() for o in outcomes]})
     else:
@@ -795,16 +787,15 @@ def _operator() -> str:
 def _lifecycle_override(config_path: str, region: str, target: str, reason: str, yes: bool, force: bool,
                         as_json: bool) -> None:
     from .lifecycle import State
-    from .store import postgres as pg
+    from .store.postgres_store import RegionDatabases
 
     config = load(config_path)
-    dsn = config.region(region).dsn
-    with pg.connect(dsn, region=region) as conn:
-        before = pg.region_status(conn)
+    with RegionDatabases(config).session(region, autocommit=True) as store:
+        before = store.region_status()
         confirm(f"Move region {region} from {before.state.value} (epoch {before.epoch}) to {target}? "
                 f"Reason: {reason}", yes, as_json)
-        after = pg.transition(conn, State(target), reason, f"cli:{_operator()}", force=force,
-                              expected_epoch=before.epoch)
+        after = store.transition(State(target), reason, f"cli:{_operator()}", force=force,
+                                 expected_epoch=before.epoch)
     if as_json:
         print_json({"region": region, "from": before.state.value, "to": after.state.value,
                     "epoch_before": before.epoch, "epoch": after.epoch, "reason": reason})
@@ -907,16 +898,12 @@ def _violation_line(v: Any) -> tuple[str, ...]:
 @handle_errors
 def violations_list(config_path: str, region: str | None, table: str | None, status: str, as_json: bool) -> None:
     """List the invariant violations recorded in one region, oldest first."""
-    from .store.invariants import list_violations, require_schema
-    from .store.translate import translated
-
     config = load(config_path)
     if table is not None:
         config.table(table)
-    name, conn = _region_connection(config, region)
-    with conn, translated(region=name, step="list violations"):
-        require_schema(conn)
-        found = list_violations(conn, table=table, status=status)
+    name, store = _region_store(config, region)
+    with store:
+        found = store.violations(table=table, status=status)
     if as_json:
         print_json({"region": name, "table": table, "status": status, "count": len(found),
                     "violations": [v.to_dict() for v in found]})
@@ -938,14 +925,11 @@ def violations_list(config_path: str, region: str | None, table: str | None, sta
 def violations_show(config_path: str, region: str | None, violation_id: str, as_json: bool) -> None:
     """One violation: the row now, the invariant, the events that made it, its resolution."""
     from .errors import ReconcilerError
-    from .store.invariants import require_schema, show_violation
-    from .store.translate import translated
 
     config = load(config_path)
-    name, conn = _region_connection(config, region)
-    with conn, translated(region=name, step="show violation"):
-        require_schema(conn)
-        found = show_violation(conn, violation_id)
+    name, store = _region_store(config, region)
+    with store:
+        found = store.violation(violation_id)
     if found is None:
         raise ReconcilerError("no such violation (see `reconciler violations list --status all`)",
                               region=name, violation_id=violation_id, retryable=False)
@@ -980,9 +964,7 @@ def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id:
     import getpass
 
     from .errors import ReconcilerError
-    from .store import postgres as pg
-    from .store.invariants import require_schema, resolve_violation
-    from .store.translate import translated
+    from .store.postgres_store import RegionDatabases
 
     config = load(config_path)
     chosen = list(regions) or list(config.regions)
@@ -993,15 +975,13 @@ def violations_resolve(config_path: str, regions: tuple[str, ...], violation_id:
     outcome: dict[str, str] = {}
     for name in chosen:
         try:
-            with pg.connect(config.region(name).dsn, region=name) as conn, translated(region=name, step="resolve"):
-                require_schema(conn)
-                done = resolve_violation(conn, violation_id, actor, reason)
+            with RegionDatabases(config).session(name, autocommit=True) as store:
+                done = store.resolve_violation(violation_id, actor, reason)
                 if done is not None:
                     outcome[name] = "resolved"
                 else:
-                    found = conn.execute("SELECT status FROM reconciler.violations WHERE violation_id = %s",
-                                         (violation_id,)).fetchone()
-                    outcome[name] = "not recorded" if found is None else f"already {found[0]}"
+                    found = store.violation(violation_id)
+                    outcome[name] = "not recorded" if found is None else f"already {found.status}"
         except ReconcilerError as exc:  # one region down must not hide what was done in the others
             outcome[name] = f"not reached: {exc.message}"
     if "resolved" not in outcome.values():

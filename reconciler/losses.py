@@ -23,9 +23,7 @@ from typing import Any
 from .config import Config
 from .errors import DataLossError
 from .gap_analysis import RegionFacts, analyze_gaps, collect_facts
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store.translate import translated
+from .store.postgres_store import RegionDatabases
 
 
 @dataclass
@@ -84,12 +82,11 @@ def accept_loss(config: Config, region: str, *, actor: str, reason: str, origin:
     if dry_run or not result.lost:
         return result
     retained = report.retained
-    with pg.connect(config.region(region).dsn, region=region) as conn, \
-            translated(region=region, step="accept lost events"), conn.transaction():
+    with RegionDatabases(config).session(region, autocommit=True) as store, store.transaction():
         for source, ranges in sorted(result.lost.items()):
             kept = retained.get(source)
             detail = (f"no source held it when accepted: {source}'s topic retained "
                       + (f"sequences {kept[0]}..{kept[1]}" if kept else "nothing")
                       + f", and neither {source}'s outbox nor any peer's inbox had it")
-            result.recorded[source] = quarantine_store.settle_lost(conn, source, ranges, actor, reason, detail)
+            result.recorded[source] = store.settle_lost(source, ranges, actor, reason, detail)
     return result

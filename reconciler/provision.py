@@ -7,9 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from .config import Config
 from .errors import ConfigError
-from .store import postgres as pg
-from .store.capture import install_capture, uninstall_capture
-from .store.merkle_leaves import install_leaves
+from .store.postgres_store import RegionDatabases
 from .transport import kafka
 
 
@@ -52,23 +50,23 @@ def migrate(
                           key="tables")
     report = MigrateReport()
     for region in regions or list(config.regions):
-        with pg.connect(config.region(region).dsn, region=region) as conn:
+        with RegionDatabases(config).session(region) as store:
             if demo_tables:
-                pg.create_demo_tables(conn)
-            report.applied[region] = pg.migrate(conn, region, config.hlc_max_offset_ms, config.tables.values())
-            report.schema_versions[region] = pg.schema_version(conn)
-            conn.commit()
+                store.create_demo_tables()
+            report.applied[region] = store.migrate(config.hlc_max_offset_ms, config.tables.values())
+            report.schema_versions[region] = store.schema_version()
+            store.commit()
             for spec in config.tables.values():
                 if spec.capture == "trigger" and not uninstall_capture_all:
-                    done = install_capture(conn, spec)
+                    done = store.install_capture(spec)
                 else:
-                    done = uninstall_capture(conn, spec)
-                conn.commit()
+                    done = store.uninstall_capture(spec)
+                store.commit()
                 report.capture.setdefault(region, []).append(done.to_dict())
             for table in rebuild_leaves:
                 # its own transaction: the table is locked against writes only while it is counted
-                result = install_leaves(conn, config.tables[table], rebuild=True)
-                conn.commit()
+                result = store.rebuild_leaves(config.tables[table])
+                store.commit()
                 report.leaves_rebuilt.setdefault(region, []).append(asdict(result))
     settings = config.admin_kafka_settings()
     topics = [config.events_topic(r) for r in config.regions] + [config.control_topic, config.compensation_topic]

@@ -13,8 +13,8 @@ from .logs import ComponentLogger
 from .loop import Pause
 from .metrics import Metrics
 from .region_view import LoopContext
-from .store import postgres as pg
-from .store.retention import PruneResult, prune
+from .store.postgres_store import RegionDatabases
+from .store.retention import PruneResult
 
 
 def wall_clock_ms() -> int:
@@ -44,9 +44,8 @@ def prune_region(
         return None
     if keep <= 0:
         raise ConfigError("keep hours must be above 0", key="retention.keep_hours", value=keep)
-    with pg.connect(config.region(region).dsn, region=region) as conn:
-        result = prune(conn, region, config.regions, cutoff_for(keep, now_ms()), config.retention.batch, dry_run,
-                       stop)
+    with RegionDatabases(config).session(region, autocommit=True) as store:
+        result = store.prune(config.regions, cutoff_for(keep, now_ms()), config.retention.batch, dry_run, stop)
     if metrics is not None and not dry_run:
         metrics.events_pruned.labels(store="inbox").inc(result.inbox_rows)
         metrics.events_pruned.labels(store="outbox").inc(result.outbox_rows)

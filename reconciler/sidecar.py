@@ -53,7 +53,7 @@ from .prune import RetentionSteps
 from .region_view import LoopContext, RegionView
 from .relay import Relay, relay_loop
 from .stats import STATS_INTERVAL_SECONDS, StatsSteps
-from .store import postgres as pg
+from .store.postgres_store import RegionDatabases
 from .transport import kafka
 from .transport.kafka import KafkaEventLog
 from .transport.port import EventLog
@@ -274,8 +274,8 @@ class Sidecar:
 
     def _mark_clean_stop(self) -> bool:
         try:
-            with pg.connect(self.ctx.dsn, region=self.region) as conn:
-                pg.mark_alive(conn, clean_stop=True)
+            with RegionDatabases(self.config).session(self.region, autocommit=True) as store:
+                store.mark_alive(clean_stop=True)
             return True
         except ReconcilerError as exc:
             self.log.error("could not record the clean stop", extra={"fields": exc.to_dict()})

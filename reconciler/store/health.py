@@ -8,9 +8,11 @@ long-lived connection never holds a snapshot open between measurements.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
+from ..hlc import Timestamp
 from ..peers import PeerView
 from .port import InboxProgress, ManualQueue, OutboxBacklog, StoredPeerView
 from .postgres import Connection, json_text
@@ -166,3 +168,17 @@ def anti_entropy_divergence(conn: Connection) -> dict[str, dict[str, Any]]:
         conn.commit()
     return {f"{t}/{p}": {"keys": int(k), "buckets": int(b), "sample": list(sample), "age_seconds": max(0.0, age)}
             for t, p, k, b, sample, age in rows}
+
+
+def record_anti_entropy(conn: Connection, table: str, peer: str, mode: str, watermark: Timestamp | None, keys: int,
+                        buckets: int, sample: Sequence[str]) -> None:
+    """Overwrite what the last anti-entropy pass found for (``table``, ``peer``)."""
+    conn.execute(
+        "INSERT INTO reconciler.anti_entropy (table_name, peer, mode, watermark_hlc, divergent_keys,"
+        " divergent_buckets, sample_keys, checked_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, now())"
+        " ON CONFLICT (table_name, peer) DO UPDATE SET mode = EXCLUDED.mode,"
+        " watermark_hlc = EXCLUDED.watermark_hlc, divergent_keys = EXCLUDED.divergent_keys,"
+        " divergent_buckets = EXCLUDED.divergent_buckets, sample_keys = EXCLUDED.sample_keys,"
+        " checked_at = EXCLUDED.checked_at",
+        (table, peer, mode, watermark.pack() if watermark else None, keys, buckets, json.dumps(list(sample))),
+    )

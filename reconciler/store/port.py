@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ..config import TableConfig
 from ..hlc import Timestamp
@@ -45,6 +45,12 @@ from ..invariants import Discard
 from ..lifecycle import RegionStatus, State
 from ..model import ConflictRecord, Event, RowState
 from ..peers import PeerView
+
+if TYPE_CHECKING:  # results of PostgreSQL-only statements; their modules hold the driver
+    from .capture import CaptureResult
+    from .invariants import ViolationEntry
+    from .merkle_leaves import InstallResult
+    from .retention import PruneResult
 
 __all__ = [
     "CONFLICT_COLUMNS",
@@ -60,6 +66,7 @@ __all__ = [
     "LifecycleStore",
     "ManualQueue",
     "Message",
+    "OperatorStore",
     "OutboxBacklog",
     "ParkedEvents",
     "PipelineStore",
@@ -529,7 +536,59 @@ class HealthStore(ABC):
         """Fold the Merkle leaves' delta log of ``tables``; rows folded per table."""
 
 
-class RegionStore(PipelineStore, HealthStore):
+class OperatorStore(ABC):
+    """What operators' commands and the maintenance loops change in one region:
+    the schema, accepted losses, invariant violations, retention, anti-entropy's
+    findings (PostgreSQL only)."""
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def migrate(self, max_offset_ms: int, tables: Iterable[TableConfig]) -> list[str]:
+        """Apply the pending migrations and record the region's tables; returns the ones applied."""
+
+    @abstractmethod
+    def create_demo_tables(self) -> None: ...
+
+    @abstractmethod
+    def install_capture(self, table: TableConfig) -> CaptureResult: ...
+
+    @abstractmethod
+    def uninstall_capture(self, table: TableConfig) -> CaptureResult: ...
+
+    @abstractmethod
+    def rebuild_leaves(self, table: TableConfig) -> InstallResult:
+        """Count ``table``'s Merkle leaves again from its rows (writes the triggers missed)."""
+
+    @abstractmethod
+    def settle_lost(self, origin: str, ranges: Sequence[tuple[int, int]], actor: str, reason: str,
+                    detail: str) -> int:
+        """Record ``origin``'s sequences in ``ranges`` not applied here as lost, accepted by
+        ``actor``; returns how many were recorded."""
+
+    @abstractmethod
+    def violations(self, table: str | None = None, status: str | None = "open") -> list[ViolationEntry]: ...
+
+    @abstractmethod
+    def violation(self, violation_id: str) -> ViolationEntry | None: ...
+
+    @abstractmethod
+    def resolve_violation(self, violation_id: str, by: str, reason: str) -> ViolationEntry | None:
+        """Close an open violation with who and why; None when no such open one."""
+
+    @abstractmethod
+    def prune(self, origins: Iterable[str], cutoff: Timestamp, batch: int, dry_run: bool = False,
+              stop: Callable[[], bool] = lambda: False) -> PruneResult:
+        """Drop applied and published events older than ``cutoff``, ``batch`` rows at a time."""
+
+    @abstractmethod
+    def record_anti_entropy(self, table: str, peer: str, mode: str, watermark: Timestamp | None, keys: int,
+                            buckets: int, sample: Sequence[str]) -> None:
+        """What an anti-entropy pass found against ``peer`` (status and the alert read it)."""
+
+
+class RegionStore(PipelineStore, HealthStore, OperatorStore):
     """Everything services, the CLI and the drills ask of one region's database."""
 
     # ------------------------------------------------------------ catalogue

@@ -12,7 +12,7 @@ the redacted DSN in any connection error.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,10 +23,13 @@ from ..invariants import Discard
 from ..lifecycle import RegionStatus, State
 from ..model import ConflictRecord, Event, RowState
 from ..peers import PeerView
-from . import health, merkle_leaves, recovery_queries, retention, seeding
+from . import capture, health, merkle_leaves, recovery_queries, retention, seeding
 from . import invariants as invariants_store
 from . import postgres as pg
 from . import quarantine as quarantine_store
+from .capture import CaptureResult
+from .invariants import ViolationEntry
+from .merkle_leaves import InstallResult
 from .port import (
     CONFLICT_COLUMNS,
     ApplyChecks,
@@ -41,6 +44,7 @@ from .port import (
     StateRow,
     StoredPeerView,
 )
+from .retention import PruneResult
 from .translate import translated
 
 __all__ = ["DatabaseMark", "PostgresRegionStore", "RegionDatabases", "as_region_store", "as_store", "open_store",
@@ -351,6 +355,55 @@ class PostgresRegionStore(RegionStore):
 
     def compact_leaves(self, tables: Iterable[str]) -> dict[str, int]:
         return merkle_leaves.compact_all(self._conn, tables)
+
+    # ------------------------------------------------------------ operators and maintenance
+
+    def schema_version(self) -> int:
+        return pg.schema_version(self._conn)
+
+    def migrate(self, max_offset_ms: int, tables: Iterable[TableConfig]) -> list[str]:
+        return pg.migrate(self._conn, self.region or "", max_offset_ms, tables)
+
+    def create_demo_tables(self) -> None:
+        pg.create_demo_tables(self._conn)
+
+    def install_capture(self, table: TableConfig) -> CaptureResult:
+        return capture.install_capture(self._conn, table)
+
+    def uninstall_capture(self, table: TableConfig) -> CaptureResult:
+        return capture.uninstall_capture(self._conn, table)
+
+    def rebuild_leaves(self, table: TableConfig) -> InstallResult:
+        return merkle_leaves.install_leaves(self._conn, table, rebuild=True)
+
+    def settle_lost(self, origin: str, ranges: Sequence[tuple[int, int]], actor: str, reason: str,
+                    detail: str) -> int:
+        with self.translating("accept lost events", origin=origin), self._conn.transaction():
+            return quarantine_store.settle_lost(self._conn, origin, ranges, actor, reason, detail)
+
+    def violations(self, table: str | None = None, status: str | None = "open") -> list[ViolationEntry]:
+        with self.translating("list violations"):
+            invariants_store.require_schema(self._conn)
+            return invariants_store.list_violations(self._conn, table=table, status=status)
+
+    def violation(self, violation_id: str) -> ViolationEntry | None:
+        with self.translating("show violation"):
+            invariants_store.require_schema(self._conn)
+            return invariants_store.show_violation(self._conn, violation_id)
+
+    def resolve_violation(self, violation_id: str, by: str, reason: str) -> ViolationEntry | None:
+        with self.translating("resolve violation"):
+            invariants_store.require_schema(self._conn)
+            return invariants_store.resolve_violation(self._conn, violation_id, by, reason)
+
+    def prune(self, origins: Iterable[str], cutoff: Timestamp, batch: int, dry_run: bool = False,
+              stop: Callable[[], bool] = lambda: False) -> PruneResult:
+        return retention.prune(self._conn, self.region or "", origins, cutoff, batch, dry_run, stop)
+
+    def record_anti_entropy(self, table: str, peer: str, mode: str, watermark: Timestamp | None, keys: int,
+                            buckets: int, sample: Sequence[str]) -> None:
+        with self.translating("record anti-entropy", table=table), self._conn.transaction():
+            health.record_anti_entropy(self._conn, table, peer, mode, watermark, keys, buckets, sample)
 
     # ------------------------------------------------------------ replay
 
