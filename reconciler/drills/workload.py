@@ -37,9 +37,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from psycopg import sql
+
 from .. import outbox
-from ..errors import ReconcilerError, StoreError, StoreUnavailable
-from ..model import Event
+from ..errors import EventError, ReconcilerError, StoreError, StoreUnavailable
+from ..hlc import Timestamp
+from ..model import Event, Operation, encode_key
 from ..store.demo_domain import DemoDomain
 from ..store.inspection import Inspector
 from ..store.postgres_store import PostgresRegionStore, open_store
@@ -83,6 +86,10 @@ class WorkloadSpec:
     seed: int = 7
     #: seed one order written by two regions with the same HLC stamp (see Workload.seed_tie)
     tie: bool = True
+    #: share of writes made in plain SQL, as a service in another language makes them
+    #: (the database's capture stamps them and writes their outbox rows): inserts,
+    #: updates and deletes of orders and payments, and inventory's counter updates
+    plain_sql: float = 0.0
     #: run each home region's writers in a child process of their own (see the module's
     #: docstring); None: only on a machine with at least PROCESS_CORES cores
     processes: bool | None = False
@@ -470,36 +477,82 @@ class _Writer:
                 values = {"status": rnd.choice(ORDER_STATUSES), "total_cents": rnd.randint(100, 50_000),
                           "note": f"{stats.name}#{n}"}
                 if not live:
-                    return attempt.write(conn, "orders", "insert", {"id": key},
-                                        values={"customer": f"cust-{stats.home}", **values})
+                    return self._put(conn, attempt, rnd, "orders", "insert", "id", key,
+                                     {"customer": f"cust-{stats.home}", **values})
                 if rnd.random() < spec.order_delete_ratio:
-                    return attempt.write(conn, "orders", "delete", {"id": key})
-                return attempt.write(conn, "orders", "update", {"id": key}, values=values)
+                    return self._put(conn, attempt, rnd, "orders", "delete", "id", key, {})
+                return self._put(conn, attempt, rnd, "orders", "update", "id", key, values)
             if pick < spec.mix[0] + spec.mix[1] and spec.skus:
                 sku = f"sku-{rnd.randrange(spec.skus)}"
-                kwargs: dict[str, Any] = {"deltas": {"stock": rnd.choice((-3, -2, -1, 1, 2, 5))}}
+                deltas = {"stock": rnd.choice((-3, -2, -1, 1, 2, 5))}
+                sets: dict[str, Any] = {}
                 roll = rnd.random()
                 if roll < 0.3:
-                    kwargs["set_add"] = {"tags": [rnd.choice(TAGS)]}
+                    sets["set_add"] = {"tags": [rnd.choice(TAGS)]}
                 elif roll < 0.45:
-                    kwargs["set_remove"] = {"tags": [rnd.choice(TAGS)]}
-                return attempt.write(conn, "inventory", "update", {"sku": sku}, values={}, **kwargs)
+                    sets["set_remove"] = {"tags": [rnd.choice(TAGS)]}
+                return self._put(conn, attempt, rnd, "inventory", "update", "sku", sku, {}, deltas, sets)
             if spec.shared_payments and rnd.random() < spec.shared_payment_ratio:
                 key = f"pay-shared-{rnd.randrange(spec.shared_payments)}"
                 values = {"status": rnd.choice(PAYMENT_STATUSES), "amount_cents": rnd.randint(1, 9999)}
-                return attempt.write(conn, "payments", "update", {"id": key}, values=values)
+                return self._put(conn, attempt, rnd, "payments", "update", "id", key, values)
             if own_payments and rnd.random() < 0.4:
                 key = rnd.choice(own_payments)
-                return attempt.write(conn, "payments", "update", {"id": key},
-                                    values={"status": rnd.choice(PAYMENT_STATUSES)})
+                return self._put(conn, attempt, rnd, "payments", "update", "id", key,
+                                 {"status": rnd.choice(PAYMENT_STATUSES)})
             key = f"pay-{stats.name.replace('/', '-')}-{n}"
-            event = attempt.write(conn, "payments", "insert", {"id": key},
-                                 values={"order_id": f"ord-{rnd.randrange(max(1, spec.order_keys))}",
-                                         "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
+            event = self._put(conn, attempt, rnd, "payments", "insert", "id", key,
+                              {"order_id": f"ord-{rnd.randrange(max(1, spec.order_keys))}",
+                               "amount_cents": rnd.randint(100, 50_000), "status": "authorized"})
         own_payments.append(key)  # only once committed: an uncommitted insert is no payment
         return event
 
+    def _put(
+        self, conn: PostgresRegionStore, attempt: _Attempt, rnd: random.Random, table: str, op: str,
+        key_column: str, key: Any, values: dict[str, Any], deltas: dict[str, int] | None = None,
+        sets: dict[str, Any] | None = None,
+    ) -> Event:
+        """One write, through ``outbox.write`` or, for a share of them, in plain SQL.
 
+        Set changes always go through ``outbox.write``: capture records the difference
+        a statement made to the column, so adding an element already there would
+        record nothing, while the client asked for an add."""
+        share = self.spec.plain_sql
+        # drawn only when asked for, so that every other workload draws what it always drew
+        if share and not sets and rnd.random() < share:
+            return attempt.write_sql(conn, table, op, key_column, key, values, deltas or {})
+        kwargs: dict[str, Any] = {} if op == "delete" else {"values": values}
+        if deltas:
+            kwargs["deltas"] = deltas
+        kwargs.update(sets or {})
+        return attempt.write(conn, table, op, {key_column: key}, **kwargs)
+
+
+
+
+#: (table, operation, key column, value columns, counter columns) -> the statement's text
+_STATEMENTS: dict[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], str] = {}
+
+
+def _plain_statement(conn: PostgresRegionStore, table: str, op: str, key_column: str, columns: tuple[str, ...],
+                     counters: tuple[str, ...] = ()) -> str:
+    """INSERT (key, columns); UPDATE columns (set) and counters (incremented) by key; or
+    DELETE by key: composed once."""
+    found = _STATEMENTS.get((table, op, key_column, columns, counters))
+    if found is None:
+        name, key = sql.Identifier("public", table), sql.Identifier(key_column)
+        if op == "insert":
+            names = [key, *map(sql.Identifier, columns)]
+            statement = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                name, sql.SQL(", ").join(names), sql.SQL(", ").join(sql.Placeholder() * len(names)))
+        elif op == "update":
+            assignments = [sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns]
+            assignments += [sql.SQL("{0} = {0} + %s").format(sql.Identifier(c)) for c in counters]
+            statement = sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(name, sql.SQL(", ").join(assignments), key)
+        else:
+            statement = sql.SQL("DELETE FROM {} WHERE {} = %s").format(name, key)
+        found = _STATEMENTS[(table, op, key_column, columns, counters)] = statement.as_string(conn.connection)
+    return found
 
 
 class _Attempt:
@@ -516,6 +569,36 @@ class _Attempt:
         self.key = dict(key)
         self.values = dict(kwargs.get("values") or {})
         self.event = outbox.write(conn, table, op, key, **kwargs)
+        return self.event
+
+    def write_sql(self, conn: PostgresRegionStore, table: str, op: str, key_column: str, key: Any,
+                  values: Mapping[str, Any], deltas: Mapping[str, int]) -> Event:
+        """The same write as one plain statement on the business table, in the caller's
+        transaction; the event is the outbox row the database's capture wrote for it,
+        read back before the commit (so that a commit whose outcome is unknown is still
+        known, as for :meth:`write`)."""
+        self.key = {key_column: key}
+        self.values = dict(values)
+        statement = _plain_statement(conn, table, op, key_column, tuple(values), tuple(deltas))
+        params = [*values.values(), *deltas.values(), key] if op == "update" else [key, *values.values()]
+        key_text = encode_key(self.key, (key_column,))
+        with conn.translating(f"{op} {table} in plain SQL"):
+            written = conn.connection.execute(statement, params).rowcount
+            if written != 1:
+                # the row came or went since the client looked (a peer's write applied)
+                raise EventError(f"{op} in plain SQL changed {written} rows", table=table, key=key_text)
+            row = conn.connection.execute(
+                "SELECT id::text, origin, aggregateid, operation, hlc, prior_hlc, payload, type"
+                " FROM reconciler.outbox WHERE aggregatetype = %s AND aggregateid = %s"
+                " AND xmin = pg_current_xact_id()::xid ORDER BY position DESC LIMIT 1", (table, key_text),
+            ).fetchone()
+        if row is None:
+            # no capture on the table: the statement wrote a row no peer would ever learn of
+            raise EventError("a plain SQL write was not captured (no outbox row)", table=table, key=key_text)
+        ident, origin, aggregate, operation, stamp, prior, payload, kind = row
+        self.event = Event(origin=origin, event_id=ident, table=table, key=aggregate, operation=Operation(operation),
+                           hlc=Timestamp.unpack(int(stamp)), payload=payload,
+                           prior=None if prior is None else Timestamp.unpack(int(prior)), event_type=kind)
         return self.event
 
 

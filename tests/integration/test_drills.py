@@ -55,16 +55,17 @@ def test_drill_passes_at_scale_1(stack: DevStack, tmp_path: Path, name: str) -> 
 
 
 def test_writer_processes_record_exactly_what_they_acknowledged(stack: DevStack, tmp_path: Path) -> None:
-    """Writers in processes of their own (the nemesis' on a machine with the cores):
-    every write they acknowledged is in the history once, in the region written to,
-    and every writer's row in an outbox is in the history (acknowledged, or in
+    """Writers in processes of their own (the nemesis' on a machine with the cores),
+    half their writes in plain SQL through capture: every write they acknowledged is
+    in the history once, in the region written to, with the stamp its outbox row
+    holds; every writer's row in an outbox is in the history (acknowledged, or in
     doubt); rerouting a region returns only when none of its writers is still in a
     write to the old target."""
     env = DrillEnv.create(stack, tmp_path / "env")
     try:
         history = HistoryWriter(tmp_path / "history.jsonl")
         spec = WorkloadSpec(writers_per_region=2, rate=25.0, seconds=8.0, order_keys=20, skus=4, tie=False,
-                            processes=True)
+                            plain_sql=0.5, processes=True)
         load = Workload({r: env.direct.region(r).dsn for r in env.regions}, history, spec)
         load.seed()
         load.start()
@@ -86,8 +87,12 @@ def test_writer_processes_record_exactly_what_they_acknowledged(stack: DevStack,
         assert {r: sum(1 for a in acked if a.region == r) for r in env.regions} == rates["acknowledged"]
         assert all(n > 0 for n in rates["acknowledged"].values())
         assert not [r for r in acked if r.writer.startswith(f"{paused}/") and routed_at < r.at < routed_at + 1.5]
-        outboxes = {r: {e.event_id for e in observe.read_snapshot(env.direct, r).outbox} for r in env.regions}
+        snaps = {r: observe.read_snapshot(env.direct, r) for r in env.regions}
+        outboxes = {r: {e.event_id: e for e in snap.outbox} for r, snap in snaps.items()}
         assert all(a.event_id in outboxes[a.region] for a in acked), "acknowledged and in the region's outbox"
+        assert all((outboxes[a.region][a.event_id].hlc, outboxes[a.region][a.event_id].prior) == (a.hlc, a.prior)
+                   for a in acked)
+        assert {a.table for a in acked} == {"orders", "inventory", "payments"}
         recorded = {r.event_id for r in acked} | {r.event_id for r in doubts} \
             | {r.event_id for r in load_history(history.path) if r.writer == "drill"}
         assert set().union(*outboxes.values()) <= recorded, "no write in an outbox that the history does not know"
