@@ -68,11 +68,11 @@ from .lifecycle import RootComparison
 from .merkle import DiffResult, Digest, Key, KeyDifference, Leaf, LevelStats, Locator, Row, TreeShape, WalkLimits
 from .model import RowState
 from .policies import counter_contribution, counter_total_with_lost, join_merge_states
-from .store import merkle_leaves, verify_queries
-from .store import postgres as pg
-from .store import quarantine as quarantine_store
-from .store.counted import Counted, counted, keys_with_metadata, states_and_counted
+from .store import merkle_leaves
+from .store.counted import Counted
 from .store.merkle_scan import ScanOptions, open_scan
+from .store.port import RegionStore
+from .store.postgres_store import RegionDatabases
 from .store.verify_queries import KeyView
 
 __all__ = [
@@ -276,7 +276,7 @@ def reachable_peers(config: Config, region: str) -> list[str]:
     peers = []
     for peer in config.peers(region):
         try:
-            pg.connect(config.region(peer).dsn, region=peer, timeout=3).close()
+            RegionDatabases(config).open(peer, timeout=3).close()
             peers.append(peer)
         except ReconcilerError:
             continue
@@ -287,8 +287,8 @@ def parked_keys(config: Config, regions: Iterable[str]) -> dict[str, set[str]]:
     """Keys in the manual queue of any of ``regions``, per table."""
     parked: dict[str, set[str]] = {}
     for r in regions:
-        with pg.connect(config.region(r).dsn, region=r) as conn:
-            for table, keys in pg.open_conflict_keys(conn).items():
+        with RegionDatabases(config).session(r, autocommit=True) as store:
+            for table, keys in store.open_conflict_keys().items():
                 parked.setdefault(table, set()).update(keys)
     return parked
 
@@ -298,8 +298,8 @@ def parked_keys(config: Config, regions: Iterable[str]) -> dict[str, set[str]]:
 
 def key_view(config: Config, table: str, keys: list[str], region: str) -> KeyView:
     """``region``'s events, rows and retention horizon for ``keys``, in one snapshot."""
-    with pg.connect(config.region(region).dsn, region=region) as conn:
-        return verify_queries.read_key_view(conn, config.tables[table], keys, region=region)
+    with RegionDatabases(config).session(region) as store:
+        return store.key_view(config.tables[table], keys)
 
 
 def judge_keys(
@@ -375,16 +375,16 @@ class RegionEvidence:
         return diff_regions(self.config, self.table, self.region, self.peer, full_scan=self.full_scan)
 
     def canonical_keys(self, keys: Sequence[Key]) -> list[str]:
-        with pg.connect(self.config.region(self.region).dsn, region=self.region) as conn:
-            return verify_queries.canonical_keys(conn, self.config.tables[self.table], keys)
+        with RegionDatabases(self.config).session(self.region, autocommit=True) as store:
+            return store.canonical_keys(self.config.tables[self.table], keys)
 
     def key_views(self, keys: list[str]) -> tuple[KeyView, KeyView]:
         return (key_view(self.config, self.table, keys, self.region),
                 key_view(self.config, self.table, keys, self.peer))
 
     def leaf_buckets(self, keys: Sequence[str]) -> int:
-        with pg.connect(self.config.region(self.region).dsn, region=self.region) as conn:
-            return verify_queries.leaf_buckets(conn, self.config.tables[self.table], keys)
+        with RegionDatabases(self.config).session(self.region, autocommit=True) as store:
+            return store.leaf_buckets(self.config.tables[self.table], keys)
 
 
 def compare_table(
@@ -484,14 +484,14 @@ def repair_keys(
     states: dict[str, dict[str, RowState]] = {}
     donors: dict[str, Counted] = {}
     for r in regions:
-        with pg.connect(config.region(r).dsn, region=r) as conn:
-            states[r], held = states_and_counted(conn, r, table, keys, with_counted=policy != "lww")
+        with RegionDatabases(config).session(r) as store:
+            states[r], held = store.states_and_counted(table, keys, with_counted=policy != "lww")
         if held is not None:
             donors[r] = held
     outcome = RepairOutcome([], [])
     losses: dict[str, _Losses] = {}
     with contextlib.ExitStack() as sessions:
-        conns: dict[str, pg.Connection] = {}
+        stores: dict[str, RegionStore] = {}
         for key in keys:
             present = {r: s[key] for r, s in states.items() if key in s}
             if not present:
@@ -503,10 +503,10 @@ def repair_keys(
                 continue
             refused = False
             for r in targets:
-                if r not in conns:  # one session per region for every key, not one per key
-                    conns[r] = sessions.enter_context(pg.connect(config.region(r).dsn, region=r))
+                if r not in stores:  # one session per region for every key, not one per key
+                    stores[r] = sessions.enter_context(RegionDatabases(config).session(r))
                 try:
-                    if not _repair_one(conns[r], config.tables[table], key, r, present, donors, losses):
+                    if not _repair_one(stores[r], config.tables[table], key, r, present, donors, losses):
                         outcome.incomplete.append(key)
                         refused = True
                 except StoreError as exc:
@@ -543,17 +543,17 @@ class _Losses:
     applied: dict[str, SeqRanges]
 
 
-def _losses_of(conn: pg.Connection, region: str, cache: dict[str, _Losses]) -> _Losses:
+def _losses_of(store: RegionStore, region: str, cache: dict[str, _Losses]) -> _Losses:
     """Read once per repair pass: the lost ranges do not change under it, and applied
     ranges only grow, which can only make a later key's exact total knowable sooner."""
     if region not in cache:
-        lost = {o: SeqRanges(r) for o, r in quarantine_store.lost(conn).items()}
-        applied = {o: SeqRanges(r) for o, r in pg.applied_ranges(conn).items()} if lost else {}
+        lost = {o: SeqRanges(r) for o, r in store.lost().items()}
+        applied = {o: SeqRanges(r) for o, r in store.applied_ranges().items()} if lost else {}
         cache[region] = _Losses(lost, applied)
     return cache[region]
 
 
-def _repair_one(conn: pg.Connection, spec: TableConfig, key: str, region: str, present: dict[str, RowState],
+def _repair_one(store: RegionStore, spec: TableConfig, key: str, region: str, present: dict[str, RowState],
                 donors: dict[str, Counted], losses: dict[str, _Losses]) -> bool:
     """Repair one key in one region; False when a merge row's counters miss events
     accepted as lost and no peer gives their contribution exactly (nothing written)."""
@@ -565,16 +565,16 @@ def _repair_one(conn: pg.Connection, spec: TableConfig, key: str, region: str, p
         # region accepted as lost: those never come, and a peer's state has them
         if spec.policy == "lww":
             return newest_state(spec.policy, present, fresh)
-        known = _losses_of(conn, region, losses)
+        known = _losses_of(store, region, losses)
         if not known.lost:
             return fresh
         if spec.policy == "merge":
             state, exact = join_with_lost(key, region, fresh, present, donors,
-                                          counted(conn, region, spec.name, [key]), known.applied, known.lost)
+                                          store.counted(spec.name, [key]), known.applied, known.lost)
             return state if exact else None
         return _newest_lost(key, region, fresh, present, donors, known)
 
-    verify_queries.rewrite_key(conn, spec, key, region=region, choose=choose)
+    store.rewrite_key(spec, key, choose)
     return exact
 
 
@@ -663,9 +663,9 @@ def _totals_with_lost(key: str, region: str, donor_state: RowState, donor: Count
 def _copy_unmanaged_row(config: Config, table: str, key: str, source: str, target: str) -> bool:
     """Copy a row nobody has metadata for; False (nothing written) if the target has
     metadata for it by the time its key lock is held."""
-    with pg.connect(config.region(source).dsn, region=source) as src, \
-            pg.connect(config.region(target).dsn, region=target) as dst:
-        return verify_queries.copy_unmanaged_row(src, dst, config.tables[table], key, source=source, target=target)
+    databases = RegionDatabases(config)
+    with databases.session(source) as src, databases.session(target) as dst:
+        return dst.copy_unmanaged_row(src, config.tables[table], key)
 
 
 # ---------------------------------------------------------------- leaves against rows
@@ -684,8 +684,8 @@ def check_leaves(config: Config, table: str, region: str) -> LeafCheck:
     """Recount ``table``'s leaves from its rows and compare with the maintained ones,
     in one snapshot (a write logs its leaf delta in its own transaction, so the two
     agree exactly unless a write bypassed the triggers)."""
-    with pg.connect(config.region(region).dsn, region=region) as conn:
-        found = merkle_leaves.leaves_and_rows(conn, config.tables[table], region=region)
+    with RegionDatabases(config).session(region) as store:
+        found = store.leaves_and_rows(config.tables[table])
     if found is None:
         return LeafCheck(table, None, "no maintained leaves")
     return LeafCheck(table, tuple(stale_buckets(*found)))
@@ -703,9 +703,8 @@ def stale_buckets(logged: Mapping[int, tuple[int, int]], counted: Mapping[int, t
 
 def rebuild_leaves(config: Config, table: str, region: str) -> None:
     """Count ``table``'s leaves again from its rows (locks the table against writes meanwhile)."""
-    with pg.connect(config.region(region).dsn, region=region) as conn:
-        merkle_leaves.install_leaves(conn, config.tables[table], rebuild=True)
-        conn.commit()
+    with RegionDatabases(config).session(region) as store:
+        store.rebuild_leaves(config.tables[table])
 
 
 # ---------------------------------------------------------------- the gate's verification
@@ -730,16 +729,14 @@ def _compare_now(config: Config, table: str, region: str, peer: str, parked: set
 def _all_keys(config: Config, table: str, regions: list[str]) -> set[str]:
     keys: set[str] = set()
     for r in regions:
-        with pg.connect(config.region(r).dsn, region=r) as conn:
-            keys.update(keys_with_metadata(conn, table))
+        with RegionDatabases(config).session(r, autocommit=True) as store:
+            keys.update(store.keys_with_metadata(table))
     return keys
 
 
 def _has_accepted_losses(config: Config, region: str) -> bool:
-    with pg.connect(config.region(region).dsn, region=region) as conn:
-        found = bool(quarantine_store.lost(conn))
-        conn.commit()
-    return found
+    with RegionDatabases(config).session(region, autocommit=True) as store:
+        return bool(store.lost())
 
 
 def verify_and_repair(

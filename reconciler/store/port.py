@@ -47,10 +47,13 @@ from ..model import ConflictRecord, Event, RowState
 from ..peers import PeerView
 
 if TYPE_CHECKING:  # results of PostgreSQL-only statements; their modules hold the driver
+    from ..merkle import Key
     from .capture import CaptureResult
+    from .counted import Counted
     from .invariants import ViolationEntry
-    from .merkle_leaves import InstallResult
+    from .merkle_leaves import InstallResult, LeafCounts
     from .retention import PruneResult
+    from .verify_queries import KeyView
 
 __all__ = [
     "CONFLICT_COLUMNS",
@@ -77,6 +80,7 @@ __all__ = [
     "StoreSessions",
     "StateRow",
     "StoredPeerView",
+    "VerifyStore",
     "json_text",
     "states_from_rows",
 ]
@@ -588,7 +592,61 @@ class OperatorStore(ABC):
         """What an anti-entropy pass found against ``peer`` (status and the alert read it)."""
 
 
-class RegionStore(PipelineStore, HealthStore, OperatorStore):
+class VerifyStore(ABC):
+    """What Merkle verification and repair read and write in one region, key by key
+    (the tree walks themselves open their own sessions inside ``reconciler.store``)."""
+
+    @abstractmethod
+    def open_conflict_keys(self) -> dict[str, set[str]]:
+        """Keys parked in the manual queue, per table."""
+
+    @abstractmethod
+    def key_view(self, table: TableConfig, keys: Sequence[str]) -> KeyView:
+        """The region's events, rows and retention horizon for ``keys``, in one snapshot."""
+
+    @abstractmethod
+    def canonical_keys(self, table: TableConfig, keys: Sequence[Key]) -> list[str]:
+        """``keys`` (as a diff names them) in the key encoding the pipeline stores."""
+
+    @abstractmethod
+    def leaf_buckets(self, table: TableConfig, keys: Sequence[str]) -> int:
+        """How many Merkle leaf buckets ``keys`` fall in."""
+
+    @abstractmethod
+    def keys_with_metadata(self, table: str) -> list[str]: ...
+
+    @abstractmethod
+    def states_and_counted(self, table: str, keys: Sequence[str],
+                           with_counted: bool) -> tuple[dict[str, RowState], Counted | None]:
+        """The keys' row states and, when asked, the counter contributions of their events."""
+
+    @abstractmethod
+    def counted(self, table: str, keys: Sequence[str]) -> Counted: ...
+
+    @abstractmethod
+    def lost(self) -> dict[str, list[tuple[int, int]]]:
+        """Per origin, the sequences accepted as lost here."""
+
+    @abstractmethod
+    def applied_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """:meth:`GapStore.inbox_ranges` inside the caller's transaction."""
+
+    @abstractmethod
+    def rewrite_key(self, table: TableConfig, key: str,
+                    choose: Callable[[RowState | None], RowState | None]) -> None:
+        """Under ``key``'s lock, write what ``choose`` picks given the key's state now."""
+
+    @abstractmethod
+    def copy_unmanaged_row(self, source: RegionStore, table: TableConfig, key: str) -> bool:
+        """Make a row nobody has metadata for match ``source``'s; False (nothing written)
+        if this region has metadata for it once its key lock is held."""
+
+    @abstractmethod
+    def leaves_and_rows(self, table: TableConfig) -> tuple[LeafCounts, LeafCounts] | None:
+        """(logged, counted) leaf digests in one snapshot; None without maintained leaves."""
+
+
+class RegionStore(PipelineStore, HealthStore, OperatorStore, VerifyStore):
     """Everything services, the CLI and the drills ask of one region's database."""
 
     # ------------------------------------------------------------ catalogue

@@ -21,15 +21,18 @@ from ..errors import StoreError
 from ..hlc import Timestamp
 from ..invariants import Discard
 from ..lifecycle import RegionStatus, State
+from ..merkle import Key
 from ..model import ConflictRecord, Event, RowState
 from ..peers import PeerView
-from . import capture, health, merkle_leaves, recovery_queries, retention, seeding
+from . import capture, health, merkle_leaves, recovery_queries, retention, seeding, verify_queries
+from . import counted as counted_store
 from . import invariants as invariants_store
 from . import postgres as pg
 from . import quarantine as quarantine_store
 from .capture import CaptureResult
+from .counted import Counted
 from .invariants import ViolationEntry
-from .merkle_leaves import InstallResult
+from .merkle_leaves import InstallResult, LeafCounts
 from .port import (
     CONFLICT_COLUMNS,
     ApplyChecks,
@@ -46,6 +49,7 @@ from .port import (
 )
 from .retention import PruneResult
 from .translate import translated
+from .verify_queries import KeyView
 
 __all__ = ["DatabaseMark", "PostgresRegionStore", "RegionDatabases", "as_region_store", "as_store", "open_store",
            "peers_seen_through"]
@@ -404,6 +408,51 @@ class PostgresRegionStore(RegionStore):
                             buckets: int, sample: Sequence[str]) -> None:
         with self.translating("record anti-entropy", table=table), self._conn.transaction():
             health.record_anti_entropy(self._conn, table, peer, mode, watermark, keys, buckets, sample)
+
+    # ------------------------------------------------------------ verification and repair
+
+    def open_conflict_keys(self) -> dict[str, set[str]]:
+        return pg.open_conflict_keys(self._conn)
+
+    def key_view(self, table: TableConfig, keys: Sequence[str]) -> KeyView:
+        return verify_queries.read_key_view(self._conn, table, keys, region=self.region or "")
+
+    def canonical_keys(self, table: TableConfig, keys: Sequence[Key]) -> list[str]:
+        return verify_queries.canonical_keys(self._conn, table, keys)
+
+    def leaf_buckets(self, table: TableConfig, keys: Sequence[str]) -> int:
+        return verify_queries.leaf_buckets(self._conn, table, keys)
+
+    def keys_with_metadata(self, table: str) -> list[str]:
+        return counted_store.keys_with_metadata(self._conn, table)
+
+    def states_and_counted(self, table: str, keys: Sequence[str],
+                           with_counted: bool) -> tuple[dict[str, RowState], Counted | None]:
+        return counted_store.states_and_counted(self._conn, self.region or "", table, keys,
+                                                with_counted=with_counted)
+
+    def counted(self, table: str, keys: Sequence[str]) -> Counted:
+        return counted_store.counted(self._conn, self.region or "", table, keys)
+
+    def lost(self) -> dict[str, list[tuple[int, int]]]:
+        with self.translating("read accepted losses"):
+            return quarantine_store.lost(self._conn)
+
+    def applied_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        return pg.applied_ranges(self._conn)
+
+    def rewrite_key(self, table: TableConfig, key: str,
+                    choose: Callable[[RowState | None], RowState | None]) -> None:
+        verify_queries.rewrite_key(self._conn, table, key, region=self.region or "", choose=choose)
+
+    def copy_unmanaged_row(self, source: RegionStore, table: TableConfig, key: str) -> bool:
+        if not isinstance(source, PostgresRegionStore):
+            raise TypeError(f"a row is copied between PostgreSQL regions, not from {type(source).__name__}")
+        return verify_queries.copy_unmanaged_row(source.connection, self._conn, table, key,
+                                                 source=source.region or "", target=self.region or "")
+
+    def leaves_and_rows(self, table: TableConfig) -> tuple[LeafCounts, LeafCounts] | None:
+        return merkle_leaves.leaves_and_rows(self._conn, table, region=self.region)
 
     # ------------------------------------------------------------ replay
 
