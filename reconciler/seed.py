@@ -35,8 +35,9 @@ from .config import Config
 from .errors import FencedError, SeedError
 from .lifecycle import State
 from .recovery import RecoveryReport, recover
-from .store import postgres as pg
-from .store import recovery_queries, seeding
+from .store.port import RegionStore
+from .store.postgres_store import RegionDatabases
+from .store.seeding import SourceFacts
 
 
 @dataclass
@@ -75,14 +76,14 @@ def seed(config: Config, region: str, source: str, *, actor: str = "operator", t
     started = time.monotonic()
     report = SeedReport(region, source)
     tables = list(config.tables.values())
-    lease = pg.connect(config.region(region).dsn, autocommit=True, region=region)
+    databases = RegionDatabases(config)
+    lease = databases.open(region, autocommit=True)
     try:
-        if not recovery_queries.try_recover_lock(lease, region):
+        if not lease.try_recover_lock():
             raise FencedError("a recover or seed is already running for this region", region=region)
-        with pg.connect(config.region(region).dsn, region=region) as dst, \
-                pg.connect(config.region(source).dsn, autocommit=True, region=source) as src:
+        with databases.session(region) as dst, databases.session(source, autocommit=True) as src:
             _copy(src, dst, report, tables, actor, numbering_timeout, progress)
-        recovery_queries.release_recover_lock(lease, region)
+        lease.release_recover_lock()
     finally:
         lease.close()
     report.copy_seconds = time.monotonic() - started
@@ -93,46 +94,43 @@ def seed(config: Config, region: str, source: str, *, actor: str = "operator", t
     return report
 
 
-def _copy(src: pg.Connection, dst: pg.Connection, report: SeedReport, tables: list[Any], actor: str,
+def _copy(src: RegionStore, dst: RegionStore, report: SeedReport, tables: list[Any], actor: str,
           numbering_timeout: float, progress: Callable[[str], None]) -> None:
     region, source = report.region, report.source
-    identity, state = seeding.lock_target(dst, region, tables)
+    identity, state = dst.lock_target(tables)
     if identity != region:
         raise SeedError(f"the database configured for {region} says it is region {identity or '(none)'}: run "
                         "`reconciler migrate` for it, or fix its dsn", region=region)
-    problems = seeding.target_problems(dst, region, tables)
+    problems = dst.target_problems(tables)
     if problems:
         raise SeedError(f"region {region} is not empty ({'; '.join(problems)}): only a new or emptied region "
                         "can be seeded", region=region)
-    seeding.begin_snapshot(src, source)
-    facts = seeding.source_facts(src, source, region)
-    _check_source(facts, region, source, pg.schema_version(dst))
+    src.begin_snapshot()
+    facts = src.source_facts(region)
+    _check_source(facts, region, source, dst.schema_version())
     for table in tables:
-        columns = seeding.table_columns(dst, region, table)
-        report.rows[table.name] = seeding.copy_table(src, dst, source, region, table, columns)
+        report.rows[table.name] = dst.copy_table_from(src, table)
         progress(f"copied {table.name}: {report.rows[table.name]} rows")
-    report.events = seeding.copy_events(src, dst, source, region)
-    src.execute("COMMIT")
+    report.events = dst.copy_events_from(src)
+    src.end_snapshot()
     if facts.unnumbered:
         progress(f"waiting for {source}'s relay to number {len(facts.unnumbered)} event(s) of the snapshot")
         deadline = time.monotonic() + numbering_timeout
-        while (left := seeding.still_unnumbered(src, source, facts.unnumbered)) > 0:
+        while (left := src.still_unnumbered(facts.unnumbered)) > 0:
             if time.monotonic() > deadline:
                 raise SeedError(f"{left} event(s) of {source} in the snapshot were not numbered within "
                                 f"{numbering_timeout:g} s: is its sidecar's relay running? Nothing was written "
                                 f"to {region}", region=region, source=source)
             time.sleep(0.05)
-        report.numbered_after_snapshot = seeding.copy_numbered(src, dst, source, region, facts.unnumbered)
+        report.numbered_after_snapshot = dst.copy_numbered_from(src, facts.unnumbered)
         report.events[source] = report.events.get(source, 0) + report.numbered_after_snapshot
-    seeding.finish_target(dst, region, facts.horizon_hlc, facts.newest_hlc)
+    dst.finish_seed(facts.horizon_hlc, facts.newest_hlc)
     # commits the whole copy with the state that keeps the region out of ACTIVE until recover's gate
-    if state == State.CATCHING_UP.value:
-        dst.commit()
-    else:
-        pg.transition(dst, State.CATCHING_UP, f"seeded from {source}; catch-up and verification pending", actor)
+    if state != State.CATCHING_UP.value:
+        dst.transition(State.CATCHING_UP, f"seeded from {source}; catch-up and verification pending", actor)
 
 
-def _check_source(facts: seeding.SourceFacts, region: str, source: str, target_version: int) -> None:
+def _check_source(facts: SourceFacts, region: str, source: str, target_version: int) -> None:
     if facts.state != State.ACTIVE.value:
         raise SeedError(f"source {source} is {facts.state}, not ACTIVE: seed from a region that passed its gate",
                         region=region, source=source)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # results of PostgreSQL-only statements; their modules hold t
     from .invariants import ViolationEntry
     from .merkle_leaves import InstallResult, LeafCounts
     from .retention import PruneResult
+    from .seeding import SourceFacts
     from .verify_queries import KeyView
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "RegionSessions",
     "RegionStore",
     "RelayStore",
+    "SeedStore",
     "ReplayStore",
     "StoreSessions",
     "StateRow",
@@ -646,7 +648,55 @@ class VerifyStore(ABC):
         """(logged, counted) leaf digests in one snapshot; None without maintained leaves."""
 
 
-class RegionStore(PipelineStore, HealthStore, OperatorStore, VerifyStore):
+class SeedStore(ABC):
+    """Seeding a new region: the live source read in one snapshot, the empty target
+    written in one transaction (both PostgreSQL)."""
+
+    # the source
+
+    @abstractmethod
+    def begin_snapshot(self) -> None:
+        """Start the read-only snapshot every later read of the source shares."""
+
+    @abstractmethod
+    def end_snapshot(self) -> None: ...
+
+    @abstractmethod
+    def source_facts(self, target: str) -> SourceFacts:
+        """What the source holds beyond its rows, as the target ``target`` needs it."""
+
+    @abstractmethod
+    def still_unnumbered(self, event_ids: Sequence[str]) -> int:
+        """How many of ``event_ids`` the source's relay has not numbered yet."""
+
+    # the target
+
+    @abstractmethod
+    def lock_target(self, tables: Sequence[TableConfig]) -> tuple[str, str]:
+        """Lock the target against writers; (the region it says it is, its lifecycle state)."""
+
+    @abstractmethod
+    def target_problems(self, tables: Sequence[TableConfig]) -> list[str]:
+        """Why the target is not empty (rows, events), or nothing."""
+
+    @abstractmethod
+    def copy_table_from(self, source: RegionStore, table: TableConfig) -> int:
+        """``table``'s rows and their metadata from the snapshot; the rows copied."""
+
+    @abstractmethod
+    def copy_events_from(self, source: RegionStore) -> dict[str, int]:
+        """The source's applied and own events as this region's inbox; rows per origin."""
+
+    @abstractmethod
+    def copy_numbered_from(self, source: RegionStore, event_ids: Sequence[str]) -> int:
+        """The snapshot's own events the source numbered after it; how many."""
+
+    @abstractmethod
+    def finish_seed(self, horizon_hlc: int, newest_hlc: int) -> None:
+        """The retention horizon and clock the copy needs before it commits."""
+
+
+class RegionStore(PipelineStore, HealthStore, OperatorStore, VerifyStore, SeedStore):
     """Everything services, the CLI and the drills ask of one region's database."""
 
     # ------------------------------------------------------------ catalogue

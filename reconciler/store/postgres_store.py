@@ -48,6 +48,7 @@ from .port import (
     StoredPeerView,
 )
 from .retention import PruneResult
+from .seeding import SourceFacts
 from .translate import translated
 from .verify_queries import KeyView
 
@@ -446,13 +447,49 @@ class PostgresRegionStore(RegionStore):
         verify_queries.rewrite_key(self._conn, table, key, region=self.region or "", choose=choose)
 
     def copy_unmanaged_row(self, source: RegionStore, table: TableConfig, key: str) -> bool:
-        if not isinstance(source, PostgresRegionStore):
-            raise TypeError(f"a row is copied between PostgreSQL regions, not from {type(source).__name__}")
-        return verify_queries.copy_unmanaged_row(source.connection, self._conn, table, key,
-                                                 source=source.region or "", target=self.region or "")
+        src = _postgres(source)
+        return verify_queries.copy_unmanaged_row(src.connection, self._conn, table, key,
+                                                 source=src.region or "", target=self.region or "")
 
     def leaves_and_rows(self, table: TableConfig) -> tuple[LeafCounts, LeafCounts] | None:
         return merkle_leaves.leaves_and_rows(self._conn, table, region=self.region)
+
+    # ------------------------------------------------------------ seeding
+
+    def begin_snapshot(self) -> None:
+        seeding.begin_snapshot(self._conn, self.region or "")
+
+    def end_snapshot(self) -> None:
+        with self.translating("seed snapshot"):
+            self._conn.execute("COMMIT")
+
+    def source_facts(self, target: str) -> SourceFacts:
+        return seeding.source_facts(self._conn, self.region or "", target)
+
+    def still_unnumbered(self, event_ids: Sequence[str]) -> int:
+        return seeding.still_unnumbered(self._conn, self.region or "", event_ids)
+
+    def lock_target(self, tables: Sequence[TableConfig]) -> tuple[str, str]:
+        return seeding.lock_target(self._conn, self.region or "", tables)
+
+    def target_problems(self, tables: Sequence[TableConfig]) -> list[str]:
+        return seeding.target_problems(self._conn, self.region or "", tables)
+
+    def copy_table_from(self, source: RegionStore, table: TableConfig) -> int:
+        src = _postgres(source)
+        columns = seeding.table_columns(self._conn, self.region or "", table)
+        return seeding.copy_table(src.connection, self._conn, src.region or "", self.region or "", table, columns)
+
+    def copy_events_from(self, source: RegionStore) -> dict[str, int]:
+        src = _postgres(source)
+        return seeding.copy_events(src.connection, self._conn, src.region or "", self.region or "")
+
+    def copy_numbered_from(self, source: RegionStore, event_ids: Sequence[str]) -> int:
+        src = _postgres(source)
+        return seeding.copy_numbered(src.connection, self._conn, src.region or "", self.region or "", event_ids)
+
+    def finish_seed(self, horizon_hlc: int, newest_hlc: int) -> None:
+        seeding.finish_target(self._conn, self.region or "", horizon_hlc, newest_hlc)
 
     # ------------------------------------------------------------ replay
 
@@ -490,6 +527,13 @@ class PostgresRegionStore(RegionStore):
 
     def holds_rows(self, tables: Sequence[TableConfig]) -> bool:
         return seeding.holds_rows(self._conn, self.region or "", tables)
+
+
+def _postgres(store: RegionStore) -> PostgresRegionStore:
+    """The other side of a copy between two regions' databases, which must both be PostgreSQL."""
+    if not isinstance(store, PostgresRegionStore):
+        raise TypeError(f"rows are copied between PostgreSQL regions, not from {type(store).__name__}")
+    return store
 
 
 def open_store(dsn: str, *, region: str | None = None, autocommit: bool = False, timeout: int = 5

@@ -24,8 +24,7 @@ import json
 from typing import Any
 
 from ...hlc import Timestamp
-from ...store import postgres as pg
-from ...store import retention
+from ...store.postgres_store import RegionDatabases
 from ...transport import kafka
 from ..checker import Expectations
 from ..harness import Drill, Scenario
@@ -111,8 +110,8 @@ def run(drill: Drill) -> None:
     before = {s: _copies(drill, s) for s in survivors}
     pruned_through: dict[str, int] = {}
     for survivor in survivors:
-        with pg.connect(drill.config.region(survivor).dsn, region=survivor) as conn:
-            result = retention.prune(conn, survivor, drill.config.regions, cutoff, 1000)
+        with RegionDatabases(drill.config).session(survivor, autocommit=True) as store:
+            result = store.prune(drill.config.regions, cutoff, 1000)
         drill.mark("retention pruned", survivor, outbox=result.outbox_rows, inbox=result.inbox_rows)
         pruned_through[survivor] = result.outbox_through
     after = {s: _copies(drill, s) for s in survivors}
