@@ -37,8 +37,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from psycopg import sql
-
 from .. import outbox
 from ..errors import EventError, ReconcilerError, StoreError, StoreUnavailable
 from ..hlc import Timestamp
@@ -534,25 +532,29 @@ class _Writer:
 _STATEMENTS: dict[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], str] = {}
 
 
-def _plain_statement(conn: PostgresRegionStore, table: str, op: str, key_column: str, columns: tuple[str, ...],
+def _plain_statement(table: str, op: str, key_column: str, columns: tuple[str, ...],
                      counters: tuple[str, ...] = ()) -> str:
     """INSERT (key, columns); UPDATE columns (set) and counters (incremented) by key; or
     DELETE by key: composed once."""
     found = _STATEMENTS.get((table, op, key_column, columns, counters))
     if found is None:
-        name, key = sql.Identifier("public", table), sql.Identifier(key_column)
+        name, key = f"public.{_ident(table)}", _ident(key_column)
         if op == "insert":
-            names = [key, *map(sql.Identifier, columns)]
-            statement = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                name, sql.SQL(", ").join(names), sql.SQL(", ").join(sql.Placeholder() * len(names)))
+            names = [key, *map(_ident, columns)]
+            found = f"INSERT INTO {name} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"
         elif op == "update":
-            assignments = [sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns]
-            assignments += [sql.SQL("{0} = {0} + %s").format(sql.Identifier(c)) for c in counters]
-            statement = sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(name, sql.SQL(", ").join(assignments), key)
+            assignments = [f"{_ident(c)} = %s" for c in columns] + [f"{_ident(c)} = {_ident(c)} + %s" for c in counters]
+            found = f"UPDATE {name} SET {', '.join(assignments)} WHERE {key} = %s"
         else:
-            statement = sql.SQL("DELETE FROM {} WHERE {} = %s").format(name, key)
-        found = _STATEMENTS[(table, op, key_column, columns, counters)] = statement.as_string(conn.connection)
+            found = f"DELETE FROM {name} WHERE {key} = %s"
+        _STATEMENTS[(table, op, key_column, columns, counters)] = found
     return found
+
+
+def _ident(name: str) -> str:
+    """A quoted SQL identifier (the drills reach PostgreSQL only through the store's
+    sessions, never by importing the driver)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 class _Attempt:
@@ -579,7 +581,7 @@ class _Attempt:
         known, as for :meth:`write`)."""
         self.key = {key_column: key}
         self.values = dict(values)
-        statement = _plain_statement(conn, table, op, key_column, tuple(values), tuple(deltas))
+        statement = _plain_statement(table, op, key_column, tuple(values), tuple(deltas))
         params = [*values.values(), *deltas.values(), key] if op == "update" else [key, *values.values()]
         key_text = encode_key(self.key, (key_column,))
         with conn.translating(f"{op} {table} in plain SQL"):

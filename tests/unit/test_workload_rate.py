@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from reconciler.drills.history import HistoryWriter, WriteRecord, load_history, record_line
-from reconciler.drills.workload import WRITER_CEILING, Workload, WorkloadSpec, WriterStats, _take_counts
+from reconciler.drills.workload import (
+    WRITER_CEILING,
+    Workload,
+    WorkloadSpec,
+    WriterStats,
+    _plain_statement,
+    _take_counts,
+)
 
 
 @pytest.mark.parametrize("per_region", [1.0, 16.0, 300.0, 1000.0])
@@ -84,3 +91,15 @@ def test_lines_appended_by_another_process_and_the_drill_all_load(tmp_path: Path
 def _record(event_id: str) -> WriteRecord:
     return WriteRecord(event_id=event_id, region="a", table="orders", key="ord-1", op="update", hlc=1 << 16,
                        prior=None, values={"id": "ord-1", "status": "new"}, writer="a/w0")
+
+
+def test_plain_sql_statements_are_what_a_service_would_send() -> None:
+    assert _plain_statement("orders", "insert", "id", ("customer", "status")) == \
+        'INSERT INTO public."orders" ("id", "customer", "status") VALUES (%s, %s, %s)'
+    assert _plain_statement("orders", "update", "id", ("status", "note")) == \
+        'UPDATE public."orders" SET "status" = %s, "note" = %s WHERE "id" = %s'
+    # a counter is incremented where it stands, so capture records the client's delta
+    assert _plain_statement("inventory", "update", "sku", (), ("stock",)) == \
+        'UPDATE public."inventory" SET "stock" = "stock" + %s WHERE "sku" = %s'
+    assert _plain_statement("orders", "delete", "id", ()) == 'DELETE FROM public."orders" WHERE "id" = %s'
+    assert _plain_statement("odd", "delete", 'k"y', ()) == 'DELETE FROM public."odd" WHERE "k""y" = %s'
