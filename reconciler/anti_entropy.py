@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Config
-from .hlc import Timestamp
+from .hlc import Timestamp, wall_ms
 from .lifecycle import RootComparison
 from .logs import ComponentLogger
 from .loop import Pause
@@ -43,7 +43,6 @@ from .verify import (
     reachable_peers,
     rebuild_leaves,
     repair_keys,
-    wall_ms,
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from .hlc import wall_ms
 from .logs import ComponentLogger
 from .loop import GO_ON, Pause
 from .metrics import REGION_STATES, Metrics
@@ -24,9 +25,6 @@ from .transport.port import ControlChannel, EventLog
 #: how often, at most, undelivered heartbeats are reported in the log
 UNDELIVERED_WARN_SECONDS = 10.0
 
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class HeartbeatSteps:

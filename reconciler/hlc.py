@@ -19,6 +19,7 @@ The clock is pure: physical time is injected as ``now_ms``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,12 @@ from .errors import ClockSkewError
 
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
+
+
+def wall_ms() -> int:
+    """This host's wall clock in ms: the physical time given to clocks and loops that
+    do not read a database's."""
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, order=True, slots=True)

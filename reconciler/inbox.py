@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .model import Event
 from .store.port import PipelineStore, StoreSessions
 from .store.postgres_store import RegionDatabases
+from .store.reconnecting import close_quietly
 from .transport.kafka import KafkaEventLog
 from .transport.port import Delivery, EventLog, Subscription
 
@@ -105,17 +106,9 @@ class InboxConsumer:
         if self._routed is not None:
             self._routed.close()
             self._routed = None
-        for conn in self._worker_conns:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+        for conn in [*self._worker_conns, self._conn]:
+            close_quietly(conn)
         self._worker_conns = []
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:  # noqa: BLE001
-                pass
         self._subscription = self._conn = self._applier = None
 
     def step(self, timeout: float = 0.5) -> ApplyReport:

@@ -21,7 +21,7 @@ from .metrics import Metrics
 from .region_view import LoopContext
 from .store.port import PipelineStore, StoreSessions
 from .store.postgres_store import RegionDatabases
-from .store.reconnecting import Reconnecting
+from .store.reconnecting import Reconnecting, close_quietly
 
 
 class RecoverFn(Protocol):
@@ -73,11 +73,7 @@ class LifecycleSteps:
         self.lost = self.decided
 
     def close(self) -> None:
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:  # noqa: BLE001 - closing a broken session must not mask the real error
-                pass
+        close_quietly(self.store)
         self.store = None
 
     def decide_at_start(self, store: PipelineStore) -> None:
@@ -115,15 +111,13 @@ class LifecycleSteps:
         for peer in config.peers(region):
             try:
                 other = self.databases.open(peer)
+                try:
+                    if other.holds_rows(tables):
+                        return True
+                finally:
+                    close_quietly(other)
             except StoreError:
                 continue  # an unreachable peer cannot say; the others may
-            try:
-                if other.holds_rows(tables):
-                    return True
-            except StoreError:
-                continue
-            finally:
-                other.close()
         return False
 
     def decide_after_outage(self, store: PipelineStore) -> None:

@@ -8,17 +8,13 @@ from collections.abc import Callable
 
 from .config import Config
 from .errors import ConfigError
-from .hlc import Timestamp
+from .hlc import Timestamp, wall_ms
 from .logs import ComponentLogger
 from .loop import Pause
 from .metrics import Metrics
 from .region_view import LoopContext
 from .store.postgres_store import RegionDatabases
 from .store.retention import PruneResult
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def cutoff_for(keep_hours: float, now_ms: int) -> Timestamp:
@@ -33,7 +29,7 @@ def prune_region(
     keep_hours: float | None = None,
     dry_run: bool = False,
     metrics: Metrics | None = None,
-    now_ms: Callable[[], int] = wall_clock_ms,
+    now_ms: Callable[[], int] = wall_ms,
     stop: Callable[[], bool] = lambda: False,
 ) -> PruneResult | None:
     """Prune ``region``'s events older than ``keep_hours`` (default: the config's

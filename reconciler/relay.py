@@ -48,6 +48,7 @@ from .loop import GO_ON, Backoff, Pause, SupervisedLoop
 from .metrics import Metrics
 from .store.port import DatabaseMark, RelayStore, StoreSessions
 from .store.postgres_store import RegionDatabases, peers_seen_through
+from .store.reconnecting import close_quietly
 from .transport.kafka import KafkaEventLog
 from .transport.port import EventLog, Publisher
 
@@ -122,12 +123,8 @@ class Relay:
             self._pool = None
         if self._publisher is not None:
             self._publisher.close()
-        for store in (self._store, self._lease):
-            if store is not None:
-                try:
-                    store.close()
-                except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
-                    pass
+        close_quietly(self._store)
+        close_quietly(self._lease)
         self._store = self._lease = self._publisher = None
 
     def step(self) -> int:

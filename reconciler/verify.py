@@ -63,7 +63,7 @@ from . import merkle
 from .config import Config, TableConfig
 from .errors import ConfigError, ReconcilerError, StoreError
 from .gaps import SeqRanges
-from .hlc import Timestamp
+from .hlc import Timestamp, wall_ms
 from .lifecycle import RootComparison
 from .merkle import DiffResult, Digest, Key, KeyDifference, Leaf, LevelStats, Locator, Row, TreeShape, WalkLimits
 from .model import RowState
@@ -102,7 +102,6 @@ __all__ = [
     "repair_keys",
     "stale_buckets",
     "verify_and_repair",
-    "wall_ms",
     "watermark",
 ]
 
@@ -267,9 +266,6 @@ def bounds(config: Config, now_ms: int) -> tuple[Timestamp, Timestamp]:
     ceiling = Timestamp.carried(now_ms + config.hlc_max_offset_ms, 0)
     return watermark(now_ms, config.lifecycle.max_lag_seconds), ceiling
 
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def reachable_peers(config: Config, region: str) -> list[str]:

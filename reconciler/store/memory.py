@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,7 +25,7 @@ from typing import Any
 from .. import wire
 from ..config import TableConfig
 from ..errors import FencedError, LifecycleError, StoreError
-from ..hlc import HybridLogicalClock, Timestamp
+from ..hlc import HybridLogicalClock, Timestamp, wall_ms
 from ..invariants import Discard, discard_event
 from ..lifecycle import RegionStatus, State, check_transition
 from ..model import ConflictRecord, Event, Operation, RowState
@@ -98,7 +97,7 @@ class MemoryRegionStore(PipelineStore):
         self.region = region
         self.tables = dict(tables)
         self.max_offset_ms = max_offset_ms
-        self.now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
+        self.now_ms = now_ms or wall_ms
         self._state = _State()
         self._savepoints: list[_State] = []
         self._next_position = 1

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..errors import ReconcilerError, StoreUnavailable
-from . import postgres as pg
 from .port import RegionStore
 from .postgres_store import PostgresRegionStore, open_store
 
 T = TypeVar("T")
 
 
-def close_quietly(session: pg.Connection | PostgresRegionStore | None) -> None:
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def close_quietly(session: _Closeable | None) -> None:
     """Close ``session``, ignoring what a broken connection raises (it must not mask the real error)."""
     if session is not None:
         try:

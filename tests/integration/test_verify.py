@@ -11,9 +11,10 @@ from typing import Any
 
 from reconciler import outbox
 from reconciler.config import Config
+from reconciler.hlc import wall_ms
 from reconciler.provision import migrate
 from reconciler.recovery import recover
-from reconciler.verify import compare_table, verify_and_repair, wall_ms, watermark
+from reconciler.verify import compare_table, verify_and_repair, watermark
 
 from .pipeline import TABLES, Cluster, connect, fully_delivered, make_env, scalar, wait_until
 
