@@ -83,6 +83,18 @@ def state(status: str, *, deleted: bool = False, wall: int | None = None) -> Row
     return RowState(values=values, hlc=Timestamp(wall or now_ms(), 0), origin="eu-west", deleted=deleted)
 
 
+def _local(n: int) -> list[Event]:
+    return [event(REGION, None, f"o{i}", "new") for i in range(n)]
+
+
+def _in_outbox(store: Store, events: list[Event]) -> int:
+    """``events`` written in one transaction, and the relay lease taken: its epoch."""
+    with store.transaction():
+        for e in events:
+            store.insert_outbox(e)
+    return store.acquire_lease(REGION, "test")
+
+
 # ---------------------------------------------------------------- inbox
 
 
@@ -204,10 +216,7 @@ def test_hlc_span_reads_the_inbox_of_a_peer_and_the_outbox_of_the_origin(store: 
         Timestamp(base + 2, 0), Timestamp(base + 8, 0))
     assert store.hlc_span("eu-west", [(4, 7)], holder_is_origin=False) == (None, None)
     local = [event(REGION, None, f"o{i}", "new", wall=base + 100 + i) for i in range(3)]
-    with store.transaction():
-        for e in local:
-            store.insert_outbox(e)
-    epoch = store.acquire_lease(REGION, "test")
+    epoch = _in_outbox(store, local)
     store.claim_messages(REGION, epoch, 0, 10)
     assert store.hlc_span(REGION, [(2, 5)], holder_is_origin=True) == (Timestamp(base + 101, 0),
                                                                        Timestamp(base + 102, 0))
@@ -219,10 +228,7 @@ def test_replay_reads_a_range_of_the_outbox_and_of_the_inbox_in_order(store: Sto
     assert [e.sequence for e in store.inbox_events("eu-west", 2, 9, 2)] == [2, 5]
     assert store.inbox_events("eu-west", 6, 8, 10) == []
     local = _local(4)
-    with store.transaction():
-        for e in local:
-            store.insert_outbox(e)
-    epoch = store.acquire_lease(REGION, "test")
+    epoch = _in_outbox(store, local)
     store.claim_messages(REGION, epoch, 0, 10)
     got = store.outbox_events(REGION, 2, 10, 2)
     assert [(e.event_id, e.sequence, e.origin) for e in got] == [(local[1].event_id, 2, REGION),
@@ -234,10 +240,7 @@ def test_own_events_come_back_with_their_numbers_and_pending_rows_keep_theirs(st
     # a backup holding 1..2 numbered and one row still pending; the region had since
     # numbered that row 3 and written 4, which peers hold
     local = _local(3)
-    with store.transaction():
-        for e in local:
-            store.insert_outbox(e)
-    epoch = store.acquire_lease(REGION, "test")
+    epoch = _in_outbox(store, local)
     store.claim_messages(REGION, epoch, 0, 2)
     store.mark_published(REGION, epoch, 2)
     pending = replace(local[2], sequence=3)
@@ -276,16 +279,9 @@ def test_parked_conflicts_are_found_and_closed(store: Store) -> None:
 # ---------------------------------------------------------------- relay
 
 
-def _local(n: int) -> list[Event]:
-    return [event(REGION, None, f"o{i}", "new") for i in range(n)]
-
-
 def test_relay_numbers_densely_and_republishes_until_marked(store: Store) -> None:
     local = _local(3)
-    with store.transaction():
-        for e in local:
-            store.insert_outbox(e)
-    epoch = store.acquire_lease(REGION, "test")
+    epoch = _in_outbox(store, local)
     claimed = store.claim_messages(REGION, epoch, 0, 2)
     assert [s for s, _k, _v in claimed] == [1, 2]
     decoded = [wire.decode(v) for _s, _k, v in claimed]
