@@ -8,8 +8,8 @@ never a connection, so the pure parts of the pipeline run on
 suite (tests/contract/test_region_store.py) holds both to the same behaviour.
 
 The port is split by who needs what, so the in-memory store implements exactly
-the parts the pure code uses (apply, the relay's claim/publish, gap inputs) and
-is never asked to pretend it has Merkle leaves or triggers:
+the parts the pure code uses and is never asked to pretend it has Merkle leaves
+or triggers:
 
 - :class:`ApplyStore`: per-key locks, row states, the inbox's dedup, conflicts,
   quarantine and compensation events as apply writes them, the outbox insert of a
@@ -18,12 +18,22 @@ is never asked to pretend it has Merkle leaves or triggers:
   published, the checks before numbering, compensation events;
 - :class:`LifecycleStore`: the lifecycle state, the liveness marks (the relay's
   checks and the sidecar's start decision read them);
-- :class:`GapStore`: the applied and held sequence ranges gap analysis compares;
+- :class:`GapStore`: what gap analysis compares: sequence ranges, refused and
+  discarded events, a gap's stamps, the database's clock;
 - :class:`ReplayStore`: a gap's events read from a peer, a region's own lost events
-  given back;
-- :class:`PipelineStore`: all of those, what the in-memory store implements;
-- :class:`RegionStore`: all three plus what only operators and drills read (the
-  conflict queue, quarantine listings).
+  given back with their numbers;
+- :class:`PipelineStore`: all of those, what the in-memory store implements too
+  (one contract suite, tests/contract/test_region_store.py, holds both to it);
+- :class:`RegionStore`: that plus what only PostgreSQL has, tested against it in
+  tests/integration: :class:`HealthStore` (status and the sidecar's gauges),
+  :class:`OperatorStore` (schema, accepted losses, violations, retention),
+  :class:`VerifyStore` (Merkle verification's key reads and repairs),
+  :class:`SeedStore` (a new region copied from a live one's snapshot), the conflict
+  queue and quarantine listings.
+
+Sessions come from :class:`StoreSessions` (a ``PipelineStore``) or
+:class:`RegionSessions` (a ``RegionStore``); outside ``reconciler.store`` nothing
+holds a driver connection (tests/unit/test_import_rule.py).
 
 Every implementation raises :class:`~reconciler.errors.ReconcilerError`
 subclasses only: a driver error never crosses this boundary.
