@@ -1,9 +1,8 @@
 """The region store port in memory, for unit tests of the pure parts of the pipeline.
 
-Implements what apply, the relay's claim/publish step and gap analysis ask of a
-region (:class:`~reconciler.store.port.ApplyStore`,
-:class:`~reconciler.store.port.RelayStore`, :class:`~reconciler.store.port.GapStore`)
-with plain dictionaries, and is held to PostgreSQL's behaviour by the contract
+Implements what apply, the relay, the lifecycle checks, gap analysis and replay
+ask of a region (:class:`~reconciler.store.port.PipelineStore`) with plain
+dictionaries, and is held to PostgreSQL's behaviour by the contract
 suite (tests/contract/test_region_store.py). It has no Merkle leaves, capture
 triggers or invariant checks: what needs those is tested against PostgreSQL.
 
