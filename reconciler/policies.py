@@ -665,11 +665,15 @@ class MergePolicy:
         payload = _parse(event)
         if event.operation is Operation.RESOLVE:
             raise _bad(event, "merge tables never park conflicts; write an UPDATE instead of a RESOLVE")
-        if _same_version(current, event):
+        if _same_version(current, event) and not (current is not None and current.meta.get(ADOPTED_STAMP)):
             # the newest event again: only a duplicate can have the same stamp, and
-            # a counter must not count it twice
+            # a counter must not count it twice. Not after a repair's join: the stamp
+            # came from a peer, and its event, still on its way here, is not a duplicate
             return Applied(None)
         meta = _merge_meta(self, current, event, payload)
+        if current is not None and current.meta.get(ADOPTED_STAMP) and (event.hlc, event.origin) < (
+                current.hlc, current.origin):
+            meta[ADOPTED_STAMP] = True  # an older event: the peer's stamp is still the row's
         state = _render(meta)
         kind = classify(current, event)
         if current is not None and state == current:
@@ -835,10 +839,15 @@ def _stamp_element(stamps: dict[str, Any], element: object, stamp: Stamp) -> Non
         stamps[k] = _stamp_list(stamp)
 
 
+def _top(meta: Mapping[str, Any]) -> Stamp:
+    """The row's stamp: its newest write or delete."""
+    return max(s for s in (_as_stamp(meta["write"]), _as_stamp(meta["delete"])) if s is not None)
+
+
 def _render(meta: dict[str, Any]) -> RowState:
     """Visible values and row stamp, a pure function of the metadata."""
     write, delete = _as_stamp(meta["write"]), _as_stamp(meta["delete"])
-    top = max(s for s in (write, delete) if s is not None)
+    top = _top(meta)
     visible = write is not None and (delete is None or write > delete)
     values: dict[str, Any] = {}
     if visible:
@@ -872,6 +881,12 @@ def _field_value(entry: Mapping[str, Any], tombstone: Stamp | None) -> Any:
     return entry["value"]
 
 
+#: row metadata member a repair's join sets when the row's stamp (its newest write
+#: or delete) was taken from a peer: that event may not have arrived here yet, so
+#: meeting it is not meeting a duplicate. The next event applied drops the member.
+ADOPTED_STAMP: Final = "stamp_from_peer"
+
+
 def join_merge_states(target: RowState | None, donor: RowState,
                       counter_totals: Mapping[str, Mapping[str, int | str]]) -> RowState:
     """A merge row holding what both states hold, for a repair that cannot wait for
@@ -893,6 +908,7 @@ def join_merge_states(target: RowState | None, donor: RowState,
         for column, entry in taken["fields"].items():
             if entry.get("rule") == "counter":
                 entry["by_origin"] = dict(counter_totals.get(column, {}))
+        taken[ADOPTED_STAMP] = True
         return _render(taken)
     mine, theirs = json.loads(json.dumps(dict(target.meta))), dict(donor.meta)
     if "fields" not in mine or "fields" not in theirs:
@@ -924,6 +940,8 @@ def join_merge_states(target: RowState | None, donor: RowState,
             if value is not None and (held is None or (rule == "max" and _order_key(value) > _order_key(held))
                                       or (rule == "min" and _order_key(value) < _order_key(held))):
                 entry["value"] = value
+    if top(mine) != top(dict(target.meta)):
+        mine[ADOPTED_STAMP] = True
     return _render(mine)
 
 

@@ -29,10 +29,6 @@ KNOWN_FAILING = {
                                  "by the lag allowance (inbox lag 18.6 s > 10 s: the gate is right, the region "
                                  "lags); in one clean-clone CI run its last recover met the sidecar's own catch-up "
                                  "(it now waits for that first); see chaos/README.md",
-    "lost-beyond-retention": "open: 1 of 11 local runs since the fixes of 2026-12-07 (and 2 of 3 CI runs before them) "
-                             "ended with one merge counter 2 units short in the region that accepted the loss "
-                             "(sku-5 each time) while the gate passed; the report's counters_differing now names "
-                             "the per-origin totals that differ; see chaos/README.md",
 }
 
 

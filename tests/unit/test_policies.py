@@ -692,3 +692,25 @@ def test_a_counter_total_with_lost_events_counts_them_and_nothing_in_flight() ->
     assert counter_contribution("insert", {"values": {"stock": 3}, "deltas": {"stock": 2}}, "stock") == 5
     assert counter_contribution("update", {"values": {"stock": 3}, "deltas": {"stock": -2}}, "stock") == -2
     assert counter_contribution("delete", {"key": {"id": 1}}, "stock") == 0
+
+
+def test_after_a_join_the_donors_newest_event_still_counts_when_it_arrives() -> None:
+    """A repair joins a peer's state whose newest event is still on its way here: the
+    row takes that event's stamp, and meeting the event must not be taken for meeting
+    a duplicate of the newest one (the lost-beyond-retention drill lost its delta)."""
+    policy = MergePolicy((("stock", "counter"),))
+    base = ev(Operation.INSERT, "a", T(100), values={"stock": 10})
+    older = ev(Operation.UPDATE, "b", T(105), prior=T(100), deltas={"stock": 2})
+    in_flight = ev(Operation.UPDATE, "a", T(110), prior=T(100), deltas={"stock": -3})
+    donor = deliver(policy, [base, older, in_flight])["1"]
+    target = deliver(policy, [base])["1"]
+    for joined in (join_merge_states(target, donor, {"stock": {"a": 10}}),
+                   join_merge_states(None, donor, {"stock": {"a": 10}})):
+        assert (joined.hlc, joined.origin) == (in_flight.hlc, "a"), "the row's stamp is the peer's"
+        # an older event first keeps the peer's stamp, then the in-flight one arrives
+        after_older = policy.apply(joined, older).state
+        assert after_older is not None and after_older.hlc == in_flight.hlc
+        final = policy.apply(after_older, in_flight).state
+        assert final is not None and final.values["stock"] == donor.values["stock"] == 9
+        assert final.meta == donor.meta, "once its events are in, the row is the peer's, marker gone"
+    assert policy.apply(donor, in_flight) == Applied(None), "a real duplicate is still absorbed"
