@@ -883,7 +883,7 @@ def _field_value(entry: Mapping[str, Any], tombstone: Stamp | None) -> Any:
 
 #: row metadata member a repair's join sets when the row's stamp (its newest write
 #: or delete) was taken from a peer: that event may not have arrived here yet, so
-#: meeting it is not meeting a duplicate. The next event applied drops the member.
+#: meeting it is not meeting a duplicate. Applying that event, or a newer one, drops it.
 ADOPTED_STAMP: Final = "stamp_from_peer"
 
 
