@@ -10,7 +10,6 @@ retains; ``reconciler gaps`` prints its report and ``recover`` acts on it.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +27,8 @@ from .gaps import (
     origin_high_water,
     plan_gaps,
 )
-from .hlc import Timestamp
-from .store.port import GapSessions
+from .hlc import Timestamp, wall_ms
+from .store.port import GapSessions, session_on
 from .store.postgres_store import RegionDatabases
 from .transport import kafka
 from .transport.port import EventLog
@@ -118,8 +117,7 @@ def collect_facts(config: Config, databases: GapSessions | None = None) -> dict[
     facts: dict[str, RegionFacts] = {}
     for region in config.regions:
         try:
-            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
-            try:
+            with session_on(sessions, region, timeout=CONNECT_TIMEOUT) as store:
                 last, published = store.relay_position(region)
                 inbox = store.inbox_ranges()
                 facts[region] = RegionFacts(
@@ -133,8 +131,6 @@ def collect_facts(config: Config, databases: GapSessions | None = None) -> dict[
                 for origin, ranges in store.discarded().items():
                     facts[region].inbox[origin] = list(SeqRanges([*inbox.get(origin, []), *ranges]).ranges)
                     facts[region].discarded[origin] = ranges
-            finally:
-                store.close()
         except ReconcilerError as exc:
             facts[region] = RegionFacts(region=region, reachable=False, error=str(exc))
     return facts
@@ -236,14 +232,11 @@ def _clock_ms(sessions: GapSessions, region: str | None) -> float:
     clock only when no database answers."""
     if region is not None:
         try:
-            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
-            try:
+            with session_on(sessions, region, timeout=CONNECT_TIMEOUT) as store:
                 return float(store.database_now_ms())
-            finally:
-                store.close()
         except ReconcilerError:
             pass
-    return time.time() * 1000
+    return float(wall_ms())
 
 
 def _lags(
@@ -297,13 +290,10 @@ def _reread_counters(sessions: GapSessions, facts: dict[str, RegionFacts]) -> No
         if not f.reachable:
             continue
         try:
-            store = sessions.open(region, autocommit=True, timeout=CONNECT_TIMEOUT)
-            try:
+            with session_on(sessions, region, timeout=CONNECT_TIMEOUT) as store:
                 last, published = store.relay_position(region)
                 outbox = store.outbox_ranges(region)
                 own = store.own_ranges(region)
-            finally:
-                store.close()
         except ReconcilerError:
             continue
         f.last_sequence = max(f.last_sequence, last)
@@ -321,11 +311,8 @@ def _hlc_span(
     holders += [p.holder for p in plan.parts if p.holder and p.holder in reachable and p.holder not in holders]
     for holder in holders:
         try:
-            store = sessions.open(holder, autocommit=True, timeout=CONNECT_TIMEOUT)
-            try:
+            with session_on(sessions, holder, timeout=CONNECT_TIMEOUT) as store:
                 low, high = store.hlc_span(origin, plan.gap.ranges.ranges, holder_is_origin=holder == origin)
-            finally:
-                store.close()
         except ReconcilerError:
             continue
         if low is not None:

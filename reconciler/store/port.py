@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -94,6 +94,7 @@ __all__ = [
     "StoredPeerView",
     "VerifyStore",
     "json_text",
+    "session_on",
     "states_from_rows",
 ]
 
@@ -496,6 +497,16 @@ class GapSessions(Protocol):
     """Where gap analysis opens its reads of every region (``StoreSessions`` are too)."""
 
     def open(self, region: str, *, autocommit: bool = False, timeout: int = 5) -> GapStore: ...
+
+
+@contextmanager
+def session_on(sessions: GapSessions, region: str, *, timeout: int = 5) -> Iterator[GapStore]:
+    """An autocommit session on ``region`` from any provider, closed when the block ends."""
+    store = sessions.open(region, autocommit=True, timeout=timeout)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 class HealthStore(ABC):
