@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .lifecycle import GateDecision, GateInput, RootComparison, State, gate
 from .logs import component_logger
 from .metrics import Metrics
 from .replay import ApplierSink, Replayed, Replayer, merged_by_hlc, plan_events
+from .store.port import RegionStore
 from .store.postgres_store import RegionDatabases
 from .transport import kafka
 from .transport.port import EventLog
@@ -108,10 +110,7 @@ def recover(
     log = component_logger("replay", region)
     notify = progress or (lambda _p: None)
     databases = RegionDatabases(config)
-    lease = databases.open(region, autocommit=True)
-    try:
-        if not lease.try_recover_lock():
-            raise FencedError("another recover is already running for this region", region=region)
+    with recover_lease(databases, region, "another recover is already running for this region") as lease:
         report = analyze_gaps(config, region, databases=databases)
         result = RecoveryReport(region=region, dry_run=dry_run, plan=report.to_dict())
         result.refused = report.facts[region].refused if region in report.facts else []
@@ -161,9 +160,23 @@ def recover(
         log.info("recover finished", extra={"fields": {"state": status.state.value, "gate": decision.to_dict(),
                                                        "replayed": result.replayed}})
         return result
+
+
+@contextmanager
+def recover_lease(databases: RegionDatabases, region: str, busy: str) -> Iterator[RegionStore]:
+    """The region's recover lock on a session of its own (FencedError saying ``busy``
+    when another holds it), given back before the session closes: a closed session's
+    server may hold it a moment longer, long enough to refuse the recover that follows."""
+    lease = databases.open(region, autocommit=True)
+    try:
+        if not lease.try_recover_lock():
+            raise FencedError(busy, region=region)
+        try:
+            yield lease
+        finally:
+            with contextlib.suppress(StoreError):
+                lease.release_recover_lock()
     finally:
-        with contextlib.suppress(StoreError):
-            lease.release_recover_lock()
         lease.close()
 
 

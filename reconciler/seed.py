@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .errors import FencedError, SeedError
+from .errors import SeedError
 from .lifecycle import State
-from .recovery import RecoveryReport, recover
+from .recovery import RecoveryReport, recover, recover_lease
 from .store.port import RegionStore
 from .store.postgres_store import RegionDatabases
 from .store.seeding import SourceFacts
@@ -77,15 +77,9 @@ def seed(config: Config, region: str, source: str, *, actor: str = "operator", t
     report = SeedReport(region, source)
     tables = list(config.tables.values())
     databases = RegionDatabases(config)
-    lease = databases.open(region, autocommit=True)
-    try:
-        if not lease.try_recover_lock():
-            raise FencedError("a recover or seed is already running for this region", region=region)
-        with databases.session(region) as dst, databases.session(source, autocommit=True) as src:
-            _copy(src, dst, report, tables, actor, numbering_timeout, progress)
-        lease.release_recover_lock()
-    finally:
-        lease.close()
+    with recover_lease(databases, region, "a recover or seed is already running for this region"), \
+            databases.session(region) as dst, databases.session(source, autocommit=True) as src:
+        _copy(src, dst, report, tables, actor, numbering_timeout, progress)
     report.copy_seconds = time.monotonic() - started
     if then_recover:
         progress(f"recovering {region}: catch-up since the snapshot, then Merkle verification against every peer")
